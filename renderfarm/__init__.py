@@ -1,0 +1,3 @@
+"""renderfarm: a render farm for diffusion image models."""
+
+__version__ = "0.1.0"

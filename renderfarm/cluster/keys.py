@@ -1,0 +1,65 @@
+"""Every Redis key the farm uses, built here and nowhere else: `<prefix>:<kind>[:<id>]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from renderfarm.jobs import JobState
+
+DEFAULT_PREFIX = "rf"
+
+# One sorted set per state: "what is queued / running / done" is one cheap query, and a state change
+# moves the id from one index to the next in the same transaction as the hash write.
+_INDEX_NAMES = {
+    JobState.QUEUED: "pending",  # scored by priority, then submit time
+    JobState.LEASED: "leased",  # scored by lease deadline
+    JobState.RUNNING: "running",  # scored by lease deadline
+    JobState.DONE: "done",  # scored by finish time
+    JobState.FAILED: "failed",  # scored by finish time
+    JobState.CANCELLED: "cancelled",  # scored by finish time
+}
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or ":" in self.prefix or " " in self.prefix:
+            raise ValueError(f"key prefix {self.prefix!r} must be non-empty, without ':' or spaces")
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def job(self, job_id: str) -> str:
+        return self._key("job", job_id)
+
+    def result(self, job_id: str) -> str:
+        return self._key("result", job_id)
+
+    def batch(self, batch_id: str) -> str:
+        return self._key("batch", batch_id)
+
+    def node(self, name: str) -> str:
+        return self._key("node", name)
+
+    def index(self, state: JobState | str) -> str:
+        return self._key(_INDEX_NAMES[JobState(state)])
+
+    def metrics(self, name: str) -> str:
+        return self._key("metrics", name)
+
+    @property
+    def pending(self) -> str:
+        return self.index(JobState.QUEUED)
+
+    @property
+    def nodes(self) -> str:
+        return self._key("nodes")
+
+    @property
+    def events(self) -> str:
+        return self._key("events")
+
+    def all_indexes(self) -> list[str]:
+        return [self.index(state) for state in JobState]

@@ -1,0 +1,374 @@
+"""All Redis reads and writes of jobs, results, nodes and events.
+
+Rules (DESIGN.md): keys come from `keys.Keys`; values are JSON or plain strings, never pickles; a state
+change and its index move happen in one Lua script, which also checks that the move is legal and, when
+asked, that the job is still held by the node reporting on it. Submit is idempotent by job id and a batch
+is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from renderfarm.cluster.keys import Keys
+from renderfarm.jobs import (
+    IllegalTransition,
+    Job,
+    JobSpec,
+    JobState,
+    sources_of,
+)
+
+EVENTS_MAXLEN = 100_000
+STATES = list(JobState)
+
+# Insert jobs that do not exist yet; skip (and report) those that do. Atomic: all new jobs of the batch
+# become visible together or not at all.
+#   KEYS: pending, events, batch, job keys...    ARGV: maxlen, now, then per job: id, score, hash-json
+_SUBMIT = """
+local created = {}
+local n = #KEYS - 3
+for i = 1, n do
+  local jkey = KEYS[3 + i]
+  local id, score, fields = ARGV[3*i], ARGV[3*i + 1], ARGV[3*i + 2]
+  if redis.call('EXISTS', jkey) == 0 then
+    local flat = {}
+    for k, v in pairs(cjson.decode(fields)) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+    redis.call('HSET', jkey, unpack(flat))
+    redis.call('ZADD', KEYS[1], score, id)
+    redis.call('SADD', KEYS[3], id)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'job', id, 'state', 'queued', 'ts', ARGV[2])
+    created[#created + 1] = 1
+  else
+    created[#created + 1] = 0
+  end
+end
+return created
+"""
+
+# Move one job from its current state to ARGV[3], checking legality and ownership.
+#   KEYS: job, events, result, index keys (one per state, in STATES order)
+#   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score), 5 expected node
+#         ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen, 10 state names csv,
+#         11 result ttl, 12.. result blobs
+# Returns {status, current-state}: status is ok | missing | state | node.
+_TRANSITION = """
+local jkey = KEYS[1]
+local state = redis.call('HGET', jkey, 'state')
+if not state then return {'missing', ''} end
+if not string.find(ARGV[2], ',' .. state .. ',', 1, true) then return {'state', state} end
+if ARGV[5] ~= '' then
+  local node = redis.call('HGET', jkey, 'node')
+  if node ~= ARGV[5] then return {'node', state} end
+end
+local names = {}
+for name in string.gmatch(ARGV[10], '[^,]+') do names[#names + 1] = name end
+local from_key, to_key
+for i, name in ipairs(names) do
+  if name == state then from_key = KEYS[3 + i] end
+  if name == ARGV[3] then to_key = KEYS[3 + i] end
+end
+local score = ARGV[4]
+if score == '' then score = redis.call('HGET', jkey, 'score') or '0' end
+redis.call('ZREM', from_key, ARGV[1])
+redis.call('ZADD', to_key, score, ARGV[1])
+local flat = {'state', ARGV[3], 'updated_at', ARGV[6]}
+for k, v in pairs(cjson.decode(ARGV[7])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+redis.call('HSET', jkey, unpack(flat))
+if ARGV[8] ~= '0' then redis.call('HINCRBY', jkey, 'attempts', ARGV[8]) end
+if #ARGV >= 12 then
+  redis.call('DEL', KEYS[3])
+  for i = 12, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 12), ARGV[i]) end
+  redis.call('EXPIRE', KEYS[3], ARGV[11])
+  redis.call('HSET', jkey, 'images', tostring(#ARGV - 11))
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3],
+           'node', redis.call('HGET', jkey, 'node') or '', 'ts', ARGV[6])
+return {'ok', state}
+"""
+
+
+class CorruptRecord(ValueError):
+    """A record in Redis that does not parse: named, never guessed at."""
+
+
+class JobNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"no job {self.args[0]!r}"
+
+
+def queue_score(priority: int, created_at: float) -> float:
+    """Higher priority first, then first come first served (ZRANGE ascending)."""
+    return -priority * 1e10 + created_at
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def job_to_hash(job: Job) -> dict[str, str]:
+    return {
+        "id": job.id,
+        "spec": job.spec.model_dump_json(),
+        "state": job.state.value,
+        "attempts": str(job.attempts),
+        "node": _text(job.node),
+        "batch_id": _text(job.batch_id),
+        "created_at": repr(job.created_at),
+        "updated_at": _text(job.updated_at),
+        "started_at": _text(job.started_at),
+        "finished_at": _text(job.finished_at),
+        "error": _text(job.error),
+        "timings": json.dumps(job.timings),
+        "peak_memory_mb": _text(job.peak_memory_mb),
+        "images": str(job.images),
+        "score": repr(queue_score(job.spec.priority, job.created_at)),
+    }
+
+
+def job_from_hash(raw: dict[bytes, bytes]) -> Job:
+    data = {k.decode(): v.decode() for k, v in raw.items()}
+    try:
+        return Job(
+            id=data["id"],
+            spec=JobSpec.model_validate_json(data["spec"]),
+            state=JobState(data["state"]),
+            attempts=int(data.get("attempts") or 0),
+            node=data.get("node") or None,
+            batch_id=data.get("batch_id") or None,
+            created_at=float(data["created_at"]),
+            updated_at=float(data["updated_at"]) if data.get("updated_at") else None,
+            started_at=float(data["started_at"]) if data.get("started_at") else None,
+            finished_at=float(data["finished_at"]) if data.get("finished_at") else None,
+            error=data.get("error") or None,
+            timings=json.loads(data.get("timings") or "{}"),
+            peak_memory_mb=float(data["peak_memory_mb"]) if data.get("peak_memory_mb") else None,
+            images=int(data.get("images") or 0),
+        )
+    except (KeyError, ValueError, ValidationError, json.JSONDecodeError) as exc:
+        raise CorruptRecord(f"job record {data.get('id', '?')!r} does not parse: {exc}") from None
+
+
+class Store:
+    """The farm's system of record. One instance per process; thread-safe as redis-py is."""
+
+    def __init__(self, client: redis.Redis, keys: Keys | None = None):
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("Store needs a Redis client with decode_responses=False (results are bytes)")
+        self.redis = client
+        self.keys = keys or Keys()
+        self._submit = client.register_script(_SUBMIT)
+        self._transition = client.register_script(_TRANSITION)
+
+    # --- submit -------------------------------------------------------------------------------------
+
+    def submit(self, jobs: Sequence[Job], batch_id: str) -> list[bool]:
+        """Enqueue `jobs` as one batch in one transaction; True per job that was new, False if it existed."""
+        if not jobs:
+            return []
+        keys = [self.keys.pending, self.keys.events, self.keys.batch(batch_id)]
+        args: list[Any] = [EVENTS_MAXLEN, repr(time.time())]
+        for job in jobs:
+            fields = job_to_hash(job.model_copy(update={"batch_id": batch_id}))
+            keys.append(self.keys.job(job.id))
+            args += [job.id, fields["score"], json.dumps(fields)]
+        return [bool(flag) for flag in self._submit(keys=keys, args=args)]
+
+    # --- reads --------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        return job_from_hash(raw)
+
+    def get_many(self, job_ids: Iterable[str]) -> list[Job | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.keys.job(job_id))
+        return [job_from_hash(raw) if raw else None for raw in pipe.execute()]
+
+    def state(self, job_id: str) -> JobState | None:
+        raw = self.redis.hget(self.keys.job(job_id), "state")
+        return JobState(raw.decode()) if raw else None
+
+    def pending_ids(self, limit: int = 1000) -> list[str]:
+        return [m.decode() for m in self.redis.zrange(self.keys.pending, 0, limit - 1)]
+
+    def ids_in(self, state: JobState, limit: int = 1000, newest_first: bool = False) -> list[str]:
+        index = self.keys.index(state)
+        fetch = self.redis.zrevrange if newest_first else self.redis.zrange
+        return [m.decode() for m in fetch(index, 0, limit - 1)]
+
+    def counts(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for state in STATES:
+            pipe.zcard(self.keys.index(state))
+        return {state.value: n for state, n in zip(STATES, pipe.execute())}
+
+    def batch_ids(self, batch_id: str) -> list[str]:
+        return sorted(m.decode() for m in self.redis.smembers(self.keys.batch(batch_id)))
+
+    def result_images(self, job_id: str) -> list[bytes]:
+        raw = self.redis.hgetall(self.keys.result(job_id))
+        return [raw[k] for k in sorted(raw, key=lambda k: int(k))]
+
+    def position(self, job_id: str) -> int | None:
+        """0-based place in the pending queue, None when not queued."""
+        return self.redis.zrank(self.keys.pending, job_id)
+
+    # --- state changes ------------------------------------------------------------------------------
+
+    def transition(
+        self,
+        job_id: str,
+        target: JobState,
+        *,
+        allowed_from: Iterable[JobState] | None = None,
+        expect_node: str | None = None,
+        score: float | None = None,
+        fields: dict[str, Any] | None = None,
+        add_attempt: bool = False,
+        images: Sequence[bytes] = (),
+        result_ttl: int = 7 * 24 * 3600,
+    ) -> JobState:
+        """Move `job_id` to `target` atomically; returns the state it left.
+
+        Raises JobNotFound, IllegalTransition (the move is not legal from the current state, or not one
+        of `allowed_from`), or OwnershipLost (the job is no longer held by `expect_node`).
+        """
+        legal = sources_of(target)
+        if allowed_from is not None:
+            legal &= frozenset(allowed_from)
+        args: list[Any] = [
+            job_id,
+            "," + ",".join(s.value for s in legal) + ",",
+            target.value,
+            "" if score is None else repr(score),
+            expect_node or "",
+            repr(time.time()),
+            json.dumps({k: _text(v) for k, v in (fields or {}).items()}),
+            "1" if add_attempt else "0",
+            EVENTS_MAXLEN,
+            ",".join(s.value for s in STATES),
+            str(result_ttl),
+            *images,
+        ]
+        keys = [self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes()]
+        status, current = (part.decode() for part in self._transition(keys=keys, args=args))
+        if status == "missing":
+            raise JobNotFound(job_id)
+        if status == "state":
+            raise IllegalTransition(job_id, current, target)
+        if status == "node":
+            raise OwnershipLost(job_id, expect_node or "")
+        return JobState(current)
+
+    def lease(self, job_id: str, node: str, deadline: float) -> bool:
+        """queued -> leased to `node`; False if someone else got there first (cancelled, leased)."""
+        try:
+            self.transition(
+                job_id, JobState.LEASED, score=deadline, add_attempt=True,
+                fields={"node": node, "error": ""},
+            )
+        except (IllegalTransition, JobNotFound):
+            return False
+        return True
+
+    def start(self, job_id: str, node: str, deadline: float) -> bool:
+        try:
+            self.transition(
+                job_id, JobState.RUNNING, expect_node=node, score=deadline,
+                fields={"started_at": time.time()},
+            )
+        except (IllegalTransition, JobNotFound, OwnershipLost):
+            return False
+        return True
+
+    def complete(
+        self,
+        job_id: str,
+        node: str,
+        images: Sequence[bytes],
+        timings: dict[str, float],
+        peak_memory_mb: float | None,
+        result_ttl: int,
+    ) -> bool:
+        """running -> done with its images, exactly once; False (result discarded) when the job was
+        cancelled, requeued or handed to another node meanwhile."""
+        now = time.time()
+        try:
+            self.transition(
+                job_id, JobState.DONE, expect_node=node, score=now, images=images, result_ttl=result_ttl,
+                fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb},
+            )
+        except (IllegalTransition, JobNotFound, OwnershipLost):
+            return False
+        return True
+
+    def fail(self, job_id: str, error: str, node: str | None = None) -> bool:
+        now = time.time()
+        try:
+            self.transition(
+                job_id, JobState.FAILED, expect_node=node, score=now,
+                fields={"finished_at": now, "error": error[:2000]},
+            )
+        except (IllegalTransition, JobNotFound, OwnershipLost):
+            return False
+        return True
+
+    def requeue(self, job_id: str, error: str, node: str | None = None) -> bool:
+        """Back to the queue at its original place (retry): from leased/running, or failed by hand."""
+        try:
+            self.transition(job_id, JobState.QUEUED, expect_node=node, fields={"error": error[:2000], "node": ""})
+        except (IllegalTransition, JobNotFound, OwnershipLost):
+            return False
+        return True
+
+    def cancel(self, job_id: str) -> JobState:
+        """Cancel from any non-terminal state; returns the state it left. A rendering job's late
+        result is then discarded by `complete`."""
+        now = time.time()
+        return self.transition(job_id, JobState.CANCELLED, score=now, fields={"finished_at": now})
+
+    # --- nodes --------------------------------------------------------------------------------------
+
+    def register_node(self, name: str, info: dict[str, Any]) -> None:
+        fields = {k: json.dumps(v) for k, v in info.items()}
+        fields["heartbeat"] = json.dumps(time.time())
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(self.keys.nodes, name)
+            pipe.hset(self.keys.node(name), mapping=fields)
+            pipe.execute()
+
+    def update_node(self, name: str, **info: Any) -> None:
+        info["heartbeat"] = time.time()
+        self.redis.hset(self.keys.node(name), mapping={k: json.dumps(v) for k, v in info.items()})
+
+    def nodes(self) -> list[dict[str, Any]]:
+        names = sorted(m.decode() for m in self.redis.smembers(self.keys.nodes))
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self.keys.node(name))
+        out = []
+        for name, raw in zip(names, pipe.execute()):
+            info: dict[str, Any] = {"name": name}
+            for k, v in raw.items():
+                try:
+                    info[k.decode()] = json.loads(v)
+                except json.JSONDecodeError:
+                    info[k.decode()] = v.decode(errors="replace")
+            out.append(info)
+        return out
+
+
+class OwnershipLost(RuntimeError):
+    def __init__(self, job_id: str, node: str):
+        self.job_id, self.node = job_id, node
+        super().__init__(f"job {job_id} is no longer held by node {node!r}")

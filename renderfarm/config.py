@@ -1,0 +1,108 @@
+"""Typed settings. The YAML keys ARE the field names; RENDERFARM_<FIELD> env vars override the file,
+and explicit keyword overrides (CLI flags) override both."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_NODES_FILE = PACKAGE_CONFIGS / "nodes.example.yaml"
+ENV_PREFIX = "RENDERFARM_"
+
+
+class ConfigError(ValueError):
+    """A settings or nodes file is unreadable or invalid; the message names the file and field."""
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = None  # None: the farm starts its own redis-server
+    data_dir: Path = Path("~/.local/share/renderfarm")  # embedded Redis AOF, Ray temp, logs
+    cache_dir: Path | None = None  # stand-in models; None: ~/.cache/renderfarm/models
+    models_file: Path | None = None  # None: the packaged configs/models.yaml
+    nodes_file: Path | None = None  # simulated nodes when no GPU is present
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    lease_seconds: float = Field(default=300.0, gt=0)
+    max_batch: int = Field(default=8, ge=1, le=64)  # jobs coalesced into one pipeline call
+    result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    heartbeat_seconds: float = Field(default=2.0, gt=0)
+    poll_seconds: float = Field(default=0.02, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)  # per CPU worker; None: cores / workers
+
+    @field_validator("data_dir", "cache_dir", "models_file", "nodes_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> Settings:
+        data: dict[str, Any] = {}
+        if path:
+            loaded = _read_yaml(Path(path))
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping of settings")
+            data.update(loaded or {})
+        for name in cls.model_fields:
+            env = os.environ.get(ENV_PREFIX + name.upper())
+            if env not in (None, ""):
+                data[name] = env
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid settings{f' in {path}' if path else ''}: {_describe(exc)}") from None
+
+
+class NodeDeclaration(BaseModel):
+    """A node as declared in a nodes file: what a simulated (or overridden) card claims to be."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    vram_gib: float = Field(gt=0, le=1024)
+    compute_capability: str = Field(default="8.6", pattern=r"^\d+\.\d+$")
+    gpu: str | None = None
+
+    @field_validator("compute_capability", mode="before")
+    @classmethod
+    def _cc_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) else value
+
+
+def load_nodes(path: str | Path | None = None) -> list[NodeDeclaration]:
+    path = Path(path) if path else DEFAULT_NODES_FILE
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
+        raise ConfigError(f"{path}: expected `nodes:` with a list of nodes")
+    nodes = []
+    for i, raw in enumerate(data["nodes"]):
+        try:
+            nodes.append(NodeDeclaration.model_validate(raw))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: nodes[{i}]: {_describe(exc)}") from None
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: node names must be unique, got {names}")
+    return nodes

@@ -1,0 +1,190 @@
+"""What a user asks for (JobSpec), what the farm knows about it (Job), and the legal state moves.
+
+This module sits at the bottom of the import graph: it knows nothing of models, Redis or Ray.
+Family rules (size multiples, known model names) come in through pydantic's validation context
+from whoever holds the catalog (`planning.catalog.Catalog`), see `JobSpec.validate_for`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from enum import Enum
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+MAX_PROMPT_CHARS = 4000
+MAX_STEPS = 200
+MAX_IMAGES_PER_JOB = 16
+MAX_SIDE = 8192
+MAX_TAGS = 32
+SEED_MAX = 2**32 - 1
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+# Every legal move. `leased -> queued` and `running -> queued` are retries (worker died, lease expired,
+# recoverable error); `failed -> queued` is an explicit retry by an operator.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.LEASED, JobState.CANCELLED}),
+    JobState.LEASED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED, JobState.CANCELLED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, job_id: str, current: JobState | str, target: JobState | str):
+        self.job_id, self.current, self.target = job_id, JobState(current), JobState(target)
+        super().__init__(f"job {job_id}: illegal transition {self.current.value} -> {self.target.value}")
+
+
+def check_transition(job_id: str, current: JobState | str, target: JobState | str) -> None:
+    if JobState(target) not in TRANSITIONS[JobState(current)]:
+        raise IllegalTransition(job_id, current, target)
+
+
+def sources_of(target: JobState) -> frozenset[JobState]:
+    """The states from which `target` may be entered."""
+    return frozenset(s for s, nexts in TRANSITIONS.items() if target in nexts)
+
+
+class ModelRules(Protocol):
+    """What JobSpec needs to know of a model: `planning.catalog.Catalog` satisfies it."""
+
+    def get(self, name: str) -> Any: ...  # returns an object with check_size(field, value)
+
+
+class JobSpec(BaseModel):
+    """One text-to-image request. Unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    width: int = Field(default=512, ge=8, le=MAX_SIDE, strict=True)
+    height: int = Field(default=512, ge=8, le=MAX_SIDE, strict=True)
+    steps: int = Field(default=20, ge=1, le=MAX_STEPS, strict=True)
+    guidance: float = Field(default=5.0, ge=0.0, le=50.0)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_JOB, strict=True)
+    priority: int = Field(default=0, ge=-100, le=100, strict=True)
+    team: str = Field(default="default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tags: tuple[str, ...] = Field(default=(), max_length=MAX_TAGS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        if "\x00" in value:
+            raise ValueError("prompt contains a NUL character")
+        return value
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _guidance_finite(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("guidance must be a number, not a boolean")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("guidance must be a finite number")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_short(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for tag in value:
+            if not 1 <= len(tag) <= 64:
+                raise ValueError(f"tag {tag[:20]!r} must be 1..64 characters")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str, info: ValidationInfo) -> str:
+        catalog = (info.context or {}).get("catalog")
+        if catalog is not None:
+            catalog.get(value)  # UnknownModelError lists the known models
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size_suits_family(cls, value: int, info: ValidationInfo) -> int:
+        if value % 8:
+            raise ValueError(f"{info.field_name}={value} must be a multiple of 8")
+        catalog = (info.context or {}).get("catalog")
+        if catalog is not None and "model" in info.data:  # absent when the model itself was invalid
+            catalog.get(info.data["model"]).check_size(info.field_name, value)
+        return value
+
+    @classmethod
+    def validate_for(cls, data: Any, catalog: ModelRules) -> JobSpec:
+        """Validate user input (a dict or a JobSpec) against the catalog's family rules."""
+        if isinstance(data, JobSpec):
+            data = data.model_dump()
+        return cls.model_validate(data, context={"catalog": catalog})
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def batch_key(self) -> tuple[str, int, int, int, float]:
+        """Jobs with the same key can share one pipeline call."""
+        return (self.model, self.width, self.height, self.steps, self.guidance)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One short line per problem, each naming the field: `width: must be a multiple of 16 ...`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class Job(BaseModel):
+    """What the farm knows about one job; stored as a Redis hash (see cluster.store)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    spec: JobSpec
+    state: JobState = JobState.QUEUED
+    attempts: int = 0
+    node: str | None = None
+    batch_id: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    peak_memory_mb: float | None = None
+    images: int = 0
+
+    def transition(self, target: JobState) -> None:
+        """Change state in memory, refusing illegal moves (the store does the same in Redis)."""
+        check_transition(self.id, self.state, target)
+        self.state = target
