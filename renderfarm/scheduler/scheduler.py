@@ -1,0 +1,162 @@
+"""The controller: one per farm. It owns dispatch: read pending -> plan -> lease -> call workers.
+
+A plain class, made a Ray actor by `farm.py` (with max_concurrency > 1 so `stop()` and `stats()` reach it
+while `run()` loops). Worker handles are given to it; it never imports actor code. All hard state lives in
+Redis, so a restarted scheduler rebuilds its view from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from renderfarm.cluster.keys import Keys
+from renderfarm.cluster.redis_server import connect
+from renderfarm.cluster.store import Store
+from renderfarm.config import Settings
+from renderfarm.jobs import JobSpec, JobState
+from renderfarm.scheduler.placement import PendingJob, WorkerView, plan_dispatch
+
+log = logging.getLogger(__name__)
+
+PENDING_WINDOW = 2000  # how far down the queue one planning round looks
+
+
+@dataclass
+class _Worker:
+    name: str
+    handle: Any
+    vram_gib: float
+    loaded: set[str]
+    alive: bool = True
+    busy: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self,
+        redis_url: str,
+        settings: dict[str, Any],
+        workers: dict[str, tuple[Any, dict[str, Any]]],
+        key_prefix: str = "rf",
+    ):
+        self.settings = Settings.model_validate(settings)
+        self.store = Store(connect(redis_url), Keys(key_prefix))
+        self.workers = {
+            name: _Worker(name, handle, float(info.get("vram_gib", 0)), set(info.get("loaded", [])))
+            for name, (handle, info) in workers.items()
+        }
+        self._inflight: dict[Any, tuple[str, tuple[str, ...]]] = {}
+        self._specs: dict[str, JobSpec] = {}
+        self._stop = threading.Event()
+        self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0}
+        self._recover()
+
+    # --- public ---------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, int]:
+        """Loop until `stop()`: one planning round, then wait briefly for a worker to finish."""
+        while not self._stop.is_set():
+            self.counters["loops"] += 1
+            try:
+                self._dispatch()
+                self._collect(timeout=self.settings.poll_seconds)
+            except Exception:  # one bad round must not stop the farm
+                log.exception("scheduler round failed")
+                time.sleep(self.settings.poll_seconds)
+        return dict(self.counters)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "inflight": len(self._inflight),
+            "workers": {w.name: {"alive": w.alive, "busy": w.busy, "loaded": sorted(w.loaded)}
+                        for w in self.workers.values()},
+        }
+
+    # --- one round ------------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Jobs leased or running when a previous scheduler stopped are not owned by anything we know:
+        put them back in the queue (their attempt was counted when they were leased)."""
+        for state in (JobState.LEASED, JobState.RUNNING):
+            for job_id in self.store.ids_in(state, limit=100_000):
+                self.store.requeue(job_id, "scheduler restarted while the job was in flight")
+
+    def _dispatch(self) -> None:
+        idle = [
+            WorkerView(w.name, w.vram_gib, frozenset(w.loaded))
+            for w in self.workers.values() if w.alive and not w.busy
+        ]
+        if not idle:
+            return
+        pending_ids = self.store.pending_ids(PENDING_WINDOW)
+        if not pending_ids:
+            return
+        missing = [i for i in pending_ids if i not in self._specs]
+        if missing:
+            for job_id, job in zip(missing, self.store.get_many(missing)):
+                if job is not None:
+                    self._specs[job_id] = job.spec
+        pending = [
+            PendingJob(i, self._specs[i].model, self._specs[i].batch_key(), self._specs[i].num_images)
+            for i in pending_ids if i in self._specs
+        ]
+        for assignment in plan_dispatch(pending, idle, self.settings.max_batch):
+            worker = self.workers[assignment.worker]
+            deadline = time.time() + self.settings.lease_seconds
+            leased = tuple(j for j in assignment.job_ids if self.store.lease(j, worker.name, deadline))
+            if not leased:
+                continue
+            ref = worker.handle.render.remote(list(leased), deadline)
+            self._inflight[ref] = (worker.name, leased)
+            worker.busy = True
+            worker.loaded.add(assignment.model)
+            self.counters["dispatched"] += len(leased)
+
+    def _collect(self, timeout: float) -> None:
+        if not self._inflight:
+            self._stop.wait(timeout)
+            return
+        # Wake as soon as any batch finishes; the rest are picked up on the next rounds.
+        ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout, fetch_local=False)
+        for ref in ready:
+            name, job_ids = self._inflight.pop(ref)
+            worker = self.workers[name]
+            worker.busy = False
+            try:
+                summary = ray.get(ref, timeout=5)
+            except RayActorError as exc:
+                worker.alive = False
+                self.counters["worker_deaths"] += 1
+                log.error("node %s died: %s", name, exc)
+                self._retry(job_ids, name, f"node {name} died while rendering")
+                continue
+            except (RayError, GetTimeoutError) as exc:
+                self._retry(job_ids, name, f"node {name}: {type(exc).__name__}: {exc}")
+                continue
+            for job_id in summary["done"] + summary["lost"]:
+                self._specs.pop(job_id, None)
+            for job_id, error in summary["errors"].items():
+                self._retry((job_id,), name, error)
+
+    def _retry(self, job_ids: tuple[str, ...], node: str, error: str) -> None:
+        """Requeue a job that still has attempts left, else fail it for good."""
+        for job, job_id in zip(self.store.get_many(job_ids), job_ids):
+            if job is None or job.state.terminal or job.node != node:
+                continue
+            if job.attempts < self.settings.max_attempts:
+                if self.store.requeue(job_id, error, node=node):
+                    self.counters["retried"] += 1
+            elif self.store.fail(job_id, f"{error} (after {job.attempts} attempts)", node=node):
+                self.counters["failed"] += 1
+                self._specs.pop(job_id, None)

@@ -1,0 +1,122 @@
+"""End to end on a real farm: client -> Redis -> scheduler actor -> Ray workers -> diffusers -> PNGs."""
+
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from renderfarm.actors.pipelines import parse_a1111_parameters
+from renderfarm.client import FarmClient, SpecError
+from renderfarm.jobs import JobState
+from renderfarm.planning.catalog import Catalog
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(farm, models_file):
+    return FarmClient(farm.redis_url, catalog=Catalog.load(models_file))
+
+
+def specs(n, **kw):
+    models = ["tiny-sd15", "tiny-flux"]
+    return [
+        {"model": models[i % 2], "prompt": f"test prompt {i}", "negative_prompt": "blurry" if i % 3 else "",
+         "width": 64 if i % 4 else 96, "height": 64, "steps": 2, "seed": 100 + i, **kw}
+        for i in range(n)
+    ]
+
+
+def test_batch_of_20_finishes_with_png_metadata(client, farm):
+    batch = specs(20)
+    ids = client.submit_batch(batch, batch_id="twenty")
+    finished = client.wait(ids, timeout=300)
+    assert [job.state for job in finished] == [JobState.DONE] * 20
+    assert {job.node for job in finished} <= {"big", "small"}
+    for spec, job in zip(batch, finished):
+        result = client.result(job.id)
+        assert len(result.png) == 1
+        image = Image.open(io.BytesIO(result.png[0]))
+        assert image.size == (spec["width"], spec["height"])
+        params = parse_a1111_parameters(image.info["parameters"])
+        assert params["prompt"] == spec["prompt"]
+        # Flux is guidance-distilled: a negative prompt has no effect, so the metadata does not claim one
+        applied_negative = "" if spec["model"] == "tiny-flux" else spec["negative_prompt"]
+        assert params["negative_prompt"] == applied_negative
+        assert params["Seed"] == str(spec["seed"])
+        assert params["Size"] == f"{spec['width']}x{spec['height']}"
+        assert params["Model"] == spec["model"]
+        assert job.timings["denoise_s_per_step"] > 0 and job.timings["decode_s"] >= 0
+        assert "encode_s" in job.timings and "load_s" in job.timings
+        assert job.peak_memory_mb is not None
+    nodes = {n["name"]: n for n in client.status()["nodes"]}
+    assert nodes["big"]["simulated"] is True and nodes["big"]["vram_gib"] == 24
+    assert nodes["big"]["jobs_done"] + nodes["small"]["jobs_done"] >= 20
+
+
+def test_several_images_per_job_use_consecutive_seeds(client):
+    (job_id,) = client.submit_batch([{**specs(1)[0], "num_images": 3, "seed": 7}])
+    (job,) = client.wait([job_id], timeout=120)
+    result = client.result(job.id)
+    seeds = [parse_a1111_parameters(p)["Seed"] for p in result.parameters]
+    assert seeds == ["7", "8", "9"]
+    assert len({img.tobytes() for img in result.images}) == 3
+
+
+def test_submit_is_idempotent_with_client_ids(client):
+    ids = client.submit_batch(specs(2), job_ids=["idem-a", "idem-b"])
+    again = client.submit_batch(specs(2), job_ids=["idem-a", "idem-b"])
+    assert ids == again == ["idem-a", "idem-b"]
+    client.wait(ids, timeout=120)
+    assert client.store.redis.xlen(client.store.keys.events) > 0
+    queued_events = [
+        f for _, f in client.store.redis.xrange(client.store.keys.events)
+        if f[b"job"] == b"idem-a" and f[b"state"] == b"queued"
+    ]
+    assert len(queued_events) == 1
+
+
+def test_a_rejected_batch_enqueues_nothing(client):
+    before = client.store.counts()
+    bad = specs(3)
+    bad[2]["width"] = 72  # tiny-sd15 is fine with 72, so break a flux one instead
+    bad[1]["width"] = 72
+    with pytest.raises(SpecError, match=r"jobs\[1\]: width: width=72 must be a multiple of 16.*nothing was enqueued"):
+        client.submit_batch(bad)
+    with pytest.raises(SpecError, match=r"model: unknown model 'sd9'; known models"):
+        client.submit({"model": "sd9", "prompt": "x"})
+    assert client.store.counts() == before
+
+
+def test_cancel_queued_jobs_and_finished_ones_stay_finished(client, farm):
+    # Occupy both workers with long jobs so the next ones wait in the queue.
+    blockers = client.submit_batch([{**s, "steps": 40, "width": 256, "height": 256} for s in specs(2)])
+    waiting = client.submit_batch(specs(3, steps=2))
+    outcome = client.cancel(waiting + ["no-such-job"])
+    assert all(v.startswith("cancelled (was") for k, v in outcome.items() if k != "no-such-job")
+    assert outcome["no-such-job"] == "not cancelled: no such job"
+    finished = client.wait(blockers + waiting, timeout=300)
+    assert [j.state for j in finished[2:]] == [JobState.CANCELLED] * 3
+    assert all(j.state in (JobState.DONE, JobState.CANCELLED) for j in finished[:2])
+    assert client.cancel(blockers[:1])[blockers[0]].startswith("not cancelled: already")
+
+
+def test_a_broken_model_is_retried_then_failed_with_its_reason(client, farm):
+    (job_id,) = client.submit_batch([{"model": "broken", "prompt": "x", "width": 64, "height": 64, "steps": 2}])
+    (job,) = client.wait([job_id], timeout=120)
+    assert job.state is JobState.FAILED
+    assert job.attempts == 2  # max_attempts in the fixture
+    assert "broken" in job.error and "after 2 attempts" in job.error
+    with pytest.raises(ValueError, match="failed"):
+        client.result(job_id)
+
+
+def test_as_completed_yields_each_job_once(client):
+    ids = client.submit_batch(specs(6))
+    seen = [job.id for job in client.as_completed(ids, timeout=120)]
+    assert sorted(seen) == sorted(ids)
+    with pytest.raises(TimeoutError, match="did not finish"):
+        long = client.submit_batch([{**specs(1)[0], "steps": 60, "width": 512, "height": 512}])
+        list(client.as_completed(long, timeout=0.2))
+    client.cancel(long)
