@@ -191,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="rf-demo-") as tmp:
         settings = Settings.load(args.config, redis_url=args.redis, data_dir=Path(tmp))
         log.info("starting a local farm with %d simulated nodes", len(nodes))
-        with Farm(settings, nodes) as farm:
+        with Farm(settings, nodes, log_to_driver=args.debug) as farm:
             client = farm.client()
             specs = demo_specs(args.jobs)
             ids = client.submit_batch(specs)

@@ -3,7 +3,9 @@ ports and temp dirs, and stop every process they start."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 _CACHE = tempfile.mkdtemp(prefix="rf-test-models-")
 os.environ.setdefault("RENDERFARM_CACHE_DIR", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,13 @@ class RenderWorker:
         self.store = Store(connect(redis_url), Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
 
+        import diffusers
         import torch  # heavy imports only inside the worker process
+        import transformers
+
+        # Loading bars from every worker interleave on the console; stage timings report the same thing.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
         from renderfarm.actors.pipelines import PipelineCache
 
