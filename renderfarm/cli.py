@@ -131,7 +131,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with Farm(settings, nodes) as farm:
-        info = {"redis_url": farm.redis_url, "ray_address": farm._ray.address, "nodes": farm.nodes,
+        info = {"redis_url": farm.redis_url, "ray_address": farm.ray_address_in_use,
+                "ray_temp_dir": farm.ray_temp_dir, "redis_pid": farm.redis_pid, "nodes": farm.nodes,
                 "data_dir": str(settings.data_dir), "pid": os.getpid()}
         farm_file.write_text(json.dumps(info))
         try:

@@ -46,6 +46,8 @@ class Settings(BaseModel):
     max_attempts: int = Field(default=3, ge=1, le=100)
     lease_seconds: float = Field(default=300.0, gt=0)
     max_batch: int = Field(default=8, ge=1, le=64)  # jobs coalesced into one pipeline call
+    # Batches a worker may hold: 2 lets the next batch start the moment the current one ends.
+    worker_queue_depth: int = Field(default=2, ge=1, le=8)
     result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     poll_seconds: float = Field(default=0.02, gt=0)

@@ -165,6 +165,20 @@ class Farm:
             raise FarmError("the farm is not started")
         return FarmClient(self.redis_url, key_prefix=self.key_prefix)
 
+    @property
+    def redis_pid(self) -> int | None:
+        """The embedded redis-server's PID; None when the farm uses a Redis it was given."""
+        return self._embedded.pid if self._embedded else None
+
+    @property
+    def ray_address_in_use(self) -> str | None:
+        return self._ray.address if self._ray else None
+
+    @property
+    def ray_temp_dir(self) -> str | None:
+        """Where Ray keeps this farm's logs (private to the farm unless it joined a cluster)."""
+        return str(self._ray.temp_dir) if self._ray and self._ray.temp_dir else None
+
     def scheduler_stats(self) -> dict[str, Any]:
         import ray
 

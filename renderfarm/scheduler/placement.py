@@ -1,7 +1,8 @@
 """Where each pending job goes: pure functions over plain data, testable without Ray or Redis.
 
-v0 policy: walk the queue in order (priority, then submit time); give the head job to an idle worker,
-preferring one that already has its model loaded (no reload), then the one with the most VRAM; coalesce
+v0 policy: walk the queue in order (priority, then submit time); give the head job to the worker with a
+free slot and the fewest batches queued, preferring one that already has its model loaded (no reload),
+then the one with the most VRAM; coalesce
 the compatible jobs behind it (same model, size, steps, guidance) into one pipeline call, up to the batch
 limit in images. The routing issue replaces the choice of worker with filter -> score -> pick.
 """
@@ -25,6 +26,7 @@ class WorkerView:
     name: str
     vram_gib: float
     loaded_models: frozenset[str] = frozenset()
+    queued_batches: int = 0  # batches sent and not yet finished (a worker may hold a second in its queue)
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,11 @@ class Assignment:
 
 
 def choose_worker(job: PendingJob, idle: Sequence[WorkerView]) -> WorkerView | None:
-    """The idle worker for `job`: one with its model loaded first, then the largest card, then by name."""
+    """The worker for `job` among those with a free slot: the least queued, then one with the model
+    loaded, then the largest card, then by name."""
     if not idle:
         return None
-    return min(idle, key=lambda w: (job.model not in w.loaded_models, -w.vram_gib, w.name))
+    return min(idle, key=lambda w: (w.queued_batches, job.model not in w.loaded_models, -w.vram_gib, w.name))
 
 
 def plan_dispatch(

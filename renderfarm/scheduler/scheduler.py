@@ -26,6 +26,7 @@ from renderfarm.scheduler.placement import PendingJob, WorkerView, plan_dispatch
 log = logging.getLogger(__name__)
 
 PENDING_WINDOW = 2000  # how far down the queue one planning round looks
+IDLE_WAKE_SECONDS = 0.5  # longest sleep; bounds how late `stop()` is noticed
 
 
 @dataclass
@@ -35,7 +36,7 @@ class _Worker:
     vram_gib: float
     loaded: set[str]
     alive: bool = True
-    busy: bool = False
+    inflight: int = 0  # batches sent and not yet returned
 
 
 class Scheduler:
@@ -55,21 +56,23 @@ class Scheduler:
         self._inflight: dict[Any, tuple[str, tuple[str, ...]]] = {}
         self._specs: dict[str, JobSpec] = {}
         self._stop = threading.Event()
+        last = self.store.redis.xrevrange(self.store.keys.events, count=1)
+        self._cursor = last[0][0] if last else b"0-0"
         self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0}
         self._recover()
 
     # --- public ---------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, int]:
-        """Loop until `stop()`: one planning round, then wait briefly for a worker to finish."""
+        """Loop until `stop()`: one planning round, then sleep until something can change the plan."""
         while not self._stop.is_set():
             self.counters["loops"] += 1
             try:
                 self._dispatch()
-                self._collect(timeout=self.settings.poll_seconds)
+                self._wait()
             except Exception:  # one bad round must not stop the farm
                 log.exception("scheduler round failed")
-                time.sleep(self.settings.poll_seconds)
+                self._stop.wait(self.settings.poll_seconds)
         return dict(self.counters)
 
     def stop(self) -> None:
@@ -79,7 +82,7 @@ class Scheduler:
         return {
             **self.counters,
             "inflight": len(self._inflight),
-            "workers": {w.name: {"alive": w.alive, "busy": w.busy, "loaded": sorted(w.loaded)}
+            "workers": {w.name: {"alive": w.alive, "inflight": w.inflight, "loaded": sorted(w.loaded)}
                         for w in self.workers.values()},
         }
 
@@ -94,8 +97,8 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         idle = [
-            WorkerView(w.name, w.vram_gib, frozenset(w.loaded))
-            for w in self.workers.values() if w.alive and not w.busy
+            WorkerView(w.name, w.vram_gib, frozenset(w.loaded), w.inflight)
+            for w in self.workers.values() if w.alive and w.inflight < self.settings.worker_queue_depth
         ]
         if not idle:
             return
@@ -119,20 +122,33 @@ class Scheduler:
                 continue
             ref = worker.handle.render.remote(list(leased), deadline)
             self._inflight[ref] = (worker.name, leased)
-            worker.busy = True
+            worker.inflight += 1
             worker.loaded.add(assignment.model)
             self.counters["dispatched"] += len(leased)
 
+    def _wait(self) -> None:
+        """Block (without spinning: a polling loop steals CPU from renders on small machines) until a
+        batch finishes or, when some worker is idle, until the farm's event stream shows a change
+        (a submit, a cancel, a job finishing)."""
+        if not any(w.alive and w.inflight < self.settings.worker_queue_depth for w in self.workers.values()):
+            self._collect(timeout=IDLE_WAKE_SECONDS)  # every worker busy: only a finished batch matters
+            return
+        # Workers write their jobs' "done" to the same stream, so a finishing batch wakes this too.
+        entries = self.store.redis.xread({self.store.keys.events: self._cursor}, count=1000,
+                                         block=int(IDLE_WAKE_SECONDS * 1000))
+        for _, messages in entries or []:
+            self._cursor = messages[-1][0]
+        self._collect(timeout=self.settings.poll_seconds if entries else 0.0)
+
     def _collect(self, timeout: float) -> None:
         if not self._inflight:
-            self._stop.wait(timeout)
             return
         # Wake as soon as any batch finishes; the rest are picked up on the next rounds.
         ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout, fetch_local=False)
         for ref in ready:
             name, job_ids = self._inflight.pop(ref)
             worker = self.workers[name]
-            worker.busy = False
+            worker.inflight -= 1
             try:
                 summary = ray.get(ref, timeout=5)
             except RayActorError as exc:

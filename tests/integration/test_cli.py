@@ -89,3 +89,11 @@ def test_submit_status_cancel_against_a_farm(farm, tmp_path):
     status = one_json(proc)
     assert {n["name"] for n in status["nodes"]} == {"big", "small"}
     assert status["counts"]["cancelled"] >= 1
+
+
+def test_demo_with_an_existing_redis_leaves_its_state_there(redis_url, store, tmp_path):
+    proc = cli("demo", "--json", "--jobs", "4", "--redis", redis_url, "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert one_json(proc)["done"] == 4
+    assert store.counts()["done"] == 4
+    assert {n["name"] for n in store.nodes()} == {"quadro-24g", "rtx-8g"}

@@ -39,3 +39,10 @@ def test_one_batch_per_idle_worker_and_no_job_twice():
 def test_rejects_nonsense_batch_limit():
     with pytest.raises(ValueError, match="max_batch_images"):
         plan_dispatch([job(0)], [WorkerView("w", 8)], 0)
+
+
+def test_least_queued_worker_first_then_loaded_model():
+    busy_loaded = WorkerView("a", 24, frozenset({"m"}), queued_batches=1)
+    free = WorkerView("b", 8, frozenset(), queued_batches=0)
+    assert choose_worker(job(0), [busy_loaded, free]).name == "b"
+    assert choose_worker(job(0), [busy_loaded]).name == "a"
