@@ -239,16 +239,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         raise CliError("give a PROMPT or --prompts FILE")
     client = _client(args)
-    entry = client.catalog.get(args.model) if args.model in client.catalog else None
-    width, height = args.size or ((entry.default_size,) * 2 if entry else (1024, 1024))
     specs = []
     for prompt in prompts:
         for i in range(args.count):
             spec = {"model": args.model, "prompt": prompt, "negative_prompt": args.negative,
-                    "width": width, "height": height, "priority": args.priority, "team": args.team,
-                    "num_images": args.images}
-            spec["steps"] = args.steps if args.steps is not None else (entry.default_steps if entry else 20)
-            spec["guidance"] = args.guidance if args.guidance is not None else (entry.default_guidance if entry else 5.0)
+                    "priority": args.priority, "team": args.team, "num_images": args.images}
+            # Left out, size, steps and guidance take the model's defaults (FarmClient.validate).
+            if args.size:
+                spec["width"], spec["height"] = args.size
+            if args.steps is not None:
+                spec["steps"] = args.steps
+            if args.guidance is not None:
+                spec["guidance"] = args.guidance
             if args.seed is not None:
                 spec["seed"] = args.seed + i
             specs.append(spec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from renderfarm.jobs import (
 from renderfarm.planning.catalog import Catalog, UnknownModelError, default_catalog
 
 MAX_BATCH_JOBS = 10_000
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class SpecError(ValueError):
@@ -58,7 +60,12 @@ class FarmClient:
     # --- submit ---------------------------------------------------------------------------------------
 
     def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec") -> JobSpec:
-        """Check one spec against the catalog; a random seed is drawn (and recorded) when none is given."""
+        """Check one spec against the catalog. Omitted size, steps and guidance take the model's defaults
+        (flux-dev: 1024 px, 28 steps, 3.5); a random seed is drawn (and recorded) when none is given."""
+        if isinstance(spec, dict) and isinstance(spec.get("model"), str) and spec["model"] in self.catalog:
+            entry = self.catalog.get(spec["model"])
+            spec = {"width": entry.default_size, "height": entry.default_size, "steps": entry.default_steps,
+                    "guidance": entry.default_guidance, **spec}
         try:
             valid = JobSpec.validate_for(spec, self.catalog)
         except ValidationError as exc:
@@ -97,7 +104,7 @@ class FarmClient:
             if len(set(job_ids)) != len(job_ids):
                 raise SpecError("job_ids contains duplicates")
             for i, job_id in enumerate(job_ids):
-                if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64 or not job_id.replace("-", "").replace("_", "").isalnum():
+                if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
                     raise SpecError(f"job_ids[{i}]: {job_id!r} must be 1..64 letters, digits, '-' or '_'")
         errors, valid = [], []
         for i, spec in enumerate(specs):

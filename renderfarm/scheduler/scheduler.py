@@ -105,11 +105,14 @@ class Scheduler:
         pending_ids = self.store.pending_ids(PENDING_WINDOW)
         if not pending_ids:
             return
-        missing = [i for i in pending_ids if i not in self._specs]
+        # Specs never change, so only new arrivals are read; what left the queue is forgotten.
+        known = {i: self._specs[i] for i in pending_ids if i in self._specs}
+        missing = [i for i in pending_ids if i not in known]
         if missing:
             for job_id, job in zip(missing, self.store.get_many(missing)):
                 if job is not None:
-                    self._specs[job_id] = job.spec
+                    known[job_id] = job.spec
+        self._specs = known
         pending = [
             PendingJob(i, self._specs[i].model, self._specs[i].batch_key(), self._specs[i].num_images)
             for i in pending_ids if i in self._specs
@@ -160,8 +163,6 @@ class Scheduler:
             except (RayError, GetTimeoutError) as exc:
                 self._retry(job_ids, name, f"node {name}: {type(exc).__name__}: {exc}")
                 continue
-            for job_id in summary["done"] + summary["lost"]:
-                self._specs.pop(job_id, None)
             for job_id, error in summary["errors"].items():
                 self._retry((job_id,), name, error)
 
@@ -175,4 +176,3 @@ class Scheduler:
                     self.counters["retried"] += 1
             elif self.store.fail(job_id, f"{error} (after {job.attempts} attempts)", node=node):
                 self.counters["failed"] += 1
-                self._specs.pop(job_id, None)

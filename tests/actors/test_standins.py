@@ -21,16 +21,6 @@ from renderfarm.planning.catalog import default_catalog
 STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core box an OpenMP thread that loses its core
-    # stalls every op (a 64x64 render went from 0.09 s to 2.3 s with 2 threads): render on one.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

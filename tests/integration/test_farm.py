@@ -1,7 +1,6 @@
 """End to end on a real farm: client -> Redis -> scheduler actor -> Ray workers -> diffusers -> PNGs."""
 
 import io
-import time
 
 import pytest
 from PIL import Image
@@ -120,3 +119,12 @@ def test_as_completed_yields_each_job_once(client):
         long = client.submit_batch([{**specs(1)[0], "steps": 60, "width": 512, "height": 512}])
         list(client.as_completed(long, timeout=0.2))
     client.cancel(long)
+
+
+def test_omitted_settings_take_the_models_defaults(client):
+    entry = client.catalog.get("tiny-flux")
+    spec = client.validate({"model": "tiny-flux", "prompt": "x"})
+    assert (spec.width, spec.height, spec.steps, spec.guidance) == (
+        entry.default_size, entry.default_size, entry.default_steps, entry.default_guidance)
+    assert spec.seed is not None
+    assert client.validate({"model": "tiny-flux", "prompt": "x", "steps": 3, "seed": 9}).steps == 3
