@@ -46,12 +46,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+
+from renderfarm.cluster.processes import (
+    all_pids,
+    free_port,
+    is_alive,
+    process_stat,
+    read_proc,
+    signal_all,
+    tail_lines,
+)
 
 __all__ = ["RayCluster", "RayNode", "gpu_count"]
 
@@ -181,8 +191,8 @@ class RayCluster:
 
         args = [
             "--head",
-            "--port", str(_free_port()),
-            "--dashboard-port", str(_free_port()),
+            "--port", str(free_port("")),
+            "--dashboard-port", str(free_port("")),
             "--include-dashboard", "false",
             "--disable-usage-stats",
             *_node_args(num_cpus, num_gpus, resources, labels, object_store_memory, node_ip_address),
@@ -424,12 +434,12 @@ def _node_args(
     """`ray start` options shared by the head and added nodes: explicit free ports,
     so two clusters on one machine never fight over Ray's default ports."""
     args = [
-        "--node-manager-port", str(_free_port()),
-        "--object-manager-port", str(_free_port()),
-        "--runtime-env-agent-port", str(_free_port()),
-        "--dashboard-agent-listen-port", str(_free_port()),
-        "--dashboard-agent-grpc-port", str(_free_port()),
-        "--metrics-export-port", str(_free_port()),
+        "--node-manager-port", str(free_port("")),
+        "--object-manager-port", str(free_port("")),
+        "--runtime-env-agent-port", str(free_port("")),
+        "--dashboard-agent-listen-port", str(free_port("")),
+        "--dashboard-agent-grpc-port", str(free_port("")),
+        "--metrics-export-port", str(free_port("")),
     ]  # fmt: skip
     if num_cpus is not None:
         args += ["--num-cpus", str(num_cpus)]
@@ -499,12 +509,6 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_for_head(head: subprocess.Popen[bytes], temp_dir: Path, timeout: float) -> str:
     """Wait until `ray start` has written the GCS address (it does so once all is up)."""
     address_file = temp_dir / _ADDRESS_FILE
@@ -543,10 +547,9 @@ def _wait_for_port(host: str, port: int, timeout: float) -> None:
 
 def _tail(path: Path, lines: int = 8) -> str:
     try:
-        text = path.read_text(errors="replace")
+        return tail_lines(path.read_text(errors="replace"), lines)
     except OSError:
         return ""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
 def _to_node(raw: Mapping[str, Any]) -> RayNode:
@@ -565,29 +568,6 @@ def _to_node(raw: Mapping[str, Any]) -> RayNode:
 # -- finding and ending the processes of a private cluster ---------------------------
 
 
-def _proc_entries() -> Iterator[int]:
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            yield int(name)
-
-
-def _read_proc(pid: int, name: str) -> bytes:
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as fh:
-            return fh.read()
-    except OSError:  # gone, or not ours to read
-        return b""
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, None if it is gone."""
-    raw = _read_proc(pid, "stat")
-    if not raw:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1])
-
-
 def _cluster_pids(temp_dir: Path, own_pids: set[int]) -> set[int]:
     """Live processes of the cluster: our `ray start` processes, anything whose command line names the
     temp dir or whose environment carries our marker, and all their descendants."""
@@ -596,16 +576,16 @@ def _cluster_pids(temp_dir: Path, own_pids: set[int]) -> set[int]:
     me = os.getpid()
     parents: dict[int, int] = {}
     found: set[int] = set()
-    for pid in _proc_entries():
-        stat = _stat(pid)
+    for pid in all_pids():
+        stat = process_stat(pid)
         if stat is None or stat[0] == "Z":
             continue
         parents[pid] = stat[1]
         if pid == me:
             continue
-        if pid in own_pids or needle in _read_proc(pid, "cmdline"):
+        if pid in own_pids or needle in read_proc(pid, "cmdline"):
             found.add(pid)
-        elif marker in _read_proc(pid, "environ").split(b"\0"):
+        elif marker in read_proc(pid, "environ").split(b"\0"):
             found.add(pid)
     changed = True
     while changed:  # close over descendants (ray::IDLE workers rename themselves)
@@ -617,38 +597,25 @@ def _cluster_pids(temp_dir: Path, own_pids: set[int]) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-def _signal_all(pids: set[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 def _terminate(temp_dir: Path, children: list[subprocess.Popen[bytes]], grace: float) -> None:
     """SIGTERM every process of the cluster at once, SIGKILL the rest after `grace`."""
     own = {child.pid for child in children}
     pids = _cluster_pids(temp_dir, own)
-    _signal_all(pids, signal.SIGTERM)
+    signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         for child in children:
             child.poll()  # reap our own children so they do not linger as zombies
-        pids = {pid for pid in pids if _alive(pid)}
+        pids = {pid for pid in pids if is_alive(pid)}
         if not pids:
             break
         time.sleep(0.05)
     # Also catch anything spawned while we were waiting (a worker restarted mid-stop).
     for _ in range(5):
-        leftovers = {pid for pid in pids if _alive(pid)} | _cluster_pids(temp_dir, own)
+        leftovers = {pid for pid in pids if is_alive(pid)} | _cluster_pids(temp_dir, own)
         if not leftovers:
             break
-        _signal_all(leftovers, signal.SIGKILL)
+        signal_all(leftovers, signal.SIGKILL)
         pids = leftovers
         time.sleep(0.05)
     for child in children:

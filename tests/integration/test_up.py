@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from renderfarm.cluster.processes import all_pids, read_proc
+
 pytestmark = pytest.mark.integration
 
 
 def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid in all_pids() if text.encode() in read_proc(pid, "cmdline")]
 
 
 def test_up_serves_submit_and_stops_cleanly_on_ctrl_c(tmp_path):
