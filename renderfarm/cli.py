@@ -276,14 +276,26 @@ def _job_row(client, job) -> dict[str, Any]:
     return row
 
 
+# Stage timings in the order a render runs them, as `status` prints them.
+STAGES = [("load_s", "load", "s"), ("move_s", "move", "s"), ("encode_s", "encode", "s"),
+          ("denoise_s_per_step", "denoise", "s/it"), ("decode_s", "decode", "s")]
+
+
+def _stages(row: dict[str, Any]) -> str:
+    t = row["timings"] or {}
+    parts = [f"{label}={t[key]:.3f}{unit}" for key, label, unit in STAGES if key in t]
+    if row.get("peak_memory_mb") is not None:
+        parts.append(f"peak={row['peak_memory_mb']:.0f}MiB")
+    return (" " + " ".join(parts)) if parts else ""
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.jobs:
         rows = [_job_row(client, job) for job in client.jobs(args.jobs)]
         human = "\n".join(
             f"{r['id']}  {r['state']:<9} {r['model']} {r['size']} node={r['node'] or '-'} "
-            f"attempts={r['attempts']}"
-            + (f" denoise={r['timings'].get('denoise_s_per_step', 0):.3f}s/it" if r["timings"] else "")
+            f"attempts={r['attempts']}" + _stages(r)
             + (f" position={r['queue_position']}" if r.get("queue_position") is not None else "")
             + (f" error={r['error']}" if r["error"] else "")
             for r in rows
