@@ -20,7 +20,8 @@ from renderfarm.config import ConfigError, Settings, load_nodes
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-FARM_FILE = "farm.json"  # written by `up` in its data dir so other commands find its Redis
+FARM_FILE = "farm.json"
+DEFAULT_PLAN_CC = "8.6"  # `plan` without --gpu or --compute-capability: an Ampere card  # written by `up` in its data dir so other commands find its Redis
 
 log = logging.getLogger("renderfarm")
 
@@ -270,7 +271,8 @@ def _job_row(client, job) -> dict[str, Any]:
     row = {"id": job.id, "state": job.state.value, "model": job.spec.model,
            "size": f"{job.spec.width}x{job.spec.height}", "steps": job.spec.steps, "node": job.node,
            "attempts": job.attempts, "error": job.error, "timings": job.timings,
-           "peak_memory_mb": job.peak_memory_mb, "images": job.images}
+           "peak_memory_mb": job.peak_memory_mb, "images": job.images, "profile": job.profile,
+           "escalations": job.escalations}
     if job.state.value == "queued":
         row["queue_position"] = client.position(job.id)
     return row
@@ -286,6 +288,10 @@ def _stages(row: dict[str, Any]) -> str:
     parts = [f"{label}={t[key]:.3f}{unit}" for key, label, unit in STAGES if key in t]
     if row.get("peak_memory_mb") is not None:
         parts.append(f"peak={row['peak_memory_mb']:.0f}MiB")
+    if row.get("profile"):
+        parts.append(f"profile={row['profile']}")
+    if row.get("escalations"):
+        parts.append(f"escalated={' ; '.join(row['escalations'])}")
     return (" " + " ".join(parts)) if parts else ""
 
 
@@ -324,6 +330,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     outcome = client.cancel(ids)
     _emit(args, {"ok": True, "jobs": outcome}, "\n".join(f"{k}  {v}" for k, v in outcome.items()))
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a node with this card would choose for a job, and why: pure planning, no farm needed."""
+    from renderfarm.planning.catalog import default_catalog
+    from renderfarm.planning.devices import device_from_spec, known_card
+    from renderfarm.planning.profiles import choose_profile
+    from renderfarm.planning.vram import plan_report
+
+    settings = _settings(args)
+    entry = default_catalog(settings.models_file).get(args.model)
+    width, height = args.size or (entry.default_size, entry.default_size)
+    card = known_card(args.gpu, args.vram) if args.gpu else None
+    cc = args.compute_capability or (card.compute_capability if card else DEFAULT_PLAN_CC)
+    device = device_from_spec(args.gpu or f"{args.vram:g} GiB card", args.vram, cc)
+    report = plan_report(entry, device, width, height, args.batch, args.margin)
+    if args.json:
+        _emit(args, {"ok": True, **report})
+    else:
+        print(choose_profile(entry, device, width, height, args.batch, args.margin).explain())
+    return 0 if report["chosen"] else EXIT_ERROR
 
 
 # --- parser ----------------------------------------------------------------------------------------
@@ -374,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common, with_redis], help="queue, nodes, or given jobs")
     status.add_argument("jobs", nargs="*")
     status.set_defaults(func=cmd_status)
+
+    plan = sub.add_parser("plan", parents=[common], help="which profile a card would choose for a job")
+    plan.add_argument("--model", required=True)
+    plan.add_argument("--vram", type=float, required=True, metavar="GIB", help="the card's VRAM in GiB")
+    plan.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT (default: the model's)")
+    plan.add_argument("--batch", type=int, default=1, help="images rendered together")
+    plan.add_argument("--compute-capability", metavar="X.Y",
+                      help=f"e.g. 7.5 (Turing), 8.9 (Ada) (default: the --gpu card's, else {DEFAULT_PLAN_CC})")
+    plan.add_argument("--gpu", help="card name, e.g. 'Quadro RTX 6000' (its figures refine the estimate)")
+    plan.add_argument("--margin", type=float, default=0.5, metavar="GIB", help="VRAM kept free (default 0.5)")
+    plan.set_defaults(func=cmd_plan)
 
     cancel = sub.add_parser("cancel", parents=[common, with_redis], help="cancel jobs")
     cancel.add_argument("jobs", nargs="*")

@@ -183,6 +183,8 @@ class Job(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     peak_memory_mb: float | None = None
     images: int = 0
+    profile: str | None = None  # the profile the node rendered it with
+    escalations: list[str] = Field(default_factory=list)  # out-of-memory retries: "from -> to"
 
     def transition(self, target: JobState) -> None:
         """Change state in memory, refusing illegal moves (the store does the same in Redis)."""

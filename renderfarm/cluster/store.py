@@ -128,6 +128,8 @@ def job_to_hash(job: Job) -> dict[str, str]:
         "timings": json.dumps(job.timings),
         "peak_memory_mb": _text(job.peak_memory_mb),
         "images": str(job.images),
+        "profile": _text(job.profile),
+        "escalations": json.dumps(job.escalations),
         "score": repr(queue_score(job.spec.priority, job.created_at)),
     }
 
@@ -150,6 +152,8 @@ def job_from_hash(raw: dict[bytes, bytes]) -> Job:
             timings=json.loads(data.get("timings") or "{}"),
             peak_memory_mb=float(data["peak_memory_mb"]) if data.get("peak_memory_mb") else None,
             images=int(data.get("images") or 0),
+            profile=data.get("profile") or None,
+            escalations=json.loads(data.get("escalations") or "[]"),
         )
     except (KeyError, ValueError, ValidationError, json.JSONDecodeError) as exc:
         raise CorruptRecord(f"job record {data.get('id', '?')!r} does not parse: {exc}") from None
@@ -299,6 +303,8 @@ class Store:
         timings: dict[str, float],
         peak_memory_mb: float | None,
         result_ttl: int,
+        profile: str | None = None,
+        escalations: Sequence[str] = (),
     ) -> bool:
         """running -> done with its images, exactly once; False (result discarded) when the job was
         cancelled, requeued or handed to another node meanwhile."""
@@ -306,7 +312,8 @@ class Store:
         try:
             self.transition(
                 job_id, JobState.DONE, expect_node=node, score=now, images=images, result_ttl=result_ttl,
-                fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb},
+                fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb,
+                        "profile": profile, "escalations": json.dumps(list(escalations))},
             )
         except (IllegalTransition, JobNotFound, OwnershipLost):
             return False
