@@ -2,16 +2,28 @@
 
 Pure data (configs/models.yaml); imports neither torch nor Ray nor Redis, so `renderfarm plan`,
 the simulator and submit-time validation run anywhere.
+
+A family lists its components (denoiser, text encoders, VAE) with parameter counts and widths: the facts
+planning/vram.py turns into bytes and activations. A model inherits its family's components and may
+override any field of one (SD3.5 Medium is smaller than Large; every stand-in is tiny).
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parent.parent / "configs" / "models.yaml"
 
@@ -23,6 +35,69 @@ class UnknownModelError(ValueError):
         super().__init__(f"unknown model {name!r}; known models: {', '.join(known)}")
 
 
+class Role(str, Enum):
+    DENOISER = "denoiser"
+    TEXT_ENCODER = "text_encoder"
+    VAE = "vae"
+
+
+QUANTIZATION_METHODS = ("bnb", "fp8", "gguf")
+GGUF_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1")  # what diffusers' GGUF loader and `gguf` both handle
+
+
+class Component(BaseModel):
+    """One module of a pipeline, named as the pipeline attribute (`transformer`, `text_encoder_2`, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    role: Role
+    params: float = Field(gt=0)
+    # Denoiser and text encoder: hidden size (a UNet: channels of its first, full-resolution level).
+    # VAE: channels of its full-resolution decoder level. Activations scale with it.
+    width: int = Field(gt=0)
+    blocks: int = Field(default=1, ge=1)  # repeated blocks; group offload moves whole blocks
+    largest_block_params: float | None = Field(default=None, gt=0)  # None: params / blocks
+    largest_layer_params: float | None = Field(default=None, gt=0)  # leaf offload; None: largest block
+    # False: never quantized, stays in the compute dtype (CLIP encoders: small, and sensitive).
+    quantize: bool = True
+    # Parameters a quantization method leaves in the compute dtype, by method (bnb, fp8, gguf): modules it
+    # does not convert (embeddings; diffusers' layerwise fp8 skips modules named *norm*; GGUF converters
+    # keep small and sensitive tensors).
+    unquantized_params: dict[str, float] = Field(default_factory=dict)
+    # Parameters transformers keeps in fp32 when the model loads in fp16 or through bitsandbytes
+    # (`_keep_in_fp32_modules`: T5's `wo`, which overflows in fp16).
+    keep_fp32_params: float = Field(default=0.0, ge=0)
+
+    @field_validator("unquantized_params")
+    @classmethod
+    def _known_methods(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(QUANTIZATION_METHODS))
+        if unknown:
+            raise ValueError(f"unquantized_params: unknown method(s) {unknown}; known: {list(QUANTIZATION_METHODS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _parts_within_total(self) -> Component:
+        for method, kept in self.unquantized_params.items():
+            if kept + self.keep_fp32_params > self.params:
+                raise ValueError(
+                    f"component {self.name}: unquantized_params.{method} + keep_fp32_params exceed params"
+                )
+        return self
+
+    def __hash__(self) -> int:  # frozen models stay hashable despite their dict fields (equal => same name)
+        return hash((self.name, self.params))
+
+    @property
+    def block_params(self) -> float:
+        return self.largest_block_params or self.params / self.blocks
+
+    @property
+    def layer_params(self) -> float:
+        return self.largest_layer_params or self.block_params
+
+
 class Family(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +105,20 @@ class Family(BaseModel):
     pipeline: str
     size_multiple: int = Field(gt=0)
     uses_cfg: bool
+    components: dict[str, Component] = Field(default_factory=dict)
+    latent_channels: int = Field(default=4, gt=0)
+    vae_scale_factor: int = Field(default=8, gt=0)  # image pixels per latent pixel, per side
+    patch_size: int = Field(default=1, gt=0)  # latent pixels per denoiser token, per side (1: a UNet)
+    text_tokens: int = Field(default=77, gt=0)  # prompt tokens (a transformer attends over them jointly)
+    fp16_clamp: bool = False  # activations overflow fp16: clamp them when computing in fp16 (Flux)
+    vae_force_upcast: bool = False  # the VAE overflows in fp16 (SDXL's original VAE): decode in fp32
+
+    def __hash__(self) -> int:  # frozen models stay hashable despite their dict fields
+        return hash(self.name)
+
+    def latent_tokens(self, width: int, height: int) -> int:
+        side = self.vae_scale_factor * self.patch_size
+        return (width // side) * (height // side)
 
 
 class ModelEntry(BaseModel):
@@ -44,6 +133,44 @@ class ModelEntry(BaseModel):
     max_size: int = 4096
     default_steps: int = 28
     default_guidance: float = 5.0
+    components: dict[str, Component] = Field(default_factory=dict)  # the family's, with this model's overrides
+    gguf_sources: dict[str, str] = Field(default_factory=dict)  # "q8_0" -> local file, URL or org/repo/file
+    single_file: str | None = None  # a single-file checkpoint (.safetensors) to load instead of `source`
+    fp16_vae_source: str | None = None  # a VAE safe in fp16 (madebyollin/sdxl-vae-fp16-fix), used on fp16 cards
+
+    @field_validator("gguf_sources")
+    @classmethod
+    def _gguf_types(cls, value: dict[str, str]) -> dict[str, str]:
+        normalised = {str(key).lower().removeprefix("gguf-"): path for key, path in value.items()}
+        unknown = sorted(set(normalised) - set(GGUF_TYPES))
+        if unknown:
+            raise ValueError(f"gguf_sources: unknown GGUF type(s) {unknown}; known: {list(GGUF_TYPES)}")
+        return normalised
+
+    def __hash__(self) -> int:  # hashable as before components and gguf_sources (dicts) were added
+        return hash((self.name, self.family.name))
+
+    def components_by_role(self, role: Role) -> list[Component]:
+        return [c for c in self.components.values() if c.role is role]
+
+    @property
+    def denoiser(self) -> Component:
+        found = self.components_by_role(Role.DENOISER)
+        if len(found) != 1:
+            raise ValueError(
+                f"model {self.name!r}: the catalog gives {len(found)} denoiser components; planning needs one "
+                "(add `components:` to its family in models.yaml)"
+            )
+        return found[0]
+
+    @property
+    def text_encoders(self) -> list[Component]:
+        return self.components_by_role(Role.TEXT_ENCODER)
+
+    @property
+    def vae(self) -> Component | None:
+        found = self.components_by_role(Role.VAE)
+        return found[0] if found else None
 
     def check_size(self, field: str, value: int) -> None:
         """Raise ValueError naming the field when `value` does not suit this model's family."""
@@ -83,7 +210,7 @@ class Catalog:
     def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> Catalog:
         try:
             families = {
-                name: Family(name=name, **spec) for name, spec in (data.get("families") or {}).items()
+                name: _family(name, dict(spec)) for name, spec in (data.get("families") or {}).items()
             }
             models: dict[str, ModelEntry] = {}
             for name, spec in (data.get("models") or {}).items():
@@ -93,7 +220,9 @@ class Catalog:
                     raise ValueError(
                         f"models.{name}.family: {family_name!r} is not one of {sorted(families)}"
                     )
-                models[name] = ModelEntry(name=name, family=families[family_name], **spec)
+                family = families[family_name]
+                components = _merged_components(name, family, spec.pop("components", None) or {})
+                models[name] = ModelEntry(name=name, family=family, components=components, **spec)
         except ValidationError as exc:
             raise ValueError(f"invalid model catalog {origin}: {exc}") from None
         return cls(models)
@@ -106,6 +235,27 @@ class Catalog:
         except OSError as exc:
             raise ValueError(f"cannot read model catalog {path}: {exc.strerror}") from None
         return cls.from_dict(data or {}, origin=str(path))
+
+
+def _family(name: str, spec: dict[str, Any]) -> Family:
+    components = {
+        cname: Component(name=cname, **cspec) for cname, cspec in (spec.pop("components", None) or {}).items()
+    }
+    return Family(name=name, components=components, **spec)
+
+
+def _merged_components(model: str, family: Family, overrides: dict[str, Any]) -> dict[str, Component]:
+    """The family's components with the fields a model overrides (a stand-in's tiny sizes, say)."""
+    unknown = sorted(set(overrides) - set(family.components))
+    if unknown:
+        raise ValueError(
+            f"models.{model}.components: {unknown} not among family {family.name}'s components "
+            f"{sorted(family.components)}"
+        )
+    merged = dict(family.components)
+    for cname, fields in overrides.items():
+        merged[cname] = Component.model_validate({**merged[cname].model_dump(), **(fields or {})})
+    return merged
 
 
 @lru_cache(maxsize=8)

@@ -1,6 +1,11 @@
 import pytest
 
-from renderfarm.scheduler.placement import PendingJob, WorkerView, choose_worker, plan_dispatch
+from renderfarm.scheduler.placement import (
+    PendingJob,
+    WorkerView,
+    choose_worker,
+    plan_dispatch,
+)
 
 
 def job(i, model="m", size=64, images=1):

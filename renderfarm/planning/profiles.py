@@ -1,0 +1,476 @@
+"""Profiles: how one node runs one model. Pure data; no torch at import time.
+
+A profile is (weights format, compute dtype, placement, VAE mode, text-encoder policy). The ladder of a
+family runs from the fastest profile to the most frugal; a node picks the fastest that its VRAM holds
+(see `choose_profile`) and walks down the ladder on an out-of-memory error (`next_rung`).
+
+Precision rules (each a function below, so every choice is visible and tested):
+- compute dtype: bf16 where the card computes it natively (compute capability >= 8.0), else fp16; a CPU
+  computes in fp32. Flux computing in fp16 clamps its activations (`fp16_clamp`), which overflow fp16.
+- 16-bit weights are stored in the compute dtype: "bf16" weights on a Turing card become fp16, on a CPU fp32.
+- fp8 formats are storage only, upcast to the compute dtype layer by layer; allowed on every card (fp8
+  tensor cores, cc >= 8.9, are not needed for that).
+- GGUF dequantizes straight to the compute dtype; bitsandbytes computes in it. Both need their own files
+  or libraries: GGUF a file per type (`gguf_sources`), bitsandbytes a CUDA device.
+- the VAE decodes in the compute dtype, except where that overflows: a family flagged `vae_force_upcast`
+  (SDXL's original VAE produces NaNs in fp16) decodes in fp32 on fp16 cards unless the model names a VAE
+  fixed for fp16 (`fp16_vae_source`). bf16 has fp32's range, so bf16 cards need no such exception.
+- only components marked `quantize` take a quantized text-encoder format (T5; never the small CLIPs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # planning.vram imports this module; choose_profile imports vram when it runs
+    from renderfarm.planning.catalog import ModelEntry
+    from renderfarm.planning.devices import Device
+    from renderfarm.planning.vram import Prediction
+
+
+class WeightsFormat(str, Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"  # CPU only: what "16-bit" weights become where the compute dtype is fp32
+    FP8_E4M3FN = "fp8-e4m3fn"  # fp8 storage, upcast to the compute dtype layer by layer
+    FP8_E5M2 = "fp8-e5m2"
+    NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat
+    FP4 = "fp4"  # bitsandbytes 4-bit float
+    GGUF_Q8_0 = "gguf-q8_0"
+    GGUF_Q5_0 = "gguf-q5_0"
+    GGUF_Q5_1 = "gguf-q5_1"
+    GGUF_Q4_0 = "gguf-q4_0"
+    GGUF_Q4_1 = "gguf-q4_1"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.value.startswith("gguf-")
+
+    @property
+    def is_bnb(self) -> bool:
+        return self in (WeightsFormat.NF4, WeightsFormat.FP4)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self in (WeightsFormat.FP8_E4M3FN, WeightsFormat.FP8_E5M2)
+
+    @property
+    def is_float(self) -> bool:
+        """Plain floating-point weights (bf16, fp16, fp32): stored in the compute dtype."""
+        return self in (WeightsFormat.BF16, WeightsFormat.FP16, WeightsFormat.FP32)
+
+    @property
+    def method(self) -> str | None:
+        """The quantization method ("bnb", "fp8", "gguf"), as the catalog's `unquantized_params` names it."""
+        return "bnb" if self.is_bnb else "fp8" if self.is_fp8 else "gguf" if self.is_gguf else None
+
+    @property
+    def gguf_type(self) -> str | None:
+        """The GGUF quantization type name ("Q8_0", "Q4_1", ...), None for other formats."""
+        return self.value.removeprefix("gguf-").upper() if self.is_gguf else None
+
+
+# Bytes per parameter as stored (GGUF block formats carry their scales: Q8_0 is 34 bytes per 32 weights).
+BYTES_PER_PARAM: dict[WeightsFormat, float] = {
+    WeightsFormat.BF16: 2.0,
+    WeightsFormat.FP16: 2.0,
+    WeightsFormat.FP32: 4.0,
+    WeightsFormat.FP8_E4M3FN: 1.0,
+    WeightsFormat.FP8_E5M2: 1.0,
+    WeightsFormat.NF4: 0.5625,  # 4 bits + one fp32 absmax per 64 weights (+ double quantization)
+    WeightsFormat.FP4: 0.5625,
+    WeightsFormat.GGUF_Q8_0: 34 / 32,
+    WeightsFormat.GGUF_Q5_0: 22 / 32,
+    WeightsFormat.GGUF_Q5_1: 24 / 32,
+    WeightsFormat.GGUF_Q4_0: 18 / 32,
+    WeightsFormat.GGUF_Q4_1: 20 / 32,
+}
+
+
+class ComputeDtype(str, Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"  # a CPU; on a card only a VAE that overflows fp16 (see vae_dtype_for)
+
+
+class Placement(str, Enum):
+    GPU = "gpu"  # every component resident on the GPU
+    MODEL_OFFLOAD = "model-offload"  # one component on the GPU at a time (Forge "Queue")
+    GROUP_OFFLOAD = "group-offload"  # denoiser blocks streamed with CUDA streams (Forge "Async")
+    LEAF_OFFLOAD = "leaf-offload"  # every leaf module streamed: the never-OOM floor
+
+
+class VaeMode(str, Enum):
+    FULL = "full"
+    SLICED = "sliced"  # one image of the batch at a time
+    TILED = "tiled"  # overlapping tiles, one image at a time: memory no longer grows with pixels or batch
+
+
+class TextEncoderPolicy(str, Enum):
+    # Encode once per prompt, cache the embeddings, then move the encoders off the GPU.
+    CACHE_AND_OFFLOAD = "cache-and-offload"
+    RESIDENT = "resident"  # keep encoders on the GPU (only where VRAM is plentiful)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How a node runs a model. `name` is stable and shown in `renderfarm plan` and node stats."""
+
+    name: str
+    weights: WeightsFormat
+    compute_dtype: ComputeDtype
+    placement: Placement
+    vae: VaeMode = VaeMode.FULL
+    text_encoders: TextEncoderPolicy = TextEncoderPolicy.CACHE_AND_OFFLOAD
+    text_encoder_weights: WeightsFormat | None = None  # e.g. nf4 T5 on small cards; None: as `weights`
+    # Group offload: denoiser weights on the GPU at once (two groups in flight: the one computing and the one
+    # being copied); None: one block per group. choose_profile sizes it to the room left.
+    gpu_weights_gib: float | None = None
+    fp16_clamp: bool = False  # Flux in fp16 (Turing): clamp activations against fp16 overflow
+    vae_dtype: ComputeDtype | None = None  # None: the compute dtype
+
+    def with_vae(self, mode: VaeMode) -> Profile:
+        return replace(self, vae=mode, name=f"{self.name.rsplit('+vae-', 1)[0]}+vae-{mode.value}"
+                       if mode is not VaeMode.FULL else self.name.rsplit("+vae-", 1)[0])
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "weights": self.weights.value,
+            "compute_dtype": self.compute_dtype.value,
+            "placement": self.placement.value,
+            "vae": self.vae.value,
+            "text_encoders": self.text_encoders.value,
+            "text_encoder_weights": self.text_encoder_weights.value if self.text_encoder_weights else None,
+            "gpu_weights_gib": self.gpu_weights_gib,
+            "fp16_clamp": self.fp16_clamp,
+            "vae_dtype": (self.vae_dtype or self.compute_dtype).value,
+        }
+
+
+# --- precision rules --------------------------------------------------------------------------------
+
+
+def compute_dtype_for(device: Device) -> ComputeDtype:
+    if not device.is_cuda:
+        return ComputeDtype.FP32
+    return ComputeDtype.BF16 if device.bf16_native else ComputeDtype.FP16
+
+
+def stored_format(weights: WeightsFormat, compute: ComputeDtype) -> WeightsFormat:
+    """How `weights` are stored when computing in `compute`: plain floats take the compute dtype (bf16 on a
+    card without bf16 becomes fp16); fp8, bitsandbytes and GGUF keep their format."""
+    return WeightsFormat(compute.value) if weights.is_float else weights
+
+
+def vae_dtype_for(entry: ModelEntry, compute: ComputeDtype) -> ComputeDtype:
+    """The compute dtype, except fp32 for a VAE that overflows fp16 and has no fp16-safe replacement."""
+    if compute is ComputeDtype.FP16 and entry.family.vae_force_upcast and not entry.fp16_vae_source:
+        return ComputeDtype.FP32
+    return compute
+
+
+def fp16_clamp_for(entry: ModelEntry, compute: ComputeDtype) -> bool:
+    return compute is ComputeDtype.FP16 and entry.family.fp16_clamp
+
+
+def text_encoder_format(profile: Profile, quantize: bool) -> WeightsFormat:
+    """The format of a text encoder under `profile`. Only encoders marked `quantize` (T5) take a quantized
+    format; `text_encoder_weights` None means the denoiser's format where it applies to an encoder (fp8,
+    bitsandbytes), else the compute dtype (GGUF is for denoisers only). Mirrors actors/pipelines.py."""
+    compute = WeightsFormat(profile.compute_dtype.value)
+    chosen = profile.text_encoder_weights
+    if chosen is None and (profile.weights.is_fp8 or profile.weights.is_bnb):
+        chosen = profile.weights
+    if not quantize or chosen is None or chosen.is_float or chosen.is_gguf:
+        return compute
+    return chosen
+
+
+def component_formats(entry: ModelEntry, profile: Profile) -> dict[str, WeightsFormat]:
+    """Every component's weights format under `profile`, by pipeline attribute name."""
+    from renderfarm.planning.catalog import Role
+
+    formats: dict[str, WeightsFormat] = {}
+    for component in entry.components.values():
+        if component.role is Role.DENOISER:
+            formats[component.name] = profile.weights
+        elif component.role is Role.TEXT_ENCODER:
+            formats[component.name] = text_encoder_format(profile, component.quantize)
+        else:
+            formats[component.name] = WeightsFormat((profile.vae_dtype or profile.compute_dtype).value)
+    return formats
+
+
+# --- ladders ----------------------------------------------------------------------------------------
+
+_16 = WeightsFormat.BF16  # "16-bit floats": resolved per device by `stored_format`
+_GPU, _MODEL, _GROUP, _LEAF = Placement.GPU, Placement.MODEL_OFFLOAD, Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD
+_RESIDENT, _CACHE = TextEncoderPolicy.RESIDENT, TextEncoderPolicy.CACHE_AND_OFFLOAD
+
+# (denoiser weights, placement, text-encoder weights, text-encoder policy), fastest first: each rung trades
+# a little speed or fidelity for memory. Full-precision weights come before lossy formats of similar memory
+# (bf16 with model offload before GGUF Q8_0, 8-bit before 4-bit); streaming offload, slow on fast cards, is
+# last. Each rung predicts no more memory than the one above it at the family's default size on a bf16
+# card (tests/unit/test_vram.py holds that), so walking down always saves memory. On fp16 cards T5 keeps
+# its `wo` in fp32 (transformers does, against fp16 overflow), which makes the rungs that hold a 16-bit T5
+# next to the denoiser ~1.9 GiB larger, and SD3's group-offload rung moves its three encoders on together
+# (model offload moves one at a time); choose_profile and next_rung do not rely on the order's peaks.
+# GGUF Q4_x is deliberately absent: the community Flux files keep ~0.47B parameters in 16 bits, so they are
+# larger than nf4 and slower to dequantize: nf4 with model offload beats them on every CUDA card. They
+# stay usable as explicit profiles (the catalog lists their files).
+# A quantized T5 is nf4 (bitsandbytes keeps its fp32 `wo`; fp8 storage would run it in fp16 on Turing).
+_TRANSFORMER_LADDER: tuple[tuple[WeightsFormat, Placement, WeightsFormat, TextEncoderPolicy], ...] = (
+    (_16, _GPU, _16, _RESIDENT),
+    (_16, _GPU, _16, _CACHE),
+    (WeightsFormat.FP8_E4M3FN, _GPU, _16, _CACHE),
+    (_16, _MODEL, _16, _CACHE),
+    (WeightsFormat.GGUF_Q8_0, _GPU, _16, _CACHE),
+    (WeightsFormat.FP8_E4M3FN, _MODEL, _16, _CACHE),
+    (WeightsFormat.GGUF_Q8_0, _MODEL, _16, _CACHE),
+    (WeightsFormat.NF4, _GPU, WeightsFormat.NF4, _CACHE),
+    (WeightsFormat.NF4, _MODEL, WeightsFormat.NF4, _CACHE),
+    (_16, _GROUP, WeightsFormat.NF4, _CACHE),  # blocks streamed, overlapped with compute
+    (_16, _LEAF, _16, _CACHE),  # the floor: denoiser and encoders streamed layer by layer
+)
+# UNets are small: 16-bit everywhere but the last offloaded rung. Block-level group offload moves a third
+# of an SDXL UNet at a time, so leaf offload is the floor.
+_UNET_LADDER: tuple[tuple[WeightsFormat, Placement, WeightsFormat, TextEncoderPolicy], ...] = (
+    (_16, _GPU, _16, _RESIDENT),
+    (_16, _GPU, _16, _CACHE),
+    (_16, _MODEL, _16, _CACHE),
+    (WeightsFormat.FP8_E4M3FN, _MODEL, _16, _CACHE),
+    (_16, _LEAF, _16, _CACHE),
+)
+
+
+def profile_name(
+    weights: WeightsFormat,
+    placement: Placement,
+    text_encoder_weights: WeightsFormat | None,
+    text_encoders: TextEncoderPolicy,
+    vae: VaeMode = VaeMode.FULL,
+) -> str:
+    """"nf4", "bf16+model-offload", "gguf-q4_1+te-nf4+model-offload", "fp16+te-resident+vae-tiled", ..."""
+    parts = [weights.value]
+    if text_encoder_weights is not None and not text_encoder_weights.is_float and text_encoder_weights != weights:
+        parts.append(f"te-{text_encoder_weights.value}")
+    if placement is not Placement.GPU:
+        parts.append(placement.value)
+    if text_encoders is TextEncoderPolicy.RESIDENT:
+        parts.append("te-resident")
+    if vae is not VaeMode.FULL:
+        parts.append(f"vae-{vae.value}")
+    return "+".join(parts)
+
+
+def ladder(entry: ModelEntry, device: Device) -> list[Profile]:
+    """The ladder of `entry` on `device`, fastest first, with the precision rules applied. Rungs the
+    device or the catalog cannot run are included; `unavailable_reason` says which and why."""
+    compute = compute_dtype_for(device)
+    rungs = _TRANSFORMER_LADDER if entry.denoiser.name == "transformer" else _UNET_LADDER
+    profiles = []
+    for weights, placement, te_weights, te_policy in rungs:
+        weights, te_weights = stored_format(weights, compute), stored_format(te_weights, compute)
+        profiles.append(
+            Profile(
+                name=profile_name(weights, placement, te_weights, te_policy),
+                weights=weights,
+                compute_dtype=compute,
+                placement=placement,
+                text_encoders=te_policy,
+                text_encoder_weights=te_weights,
+                fp16_clamp=fp16_clamp_for(entry, compute),
+                vae_dtype=vae_dtype_for(entry, compute),
+            )
+        )
+    return profiles
+
+
+def unavailable_reason(entry: ModelEntry, profile: Profile, device: Device) -> str | None:
+    """Why `device` cannot run `profile` of `entry` at all (whatever its memory), or None."""
+    if not device.is_cuda:
+        if profile.placement is not Placement.GPU:
+            return "offload needs a CUDA device; a CPU computes where the weights live"
+        if profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD:
+            return "a CPU has no second memory to offload the text encoders to"
+    if any(f.is_bnb for f in component_formats(entry, profile).values()) and not device.is_cuda:
+        return "bitsandbytes 4-bit needs a CUDA device"
+    gguf_type = profile.weights.gguf_type
+    if gguf_type and not entry.standin and gguf_type.lower() not in entry.gguf_sources:
+        return f"no GGUF {gguf_type} file for {entry.name} in the catalog (gguf_sources)"
+    return None
+
+
+# --- choosing ---------------------------------------------------------------------------------------
+
+DEFAULT_MARGIN_GIB = 0.5  # kept free on top of the prediction: other processes, driver, estimate error
+_BUDGET_STEP_GIB = 0.25
+
+
+@dataclass(frozen=True)
+class Candidate:
+    profile: Profile
+    prediction: Prediction
+    fits: bool
+    reason: str  # one line: why it fits, why not, or why the device cannot run it
+
+
+@dataclass(frozen=True)
+class ProfileChoice:
+    model: str
+    device: Device
+    width: int
+    height: int
+    batch: int
+    margin_gib: float
+    chosen: Profile | None  # None: not even the floor fits
+    candidates: tuple[Candidate, ...]
+    reason: str
+
+    @property
+    def usable_gib(self) -> float:
+        return self.device.vram_gib - self.margin_gib
+
+    @property
+    def chosen_candidate(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.profile == self.chosen), None)
+
+    def explain(self) -> str:
+        d = self.device
+        cc = f"cc {d.cc_text}" if d.cc_text else "cpu"
+        lines = [
+            (
+                f"{self.model} {self.width}x{self.height} x{self.batch} on {d.name} ({d.vram_gib:g} GiB, {cc}; "
+                f"usable {self.usable_gib:.2f} GiB after a {self.margin_gib:g} GiB margin)"
+            ),
+            f"chosen: {self.chosen.name if self.chosen else 'none'}: {self.reason}",
+            f"  {'profile':<40} {'peak GiB':>8} {'s/step':>7}  fits  reason",
+        ]
+        for c in self.candidates:
+            lines.append(
+                f"  {c.profile.name:<40} {c.prediction.peak_gib:8.2f} {c.prediction.seconds_per_step:7.2f}  "
+                f"{'yes ' if c.fits else 'no  '}  {c.reason}"
+            )
+        return "\n".join(lines)
+
+
+def _check_job(entry: ModelEntry, width: int, height: int, batch: int) -> None:
+    entry.check_size("width", width)
+    entry.check_size("height", height)
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be at least 1")
+
+
+def _sized_group_budget(
+    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, usable: float
+) -> Profile:
+    """Group offload with the largest `gpu_weights_gib` (two groups in flight) that keeps the denoise stage
+    within `usable`, capped at half the denoiser (beyond that it is model offload in two pieces). Without
+    room for more than two single blocks it stays None: one block per group."""
+    from renderfarm.planning.vram import Stage, denoiser_bytes, predict
+
+    floor = predict(entry, profile, device, width, height, batch)
+    in_flight = floor.denoiser_in_flight_gib
+    room = usable - (floor.stage_peaks_gib[Stage.DENOISE] - in_flight)
+    budget = min(room, denoiser_bytes(entry, profile) / 2**30 / 2)
+    budget = int(budget / _BUDGET_STEP_GIB) * _BUDGET_STEP_GIB
+    return replace(profile, gpu_weights_gib=budget) if budget > in_flight else profile
+
+
+def _budget(profile: Profile) -> str:
+    return f" with {profile.gpu_weights_gib:g} GiB of weights in flight" if profile.gpu_weights_gib else ""
+
+
+def _evaluate(
+    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, usable: float
+) -> Candidate:
+    from renderfarm.planning.vram import predict
+
+    def sized(p: Profile) -> Profile:
+        if p.placement is Placement.GROUP_OFFLOAD:
+            return _sized_group_budget(entry, p, device, width, height, batch, usable)
+        return p
+
+    full = sized(profile)
+    full_pred = predict(entry, full, device, width, height, batch)
+    unavailable = unavailable_reason(entry, profile, device)
+    if unavailable:
+        return Candidate(full, full_pred, False, f"unavailable: {unavailable}")
+    if full_pred.peak_gib <= usable:
+        return Candidate(full, full_pred, True, f"fits: {full_pred.peak_gib:.2f} of {usable:.2f} GiB{_budget(full)}")
+    tiled = sized(profile.with_vae(VaeMode.TILED))
+    tiled_pred = predict(entry, tiled, device, width, height, batch)
+    if tiled_pred.peak_gib <= usable:
+        return Candidate(
+            tiled, tiled_pred, True,
+            f"fits with tiled VAE: {tiled_pred.peak_gib:.2f} of {usable:.2f} GiB{_budget(tiled)} "
+            f"(full decode needs {full_pred.peak_gib:.2f})",
+        )
+    best, pred = (tiled, tiled_pred) if tiled_pred.peak_gib < full_pred.peak_gib else (full, full_pred)
+    return Candidate(
+        best, pred, False,
+        f"needs {pred.peak_gib:.2f} GiB at {pred.peak_stage.value}; {usable:.2f} usable",
+    )
+
+
+def choose_profile(
+    entry: ModelEntry,
+    device: Device,
+    width: int,
+    height: int,
+    batch: int = 1,
+    margin_gib: float = DEFAULT_MARGIN_GIB,
+) -> ProfileChoice:
+    """The fastest rung of `entry`'s ladder whose predicted peak fits `device` with `margin_gib` to spare,
+    trying each rung with a full VAE decode, then tiled, before the next; every rung's prediction and
+    verdict come along in `candidates`."""
+    _check_job(entry, width, height, batch)
+    usable = device.vram_gib - margin_gib
+    candidates = tuple(
+        _evaluate(entry, rung, device, width, height, batch, usable) for rung in ladder(entry, device)
+    )
+    chosen = next((c for c in candidates if c.fits), None)
+    if chosen is not None:
+        reason = f"the fastest rung that fits ({chosen.reason})"
+    else:
+        runnable = [c for c in candidates if not c.reason.startswith("unavailable")]
+        if runnable:
+            floor = min(runnable, key=lambda c: c.prediction.peak_gib)
+            reason = (
+                f"nothing fits: the most frugal rung, {floor.profile.name}, needs {floor.prediction.peak_gib:.2f} "
+                f"GiB; {usable:.2f} usable"
+            )
+        else:
+            reason = f"nothing fits: {device.name} can run no rung of {entry.name}"
+    return ProfileChoice(
+        model=entry.name, device=device, width=width, height=height, batch=batch, margin_gib=margin_gib,
+        chosen=chosen.profile if chosen else None, candidates=candidates, reason=reason,
+    )
+
+
+def next_rung(
+    entry: ModelEntry, device: Device, current: Profile, width: int, height: int, batch: int = 1
+) -> Profile | None:
+    """Where to go after an out-of-memory error with `current`: first the same profile with a tiled VAE,
+    then the next rung down (tiled too, and group offload at its smallest) that predicts a lower peak.
+    None at the floor."""
+    from renderfarm.planning.vram import predict
+
+    _check_job(entry, width, height, batch)
+    if current.vae is not VaeMode.TILED:
+        return current.with_vae(VaeMode.TILED)
+    current_peak = predict(entry, current, device, width, height, batch).peak_gib
+    rungs = ladder(entry, device)
+    base = current.name.rsplit("+vae-", 1)[0]
+    names = [r.name for r in rungs]
+    start = names.index(base) + 1 if base in names else 0
+    for rung in rungs[start:]:
+        if unavailable_reason(entry, rung, device):
+            continue
+        candidate = rung.with_vae(VaeMode.TILED)
+        if predict(entry, candidate, device, width, height, batch).peak_gib < current_peak:
+            return candidate
+    return None
