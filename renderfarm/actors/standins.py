@@ -295,7 +295,11 @@ def _build_sdxl(seed: int):
 
 
 def _build_flux(seed: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer = _clip_tokenizer()

@@ -15,9 +15,9 @@ import time
 import traceback
 from typing import Any
 
+from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect
 from renderfarm.cluster.store import Store
-from renderfarm.cluster.keys import Keys
 from renderfarm.config import Settings
 from renderfarm.jobs import Job
 from renderfarm.planning.catalog import default_catalog

@@ -209,3 +209,18 @@ def test_folder_from_an_older_recipe_is_served_with_a_warning(cache_dir, caplog)
         assert "delete the folder to rebuild it" in caplog.text
     finally:
         marker.write_text(original)
+
+
+def test_stand_in_parameter_counts_match_the_built_stand_ins():
+    # The planner's parameter counts for the stand-ins are what the builder really makes.
+    cat = default_catalog()
+    for name in ("tiny-sd15", "tiny-sdxl", "tiny-flux"):
+        entry = cat.get(name)
+        pipe = build_standin(entry.family.name)
+        built = {
+            attr: sum(p.numel() for p in module.parameters())
+            for attr, module in pipe.components.items()
+            if isinstance(module, torch.nn.Module)
+        }
+        declared = {attr: c.params for attr, c in entry.components.items()}
+        assert declared == {attr: pytest.approx(n, rel=0.01) for attr, n in built.items()}, name
