@@ -3,6 +3,7 @@ worker, against the same renders called directly on one pipeline in this process
 
     python bench/overhead.py [--json] [--jobs 64] [--max-batch 8] [--rounds 2]
 
+Both sides render with the profile the node picks for its declared card (an Ampere card: bf16).
 `farm_s` runs from submit to the last result read back from Redis (PNG bytes included) with the model
 already loaded on the worker; `direct_s` is one pipeline call per job with the model already loaded
 (images left as PIL, no PNG encoding: the strict baseline). Rounds alternate farm/direct and the best of
@@ -29,6 +30,8 @@ def run(jobs: int, max_batch: int, rounds: int, quiet: bool) -> dict:
     from renderfarm.config import NodeDeclaration, Settings
     from renderfarm.farm import Farm
     from renderfarm.planning.catalog import default_catalog
+    from renderfarm.planning.devices import device_from_declaration
+    from renderfarm.planning.profiles import choose_profile
 
     threads = os.cpu_count() or 1
     specs = [
@@ -47,7 +50,10 @@ def run(jobs: int, max_batch: int, rounds: int, quiet: bool) -> dict:
         with Farm(settings, [node], warm_models=["tiny-sd15"]) as farm:
             client = farm.client()
             torch.set_num_threads(threads)
-            pipe, _ = PipelineCache(device="cpu").get(entry)
+            # The same renders: the profile the farm's node chooses for its declared card, in this process.
+            card = device_from_declaration(node)
+            profile = choose_profile(entry, card, 64, 64, 1).chosen
+            pipe, _ = PipelineCache(device="cpu").get(entry, profile)
             pipe.set_progress_bar_config(disable=True)
 
             def direct() -> float:
@@ -87,6 +93,7 @@ def run(jobs: int, max_batch: int, rounds: int, quiet: bool) -> dict:
         "farm_rounds_s": [round(t, 3) for t in farm_times],
         "direct_rounds_s": [round(t, 3) for t in direct_times],
         "dispatched": stats["dispatched"],
+        "profile": profile.name,
     }
 
 

@@ -99,7 +99,13 @@ def _save_images(client, job, out: Path) -> list[str]:
 
 def _follow(client, ids: list[str], out: Path | None, timeout: float | None, quiet: bool) -> dict[str, Any]:
     """Wait for `ids` with a progress bar on stderr, saving images as they arrive."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     done, failed, images = [], [], []
     progress = Progress(

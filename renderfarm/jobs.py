@@ -13,7 +13,14 @@ import uuid
 from enum import Enum
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_PROMPT_CHARS = 4000
 MAX_STEPS = 200

@@ -1,9 +1,15 @@
 """RenderWorker: one per GPU (or per simulated node). A plain class; `farm.py` makes it a Ray actor.
 
 The scheduler leases a batch of compatible jobs to this node and calls `render(job_ids)`. The worker
-marks each job running, renders the whole batch in one pipeline call, and writes every result straight to
-Redis (images never travel through the scheduler). It returns a small summary so the scheduler can
-decide what to retry. A heartbeat thread keeps the node's record in Redis fresh.
+marks each job running, picks the profile its card should run the model with (the fastest whose predicted
+peak fits), renders the whole batch in one pipeline call, and writes every result straight to Redis (images
+never travel through the scheduler). On an out-of-memory error it walks down the profile ladder (tiled VAE
+first, then more frugal rungs), records the escalation on the job and in the node's stats, and remembers it
+for that model and size. It returns a small summary so the scheduler can decide what to retry. A heartbeat
+thread keeps the node's record in Redis fresh.
+
+A simulated node (a CPU standing in for a declared card) chooses and applies the profile of the card it
+declares, as far as a CPU can: weights format and compute dtype are real, placements run resident.
 """
 
 from __future__ import annotations
@@ -18,11 +24,17 @@ from typing import Any
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect
 from renderfarm.cluster.store import Store
-from renderfarm.config import Settings
+from renderfarm.config import NodeDeclaration, Settings
 from renderfarm.jobs import Job
-from renderfarm.planning.catalog import default_catalog
+from renderfarm.planning.catalog import ModelEntry, default_catalog
+from renderfarm.planning.devices import Device, device_from_declaration
+from renderfarm.planning.profiles import Profile, choose_profile, next_rung
 
 log = logging.getLogger(__name__)
+
+
+class DoesNotFit(RuntimeError):
+    """No profile of the model fits this node's card at this size (the planner's reason attached)."""
 
 
 class RenderWorker:
@@ -43,25 +55,32 @@ class RenderWorker:
         import torch  # heavy imports only inside the worker process
         import transformers
 
+        from renderfarm.actors.pipelines import PipelineCache
+
         # Loading bars from every worker interleave on the console; stage timings report the same thing.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
-        from renderfarm.actors.pipelines import PipelineCache
-
         self.device = "cuda" if node.get("simulated") is False and torch.cuda.is_available() else "cpu"
         if self.device == "cuda":  # a real card describes itself (Ray sets CUDA_VISIBLE_DEVICES per actor)
-            props = torch.cuda.get_device_properties(0)
-            node = {**node, "gpu": props.name, "vram_gib": round(props.total_memory / 2**30, 2),
-                    "compute_capability": f"{props.major}.{props.minor}"}
+            from renderfarm.actors.hardware import probe_device
+
+            self.card: Device = probe_device(0)
+            node = {**node, "gpu": self.card.name, "vram_gib": round(self.card.vram_gib, 2),
+                    "compute_capability": self.card.cc_text}
         else:
             torch.set_num_threads(self.settings.torch_threads or max(1, (os.cpu_count() or 1)))
+            self.card = device_from_declaration(NodeDeclaration(
+                name=name, vram_gib=node["vram_gib"], compute_capability=node.get("compute_capability", "8.6"),
+                gpu=node.get("gpu"),
+            ))
         self.cache = PipelineCache(cache_dir=self.settings.cache_dir, device=self.device)
         self.node = {
             **node,
             "device": self.device,
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
+            "card": self.card.as_dict(),
         }
         self.stats: dict[str, Any] = {
             "jobs_done": 0,
@@ -70,10 +89,13 @@ class RenderWorker:
             "batches": 0,
             "render_seconds": 0.0,
             "last_s_per_step": None,
+            "oom_escalations": 0,
         }
+        self.profiles: dict[str, str] = {}  # model -> the profile it last ran with here
+        self.escalated: dict[tuple[str, int, int], Profile] = {}  # (model, w, h) -> rung after an OOM
         self.state = "idle"
         self._stop = threading.Event()
-        self.store.register_node(name, {**self.node, "state": self.state, "loaded": [], **self.stats})
+        self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
 
@@ -83,14 +105,31 @@ class RenderWorker:
         return {"name": self.name, **self.node}
 
     def warm(self, model: str) -> float:
-        """Load `model` ahead of the first job; returns the seconds it took (0 when already loaded)."""
-        _, seconds = self.cache.get(self.catalog.get(model))
+        """Load `model` (in the profile its default size needs) ahead of the first job; returns the
+        seconds it took (0 when already loaded)."""
+        entry = self.catalog.get(model)
+        profile = self.profile_for(entry, entry.default_size, entry.default_size, 1)
+        _, seconds = self.cache.get(entry, profile)
         self._publish()
         return seconds
 
+    def profile_for(self, entry: ModelEntry, width: int, height: int, images: int) -> Profile | None:
+        """The profile this card runs `entry` with at this size: remembered from an earlier out-of-memory
+        escalation, else the fastest that the planner predicts to fit. None for a catalog entry that
+        carries no component data (nothing to plan with): it loads as the model's files are."""
+        remembered = self.escalated.get((entry.name, width, height))
+        if remembered is not None:
+            return remembered
+        if not entry.components:
+            return None
+        choice = choose_profile(entry, self.card, width, height, images)
+        if choice.chosen is None:
+            raise DoesNotFit(f"{entry.name} at {width}x{height}, batch {images} on {self.name}: {choice.reason}")
+        return choice.chosen
+
     def render(self, job_ids: list[str], lease_deadline: float) -> dict[str, Any]:
         """Render leased, compatible jobs in one pipeline call. Returns {"done", "lost", "errors"}."""
-        from renderfarm.actors.pipelines import RenderRequest, render_batch
+        from renderfarm.actors.pipelines import RenderRequest
 
         summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
         jobs: list[Job] = []
@@ -108,7 +147,6 @@ class RenderWorker:
         started = time.perf_counter()
         try:
             entry = self.catalog.get(jobs[0].spec.model)
-            pipe, load_s = self.cache.get(entry)
             requests = [
                 RenderRequest(
                     job_id=job.id,
@@ -123,7 +161,7 @@ class RenderWorker:
                 )
                 for job in jobs
             ]
-            results = render_batch(pipe, entry, requests)
+            results, profile, load_s, escalations = self._render_escalating(entry, requests)
         except Exception as exc:  # a broken model or render: report, let the scheduler retry or fail
             log.exception("node %s: batch %s failed", self.name, job_ids)
             message = f"{type(exc).__name__}: {exc}"
@@ -134,23 +172,59 @@ class RenderWorker:
             self._publish()
             return summary
 
+        profile_name = profile.name if profile else "as-loaded"
         for result in results:
             timings = {**result.timings, "load_s": load_s, "batch_size": float(len(jobs))}
             if self.store.complete(
                 result.job_id, self.name, result.images, timings, result.peak_memory_mb,
-                self.settings.result_ttl_seconds,
+                self.settings.result_ttl_seconds, profile=profile_name, escalations=escalations,
             ):
                 summary["done"].append(result.job_id)
                 self.stats["jobs_done"] += 1
                 self.stats["images"] += len(result.images)
             else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
                 summary["lost"].append(result.job_id)
+        self.profiles[entry.name] = profile_name
         self.stats["batches"] += 1
         self.stats["render_seconds"] += time.perf_counter() - started
         self.stats["last_s_per_step"] = results[0].timings.get("denoise_s_per_step")
         self.state = "idle"
         self._publish()
         return summary
+
+    def _render_escalating(self, entry: ModelEntry, requests: list[Any]) -> tuple[list[Any], Profile | None, float, list[str]]:
+        """Render, walking down the ladder on out-of-memory errors until a rung succeeds or the floor
+        fails too. Returns (results, the profile that rendered, load seconds, escalations)."""
+        from renderfarm.actors.pipelines import is_out_of_memory, render_batch
+
+        width, height = requests[0].width, requests[0].height
+        images = sum(r.num_images for r in requests)
+        profile = self.profile_for(entry, width, height, images)
+        escalations: list[str] = []
+        load_total = 0.0
+        while True:
+            pipe, load_s = self.cache.get(entry, profile)
+            load_total += load_s
+            try:
+                return render_batch(pipe, entry, requests), profile, load_total, escalations
+            except Exception as exc:
+                if not is_out_of_memory(exc) or profile is None:
+                    raise
+                lower = next_rung(entry, self.card, profile, width, height, images)
+                if lower is None:
+                    raise DoesNotFit(
+                        f"out of memory with {profile.name}, the most frugal profile of {entry.name} at "
+                        f"{width}x{height} on {self.name}"
+                    ) from exc
+                step = f"{profile.name} -> {lower.name}"
+                log.warning("node %s: out of memory rendering %s %dx%d: %s", self.name, entry.name, width, height, step)
+                escalations.append(step)
+                self.stats["oom_escalations"] += 1
+                self.escalated[(entry.name, width, height)] = lower
+                if lower.name.rsplit("+vae-", 1)[0] != profile.name.rsplit("+vae-", 1)[0]:
+                    self.cache.evict(entry.name, profile)  # free the heavier rung before loading the next
+                _release_memory()
+                profile = lower
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -159,12 +233,34 @@ class RenderWorker:
 
     # --- node record ----------------------------------------------------------------------------------
 
+    def _record(self) -> dict[str, Any]:
+        embeddings = self.cache.embedding_cache.stats()
+        lookups = embeddings["hits"] + embeddings["misses"]
+        embeddings["hit_rate"] = round(embeddings["hits"] / lookups, 4) if lookups else None
+        return {
+            "loaded": self.cache.loaded(),
+            "profiles": dict(self.profiles),
+            "escalated": {f"{m} {w}x{h}": p.name for (m, w, h), p in self.escalated.items()},
+            "embedding_cache": embeddings,
+            **self.stats,
+        }
+
     def _publish(self) -> None:
         try:
-            self.store.update_node(self.name, state=self.state, loaded=self.cache.loaded(), **self.stats)
+            self.store.update_node(self.name, state=self.state, **self._record())
         except Exception:  # a missed heartbeat is not worth a failed render
             log.warning("node %s: could not update its record", self.name, exc_info=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             self._publish()
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

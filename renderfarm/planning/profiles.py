@@ -179,7 +179,7 @@ def fp16_clamp_for(entry: ModelEntry, compute: ComputeDtype) -> bool:
 def text_encoder_format(profile: Profile, quantize: bool) -> WeightsFormat:
     """The format of a text encoder under `profile`. Only encoders marked `quantize` (T5) take a quantized
     format; `text_encoder_weights` None means the denoiser's format where it applies to an encoder (fp8,
-    bitsandbytes), else the compute dtype (GGUF is for denoisers only). Mirrors actors/pipelines.py."""
+    bitsandbytes), else the compute dtype (GGUF is for denoisers only). Mirrors actors/loading.py."""
     compute = WeightsFormat(profile.compute_dtype.value)
     chosen = profile.text_encoder_weights
     if chosen is None and (profile.weights.is_fp8 or profile.weights.is_bnb):

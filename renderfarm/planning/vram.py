@@ -5,7 +5,7 @@
 Stages: text encode, denoise, decode. Weights are each component's parameters times the bytes per parameter
 of its format (profiles.component_formats), with the parts a quantizer leaves alone counted at their own
 width (catalog: `unquantized_params`, `keep_fp32_params`). What is resident per stage follows the placement,
-as actors/pipelines.py applies it:
+as actors/loading.py applies it:
 - gpu: every component, all the time; text encoders only while encoding unless the policy keeps them.
 - model offload (accelerate): one component at a time, so a stage holds only its own component.
 - group offload: the denoiser streams in groups, two in flight (`gpu_weights_gib`, or two blocks); VAE

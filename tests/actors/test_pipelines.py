@@ -14,16 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from renderfarm.actors.pipelines import (
-    ModelSourceError,
-    PipelineCache,
-    RenderRequest,
-    a1111_parameters,
-    load_pipeline,
-    parse_a1111_parameters,
-    render_batch,
-    resolve_source,
-)
+from renderfarm.actors.infotext import a1111_parameters, parse_a1111_parameters
+from renderfarm.actors.loading import ModelSourceError, load_pipeline, resolve_source
+from renderfarm.actors.pipelines import PipelineCache, RenderRequest, render_batch
 from renderfarm.planning.catalog import default_catalog
 
 STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux"]

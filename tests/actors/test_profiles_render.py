@@ -17,18 +17,20 @@ import pytest
 import torch
 from PIL import Image
 
-from renderfarm.actors import pipelines, quantize
-from renderfarm.actors.pipelines import (
-    EmbeddingCache,
-    PipelineCache,
-    RenderRequest,
+from renderfarm.actors import loading, quantize
+from renderfarm.actors.embeddings import EmbeddingCache
+from renderfarm.actors.loading import (
     blocks_per_group,
-    is_out_of_memory,
     load_pipeline,
     pipeline_bytes,
     pipeline_key,
-    render_batch,
     set_vae_mode,
+)
+from renderfarm.actors.pipelines import (
+    PipelineCache,
+    RenderRequest,
+    is_out_of_memory,
+    render_batch,
 )
 from renderfarm.actors.standins import ensure_standin
 from renderfarm.planning.catalog import default_catalog
@@ -189,7 +191,7 @@ def test_blocks_per_group_follows_the_gpu_weights_budget():
     pipe = load_pipeline(entry("tiny-flux"), profile=profile(W.BF16))
     transformer = pipe.transformer
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    largest = max(pipelines.module_bytes(block) for block in blocks)
+    largest = max(loading.module_bytes(block) for block in blocks)
     assert blocks_per_group(transformer, None) == 1
     assert blocks_per_group(transformer, 1e-9) == 1
     # Two groups are resident with streams: a group gets half the budget.
@@ -492,7 +494,7 @@ def test_gpu_real_out_of_memory_is_recognised():
 
 
 def test_text_encoder_weights_follow_the_profile():
-    from renderfarm.actors.pipelines import text_encoder_weights
+    from renderfarm.actors.loading import text_encoder_weights
 
     assert text_encoder_weights(profile(W.NF4)) is W.NF4  # None: as the denoiser, where that applies
     assert text_encoder_weights(profile(W.FP8_E5M2)) is W.FP8_E5M2

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from renderfarm.actors import quantize
-from renderfarm.actors.pipelines import RenderRequest, load_pipeline, render_batch
+from renderfarm.actors.loading import load_pipeline
+from renderfarm.actors.pipelines import RenderRequest, render_batch
 from renderfarm.actors.standins import ensure_standin
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.profiles import ComputeDtype, Placement, Profile, WeightsFormat
@@ -246,7 +247,7 @@ def test_gguf_source_reads_the_catalog_mapping(tmp_path):
 
 
 def test_real_model_gguf_comes_from_its_catalog_sources():
-    from renderfarm.actors.pipelines import ModelSourceError
+    from renderfarm.actors.loading import ModelSourceError
 
     flux_dev = entry("flux-dev")
     listed = getattr(flux_dev, "gguf_sources", None) or {}

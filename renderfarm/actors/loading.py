@@ -1,0 +1,473 @@
+"""Build a diffusers pipeline for a catalog model under a profile: find its weights, load each component in
+the profile's format, and place the components (resident, model/group/leaf offload), VAE mode and dtype,
+text-encoder policy.
+
+`load_pipeline(entry, profile=...)` builds a pipeline the way a profile says (weights format, compute dtype,
+placement, VAE mode and dtype, text-encoder policy; see planning/profiles.py), through the libraries' own
+paths (format helpers in actors/quantize.py). Without a profile it loads everything at one dtype (float32
+unless asked), as before. What was built is attached as `pipe.renderfarm_info` (`PipelineInfo`).
+
+On a CPU device every placement is resident: there is no second memory to offload to. Group and leaf
+offload still install diffusers' group-offloading hooks there (onload = offload = cpu, no CUDA streams) so
+the hook code runs as it does on a GPU node; model offload installs nothing on CPU (accelerate's hooks need
+an accelerator); `PipelineInfo.notes` says what was degraded.
+
+Imported only inside worker processes: it imports torch and diffusers at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+
+from renderfarm.actors import quantize
+from renderfarm.actors.embeddings import EmbeddingCache
+from renderfarm.actors.quantize import DENOISERS, torch_dtype
+from renderfarm.actors.standins import ensure_standin
+from renderfarm.planning.catalog import ModelEntry
+from renderfarm.planning.profiles import (
+    Placement,
+    Profile,
+    TextEncoderPolicy,
+    VaeMode,
+    WeightsFormat,
+)
+
+try:
+    from diffusers.utils.torch_utils import get_module_execution_device
+except ImportError:  # older diffusers: no offload-aware lookup, the weights' device is the answer
+
+    def get_module_execution_device(module: torch.nn.Module) -> torch.device:
+        return next(module.parameters()).device
+
+
+log = logging.getLogger(__name__)
+
+# The text encoders of each family, and the one whose weights format a profile sets (T5: 4.8B parameters
+# in FLUX.1; the CLIP encoders are small and always run in the compute dtype).
+TEXT_ENCODERS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
+                 "flux": ("text_encoder", "text_encoder_2")}
+LARGE_TEXT_ENCODER = {"flux": "text_encoder_2"}
+
+
+class ModelSourceError(OSError):
+    """A model's weights could not be found or read at its source."""
+
+
+def resolve_source(entry: ModelEntry, cache_dir: Path | None = None) -> str:
+    """Where `entry` loads from: its stand-in folder (built on first use) or its catalog source."""
+    if entry.standin:
+        return str(ensure_standin(entry, cache_dir))
+    if not entry.source:
+        raise ModelSourceError(f"model {entry.name!r} has no source in the catalog")
+    return entry.source
+
+
+def _dtype_kwarg() -> str:
+    # Recent diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); older
+    # releases silently ignore `dtype` and would load in float32, so ask the release which it reads.
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+_DTYPE_KWARG = _dtype_kwarg()
+
+
+def _is_local(source: str) -> bool:
+    # A Hugging Face id is "org/name"; anything absolute, relative-looking or existing is a path.
+    return os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source)
+
+
+@dataclass
+class PipelineInfo:
+    """What `load_pipeline` built, attached to the pipeline as `pipe.renderfarm_info`."""
+
+    model: str
+    profile: Profile | None
+    device: torch.device
+    # What was applied: "resident", "model-offload", "group-offload (block_level, 2 blocks/group, streams)", ...
+    placement: str
+    weights_bytes: int = 0  # parameter and buffer bytes of every component, wherever they sit
+    notes: list[str] = field(default_factory=list)  # what was degraded or bypassed, and why
+    # Text encoders wait in host memory and come to the GPU for each encode (cache-and-offload on a GPU)
+    text_encoders_offloaded: bool = False
+    embedding_cache: EmbeddingCache | None = None  # set by the PipelineCache that holds the pipeline
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return pipeline_key(self.model, self.profile)
+
+
+def pipeline_key(model: str, profile: Profile | None) -> tuple[str, str | None]:
+    """The identity of a loaded pipeline: the model and its profile's name without the VAE mode (a VAE mode
+    is a switch on a loaded pipeline, see `set_vae_mode`, not a reason to load another one)."""
+    return (model, profile.with_vae(VaeMode.FULL).name if profile is not None else None)
+
+
+def pipeline_info(pipe: Any) -> PipelineInfo | None:
+    return getattr(pipe, "renderfarm_info", None)
+
+
+def load_pipeline(
+    entry: ModelEntry,
+    cache_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    profile: Profile | None = None,
+    gguf_file: str | Path | None = None,
+) -> diffusers.DiffusionPipeline:
+    """Load `entry` with the diffusers class its family names, on `device`.
+
+    Without a profile, every component loads at `dtype`, default float32: models load at the highest
+    precision unless the caller (a profile) asks for another, so every precision choice is visible at the
+    call site. With a profile, the profile decides (and `dtype`, if given, must be its compute dtype).
+    `gguf_file` overrides where a GGUF profile's denoiser file comes from (default: the catalog's
+    `gguf_sources`, or a file written from the stand-in).
+    """
+    pipeline_cls = getattr(diffusers, entry.family.pipeline, None)
+    if pipeline_cls is None:
+        raise ValueError(
+            f"model {entry.name!r}: diffusers {diffusers.__version__} has no pipeline class "
+            f"{entry.family.pipeline!r}"
+        )
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # so device comparisons hold
+    source = _checked_source(entry, cache_dir)
+    if profile is None:
+        if gguf_file is not None:
+            raise ValueError("gguf_file needs a profile with a GGUF weights format")
+        pipe = _from_pretrained(pipeline_cls, entry, source, torch.float32 if dtype is None else dtype)
+        pipe.to(device)
+        info = PipelineInfo(model=entry.name, profile=None, device=device, placement="resident")
+    else:
+        pipe, info = _load_with_profile(pipeline_cls, entry, source, device, dtype, profile, gguf_file)
+    info.weights_bytes = pipeline_bytes(pipe)
+    pipe.renderfarm_info = info
+    # Workers log their own progress; tqdm bars in worker logs are noise.
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _checked_source(entry: ModelEntry, cache_dir: Path | None) -> str:
+    source = resolve_source(entry, cache_dir)
+    if not _is_local(source):
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelSourceError(f"model {entry.name!r}: local source {str(path)!r} does not exist")
+    if path.is_file():
+        raise ModelSourceError(
+            f"model {entry.name!r}: {str(path)!r} is a single file; load_pipeline reads a diffusers "
+            "folder (model_index.json) or a Hugging Face id"
+        )
+    if not (path / "model_index.json").is_file():
+        raise ModelSourceError(
+            f"model {entry.name!r}: {str(path)!r} is not a diffusers pipeline folder (no model_index.json)"
+        )
+    return str(path)
+
+
+def _from_pretrained(pipeline_cls: type, entry: ModelEntry, source: str, dtype: torch.dtype, **components):
+    try:
+        return pipeline_cls.from_pretrained(source, **components, **{_DTYPE_KWARG: dtype})
+    except OSError as exc:
+        # Offline, a hub id that is not in the local cache ends here.
+        raise ModelSourceError(f"cannot load model {entry.name!r} from {source!r}: {exc}") from exc
+
+
+def _load_with_profile(
+    pipeline_cls: type,
+    entry: ModelEntry,
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    profile: Profile,
+    gguf_file: str | Path | None,
+) -> tuple[diffusers.DiffusionPipeline, PipelineInfo]:
+    family = entry.family.name
+    if family not in DENOISERS:
+        raise ValueError(f"load_pipeline does not know the components of family {family!r} ({entry.name})")
+    compute = torch_dtype(profile.compute_dtype)
+    if dtype is not None and dtype != compute:
+        raise ValueError(f"dtype={dtype} contradicts profile {profile.name!r}, which computes in {compute}")
+    if profile.fp16_clamp and family != "flux":
+        raise ValueError(
+            f"profile {profile.name!r}: fp16_clamp guards Flux activations; {entry.name} is {family}"
+        )
+    weights = profile.weights
+    if gguf_file is not None and not weights.is_gguf:
+        raise ValueError(f"gguf_file given, but profile {profile.name!r} stores weights as {weights.value}")
+    text_weights = text_encoder_weights(profile)
+    large_encoder = LARGE_TEXT_ENCODER.get(family)
+    denoiser_name = DENOISERS[family]
+    denoiser_cls = getattr(diffusers, quantize.denoiser_class(family))
+    notes: list[str] = []
+    # Quantized weights load straight onto the device, except what group/leaf offload streams: that loads
+    # into host memory, so the GPU never holds the whole model (bitsandbytes then quantizes on the CPU).
+    host = torch.device("cpu")
+    streamed = device.type != "cpu" and profile.placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
+    denoiser_device = host if streamed else device
+    encoder_device = host if device.type != "cpu" and profile.placement is Placement.LEAF_OFFLOAD else device
+
+    components: dict[str, Any] = {}
+    try:
+        if weights.is_bnb:
+            components[denoiser_name] = quantize.load_bnb_denoiser(
+                denoiser_cls, source, denoiser_name, weights, compute, denoiser_device,
+                dtype_kwarg=_DTYPE_KWARG,
+            )
+            if device.type == "cpu" and not torch.cuda.is_available():
+                notes.append("bitsandbytes on CPU: diffusers' 'No GPU found' check bypassed at load "
+                             "(quantize.bnb_without_gpu_check)")
+        elif weights.is_gguf:
+            if gguf_file is not None:
+                path = str(gguf_file)
+            elif entry.standin:
+                path = str(quantize.ensure_standin_gguf(entry, weights, Path(source)))
+            else:
+                path = quantize.gguf_source(entry, weights)
+            components[denoiser_name] = quantize.load_gguf_denoiser(
+                denoiser_cls, path, source, denoiser_name, compute, denoiser_device, family, weights
+            )
+        vae_dtype = torch_dtype(profile.vae_dtype or profile.compute_dtype)
+        fp16_vae = getattr(entry, "fp16_vae_source", None)
+        if vae_dtype == torch.float16 and fp16_vae:
+            # A VAE fine-tuned to stay finite in fp16 (SDXL: madebyollin/sdxl-vae-fp16-fix); without one the
+            # family's VAE decodes in fp32 where its config says it must (`force_upcast`, see
+            # pipelines._decode).
+            components["vae"] = diffusers.AutoencoderKL.from_pretrained(fp16_vae, **{_DTYPE_KWARG: vae_dtype})
+        elif vae_dtype != compute:
+            # Loaded at its own dtype, not cast from the compute dtype (an fp32 VAE from bf16 weights would
+            # keep bf16's rounding).
+            components["vae"] = diffusers.AutoencoderKL.from_pretrained(
+                source, subfolder="vae", **{_DTYPE_KWARG: vae_dtype}
+            )
+        if large_encoder and text_weights is not None and text_weights.is_bnb:
+            from transformers import T5EncoderModel
+
+            components[large_encoder] = quantize.load_bnb_text_encoder(
+                T5EncoderModel, source, large_encoder, text_weights, compute, encoder_device
+            )
+    except OSError as exc:
+        raise ModelSourceError(f"cannot load model {entry.name!r} as {weights.value}: {exc}") from exc
+    pipe = _from_pretrained(pipeline_cls, entry, source, compute, **components)
+
+    if weights.is_fp8:
+        quantize.enable_fp8_storage(getattr(pipe, denoiser_name), weights, compute)
+    if large_encoder and text_weights is not None and text_weights.is_fp8:
+        quantize.enable_fp8_storage(getattr(pipe, large_encoder), text_weights, compute)
+    if profile.fp16_clamp:
+        quantize.add_fp16_clamp(pipe.transformer)
+    set_vae_mode(pipe, profile.vae)
+    placement, offload_encoders = _apply_placement(pipe, family, profile, device, notes)
+    info = PipelineInfo(
+        model=entry.name, profile=profile, device=device, placement=placement, notes=notes,
+        text_encoders_offloaded=offload_encoders,
+    )
+    for note in notes:
+        log.info("%s [%s]: %s", entry.name, profile.name, note)
+    return pipe, info
+
+
+def text_encoder_weights(profile: Profile) -> WeightsFormat | None:
+    """The weights format of the family's large text encoder (T5) under `profile`; None: the compute dtype.
+
+    `Profile.text_encoder_weights` when set; otherwise the denoiser's format where it applies to a text
+    encoder (fp8, bitsandbytes), and the compute dtype under GGUF (GGUF here is for denoisers only). The
+    planner's mirror of this rule is `planning.profiles.text_encoder_format`.
+    """
+    chosen = profile.text_encoder_weights
+    if chosen is not None and chosen.is_gguf:
+        raise ValueError(f"profile {profile.name!r}: GGUF text encoders are not supported ({chosen.value})")
+    if chosen is None and (profile.weights.is_fp8 or profile.weights.is_bnb):
+        chosen = profile.weights
+    if chosen is not None and chosen.is_float:
+        return None  # plain floats are stored in the compute dtype, like everything else
+    return chosen
+
+
+def set_vae_mode(pipe: Any, mode: VaeMode) -> None:
+    """Decode full, sliced (one image of the batch at a time) or tiled (and sliced: the most frugal).
+
+    A switch on the loaded VAE, so the first retry after an out-of-memory error in decode costs no reload.
+    """
+    vae = pipe.vae
+    if mode is VaeMode.TILED:
+        vae.enable_tiling()
+        vae.enable_slicing()
+    elif mode is VaeMode.SLICED:
+        vae.disable_tiling()
+        vae.enable_slicing()
+    else:
+        vae.disable_tiling()
+        vae.disable_slicing()
+
+
+def _apply_placement(
+    pipe: Any, family: str, profile: Profile, device: torch.device, notes: list[str]
+) -> tuple[str, bool]:
+    """Place the components as `profile.placement` says. Returns (what was applied, whether the text
+    encoders wait off the GPU and must be moved on for each encode)."""
+    placement = profile.placement
+    denoiser_name = DENOISERS[family]
+    denoiser = getattr(pipe, denoiser_name)
+    encoders = [name for name in TEXT_ENCODERS[family] if getattr(pipe, name, None) is not None]
+    offload_encoders = profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD
+
+    if device.type == "cpu":
+        # Everything is already in host memory, where it computes: there is nothing to offload to.
+        if placement is Placement.MODEL_OFFLOAD:
+            notes.append("cpu: model offload needs an accelerator; every component stays resident")
+            return "resident", False
+        if placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD):
+            applied = _group_offload(pipe, denoiser, encoders, placement, profile, device, use_stream=False)
+            notes.append("cpu: group-offload hooks run without CUDA streams; weights stay in host memory")
+            return applied, False
+        return "resident", False
+
+    if placement is Placement.MODEL_OFFLOAD:
+        # Accelerate's hooks keep one component on the device at a time: the text encoders leave it as soon
+        # as the denoiser runs, which is the cache-and-offload policy by construction.
+        pipe.enable_model_cpu_offload(device=device)
+        return "model-offload", False
+
+    streamed = {denoiser_name} if placement is not Placement.GPU else set()
+    if placement is Placement.LEAF_OFFLOAD:
+        streamed.update(encoders)  # the floor: no component sits whole on the GPU
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module) or name in streamed:
+            continue
+        if name in encoders and offload_encoders:
+            _move(component, torch.device("cpu"))
+        else:
+            _move(component, device)
+    applied = "resident"
+    if placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD):
+        applied = _group_offload(pipe, denoiser, encoders, placement, profile, device, use_stream=True)
+    return applied, offload_encoders and placement is not Placement.LEAF_OFFLOAD
+
+
+def _move(module: torch.nn.Module, device: torch.device) -> None:
+    if get_module_execution_device(module) != device:
+        module.to(device)
+
+
+@contextlib.contextmanager
+def text_encoders_on(
+    pipe: Any, family: str, info: PipelineInfo | None, device: torch.device
+) -> Iterator[None]:
+    """Cache-and-offload: the text encoders wait in host memory and come to the device for one encode."""
+    if info is None or not info.text_encoders_offloaded:
+        yield
+        return
+    encoders = [getattr(pipe, n) for n in TEXT_ENCODERS[family] if getattr(pipe, n, None) is not None]
+    try:
+        for encoder in encoders:
+            _move(encoder, device)
+        yield
+    finally:
+        for encoder in encoders:
+            _move(encoder, torch.device("cpu"))
+
+
+def _group_offload(
+    pipe: Any,
+    denoiser: torch.nn.Module,
+    encoders: list[str],
+    placement: Placement,
+    profile: Profile,
+    device: torch.device,
+    use_stream: bool,
+) -> str:
+    from diffusers.hooks import apply_group_offloading
+
+    offload = torch.device("cpu")
+    streams = "streams" if use_stream else "no streams"
+    streamed = [denoiser]
+    if placement is Placement.LEAF_OFFLOAD:
+        streamed += [getattr(pipe, name) for name in encoders]
+    for module in streamed:
+        _move(module, offload)  # group offloading starts from the offload device
+    if placement is Placement.GROUP_OFFLOAD:
+        per_group = blocks_per_group(denoiser, profile.gpu_weights_gib)
+        denoiser.enable_group_offload(
+            onload_device=device, offload_device=offload, offload_type="block_level",
+            num_blocks_per_group=per_group, use_stream=use_stream,
+        )
+        applied = f"group-offload (block_level, {per_group} blocks/group, {streams})"
+    else:
+        denoiser.enable_group_offload(
+            onload_device=device, offload_device=offload, offload_type="leaf_level", use_stream=use_stream
+        )
+        for module in streamed[1:]:
+            apply_group_offloading(
+                module, onload_device=device, offload_device=offload, offload_type="leaf_level",
+                use_stream=use_stream,
+            )
+        applied = f"leaf-offload (leaf_level, denoiser and text encoders, {streams})"
+    for module in streamed:
+        _bnb_scales_to(module, device)
+    return applied
+
+
+def _bnb_scales_to(module: torch.nn.Module, device: torch.device) -> None:
+    """Group offloading moves each parameter's `.data` only; a bitsandbytes 4-bit weight also carries its
+    quantization state (absmax scales, code book: ~3% of the 4-bit bytes), which must sit where the layer
+    computes. The scales stay resident on the onload device; the packed weights stream."""
+    for parameter in module.parameters():
+        quant_state = getattr(parameter, "quant_state", None)
+        if quant_state is not None and hasattr(quant_state, "to"):
+            quant_state.to(device)
+
+
+def blocks_per_group(denoiser: torch.nn.Module, gpu_weights_gib: float | None) -> int:
+    """How many denoiser blocks one offload group holds so that `gpu_weights_gib` of weights stay resident.
+
+    With CUDA streams the next group is copied while the current one computes, so two groups are on the
+    GPU at once: a group gets half the budget. No budget: one block per group (the most frugal).
+    """
+    blocks = [
+        block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child
+    ]
+    if not blocks or not gpu_weights_gib:
+        return 1
+    largest = max(module_bytes(block) for block in blocks) or 1
+    return max(1, min(len(blocks), int(gpu_weights_gib * 2**30 // (2 * largest))))
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters and buffers as stored (fp8 1 byte, GGUF blocks, bitsandbytes 4-bit
+    data plus its absmax scales), each tensor counted once."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "meta":
+            continue
+        ident = (str(tensor.device), tensor.data_ptr())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        total += tensor.numel() * tensor.element_size()
+        quant_state = getattr(tensor, "quant_state", None)  # bitsandbytes Params4bit
+        absmax = getattr(quant_state, "absmax", None)
+        if isinstance(absmax, torch.Tensor):
+            total += absmax.numel() * absmax.element_size()
+    return total
+
+
+def pipeline_bytes(pipe: Any) -> int:
+    """Weight bytes of every torch module of a pipeline (0 for anything that is not a pipeline)."""
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        return 0
+    return sum(module_bytes(c) for c in components.values() if isinstance(c, torch.nn.Module))
