@@ -52,6 +52,8 @@ class Settings(BaseModel):
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     poll_seconds: float = Field(default=0.02, gt=0)
     torch_threads: int | None = Field(default=None, ge=1)  # per CPU worker; None: cores / workers
+    # Weight bytes of the pipelines a worker keeps loaded; None: its card's VRAM less the planning margin.
+    pipeline_cache_gib: float | None = Field(default=None, gt=0)
 
     @field_validator("data_dir", "cache_dir", "models_file", "nodes_file")
     @classmethod

@@ -14,7 +14,6 @@ import socket
 import time
 from typing import Any
 
-from renderfarm.cluster.ray_cluster import RayCluster, gpu_count
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect, redact
 from renderfarm.config import NodeDeclaration, Settings, load_nodes
 
@@ -47,7 +46,7 @@ class Farm:
         self.redis_url: str | None = None
         self.nodes: list[dict[str, Any]] = []
         self._embedded: EmbeddedRedis | None = None
-        self._ray: RayCluster | None = None
+        self._ray: Any = None  # cluster.ray_cluster.RayCluster once started
         self._workers: dict[str, Any] = {}
         self._scheduler: Any = None
         self._loop: Any = None
@@ -63,9 +62,10 @@ class Farm:
         return self
 
     def _start(self) -> None:
-        import ray
+        import ray  # imported here, not at module level: `renderfarm plan` and the client need no Ray
 
         from renderfarm.actors.worker import RenderWorker
+        from renderfarm.cluster.ray_cluster import RayCluster
         from renderfarm.scheduler.scheduler import Scheduler
 
         data_dir = self.settings.data_dir
@@ -118,6 +118,8 @@ class Farm:
 
     def _node_plan(self) -> list[dict[str, Any]]:
         """One worker per local GPU; without GPUs, one simulated worker per declared node."""
+        from renderfarm.cluster.ray_cluster import gpu_count
+
         gpus = gpu_count()
         if gpus and self.declared is None:
             host = socket.gethostname().split(".")[0]

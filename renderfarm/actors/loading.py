@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,8 @@ class PipelineInfo:
     # Text encoders wait in host memory and come to the GPU for each encode (cache-and-offload on a GPU)
     text_encoders_offloaded: bool = False
     embedding_cache: EmbeddingCache | None = None  # set by the PipelineCache that holds the pipeline
+    move_s: float = 0.0  # seconds spent placing the components on the device at load
+    encoder_moves_s: float = 0.0  # running total of cache-and-offload moves (encoders on and off per encode)
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -147,8 +150,10 @@ def load_pipeline(
         if gguf_file is not None:
             raise ValueError("gguf_file needs a profile with a GGUF weights format")
         pipe = _from_pretrained(pipeline_cls, entry, source, torch.float32 if dtype is None else dtype)
+        moving = time.perf_counter()
         pipe.to(device)
-        info = PipelineInfo(model=entry.name, profile=None, device=device, placement="resident")
+        info = PipelineInfo(model=entry.name, profile=None, device=device, placement="resident",
+                            move_s=time.perf_counter() - moving)
     else:
         pipe, info = _load_with_profile(pipeline_cls, entry, source, device, dtype, profile, gguf_file)
     info.weights_bytes = pipeline_bytes(pipe)
@@ -269,10 +274,11 @@ def _load_with_profile(
     if profile.fp16_clamp:
         quantize.add_fp16_clamp(pipe.transformer)
     set_vae_mode(pipe, profile.vae)
+    moving = time.perf_counter()
     placement, offload_encoders = _apply_placement(pipe, family, profile, device, notes)
     info = PipelineInfo(
         model=entry.name, profile=profile, device=device, placement=placement, notes=notes,
-        text_encoders_offloaded=offload_encoders,
+        text_encoders_offloaded=offload_encoders, move_s=time.perf_counter() - moving,
     )
     for note in notes:
         log.info("%s [%s]: %s", entry.name, profile.name, note)
@@ -372,12 +378,16 @@ def text_encoders_on(
         return
     encoders = [getattr(pipe, n) for n in TEXT_ENCODERS[family] if getattr(pipe, n, None) is not None]
     try:
+        moving = time.perf_counter()
         for encoder in encoders:
             _move(encoder, device)
+        info.encoder_moves_s += time.perf_counter() - moving
         yield
     finally:
+        moving = time.perf_counter()
         for encoder in encoders:
             _move(encoder, torch.device("cpu"))
+        info.encoder_moves_s += time.perf_counter() - moving
 
 
 def _group_offload(

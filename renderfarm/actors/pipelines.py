@@ -275,6 +275,7 @@ def render_batch(
         return {}
 
     total_start = time.perf_counter()
+    moves_before = info.encoder_moves_s if info is not None else 0.0
     try:
         with _PeakMemory(device) as peak, torch.no_grad():
             embeddings, encoded, cached = _embeddings(
@@ -321,9 +322,11 @@ def render_batch(
         "denoise_s": denoise_s,
         "denoise_s_per_step": per_step,
         "decode_s": decode_end - decode_start,
+        # Cache-and-offload: text encoders moved to the device and back for this batch's encode.
+        "move_s": (info.encoder_moves_s - moves_before) if info is not None else 0.0,
     }
 
-    info = sampler_info(pipe, family, guidance)
+    infotext = sampler_info(pipe, family, guidance)
     results: list[RenderResult] = []
     offset = 0
     for request, job_seeds in zip(requests, seeds):
@@ -339,7 +342,7 @@ def render_batch(
                 width=width,
                 height=height,
                 model=entry.name,
-                **info,
+                **infotext,
             )
             pngs.append(png_bytes(image, text))
             texts.append(text)

@@ -28,7 +28,12 @@ from renderfarm.config import NodeDeclaration, Settings
 from renderfarm.jobs import Job
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.devices import Device, device_from_declaration
-from renderfarm.planning.profiles import Profile, choose_profile, next_rung
+from renderfarm.planning.profiles import (
+    DEFAULT_MARGIN_GIB,
+    Profile,
+    choose_profile,
+    next_rung,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,11 @@ class RenderWorker:
                 name=name, vram_gib=node["vram_gib"], compute_capability=node.get("compute_capability", "8.6"),
                 gpu=node.get("gpu"),
             ))
-        self.cache = PipelineCache(cache_dir=self.settings.cache_dir, device=self.device)
+        # Loaded pipelines share the card: evict least recently used ones beyond its VRAM (less a margin).
+        budget_gib = self.settings.pipeline_cache_gib or max(0.5, self.card.vram_gib - DEFAULT_MARGIN_GIB)
+        self.cache = PipelineCache(
+            cache_dir=self.settings.cache_dir, device=self.device, max_bytes=int(budget_gib * 2**30)
+        )
         self.node = {
             **node,
             "device": self.device,
@@ -161,7 +170,7 @@ class RenderWorker:
                 )
                 for job in jobs
             ]
-            results, profile, load_s, escalations = self._render_escalating(entry, requests)
+            results, profile, load_s, move_s, escalations = self._render_escalating(entry, requests)
         except Exception as exc:  # a broken model or render: report, let the scheduler retry or fail
             log.exception("node %s: batch %s failed", self.name, job_ids)
             message = f"{type(exc).__name__}: {exc}"
@@ -174,7 +183,8 @@ class RenderWorker:
 
         profile_name = profile.name if profile else "as-loaded"
         for result in results:
-            timings = {**result.timings, "load_s": load_s, "batch_size": float(len(jobs))}
+            timings = {**result.timings, "load_s": load_s, "move_s": result.timings["move_s"] + move_s,
+                       "batch_size": float(len(jobs))}
             if self.store.complete(
                 result.job_id, self.name, result.images, timings, result.peak_memory_mb,
                 self.settings.result_ttl_seconds, profile=profile_name, escalations=escalations,
@@ -192,21 +202,26 @@ class RenderWorker:
         self._publish()
         return summary
 
-    def _render_escalating(self, entry: ModelEntry, requests: list[Any]) -> tuple[list[Any], Profile | None, float, list[str]]:
+    def _render_escalating(
+        self, entry: ModelEntry, requests: list[Any]
+    ) -> tuple[list[Any], Profile | None, float, float, list[str]]:
         """Render, walking down the ladder on out-of-memory errors until a rung succeeds or the floor
-        fails too. Returns (results, the profile that rendered, load seconds, escalations)."""
+        fails too. Returns (results, the profile that rendered, seconds reading weights, seconds placing
+        them on the device, escalations)."""
         from renderfarm.actors.pipelines import is_out_of_memory, render_batch
 
         width, height = requests[0].width, requests[0].height
         images = sum(r.num_images for r in requests)
         profile = self.profile_for(entry, width, height, images)
         escalations: list[str] = []
-        load_total = 0.0
+        load_total = move_total = 0.0
         while True:
             pipe, load_s = self.cache.get(entry, profile)
-            load_total += load_s
+            if load_s:  # loaded now: placing the weights on the device is its own stage
+                move_total += pipe.renderfarm_info.move_s
+                load_total += load_s - pipe.renderfarm_info.move_s
             try:
-                return render_batch(pipe, entry, requests), profile, load_total, escalations
+                return render_batch(pipe, entry, requests), profile, load_total, move_total, escalations
             except Exception as exc:
                 if not is_out_of_memory(exc) or profile is None:
                     raise

@@ -20,7 +20,7 @@ from renderfarm.actors.pipelines import PipelineCache, RenderRequest, render_bat
 from renderfarm.planning.catalog import default_catalog
 
 STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux"]
-TIMING_KEYS = {"load_s", "encode_s", "denoise_s", "denoise_s_per_step", "decode_s", "total_s"}
+TIMING_KEYS = {"load_s", "move_s", "encode_s", "denoise_s", "denoise_s_per_step", "decode_s", "total_s"}
 
 
 def entry(name: str):

@@ -100,3 +100,15 @@ def test_a_job_that_fits_no_profile_says_why(worker):
     worker.card = device_from_spec("2 GiB card", 2, "8.6")
     with pytest.raises(DoesNotFit, match="flux-dev at 2048x2048, batch 4 on quadro: nothing fits"):
         worker.profile_for(default_catalog().get("flux-dev"), 2048, 2048, 4)
+
+
+def test_loaded_pipelines_are_evicted_beyond_the_memory_budget(redis_url, redis_client, tmp_path, store):
+    # A budget smaller than two tiny pipelines: loading the second evicts the first.
+    settings = Settings(data_dir=tmp_path, torch_threads=1, pipeline_cache_gib=0.004)
+    w = RenderWorker("small-cache", redis_url, settings.model_dump(mode="json"), {**TURING, "name": "small-cache"})
+    try:
+        run(w, store, flux())
+        run(w, store, {**flux(), "model": "tiny-sd15"})
+        assert w.cache.loaded() == ["tiny-sd15"]
+    finally:
+        w.shutdown()
