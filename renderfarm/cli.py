@@ -206,9 +206,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             log.info("submitted %d jobs", len(ids))
             outcome = _follow(client, ids, Path(args.out), args.timeout, quiet=args.json)
             per_node = Counter(job.node for job in outcome["done"])
+            records = {n["name"]: n for n in client.store.nodes()}
             node_rows = [
                 {"name": n["name"], "gpu": n.get("gpu"), "vram_gib": n["vram_gib"],
-                 "simulated": n["simulated"], "jobs_done": per_node.get(n["name"], 0)}
+                 "compute_capability": n.get("compute_capability"), "simulated": n["simulated"],
+                 "jobs_done": per_node.get(n["name"], 0),
+                 "profiles": records.get(n["name"], {}).get("profiles", {})}
                 for n in farm.nodes
             ]
     seconds = round(time.monotonic() - started, 2)
@@ -221,11 +224,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         table = Table(title=f"renderfarm demo: {payload['done']}/{payload['jobs']} jobs in {seconds} s")
-        for col in ("node", "card (declared)", "VRAM GiB", "jobs done"):
+        for col in ("node", "card (declared)", "VRAM GiB", "cc", "jobs done"):
             table.add_column(col)
         for row in node_rows:
-            table.add_row(row["name"], row["gpu"] or "", f"{row['vram_gib']:g}", str(row["jobs_done"]))
+            table.add_row(row["name"], row["gpu"] or "", f"{row['vram_gib']:g}", row["compute_capability"] or "",
+                          str(row["jobs_done"]))
         _stderr_console().print(table)
+        for row in node_rows:  # what each card chose: the per-card profile, applied on its CPU stand-in
+            chosen = ", ".join(f"{m} {p}" for m, p in sorted(row["profiles"].items())) or "-"
+            print(f"{row['name']} profiles: {chosen}")
         print(f"{len(outcome['images'])} images saved under {payload['out']}")
         for job in outcome["failed"]:
             print(f"failed {job.id}: {job.error}")

@@ -37,6 +37,11 @@ def test_demo_json_renders_and_reports_per_node(tmp_path):
         assert "parameters" in Image.open(path).info
     assert {n["name"]: n["vram_gib"] for n in out["nodes"]} == {"quadro-24g": 24, "rtx-8g": 8}
     assert sum(n["jobs_done"] for n in out["nodes"]) == 8
+    # Each simulated card picks its own profile: Turing computes in fp16, Ampere in bf16.
+    expected = {"quadro-24g": "fp16", "rtx-8g": "bf16"}
+    for node in out["nodes"]:
+        assert node["profiles"], node
+        assert all(p.startswith(expected[node["name"]]) for p in node["profiles"].values()), node
 
 
 def test_invalid_submit_is_one_clear_line_and_enqueues_nothing(redis_url, store, tmp_path):
