@@ -22,14 +22,7 @@ from renderfarm.planning.profiles import (
     vae_dtype_for,
 )
 from renderfarm.planning.vram import predict
-
-H100 = device_from_spec("NVIDIA H100 80GB HBM3", 80, "9.0")
-L40S = device_from_spec("NVIDIA L40S", 48, "8.9")
-RTX4090 = device_from_spec("NVIDIA GeForce RTX 4090", 24, "8.9")
-RTX4070 = device_from_spec("NVIDIA GeForce RTX 4070", 12, "8.9")
-RTX3070 = device_from_spec("NVIDIA GeForce RTX 3070", 8, "8.6")
-QUADRO = device_from_spec("Quadro RTX 6000", 24, "7.5")
-CPU = device_from_spec("CPU", 24, None)
+from tests.unit.cards import CPU, H100, L40S, QUADRO, RTX3070, RTX4070, RTX4090
 
 
 @pytest.fixture(scope="module")
