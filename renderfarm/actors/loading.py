@@ -113,7 +113,7 @@ class PipelineInfo:
 def pipeline_key(model: str, profile: Profile | None) -> tuple[str, str | None]:
     """The identity of a loaded pipeline: the model and its profile's name without the VAE mode (a VAE mode
     is a switch on a loaded pipeline, see `set_vae_mode`, not a reason to load another one)."""
-    return (model, profile.with_vae(VaeMode.FULL).name if profile is not None else None)
+    return (model, profile.base_name if profile is not None else None)
 
 
 def pipeline_info(pipe: Any) -> PipelineInfo | None:

@@ -236,7 +236,7 @@ class RenderWorker:
                 escalations.append(step)
                 self.stats["oom_escalations"] += 1
                 self.escalated[(entry.name, width, height)] = lower
-                if lower.name.rsplit("+vae-", 1)[0] != profile.name.rsplit("+vae-", 1)[0]:
+                if lower.base_name != profile.base_name:
                     self.cache.evict(entry.name, profile)  # free the heavier rung before loading the next
                 _release_memory()
                 profile = lower

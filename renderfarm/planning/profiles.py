@@ -131,9 +131,14 @@ class Profile:
     fp16_clamp: bool = False  # Flux in fp16 (Turing): clamp activations against fp16 overflow
     vae_dtype: ComputeDtype | None = None  # None: the compute dtype
 
+    @property
+    def base_name(self) -> str:
+        """The name without its VAE mode: profiles that differ only in VAE mode share loaded weights."""
+        return self.name.rsplit("+vae-", 1)[0]
+
     def with_vae(self, mode: VaeMode) -> Profile:
-        return replace(self, vae=mode, name=f"{self.name.rsplit('+vae-', 1)[0]}+vae-{mode.value}"
-                       if mode is not VaeMode.FULL else self.name.rsplit("+vae-", 1)[0])
+        name = self.base_name if mode is VaeMode.FULL else f"{self.base_name}+vae-{mode.value}"
+        return replace(self, vae=mode, name=name)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -464,7 +469,7 @@ def next_rung(
         return current.with_vae(VaeMode.TILED)
     current_peak = predict(entry, current, device, width, height, batch).peak_gib
     rungs = ladder(entry, device)
-    base = current.name.rsplit("+vae-", 1)[0]
+    base = current.base_name
     names = [r.name for r in rungs]
     start = names.index(base) + 1 if base in names else 0
     for rung in rungs[start:]:
