@@ -135,7 +135,6 @@ class ModelEntry(BaseModel):
     default_guidance: float = 5.0
     components: dict[str, Component] = Field(default_factory=dict)  # the family's, with this model's overrides
     gguf_sources: dict[str, str] = Field(default_factory=dict)  # "q8_0" -> local file, URL or org/repo/file
-    single_file: str | None = None  # a single-file checkpoint (.safetensors) to load instead of `source`
     fp16_vae_source: str | None = None  # a VAE safe in fp16 (madebyollin/sdxl-vae-fp16-fix), used on fp16 cards
 
     @field_validator("gguf_sources")
