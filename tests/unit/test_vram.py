@@ -5,13 +5,12 @@ from dataclasses import replace
 
 import pytest
 
+from renderfarm.planning.calibration import PUBLISHED, reference_profile
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.devices import device_from_spec
 from renderfarm.planning.profiles import (
     ComputeDtype,
     Placement,
-    Profile,
-    TextEncoderPolicy,
     VaeMode,
     WeightsFormat,
     ladder,
@@ -33,61 +32,38 @@ def cat():
     return default_catalog()
 
 
-def _flux_profile(weights, text_encoder_weights=WeightsFormat.BF16, placement=Placement.GPU,
-                  text_encoders=TextEncoderPolicy.RESIDENT):
-    return Profile(
-        name=weights.value, weights=weights, compute_dtype=ComputeDtype.BF16, placement=placement,
-        text_encoders=text_encoders, text_encoder_weights=text_encoder_weights,
-    )
+# --- calibration against the published Flux.1-dev figures (planning/calibration.py) ---------------
+ON_GPU = [r for r in PUBLISHED if r.placement is Placement.GPU]
+OFFLOADED = [r for r in PUBLISHED if r.placement is Placement.MODEL_OFFLOAD]
 
 
-# --- calibration against the published Flux.1-dev figures (NOTES.md) -------------------------------
-# diffusers' quantization benchmarks, 1024x1024, batch 1, H100 80 GB: "loaded" is memory allocated after
-# loading, "peak" is max_memory_reserved. Those runs moved the whole pipeline to cuda, so the text encoders
-# stayed on the GPU in bf16 (TextEncoderPolicy.RESIDENT), except the nf4 run, which quantized T5 to nf4 as
-# well (components_to_quantize = transformer, text_encoder_2). Our peak adds the CUDA context, which
-# max_memory_reserved does not count; `allocator_peak_gib` leaves it out to compare like with like.
-PUBLISHED = [
-    # weights, T5 weights, loaded GiB, peak GiB
-    (WeightsFormat.BF16, WeightsFormat.BF16, 31.45, 36.17),
-    (WeightsFormat.NF4, WeightsFormat.NF4, 12.58, 17.28),
-    (WeightsFormat.GGUF_Q8_0, WeightsFormat.BF16, 21.50, 25.97),
-    (WeightsFormat.GGUF_Q4_1, WeightsFormat.BF16, 16.84, 21.33),
-    (WeightsFormat.FP8_E4M3FN, WeightsFormat.BF16, 23.68, 28.45),
-]
-
-
-@pytest.mark.parametrize("weights, te_weights, loaded, peak", PUBLISHED, ids=[p[0].value for p in PUBLISHED])
-def test_flux_dev_peaks_match_the_published_h100_runs(cat, weights, te_weights, loaded, peak):
-    prediction = predict(cat.get("flux-dev"), _flux_profile(weights, te_weights), H100, 1024, 1024)
+@pytest.mark.parametrize("ref", ON_GPU, ids=[r.weights.value for r in ON_GPU])
+def test_flux_dev_peaks_match_the_published_h100_runs(cat, ref):
+    loaded, peak = ref.loaded_gib, ref.peak_gib
+    prediction = predict(cat.get("flux-dev"), reference_profile(ref.weights, ref.text_encoder_weights), H100, 1024, 1024)
     assert prediction.peak_gib == pytest.approx(peak, rel=0.10)  # the requirement
     assert prediction.allocator_peak_gib == pytest.approx(peak, rel=0.03)  # like for like
     assert prediction.resident_weights_gib == pytest.approx(loaded, rel=0.03)
     assert prediction.peak_stage is Stage.DECODE  # the bf16 VAE decode at 1 Mpx sets these peaks
 
 
-@pytest.mark.parametrize(
-    "weights, peak",
-    [(WeightsFormat.BF16, 23.27), (WeightsFormat.GGUF_Q8_0, 12.97), (WeightsFormat.GGUF_Q4_1, 9.16)],
-    ids=["bf16", "gguf-q8_0", "gguf-q4_1"],
-)
-def test_flux_dev_model_offload_peaks_match_the_published_runs(cat, weights, peak):
-    # Not calibrated on nf4 + offload (published 12.38): bitsandbytes quantizes on the GPU while loading, so
-    # that run's reserved peak is the load (transformer and T5 both in nf4 on the GPU), not the render.
-    profile = _flux_profile(weights, placement=Placement.MODEL_OFFLOAD, text_encoders=TextEncoderPolicy.CACHE_AND_OFFLOAD)
+@pytest.mark.parametrize("ref", OFFLOADED, ids=[r.weights.value for r in OFFLOADED])
+def test_flux_dev_model_offload_peaks_match_the_published_runs(cat, ref):
+    profile = reference_profile(ref.weights, placement=Placement.MODEL_OFFLOAD)
     prediction = predict(cat.get("flux-dev"), profile, H100, 1024, 1024)
-    assert prediction.peak_gib == pytest.approx(peak, rel=0.10)
+    assert prediction.peak_gib == pytest.approx(ref.peak_gib, rel=0.10)
 
 
 def test_flux_step_times_are_in_the_published_range(cat):
     flux = cat.get("flux-dev")
-    step = {w: predict(flux, _flux_profile(w, t), H100, 1024, 1024).seconds_per_step for w, t, _, _ in PUBLISHED}
+    step = {r.weights: predict(flux, reference_profile(r.weights, r.text_encoder_weights), H100, 1024, 1024).seconds_per_step
+            for r in ON_GPU}
     # published: 12 s bf16, 12 nf4, 13 fp8, 15 Q8_0, 23 Q4_1 for 50 steps (text encoding and decode included)
     assert step[WeightsFormat.BF16] * 50 == pytest.approx(12, rel=0.2)
     assert step[WeightsFormat.BF16] <= step[WeightsFormat.FP8_E4M3FN] < step[WeightsFormat.GGUF_Q8_0]
     assert step[WeightsFormat.GGUF_Q8_0] < step[WeightsFormat.GGUF_Q4_1]
     # L40S: ~0.5 s per bf16 step; ~1.9 s with leaf offload and streams
-    assert predict(flux, _flux_profile(WeightsFormat.BF16), L40S, 1024, 1024).seconds_per_step == pytest.approx(0.5, rel=0.25)
+    assert predict(flux, reference_profile(WeightsFormat.BF16), L40S, 1024, 1024).seconds_per_step == pytest.approx(0.5, rel=0.25)
     leaf = next(p for p in ladder(flux, L40S) if p.placement is Placement.LEAF_OFFLOAD)
     assert predict(flux, leaf, L40S, 1024, 1024).seconds_per_step == pytest.approx(1.9, rel=0.25)
 
