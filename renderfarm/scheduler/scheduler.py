@@ -95,10 +95,14 @@ class Scheduler:
             for job_id in self.store.ids_in(state, limit=100_000):
                 self.store.requeue(job_id, "scheduler restarted while the job was in flight")
 
+    def _has_room(self, worker: _Worker) -> bool:
+        """Alive, with fewer batches queued than a worker may hold."""
+        return worker.alive and worker.inflight < self.settings.worker_queue_depth
+
     def _dispatch(self) -> None:
         idle = [
             WorkerView(w.name, w.vram_gib, frozenset(w.loaded), w.inflight)
-            for w in self.workers.values() if w.alive and w.inflight < self.settings.worker_queue_depth
+            for w in self.workers.values() if self._has_room(w)
         ]
         if not idle:
             return
@@ -133,7 +137,7 @@ class Scheduler:
         """Block (without spinning: a polling loop steals CPU from renders on small machines) until a
         batch finishes or, when some worker is idle, until the farm's event stream shows a change
         (a submit, a cancel, a job finishing)."""
-        if not any(w.alive and w.inflight < self.settings.worker_queue_depth for w in self.workers.values()):
+        if not any(self._has_room(w) for w in self.workers.values()):
             self._collect(timeout=IDLE_WAKE_SECONDS)  # every worker busy: only a finished batch matters
             return
         # Workers write their jobs' "done" to the same stream, so a finishing batch wakes this too.
