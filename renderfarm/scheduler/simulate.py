@@ -1,0 +1,362 @@
+"""Run the farm's placement code against a simulated cluster and a job trace, next to two baselines.
+
+A discrete-event simulation, deterministic for a given cluster and trace (no clocks, no randomness):
+- a cluster (YAML): `nodes:` with name, gpu, vram_gib, compute_capability and count (count copies, named
+  name-0, name-1, ...); each becomes a planning Device (throughput from the known-card table);
+- a trace (JSONL): job spec fields model, width, height, steps, num_images, and `submit_s`;
+- a node runs one batch (one job, `num_images` images) at a time and holds one model; a job takes
+  steps x the predicted seconds per step of the profile the node picks for it, plus a load (weights over
+  disk and PCIe, placement.load_seconds) when the node holds another model;
+- a job sent where it does not fit (planning predicts no profile fits that node) runs out of memory: it
+  costs the load and 30% of its run in the most frugal profile, counts an OOM, and is sent again (never to
+  a node where it failed before);
+- a job that fits no node of the cluster is rejected up front (every policy), and reported.
+
+Policies:
+- `renderfarm`: placement.pick (filter -> score -> best fit) when the job arrives; the node's backlog is
+  its queued work in seconds, as the scheduler estimates it.
+- `least-busy`: the node with the fewest queued jobs, whatever the job needs (ComfyUI-Distributed, SwarmUI).
+- `max-pixels-fifo`: AI Horde: each idle node pulls the oldest job whose width x height is within its
+  max-pixels limit (MAX_PIXELS_PER_GIB x VRAM); a job above every node's limit goes to the largest.
+
+The lower bound on the makespan is the largest of: the total work, each job on its fastest feasible node,
+over the number of nodes (`work_s`); the same weighted by how fast each kind of node is (`capacity_s`, an LP
+dual bound: on a mixed cluster "fastest node / N" pretends every node is the fastest); the longest job on
+its fastest feasible node; the latest submit time plus that job's fastest run. Loads are not counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from renderfarm.planning.devices import Device, device_from_spec
+from renderfarm.scheduler.placement import (
+    Fit,
+    JobShape,
+    NodeView,
+    fit_on,
+    load_seconds,
+    pick,
+    why_nothing_fits,
+)
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench" / "sim"
+DEFAULT_CLUSTER = BENCH_DIR / "cluster.yaml"
+DEFAULT_TRACE = BENCH_DIR / "trace.jsonl"
+OOM_FRACTION = 0.3  # of the run, lost before the out-of-memory error
+MAX_PIXELS_PER_GIB = 2**20 / 6  # AI Horde-style limit: 8 GiB -> 1.33 Mpx, 24 GiB -> 4 Mpx (2048 x 2048)
+POLICIES = ("renderfarm", "least-busy", "max-pixels-fifo")
+
+
+@dataclass(frozen=True)
+class SimNode:
+    name: str
+    device: Device
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    index: int
+    submit_s: float
+    shape: JobShape
+
+
+def load_cluster(path: str | Path | None = None) -> list[SimNode]:
+    path = Path(path) if path else DEFAULT_CLUSTER
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
+        raise ValueError(f"{path}: expected `nodes:` with a list of nodes")
+    nodes = []
+    for i, raw in enumerate(data["nodes"]):
+        try:
+            name, vram = str(raw["name"]), float(raw["vram_gib"])
+            cc = str(raw["compute_capability"])
+            count = int(raw.get("count", 1))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: node {i}: needs name, vram_gib, compute_capability ({exc})") from exc
+        device = device_from_spec(str(raw.get("gpu") or name), vram, cc)
+        nodes.extend(SimNode(f"{name}-{k}" if count > 1 else name, device) for k in range(count))
+    return nodes
+
+
+def load_trace(path: str | Path | None = None) -> list[TraceJob]:
+    path = Path(path) if path else DEFAULT_TRACE
+    jobs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            shape = JobShape(
+                str(raw["model"]), int(raw["width"]), int(raw["height"]), int(raw["steps"]),
+                int(raw.get("num_images", 1)),
+            )
+            jobs.append(TraceJob(len(jobs), float(raw["submit_s"]), shape))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{n}: bad job ({exc})") from exc
+    jobs.sort(key=lambda j: (j.submit_s, j.index))
+    return jobs
+
+
+def _fit(job: TraceJob, device: Device) -> Fit:
+    s = job.shape
+    return fit_on(s.model, s.width, s.height, s.num_images, device)
+
+
+@dataclass
+class _Node:
+    name: str
+    device: Device
+    model: str | None = None  # held now, or once its queue drains (push policies)
+    queue: deque[TraceJob] = field(default_factory=deque)
+    busy: bool = False
+    free_at: float = 0.0  # estimated end of its queued work (push policies)
+    tail_model: str | None = None  # the model it will hold once its queue drains
+
+
+@dataclass
+class _Stats:
+    waits: list[float] = field(default_factory=list)
+    busy_s: float = 0.0
+    ooms: int = 0
+    model_loads: int = 0
+    makespan_s: float = 0.0
+
+
+class _Sim:
+    """One policy over one trace. Push policies choose a node when a job arrives (or is retried); the pull
+    policy lets each idle node take a job from the shared queue."""
+
+    def __init__(self, nodes: list[SimNode], jobs: list[TraceJob], policy: str):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+        self.policy = policy
+        self.nodes = [_Node(n.name, n.device) for n in nodes]
+        self.jobs = jobs
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.seq = 0
+        self.stats = _Stats()
+        self.failed_on: dict[int, set[str]] = {}
+        self.shared: list[TraceJob] = []  # pull policy: waiting jobs, oldest first
+        self.now = 0.0
+
+    def _at(self, time: float, kind: str, payload: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (time, self.seq, kind, payload))
+
+    def run(self) -> _Stats:
+        for job in self.jobs:
+            self._at(job.submit_s, "arrive", job)
+        while self.events:
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrive":
+                self._dispatch(payload)
+            else:
+                node, job, oom = payload
+                node.busy = False
+                if oom:
+                    self._dispatch(job)
+                self._start_next(node)
+        return self.stats
+
+    # --- choosing -----------------------------------------------------------------------------------
+    def _eligible(self, job: TraceJob) -> list[_Node]:
+        failed = self.failed_on.get(job.index, set())
+        return [n for n in self.nodes if n.name not in failed] or self.nodes
+
+    def _dispatch(self, job: TraceJob) -> None:
+        if self.policy == "max-pixels-fifo":
+            self.shared.append(job)
+            self.shared.sort(key=lambda j: (j.submit_s, j.index))
+            for node in self.nodes:
+                if not node.busy:
+                    self._start_next(node)
+            return
+        candidates = self._eligible(job)
+        if self.policy == "renderfarm":
+            views = [
+                NodeView(
+                    n.name, n.device, frozenset({n.tail_model}) if n.tail_model else frozenset(),
+                    max(0.0, n.free_at - self.now),
+                )
+                for n in candidates
+            ]
+            decision = pick(job.shape, views)
+            node = next(n for n in candidates if n.name == decision.node) if decision else candidates[0]
+        else:  # least-busy: fewest jobs queued or running, first listed on ties
+            node = min(candidates, key=lambda n: len(n.queue) + n.busy)
+        node.queue.append(job)
+        node.free_at = max(node.free_at, self.now) + self._duration(node, node.tail_model, job)[0]
+        node.tail_model = job.shape.model
+        if not node.busy:
+            self._start_next(node)
+
+    def _pull(self, node: _Node) -> TraceJob | None:
+        limit = node.device.vram_gib * MAX_PIXELS_PER_GIB
+        largest = max(n.device.vram_gib for n in self.nodes)
+        for i, job in enumerate(self.shared):
+            if node.name in self.failed_on.get(job.index, set()):
+                continue
+            pixels = job.shape.width * job.shape.height
+            if pixels <= limit or (
+                pixels > largest * MAX_PIXELS_PER_GIB and node.device.vram_gib == largest
+            ):
+                return self.shared.pop(i)
+        return None
+
+    # --- running ------------------------------------------------------------------------------------
+    def _duration(self, node: _Node, held: str | None, job: TraceJob) -> tuple[float, bool, bool]:
+        """(seconds the node is busy with `job`, whether it runs out of memory, whether it loads)."""
+        fit = _fit(job, node.device)
+        loads = held != job.shape.model
+        load = load_seconds(fit, node.device) if loads else 0.0
+        run = job.shape.steps * fit.seconds_per_step
+        if not fit.fits:
+            return load + OOM_FRACTION * run, True, loads
+        return load + run, False, loads
+
+    def _start_next(self, node: _Node) -> None:
+        if node.busy:
+            return
+        job = self._pull(node) if self.policy == "max-pixels-fifo" else (node.queue[0] if node.queue else None)
+        if job is None:
+            return
+        if node.queue and node.queue[0] is job:
+            node.queue.popleft()
+        seconds, oom, loads = self._duration(node, node.model, job)
+        node.busy = True
+        self.stats.busy_s += seconds
+        self.stats.model_loads += loads
+        if oom:
+            self.stats.ooms += 1
+            self.failed_on.setdefault(job.index, set()).add(node.name)
+            node.model = None  # the failed pipeline is dropped
+        else:
+            node.model = job.shape.model
+            self.stats.waits.append(self.now - job.submit_s)
+            self.stats.makespan_s = max(self.stats.makespan_s, self.now + seconds)
+        self._at(self.now + seconds, "done", (node, job, oom))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _capacity_bound(nodes: list[SimNode], jobs: list[TraceJob]) -> float:
+    """A makespan bound that respects how much slower each kind of node is (loads aside).
+
+    LP duality: for any shares w_k >= 0 of the node kinds summing to 1 (kind k has m_k nodes),
+    sum over jobs of min over feasible kinds of (w_k / m_k) x seconds on k is at most the makespan of any
+    schedule, even one that splits jobs. w_k = m_k / N gives "each job on its fastest node / N"; a short
+    local search over w from there only raises the bound, and every w tried is a valid bound."""
+    kinds: dict[Device, int] = {}
+    for n in nodes:
+        kinds[n.device] = kinds.get(n.device, 0) + 1
+    devices = list(kinds)
+    classes: dict[JobShape, int] = {}
+    for job in jobs:
+        classes[job.shape] = classes.get(job.shape, 0) + 1
+    table = [
+        (count, [shape.steps * f.seconds_per_step if (f := fit_on(
+            shape.model, shape.width, shape.height, shape.num_images, d)).fits else math.inf for d in devices])
+        for shape, count in classes.items()
+    ]
+    counts = [kinds[d] for d in devices]
+
+    def value(shares: list[float]) -> float:
+        return sum(count * min(w / m * t for w, m, t in zip(shares, counts, times)) for count, times in table)
+
+    shares = [m / len(nodes) for m in counts]
+    best = value(shares)
+    for step in (0.1, 0.05, 0.02, 0.01, 0.005, 0.002):
+        improved = True
+        while improved:
+            improved = False
+            for a in range(len(devices)):
+                for b in range(len(devices)):
+                    if a == b or shares[a] < step:
+                        continue
+                    trial = list(shares)
+                    trial[a] -= step
+                    trial[b] += step
+                    v = value(trial)
+                    if v > best + 1e-9:
+                        shares, best, improved = trial, v, True
+    return best
+
+
+def lower_bound(nodes: list[SimNode], jobs: list[TraceJob]) -> dict[str, float]:
+    """Makespans no schedule can beat (loads aside), measured from time 0: see the module docstring."""
+    fastest = [
+        min(job.shape.steps * _fit(job, n.device).seconds_per_step for n in nodes if _fit(job, n.device).fits)
+        for job in jobs
+    ]
+    if not fastest:
+        return {"work_s": 0.0, "capacity_s": 0.0, "longest_job_s": 0.0, "last_arrival_s": 0.0}
+    return {
+        "work_s": sum(fastest) / len(nodes),
+        "capacity_s": _capacity_bound(nodes, jobs),
+        "longest_job_s": max(fastest),
+        "last_arrival_s": max(job.submit_s + t for job, t in zip(jobs, fastest)),
+    }
+
+
+def simulate(
+    nodes: list[SimNode], jobs: list[TraceJob], policies: tuple[str, ...] = POLICIES,
+    on_reject: Callable[[TraceJob, str], None] | None = None,
+) -> dict[str, Any]:
+    """Every policy over `jobs` on `nodes`; the figures `run_sim` returns."""
+    if not nodes:
+        raise ValueError("the cluster has no nodes")
+    views = [NodeView(n.name, n.device) for n in nodes]
+    accepted, rejected = [], []
+    for job in jobs:
+        reason = why_nothing_fits(job.shape, views)
+        if reason is None:
+            accepted.append(job)
+        else:
+            rejected.append(job)
+            if on_reject:
+                on_reject(job, reason)
+    start = min((j.submit_s for j in accepted), default=0.0)
+    results: dict[str, dict[str, float | int]] = {}
+    for policy in policies:
+        stats = _Sim(nodes, accepted, policy).run()
+        makespan = max(0.0, stats.makespan_s - start)
+        results[policy] = {
+            "makespan_s": round(makespan, 1),
+            "p50_wait_s": round(_percentile(stats.waits, 50), 1),
+            "p95_wait_s": round(_percentile(stats.waits, 95), 1),
+            "utilization": round(stats.busy_s / (len(nodes) * makespan), 3) if makespan else 0.0,
+            "ooms": stats.ooms,
+            "model_loads": stats.model_loads,
+        }
+    bound = {k: round(v - start if k == "last_arrival_s" else v, 1) for k, v in lower_bound(nodes, accepted).items()}
+    return {
+        "policies": results,
+        "lower_bound_s": max(bound.values()),
+        "lower_bound_parts": bound,
+        "rejected": len(rejected),
+        "jobs": len(accepted),
+        "nodes": len(nodes),
+    }
+
+
+def run_sim(trace_path: str | Path | None = None, cluster_path: str | Path | None = None) -> dict[str, Any]:
+    """Simulate every policy over a trace (default bench/sim/trace.jsonl) on a cluster (bench/sim/cluster.yaml)."""
+    return simulate(load_cluster(cluster_path), load_trace(trace_path))
