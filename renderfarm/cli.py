@@ -366,6 +366,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if report["chosen"] else EXIT_ERROR
 
 
+def cmd_bench_sim(args: argparse.Namespace) -> int:
+    """The same placement code against a simulated cluster and a job trace, beside two baselines."""
+    from renderfarm.scheduler.simulate import DEFAULT_CLUSTER, DEFAULT_TRACE, run_sim
+
+    for given, default, flag in ((args.trace, DEFAULT_TRACE, "--trace"), (args.cluster, DEFAULT_CLUSTER, "--cluster")):
+        if not given and not default.exists():
+            raise CliError(f"no default {flag} file at {default} (it ships in the source tree's bench/sim); pass {flag}")
+    report = run_sim(args.trace, args.cluster)
+    if args.json:
+        _emit(args, {"ok": True, **report})
+        return 0
+    bound = report["lower_bound_s"]
+    print(f"{report.get('jobs', '?')} jobs on {report.get('nodes', '?')} nodes; lower bound on the makespan "
+          f"{bound:.0f} s; rejected up front: {report['rejected']}")
+    print(f"  {'policy':<16} {'makespan s':>10} {'x bound':>8} {'p50 wait':>9} {'p95 wait':>9} {'util':>5} "
+          f"{'OOMs':>5} {'loads':>6}")
+    for name, p in report["policies"].items():
+        print(f"  {name:<16} {p['makespan_s']:10.0f} {p['makespan_s'] / bound:8.2f} {p['p50_wait_s']:9.0f} "
+              f"{p['p95_wait_s']:9.0f} {p['utilization']:5.2f} {p['ooms']:5d} {p['model_loads']:6d}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 
@@ -425,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu", help="card name, e.g. 'Quadro RTX 6000' (its figures refine the estimate)")
     plan.add_argument("--margin", type=float, default=0.5, metavar="GIB", help="VRAM kept free (default 0.5)")
     plan.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser("bench", help="benchmarks that need no farm")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    sim = bench_sub.add_parser("sim", parents=[common], help="routing policies on a simulated cluster")
+    sim.add_argument("--trace", help="JSONL of job specs with submit_s (default bench/sim/trace.jsonl)")
+    sim.add_argument("--cluster", help="cluster YAML (default bench/sim/cluster.yaml)")
+    sim.set_defaults(func=cmd_bench_sim)
 
     cancel = sub.add_parser("cancel", parents=[common, with_redis], help="cancel jobs")
     cancel.add_argument("jobs", nargs="*")

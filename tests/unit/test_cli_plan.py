@@ -62,3 +62,21 @@ def test_plan_needs_no_torch_ray_or_diffusers():
         capture_output=True, text=True, timeout=60,
     )
     assert code.returncode == 0 and code.stderr.strip().endswith("[]"), code.stderr
+
+
+def test_bench_sim_json_reports_every_policy_and_the_bound(capsys):
+    assert main(["bench", "sim", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1
+    report = json.loads(out[0])
+    assert set(report["policies"]) == {"renderfarm", "least-busy", "max-pixels-fifo"}
+    for policy in report["policies"].values():
+        assert {"makespan_s", "p95_wait_s", "ooms", "model_loads"} <= set(policy)
+        assert policy["makespan_s"] >= report["lower_bound_s"] > 0
+    assert report["policies"]["renderfarm"]["ooms"] == 0  # never sent where it is predicted not to fit
+
+
+def test_bench_sim_missing_trace_is_one_clear_line(capsys, tmp_path):
+    assert main(["bench", "sim", "--trace", str(tmp_path / "none.jsonl")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "none.jsonl" in err
