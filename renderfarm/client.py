@@ -112,6 +112,8 @@ class FarmClient:
                 valid.append(self.validate(spec, where=f"jobs[{i}]"))
             except SpecError as exc:
                 errors.append(str(exc))
+        if not errors:
+            errors = self._fits_nowhere(valid)
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
@@ -120,6 +122,28 @@ class FarmClient:
         jobs = [Job(id=job_id, spec=spec, created_at=now) for job_id, spec in zip(ids, valid)]
         self.store.submit(jobs, batch_id or new_job_id())
         return ids
+
+    def _fits_nowhere(self, specs: Sequence[JobSpec]) -> list[str]:
+        """One error per spec that no registered node can run in any profile (the planner's reason).
+        With no node registered yet, nothing can be judged and everything is accepted."""
+        from renderfarm.planning.devices import device_from_spec
+        from renderfarm.scheduler.placement import JobShape, NodeView, why_nothing_fits
+
+        nodes = [
+            NodeView(n["name"], device_from_spec(card["name"], card["vram_gib"], card.get("compute_capability")))
+            for n in self.store.nodes() if isinstance(card := n.get("card"), dict)
+        ]
+        if not nodes:
+            return []
+        errors = []
+        for i, spec in enumerate(specs):
+            if not self.catalog.get(spec.model).components:
+                continue  # a model without component data cannot be planned: let the node try
+            shape = JobShape(spec.model, spec.width, spec.height, spec.steps, spec.num_images)
+            reason = why_nothing_fits(shape, nodes, self.catalog)
+            if reason:
+                errors.append(f"jobs[{i}]: {reason}")
+        return errors
 
     # --- follow -------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from renderfarm.planning.catalog import Catalog
 from renderfarm.planning.devices import Device
 
 
@@ -158,13 +159,16 @@ class Decision:
 
 
 @lru_cache(maxsize=65536)
-def fit_on(model: str, width: int, height: int, batch: int, device: Device) -> Fit:
-    """Planning's verdict for `batch` images of `model` at `width` x `height` on `device` (cached)."""
+def fit_on(
+    model: str, width: int, height: int, batch: int, device: Device, catalog: Catalog | None = None
+) -> Fit:
+    """Planning's verdict for `batch` images of `model` at `width` x `height` on `device` (cached), with the
+    models of `catalog` (default: the packaged one)."""
     from renderfarm.planning.catalog import default_catalog
     from renderfarm.planning.profiles import choose_profile
 
     try:
-        entry = default_catalog().get(model)
+        entry = (catalog or default_catalog()).get(model)
         choice = choose_profile(entry, device, width, height, batch)
     except ValueError as exc:  # unknown model, size not allowed for the model
         return Fit(False, None, math.inf, math.inf, math.inf, 0.0, 0.0, str(exc))
@@ -238,11 +242,13 @@ def pick(job: JobShape, nodes: Sequence[NodeView]) -> Decision | None:
     return best_of([score(job, node, fit) for node, fit in fitting])
 
 
-def why_nothing_fits(job: JobShape, nodes: Sequence[NodeView]) -> str | None:
+def why_nothing_fits(
+    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None
+) -> str | None:
     """None when `job` fits some node; else one line naming what it needs and the largest node."""
     if not nodes:
         return f"{job.describe()}: there are no nodes"
-    fits = [fit_on(job.model, job.width, job.height, job.num_images, n.device) for n in nodes]
+    fits = [fit_on(job.model, job.width, job.height, job.num_images, n.device, catalog) for n in nodes]
     if any(f.fits for f in fits):
         return None
     largest = max(nodes, key=lambda n: n.device.vram_gib)

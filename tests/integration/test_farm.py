@@ -128,3 +128,20 @@ def test_omitted_settings_take_the_models_defaults(client):
         entry.default_size, entry.default_size, entry.default_steps, entry.default_guidance)
     assert spec.seed is not None
     assert client.validate({"model": "tiny-flux", "prompt": "x", "steps": 3, "seed": 9}).steps == 3
+
+
+def test_a_job_that_fits_no_node_is_rejected_at_submit_with_the_reason(farm):
+    client = FarmClient(farm.redis_url)  # the packaged catalog: flux-dev with its real components
+    before = client.store.counts()
+    ok = {"model": "tiny-sd15", "prompt": "fine", "width": 64, "height": 64, "steps": 2}
+    huge = {"model": "flux-dev", "prompt": "a poster", "width": 4096, "height": 4096, "num_images": 4}
+    with pytest.raises(SpecError) as info:
+        client.submit_batch([ok, huge])
+    message = str(info.value)
+    assert message.startswith("jobs[1]: flux-dev at 4096x4096, batch 4 needs at least")
+    assert "in its most frugal profile; the largest node (big) has 24 GiB" in message
+    assert message.endswith("nothing was enqueued")
+    assert client.store.counts() == before
+    # The rest of the batch, alone, is accepted.
+    (job_id,) = client.submit_batch([ok])
+    client.wait([job_id], timeout=120)
