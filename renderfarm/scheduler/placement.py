@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from renderfarm.planning.catalog import Catalog
+from renderfarm.planning.catalog import Catalog, default_catalog
 from renderfarm.planning.devices import Device
 
 
@@ -33,6 +33,8 @@ class PendingJob:
     model: str
     batch_key: tuple
     num_images: int = 1
+    width: int = 0  # 0: unknown, no fit check (callers that plan pass the size)
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class WorkerView:
     vram_gib: float
     loaded_models: frozenset[str] = frozenset()
     queued_batches: int = 0  # batches sent and not yet finished (a worker may hold a second in its queue)
+    device: Device | None = None  # the card, for fit checks; None: no check
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,26 @@ def choose_worker(job: PendingJob, idle: Sequence[WorkerView]) -> WorkerView | N
     return min(idle, key=lambda w: (w.queued_batches, job.model not in w.loaded_models, -w.vram_gib, w.name))
 
 
+def _plannable(job: PendingJob, worker: WorkerView, catalog: Catalog | None) -> bool:
+    """Whether fit can be judged: the worker's card and the job's size are known and the model carries
+    component data (a catalog entry without it cannot be planned; its node just tries)."""
+    if worker.device is None or not job.width or not job.height:
+        return False
+    try:
+        return bool((catalog or default_catalog()).get(job.model).components)
+    except ValueError:
+        return False
+
+
 def plan_dispatch(
-    pending: Sequence[PendingJob], idle: Sequence[WorkerView], max_batch_images: int
+    pending: Sequence[PendingJob],
+    idle: Sequence[WorkerView],
+    max_batch_images: int,
+    catalog: Catalog | None = None,
 ) -> list[Assignment]:
-    """Assign queue-ordered `pending` jobs to `idle` workers, one batch per worker."""
+    """Assign queue-ordered `pending` jobs to `idle` workers, one batch per worker. A job goes only to a
+    worker whose card it is predicted to fit (it waits while only smaller cards are free), and a batch
+    grows only up to the largest batch predicted to fit that card."""
     if max_batch_images < 1:
         raise ValueError(f"max_batch_images={max_batch_images} must be >= 1")
     free = list(idle)
@@ -72,17 +91,27 @@ def plan_dispatch(
             break
         if head.id in taken:
             continue
-        worker = choose_worker(head, free)
-        assert worker is not None
+        fitting = [
+            w for w in free
+            if not _plannable(head, w, catalog)
+            or fit_on(head.model, head.width, head.height, head.num_images, w.device, catalog).fits
+        ]
+        worker = choose_worker(head, fitting)
+        if worker is None:
+            continue  # fits none of the free workers now: it waits for a bigger one
         free.remove(worker)
+        limit = max_batch_images
+        if _plannable(head, worker, catalog):
+            limit = min(limit, max(head.num_images, largest_batch(
+                head.model, head.width, head.height, worker.device, limit, catalog)))
         batch, images = [head.id], head.num_images
         taken.add(head.id)
         for other in pending:
-            if images >= max_batch_images:
+            if images >= limit:
                 break
             if other.id in taken or other.batch_key != head.batch_key:
                 continue
-            if images + other.num_images > max_batch_images:
+            if images + other.num_images > limit:
                 continue
             batch.append(other.id)
             images += other.num_images
@@ -164,7 +193,6 @@ def fit_on(
 ) -> Fit:
     """Planning's verdict for `batch` images of `model` at `width` x `height` on `device` (cached), with the
     models of `catalog` (default: the packaged one)."""
-    from renderfarm.planning.catalog import default_catalog
     from renderfarm.planning.profiles import choose_profile
 
     try:
@@ -261,16 +289,18 @@ def why_nothing_fits(
     )
 
 
-def largest_batch(model: str, width: int, height: int, node: NodeView | Device, limit: int = 64) -> int:
+def largest_batch(
+    model: str, width: int, height: int, node: NodeView | Device, limit: int = 64, catalog: Catalog | None = None
+) -> int:
     """The most images of `model` at `width` x `height` predicted to fit in one call on `node` (0: not
     even one), at most `limit`. Peaks grow with the batch, so a binary search suffices."""
     device = node.device if isinstance(node, NodeView) else node
-    if not fit_on(model, width, height, 1, device).fits:
+    if not fit_on(model, width, height, 1, device, catalog).fits:
         return 0
     low, high = 1, limit  # low fits; find the largest that does
     while low < high:
         mid = (low + high + 1) // 2
-        if fit_on(model, width, height, mid, device).fits:
+        if fit_on(model, width, height, mid, device, catalog).fits:
             low = mid
         else:
             high = mid - 1

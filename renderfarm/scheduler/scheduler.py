@@ -21,6 +21,8 @@ from renderfarm.cluster.redis_server import connect
 from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
 from renderfarm.jobs import JobSpec, JobState
+from renderfarm.planning.catalog import default_catalog
+from renderfarm.planning.devices import Device, device_from_spec
 from renderfarm.scheduler.placement import PendingJob, WorkerView, plan_dispatch
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class _Worker:
     handle: Any
     vram_gib: float
     loaded: set[str]
+    device: Device | None = None  # its card, for fit checks
     alive: bool = True
     inflight: int = 0  # batches sent and not yet returned
 
@@ -49,8 +52,9 @@ class Scheduler:
     ):
         self.settings = Settings.model_validate(settings)
         self.store = Store(connect(redis_url), Keys(key_prefix))
+        self.catalog = default_catalog(self.settings.models_file)
         self.workers = {
-            name: _Worker(name, handle, float(info.get("vram_gib", 0)), set(info.get("loaded", [])))
+            name: _Worker(name, handle, float(info.get("vram_gib", 0)), set(info.get("loaded", [])), _card(info))
             for name, (handle, info) in workers.items()
         }
         self._inflight: dict[Any, tuple[str, tuple[str, ...]]] = {}
@@ -101,7 +105,7 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         idle = [
-            WorkerView(w.name, w.vram_gib, frozenset(w.loaded), w.inflight)
+            WorkerView(w.name, w.vram_gib, frozenset(w.loaded), w.inflight, w.device)
             for w in self.workers.values() if self._has_room(w)
         ]
         if not idle:
@@ -118,10 +122,10 @@ class Scheduler:
                     known[job_id] = job.spec
         self._specs = known
         pending = [
-            PendingJob(i, self._specs[i].model, self._specs[i].batch_key(), self._specs[i].num_images)
-            for i in pending_ids if i in self._specs
+            PendingJob(i, spec.model, spec.batch_key(), spec.num_images, spec.width, spec.height)
+            for i in pending_ids if (spec := self._specs.get(i)) is not None
         ]
-        for assignment in plan_dispatch(pending, idle, self.settings.max_batch):
+        for assignment in plan_dispatch(pending, idle, self.settings.max_batch, self.catalog):
             worker = self.workers[assignment.worker]
             deadline = time.time() + self.settings.lease_seconds
             leased = tuple(j for j in assignment.job_ids if self.store.lease(j, worker.name, deadline))
@@ -180,3 +184,11 @@ class Scheduler:
                     self.counters["retried"] += 1
             elif self.store.fail(job_id, f"{error} (after {job.attempts} attempts)", node=node):
                 self.counters["failed"] += 1
+
+
+def _card(info: dict[str, Any]) -> Device | None:
+    """The card a worker reported when it started (see RenderWorker.ready)."""
+    card = info.get("card")
+    if not isinstance(card, dict):
+        return None
+    return device_from_spec(card["name"], card["vram_gib"], card.get("compute_capability"))

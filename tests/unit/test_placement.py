@@ -174,3 +174,32 @@ def test_node_index_chooses_as_pick_does():
             index.commit(job, got)
             old = views[got.node]
             views[got.node] = NodeView(old.name, old.device, frozenset({job.model}), got.finish_s)
+
+
+def _flux(i, size=1024, images=1):
+    return PendingJob(id=f"f{i}", model="flux-dev", batch_key=("flux-dev", size, size, 28, 3.5),
+                      num_images=images, width=size, height=size)
+
+
+def test_dispatch_never_sends_a_job_to_a_card_it_does_not_fit():
+    from tests.unit.cards import QUADRO, RTX3070
+
+    small = WorkerView("small", 8, device=RTX3070)
+    big = WorkerView("big", 24, device=QUADRO)
+    huge = _flux(0, size=2048, images=4)  # fits the 24 GiB card in a frugal profile, not the 8 GiB one
+    assert fit_on("flux-dev", 2048, 2048, 4, QUADRO).fits and not fit_on("flux-dev", 2048, 2048, 4, RTX3070).fits
+    assert plan_dispatch([huge], [small], max_batch_images=8) == []  # waits for the big card
+    assert [a.worker for a in plan_dispatch([huge], [small, big], max_batch_images=8)] == ["big"]
+    # A job behind it that fits the small card is not held up.
+    plan = plan_dispatch([huge, _flux(1)], [small], max_batch_images=8)
+    assert [(a.worker, a.job_ids) for a in plan] == [("small", ("f1",))]
+
+
+def test_coalescing_stops_at_the_largest_batch_predicted_to_fit():
+    from tests.unit.cards import RTX3070
+
+    small = WorkerView("small", 8, device=RTX3070)
+    most = largest_batch("flux-dev", 1024, 1024, RTX3070, limit=16)
+    assert 1 <= most < 16
+    plan = plan_dispatch([_flux(i) for i in range(16)], [small], max_batch_images=16)
+    assert len(plan[0].job_ids) == most
