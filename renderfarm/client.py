@@ -126,12 +126,11 @@ class FarmClient:
     def _fits_nowhere(self, specs: Sequence[JobSpec]) -> list[str]:
         """One error per spec that no registered node can run in any profile (the planner's reason).
         With no node registered yet, nothing can be judged and everything is accepted."""
-        from renderfarm.planning.devices import device_from_spec
+        from renderfarm.planning.devices import device_from_record
         from renderfarm.scheduler.placement import JobShape, NodeView, why_nothing_fits
 
         nodes = [
-            NodeView(n["name"], device_from_spec(card["name"], card["vram_gib"], card.get("compute_capability")))
-            for n in self.store.nodes() if isinstance(card := n.get("card"), dict)
+            NodeView(n["name"], device) for n in self.store.nodes() if (device := device_from_record(n)) is not None
         ]
         if not nodes:
             return []

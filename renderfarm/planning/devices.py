@@ -9,8 +9,9 @@ capability alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from renderfarm.config import NodeDeclaration
 
@@ -209,3 +210,12 @@ def device_from_declaration(node: NodeDeclaration) -> Device:
                 f"but the node declares {node.compute_capability}"
             )
     return device_from_spec(node.gpu or node.name, node.vram_gib, cc)
+
+
+def device_from_record(record: Mapping[str, Any]) -> Device | None:
+    """The card a node reported in its Redis record (the `card` field, `Device.as_dict()`); None when the
+    record carries none."""
+    card = record.get("card")
+    if not isinstance(card, dict):
+        return None
+    return device_from_spec(card["name"], card["vram_gib"], card.get("compute_capability"))

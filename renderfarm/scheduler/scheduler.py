@@ -22,7 +22,7 @@ from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
 from renderfarm.jobs import JobSpec, JobState
 from renderfarm.planning.catalog import default_catalog
-from renderfarm.planning.devices import Device, device_from_spec
+from renderfarm.planning.devices import Device, device_from_record
 from renderfarm.scheduler.placement import PendingJob, WorkerView, plan_dispatch
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Scheduler:
         self.store = Store(connect(redis_url), Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
         self.workers = {
-            name: _Worker(name, handle, float(info.get("vram_gib", 0)), set(info.get("loaded", [])), _card(info))
+            name: _Worker(name, handle, float(info.get("vram_gib", 0)), set(info.get("loaded", [])), device_from_record(info))
             for name, (handle, info) in workers.items()
         }
         self._inflight: dict[Any, tuple[str, tuple[str, ...]]] = {}
@@ -185,10 +185,3 @@ class Scheduler:
             elif self.store.fail(job_id, f"{error} (after {job.attempts} attempts)", node=node):
                 self.counters["failed"] += 1
 
-
-def _card(info: dict[str, Any]) -> Device | None:
-    """The card a worker reported when it started (see RenderWorker.ready)."""
-    card = info.get("card")
-    if not isinstance(card, dict):
-        return None
-    return device_from_spec(card["name"], card["vram_gib"], card.get("compute_capability"))

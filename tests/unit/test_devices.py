@@ -126,3 +126,11 @@ def test_device_rejects_impossible_values():
 def test_as_dict_is_plain_data():
     d = device_from_spec("NVIDIA H100 80GB HBM3", 80, "9.0").as_dict()
     assert d["compute_capability"] == "9.0" and d["bf16_native"] and d["fp8_compute"] and d["kind"] == "cuda"
+
+
+def test_a_node_record_gives_back_its_card():
+    from renderfarm.planning.devices import device_from_record, device_from_spec
+
+    card = device_from_spec("Quadro RTX 6000", 24, "7.5")
+    assert device_from_record({"name": "n", "card": card.as_dict()}) == card
+    assert device_from_record({"name": "n"}) is None
