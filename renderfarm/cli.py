@@ -287,7 +287,12 @@ def _job_row(client, job) -> dict[str, Any]:
            "peak_memory_mb": job.peak_memory_mb, "images": job.images, "profile": job.profile,
            "escalations": job.escalations}
     if job.state.value == "queued":
-        row["queue_position"] = client.position(job.id)
+        estimate = client.estimates([job.id]).get(job.id, {})
+        row["queue_position"] = estimate.get("position")
+        row["eta_s"] = estimate.get("eta_s")
+        row["waits_for"] = estimate.get("node")
+        if estimate.get("waiting"):
+            row["waiting"] = estimate["waiting"]
     return row
 
 
@@ -316,6 +321,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{r['id']}  {r['state']:<9} {r['model']} {r['size']} node={r['node'] or '-'} "
             f"attempts={r['attempts']}" + _stages(r)
             + (f" position={r['queue_position']}" if r.get("queue_position") is not None else "")
+            + (f" eta={r['eta_s']:.1f}s on {r['waits_for']}" if r.get("eta_s") is not None else "")
+            + (f" waiting: {r['waiting']}" if r.get("waiting") else "")
             + (f" error={r['error']}" if r["error"] else "")
             for r in rows
         )

@@ -134,12 +134,13 @@ class FarmClient:
         ]
         if not nodes:
             return []
+        measured, _ = self.store.measurements()  # what nodes measured raises the estimates, never lowers them
         errors = []
         for i, spec in enumerate(specs):
             if not self.catalog.get(spec.model).components:
                 continue  # a model without component data cannot be planned: let the node try
             shape = JobShape(spec.model, spec.width, spec.height, spec.steps, spec.num_images)
-            reason = why_nothing_fits(shape, nodes, self.catalog)
+            reason = why_nothing_fits(shape, nodes, self.catalog, measured)
             if reason:
                 errors.append(f"jobs[{i}]: {reason}")
         return errors
@@ -228,7 +229,34 @@ class FarmClient:
         return out
 
     def position(self, job_id: str) -> int | None:
-        return self.store.position(job_id)
+        """0-based place of a queued job in the order the farm will run it; None when not queued."""
+        return self.estimates([job_id]).get(job_id, {}).get("position")
+
+    def estimates(self, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """For each queued job of `job_ids`: `position` (0-based, in the fair order the scheduler plans
+        with), `node` (the node it waits for), `start_in_s` and `eta_s` (seconds from now until its batch
+        is expected to start and finish), `as_of` (when the scheduler planned it). A job the scheduler has not
+        planned yet (beyond its window, or just submitted) gets its place in the priority queue with
+        `approximate: true`; one no live node can take now gets `waiting` with the reason."""
+        ids = list(job_ids)
+        now = time.time()
+        published = self.store.etas(ids)
+        out: dict[str, dict[str, Any]] = {}
+        for job_id in ids:
+            if self.store.state(job_id) is not JobState.QUEUED:
+                continue
+            eta = published.get(job_id)
+            if eta is None:
+                out[job_id] = {"position": self.store.position(job_id), "approximate": True}
+                continue
+            row: dict[str, Any] = {"position": eta.get("position"), "node": eta.get("node"), "as_of": eta.get("as_of")}
+            if isinstance(eta.get("finish"), (int, float)):
+                row["start_in_s"] = round(max(0.0, eta.get("start", now) - now), 2)
+                row["eta_s"] = round(max(0.0, eta["finish"] - now), 2)
+            if eta.get("waiting"):
+                row["waiting"] = eta["waiting"]
+            out[job_id] = row
+        return out
 
     def status(self) -> dict[str, Any]:
         return {"redis": redact(self.url), "counts": self.store.counts(), "nodes": self.store.nodes()}

@@ -54,6 +54,21 @@ class Settings(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)  # per CPU worker; None: cores / workers
     # Weight bytes of the pipelines a worker keeps loaded; None: its card's VRAM less the planning margin.
     pipeline_cache_gib: float | None = Field(default=None, gt=0)
+    # Fairness (scheduler/fairness.py): priority first; within a priority, teams share the farm in proportion
+    # to their weight (a team not listed weighs 1), charged by the work dispatched for them, which decays
+    # with this half-life; a waiting job gains one priority level per `aging_seconds`, so none starves.
+    team_weights: dict[str, float] = Field(default_factory=dict)
+    fair_share_half_life_s: float = Field(default=3600.0, gt=0)
+    aging_seconds: float = Field(default=600.0, ge=0)  # 0: no aging
+    eta_seconds: float = Field(default=2.0, gt=0)  # how often the scheduler republishes ETAs and positions
+
+    @field_validator("team_weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for team, weight in value.items():
+            if not (weight > 0 and weight < float("inf")):
+                raise ValueError(f"team_weights.{team}={weight!r} must be a finite number > 0")
+        return value
 
     @field_validator("data_dir", "cache_dir", "models_file", "nodes_file")
     @classmethod

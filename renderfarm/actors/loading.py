@@ -455,13 +455,13 @@ def blocks_per_group(denoiser: torch.nn.Module, gpu_weights_gib: float | None) -
     return max(1, min(len(blocks), int(gpu_weights_gib * 2**30 // (2 * largest))))
 
 
-def module_bytes(module: torch.nn.Module) -> int:
+def module_bytes(module: torch.nn.Module, on: str | None = None) -> int:
     """Bytes of `module`'s parameters and buffers as stored (fp8 1 byte, GGUF blocks, bitsandbytes 4-bit
-    data plus its absmax scales), each tensor counted once."""
+    data plus its absmax scales), each tensor counted once; with `on` (a device type), only those there."""
     seen: set[tuple[str, int]] = set()
     total = 0
     for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.device.type == "meta":
+        if tensor.device.type == "meta" or (on is not None and tensor.device.type != on):
             continue
         ident = (str(tensor.device), tensor.data_ptr())
         if ident in seen:
@@ -475,9 +475,13 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def pipeline_bytes(pipe: Any) -> int:
-    """Weight bytes of every torch module of a pipeline (0 for anything that is not a pipeline)."""
+def pipeline_bytes(pipe: Any, on: str | torch.device | None = None) -> int:
+    """Weight bytes of every torch module of a pipeline (0 for anything that is not a pipeline); with `on`,
+    only those on that device now (offloaded weights wait on the CPU: a render moves them in, and its peak
+    growth counts them)."""
     components = getattr(pipe, "components", None)
     if not isinstance(components, dict):
         return 0
-    return sum(module_bytes(c) for c in components.values() if isinstance(c, torch.nn.Module))
+    device_type = torch.device(on).type if on is not None else None
+    return sum(module_bytes(c, device_type) for c in components.values() if isinstance(c, torch.nn.Module))
+

@@ -229,6 +229,7 @@ class RenderResult:
     # the stage times of the whole batch, shared by every job in it.
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
+    peak_growth_mb: float = 0.0  # the peak less what was on the device when the render began
     # Distinct prompts of the whole batch encoded now / taken from the embedding cache.
     encoded_prompts: int = 0
     cached_prompts: int = 0
@@ -355,6 +356,7 @@ def render_batch(
                 parameters=texts,
                 timings=dict(timings),
                 peak_memory_mb=peak.mb,
+                peak_growth_mb=peak.growth_mb,
                 encoded_prompts=encoded,
                 cached_prompts=cached,
             )
@@ -538,7 +540,8 @@ def _decode(pipe: Any, family: str, latents: torch.Tensor, height: int, width: i
 class _PeakMemory:
     """Peak memory of a render, in MiB.
 
-    CUDA: `max_memory_allocated` after resetting the peak. CPU: the growth of the resident set's high-water
+    CUDA: `max_memory_allocated` after resetting the peak (`growth_mb`: less what was allocated at the start,
+    the other pipelines held on the card among it). CPU: the growth of the resident set's high-water
     mark over the resident set at the start. Linux resets the mark when "5" is written to
     /proc/self/clear_refs, so no sampling is needed; a sampling thread is only the fallback (a thread
     waking every few milliseconds measurably slows small renders on a 2-core machine). 0.0 without /proc.
@@ -549,6 +552,8 @@ class _PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.mb = 0.0
+        self.growth_mb = 0.0
+        self._start_allocated = 0
         self._start_rss = 0
         self._peak_rss = 0
         self._hwm_reset = False
@@ -558,6 +563,7 @@ class _PeakMemory:
     def __enter__(self) -> _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_allocated = torch.cuda.memory_allocated(self.device)
             return self
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -573,7 +579,9 @@ class _PeakMemory:
 
     def __exit__(self, *exc_info: Any) -> None:
         if self.device.type == "cuda":
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.mb = peak / 2**20
+            self.growth_mb = max(0, peak - self._start_allocated) / 2**20
             return
         if self._thread is not None:
             self._stop.set()
@@ -581,7 +589,7 @@ class _PeakMemory:
         if self._hwm_reset:
             self._peak_rss = max(self._peak_rss, _status_kib("VmHWM") * 1024)
         self._peak_rss = max(self._peak_rss, _status_kib("VmRSS") * 1024)
-        self.mb = max(0, self._peak_rss - self._start_rss) / 2**20
+        self.mb = self.growth_mb = max(0, self._peak_rss - self._start_rss) / 2**20
 
     def _sample(self) -> None:
         while not self._stop.wait(self.INTERVAL_S):

@@ -170,7 +170,7 @@ class RenderWorker:
                 )
                 for job in jobs
             ]
-            results, profile, load_s, move_s, escalations = self._render_escalating(entry, requests)
+            results, profile, load_s, move_s, escalations, resident = self._render_escalating(entry, requests)
         except Exception as exc:  # a broken model or render: report, let the scheduler retry or fail
             log.exception("node %s: batch %s failed", self.name, job_ids)
             message = f"{type(exc).__name__}: {exc}"
@@ -182,6 +182,7 @@ class RenderWorker:
             return summary
 
         profile_name = profile.name if profile else "as-loaded"
+        self._measured(entry.name, profile_name, requests, results[0], resident, load_s + move_s)
         for result in results:
             timings = {**result.timings, "load_s": load_s, "move_s": result.timings["move_s"] + move_s,
                        "batch_size": float(len(jobs))}
@@ -204,10 +205,11 @@ class RenderWorker:
 
     def _render_escalating(
         self, entry: ModelEntry, requests: list[Any]
-    ) -> tuple[list[Any], Profile | None, float, float, list[str]]:
+    ) -> tuple[list[Any], Profile | None, float, float, list[str], int]:
         """Render, walking down the ladder on out-of-memory errors until a rung succeeds or the floor
         fails too. Returns (results, the profile that rendered, seconds reading weights, seconds placing
-        them on the device, escalations)."""
+        them on the device, escalations, weight bytes on the device when the render began)."""
+        from renderfarm.actors.loading import pipeline_bytes
         from renderfarm.actors.pipelines import is_out_of_memory, render_batch
 
         width, height = requests[0].width, requests[0].height
@@ -220,8 +222,10 @@ class RenderWorker:
             if load_s:  # loaded now: placing the weights on the device is its own stage
                 move_total += pipe.renderfarm_info.move_s
                 load_total += load_s - pipe.renderfarm_info.move_s
+            resident = pipeline_bytes(pipe, on=self.device)
             try:
-                return render_batch(pipe, entry, requests), profile, load_total, move_total, escalations
+                results = render_batch(pipe, entry, requests)
+                return results, profile, load_total, move_total, escalations, resident
             except Exception as exc:
                 if not is_out_of_memory(exc) or profile is None:
                     raise
@@ -240,6 +244,25 @@ class RenderWorker:
                     self.cache.evict(entry.name, profile)  # free the heavier rung before loading the next
                 _release_memory()
                 profile = lower
+
+    def _measured(
+        self, model: str, profile: str, requests: list[Any], result: Any, resident_bytes: int, load_s: float
+    ) -> None:
+        """Report what this batch measured (online calibration): the peak the card needed (the weights that
+        sat on it, the render's growth above them, the context) and the seconds per step; the planner never
+        estimates this profile below that peak again, and scores this node with this speed."""
+        from renderfarm.planning.vram import CONTEXT_GIB
+
+        first = requests[0]
+        peak_gib = (resident_bytes + result.peak_growth_mb * 2**20) / 2**30 + CONTEXT_GIB
+        try:
+            self.store.record_measurement(
+                self.name, model, profile, first.width, first.height, sum(r.num_images for r in requests),
+                peak_gib=peak_gib, s_per_step=result.timings.get("denoise_s_per_step"),
+                load_s=load_s or None,
+            )
+        except Exception:  # a lost measurement costs accuracy, never a render
+            log.warning("node %s: could not record its measurement", self.name, exc_info=True)
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -61,5 +61,35 @@ class Keys:
     def events(self) -> str:
         return self._key("events")
 
+    def queue(self, team: str, priority: int) -> str:
+        """One team's queued jobs at one priority, scored by submit time: the scheduler reads the head of
+        every such queue, so no team's or priority's jobs hide behind another's long queue."""
+        return self._key("queue", team, str(int(priority)))
+
+    @property
+    def queues(self) -> str:
+        """The set of non-empty per-(team, priority) queues."""
+        return self._key("queues")
+
+    @property
+    def calib_peaks(self) -> str:
+        return self._key("calib", "peaks")
+
+    @property
+    def calib_speeds(self) -> str:
+        return self._key("calib", "speeds")
+
+    @property
+    def calib_version(self) -> str:
+        return self._key("calib", "version")
+
+    @property
+    def etas(self) -> str:
+        return self._key("etas")
+
+    @property
+    def fair_share(self) -> str:
+        return self._key("fairshare")
+
     def all_indexes(self) -> list[str]:
         return [self.index(state) for state in JobState]

@@ -30,18 +30,24 @@ STATES = list(JobState)
 
 # Insert jobs that do not exist yet; skip (and report) those that do. Atomic: all new jobs of the batch
 # become visible together or not at all.
-#   KEYS: pending, events, batch, job keys...    ARGV: maxlen, now, then per job: id, score, hash-json
+# Each job also joins its (team, priority) queue, named in its hash's `queue` field (built by Keys).
+#   KEYS: pending, events, batch, queues set, job keys...    ARGV: maxlen, now, then per job: id, score, hash-json
 _SUBMIT = """
 local created = {}
-local n = #KEYS - 3
+local n = #KEYS - 4
 for i = 1, n do
-  local jkey = KEYS[3 + i]
+  local jkey = KEYS[4 + i]
   local id, score, fields = ARGV[3*i], ARGV[3*i + 1], ARGV[3*i + 2]
   if redis.call('EXISTS', jkey) == 0 then
     local flat = {}
-    for k, v in pairs(cjson.decode(fields)) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+    local decoded = cjson.decode(fields)
+    for k, v in pairs(decoded) do flat[#flat + 1] = k; flat[#flat + 1] = v end
     redis.call('HSET', jkey, unpack(flat))
     redis.call('ZADD', KEYS[1], score, id)
+    if decoded['queue'] then
+      redis.call('ZADD', decoded['queue'], decoded['created_at'], id)
+      redis.call('SADD', KEYS[4], decoded['queue'])
+    end
     redis.call('SADD', KEYS[3], id)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'job', id, 'state', 'queued', 'ts', ARGV[2])
     created[#created + 1] = 1
@@ -52,8 +58,9 @@ end
 return created
 """
 
-# Move one job from its current state to ARGV[3], checking legality and ownership.
-#   KEYS: job, events, result, index keys (one per state, in STATES order)
+# Move one job from its current state to ARGV[3], checking legality and ownership; a job leaving or
+# re-entering the queue leaves or re-enters its (team, priority) queue too.
+#   KEYS: job, events, result, index keys (one per state, in STATES order), queues set
 #   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score), 5 expected node
 #         ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen, 10 state names csv,
 #         11 result ttl, 12.. result blobs
@@ -78,6 +85,17 @@ local score = ARGV[4]
 if score == '' then score = redis.call('HGET', jkey, 'score') or '0' end
 redis.call('ZREM', from_key, ARGV[1])
 redis.call('ZADD', to_key, score, ARGV[1])
+local queue = redis.call('HGET', jkey, 'queue')
+if queue then
+  if state == 'queued' then
+    redis.call('ZREM', queue, ARGV[1])
+    if redis.call('ZCARD', queue) == 0 then redis.call('SREM', KEYS[#KEYS], queue) end
+  end
+  if ARGV[3] == 'queued' then
+    redis.call('ZADD', queue, redis.call('HGET', jkey, 'created_at') or ARGV[6], ARGV[1])
+    redis.call('SADD', KEYS[#KEYS], queue)
+  end
+end
 local flat = {'state', ARGV[3], 'updated_at', ARGV[6]}
 for k, v in pairs(cjson.decode(ARGV[7])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 redis.call('HSET', jkey, unpack(flat))
@@ -92,6 +110,45 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state'
            'node', redis.call('HGET', jkey, 'node') or '', 'ts', ARGV[6])
 return {'ok', state}
 """
+
+
+# Record a node's measurement. Peaks keep the maximum; speeds and load times a moving average (weight ALPHA).
+#   KEYS: peaks, speeds, version
+#   ARGV: 1 peak field, 2 peak GiB ('' none), 3 speed field, 4 s/step ('' none), 5 load s ('' none), 6 now,
+#         7 node, 8 profile, 9 alpha
+_MEASURE = """
+local function decode(raw)
+  if not raw then return nil end
+  local ok, value = pcall(cjson.decode, raw)
+  if ok and type(value) == 'table' then return value end
+  return nil
+end
+local now = tonumber(ARGV[6])
+if ARGV[2] ~= '' then
+  local rec = decode(redis.call('HGET', KEYS[1], ARGV[1])) or {samples = 0}
+  local peak = tonumber(ARGV[2])
+  if type(rec.peak_gib) ~= 'number' or peak > rec.peak_gib then rec.peak_gib = peak; rec.node = ARGV[7] end
+  rec.samples = (tonumber(rec.samples) or 0) + 1
+  rec.updated = now
+  redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
+end
+if ARGV[4] ~= '' then
+  local rec = decode(redis.call('HGET', KEYS[2], ARGV[3])) or {samples = 0}
+  local alpha = tonumber(ARGV[9])
+  local function blend(old, new)
+    if type(old) ~= 'number' then return new end
+    return old + alpha * (new - old)
+  end
+  rec.s_per_step = blend(rec.s_per_step, tonumber(ARGV[4]))
+  if ARGV[5] ~= '' then rec.load_s = blend(rec.load_s, tonumber(ARGV[5])) end
+  rec.profile = ARGV[8]
+  rec.samples = (tonumber(rec.samples) or 0) + 1
+  rec.updated = now
+  redis.call('HSET', KEYS[2], ARGV[3], cjson.encode(rec))
+end
+return redis.call('INCR', KEYS[3])
+"""
+MEASURE_ALPHA = 0.3
 
 
 class CorruptRecord(ValueError):
@@ -169,6 +226,7 @@ class Store:
         self.keys = keys or Keys()
         self._submit = client.register_script(_SUBMIT)
         self._transition = client.register_script(_TRANSITION)
+        self._measure = client.register_script(_MEASURE)
 
     # --- submit -------------------------------------------------------------------------------------
 
@@ -176,10 +234,11 @@ class Store:
         """Enqueue `jobs` as one batch in one transaction; True per job that was new, False if it existed."""
         if not jobs:
             return []
-        keys = [self.keys.pending, self.keys.events, self.keys.batch(batch_id)]
+        keys = [self.keys.pending, self.keys.events, self.keys.batch(batch_id), self.keys.queues]
         args: list[Any] = [EVENTS_MAXLEN, repr(time.time())]
         for job in jobs:
             fields = job_to_hash(job.model_copy(update={"batch_id": batch_id}))
+            fields["queue"] = self.keys.queue(job.spec.team, job.spec.priority)
             keys.append(self.keys.job(job.id))
             args += [job.id, fields["score"], json.dumps(fields)]
         return [bool(flag) for flag in self._submit(keys=keys, args=args)]
@@ -227,6 +286,104 @@ class Store:
         """0-based place in the pending queue, None when not queued."""
         return self.redis.zrank(self.keys.pending, job_id)
 
+    def queue_heads(self, per_queue: int) -> list[str]:
+        """The oldest `per_queue` jobs of every (team, priority) queue: what fair share and aging choose
+        from, however long any one team's queue is."""
+        queues = sorted(self.redis.smembers(self.keys.queues))
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrange(queue, 0, per_queue - 1)
+        return [m.decode() for heads in pipe.execute() for m in heads]
+
+    # --- estimates: ETAs and fair-share usage, written by the scheduler ---------------------------------
+
+    def write_etas(self, etas: dict[str, dict[str, Any]], ttl_seconds: int = 300) -> None:
+        """Replace the published ETAs (job id -> JSON) in one step; they expire if no scheduler renews them."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.etas)
+            if etas:
+                pipe.hset(self.keys.etas, mapping={k: json.dumps(v) for k, v in etas.items()})
+                pipe.expire(self.keys.etas, ttl_seconds)
+            pipe.execute()
+
+    def etas(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The published ETA of each of `job_ids` that has one (a record that does not parse is skipped)."""
+        if not job_ids:
+            return {}
+        out = {}
+        for job_id, raw in zip(job_ids, self.redis.hmget(self.keys.etas, list(job_ids))):
+            if raw is None:
+                continue
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                out[job_id] = value
+        return out
+
+    def read_fair_share(self) -> dict[str, Any] | None:
+        raw = self.redis.get(self.keys.fair_share)
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CorruptRecord(f"{self.keys.fair_share} does not parse: {exc}") from None
+        if not isinstance(value, dict):
+            raise CorruptRecord(f"{self.keys.fair_share} is not a JSON object")
+        return value
+
+    def write_fair_share(self, state: dict[str, Any]) -> None:
+        self.redis.set(self.keys.fair_share, json.dumps(state))
+
+    # --- online calibration -------------------------------------------------------------------------------
+
+    def record_measurement(
+        self, node: str, model: str, profile: str, width: int, height: int, batch: int,
+        peak_gib: float | None, s_per_step: float | None, load_s: float | None = None,
+    ) -> None:
+        """What `node` measured rendering `batch` images of `model` at `width` x `height` with `profile`: the
+        peak (kept as the highest seen for model, profile, size bucket and batch), the seconds per step and,
+        when it loaded the model for this batch, the load time (both a moving average per node)."""
+        from renderfarm.planning.measured import peak_field, speed_field
+
+        self._measure(
+            keys=[self.keys.calib_peaks, self.keys.calib_speeds, self.keys.calib_version],
+            args=[
+                peak_field(model, profile, width, height, batch), "" if peak_gib is None else repr(float(peak_gib)),
+                speed_field(node, model, width, height, batch),
+                "" if s_per_step is None else repr(float(s_per_step)),
+                "" if load_s is None else repr(float(load_s)),
+                repr(time.time()), node, profile, repr(MEASURE_ALPHA),
+            ],
+        )
+
+    def measurements_version(self) -> int:
+        return int(self.redis.get(self.keys.calib_version) or 0)
+
+    def measurements(self) -> tuple[Any, list[str]]:
+        """A planning.measured.Measurements snapshot of everything measured, and one line per record that
+        did not parse (skipped, reported: a malformed record must not stop planning)."""
+        from renderfarm.planning.measured import Measurements
+
+        bad: list[str] = []
+
+        def records(key: str) -> list[tuple[str, dict]]:
+            out = []
+            for field_name, raw in self.redis.hgetall(key).items():
+                name = field_name.decode(errors="replace")
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    bad.append(f"{key} {name!r}: {exc}")
+                    continue
+                out.append((name, value))
+            return out
+
+        snapshot, unparsed = Measurements.from_records(records(self.keys.calib_peaks), records(self.keys.calib_speeds))
+        return snapshot, bad + unparsed
+
     # --- state changes ------------------------------------------------------------------------------
 
     def transition(
@@ -264,7 +421,10 @@ class Store:
             str(result_ttl),
             *images,
         ]
-        keys = [self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes()]
+        keys = [
+            self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
+            self.keys.queues,
+        ]
         status, current = (part.decode() for part in self._transition(keys=keys, args=args))
         if status == "missing":
             raise JobNotFound(job_id)

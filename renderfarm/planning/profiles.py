@@ -20,6 +20,7 @@ Precision rules (each a function below, so every choice is visible and tested):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -389,8 +390,13 @@ def _budget(profile: Profile) -> str:
     return f" with {profile.gpu_weights_gib:g} GiB of weights in flight" if profile.gpu_weights_gib else ""
 
 
+def _measured(pred: Prediction) -> str:
+    return " (measured)" if pred.measured else ""
+
+
 def _evaluate(
-    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, usable: float
+    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, usable: float,
+    floors: Mapping[str, float],
 ) -> Candidate:
     from renderfarm.planning.vram import predict
 
@@ -399,25 +405,33 @@ def _evaluate(
             return _sized_group_budget(entry, p, device, width, height, batch, usable)
         return p
 
+    def estimate(p: Profile) -> Prediction:
+        """The prediction, raised to the measured floor where a node measured this profile here."""
+        pred = predict(entry, p, device, width, height, batch)
+        floor = floors.get(p.name)
+        return replace(pred, peak_gib=floor, measured=True) if floor is not None and floor > pred.peak_gib else pred
+
     full = sized(profile)
-    full_pred = predict(entry, full, device, width, height, batch)
+    full_pred = estimate(full)
     unavailable = unavailable_reason(entry, profile, device)
     if unavailable:
         return Candidate(full, full_pred, False, f"unavailable: {unavailable}")
     if full_pred.peak_gib <= usable:
-        return Candidate(full, full_pred, True, f"fits: {full_pred.peak_gib:.2f} of {usable:.2f} GiB{_budget(full)}")
+        return Candidate(
+            full, full_pred, True, f"fits: {full_pred.peak_gib:.2f}{_measured(full_pred)} of {usable:.2f} GiB{_budget(full)}"
+        )
     tiled = sized(profile.with_vae(VaeMode.TILED))
-    tiled_pred = predict(entry, tiled, device, width, height, batch)
+    tiled_pred = estimate(tiled)
     if tiled_pred.peak_gib <= usable:
         return Candidate(
             tiled, tiled_pred, True,
-            f"fits with tiled VAE: {tiled_pred.peak_gib:.2f} of {usable:.2f} GiB{_budget(tiled)} "
+            f"fits with tiled VAE: {tiled_pred.peak_gib:.2f}{_measured(tiled_pred)} of {usable:.2f} GiB{_budget(tiled)} "
             f"(full decode needs {full_pred.peak_gib:.2f})",
         )
     best, pred = (tiled, tiled_pred) if tiled_pred.peak_gib < full_pred.peak_gib else (full, full_pred)
     return Candidate(
         best, pred, False,
-        f"needs {pred.peak_gib:.2f} GiB at {pred.peak_stage.value}; {usable:.2f} usable",
+        f"needs {pred.peak_gib:.2f} GiB{_measured(pred)} at {pred.peak_stage.value}; {usable:.2f} usable",
     )
 
 
@@ -428,14 +442,16 @@ def choose_profile(
     height: int,
     batch: int = 1,
     margin_gib: float = DEFAULT_MARGIN_GIB,
+    floors: Mapping[str, float] | None = None,
 ) -> ProfileChoice:
     """The fastest rung of `entry`'s ladder whose predicted peak fits `device` with `margin_gib` to spare,
     trying each rung with a full VAE decode, then tiled, before the next; every rung's prediction and
-    verdict come along in `candidates`."""
+    verdict come along in `candidates`. `floors` (profile name -> GiB, from planning.measured) raises a
+    prediction to what a node measured for that profile at this size: an estimate never goes below it."""
     _check_job(entry, width, height, batch)
     usable = device.vram_gib - margin_gib
     candidates = tuple(
-        _evaluate(entry, rung, device, width, height, batch, usable) for rung in ladder(entry, device)
+        _evaluate(entry, rung, device, width, height, batch, usable, floors or {}) for rung in ladder(entry, device)
     )
     chosen = next((c for c in candidates if c.fits), None)
     if chosen is not None:

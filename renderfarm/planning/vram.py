@@ -98,6 +98,7 @@ class Prediction:
     reserve_gib: float  # context + allocator slack, included in every stage
     denoiser_in_flight_gib: float  # denoiser weights on the device during a denoise step
     seconds_per_step: float  # rough: one denoising step of the whole batch
+    measured: bool = False  # peak_gib was raised to a node's measured peak (planning.measured)
 
     @property
     def allocator_peak_gib(self) -> float:

@@ -1,136 +1,42 @@
-"""Where each pending job goes: pure functions over plain data, testable without Ray or Redis.
+"""Where each pending job goes: filter -> score -> pick, pure functions over plain data (no Ray, no Redis).
 
-v0 policy: walk the queue in order (priority, then submit time); give the head job to the worker with a
-free slot and the fewest batches queued, preferring one that already has its model loaded (no reload),
-then the one with the most VRAM; coalesce
-the compatible jobs behind it (same model, size, steps, guidance) into one pipeline call, up to the batch
-limit in images.
+- `filter_nodes` keeps the nodes where planning's `choose_profile` finds a profile that fits (measured peaks
+  from planning.measured raise the predictions: an estimate never goes below what a node measured);
+- `score` estimates the finish on a node: its backlog, plus a model load when the model is not loaded there,
+  plus steps x seconds per step (the node's measured figure when it has one, else the prediction);
+- `best_of` takes the earliest finish, and among near ties the least VRAM left over (best fit), so big
+  cards stay free for big jobs; `pick` does all three.
 
-v1 (below `plan_dispatch`): filter -> score -> pick over `NodeView`s that carry each node's `Device`:
-`filter_nodes` keeps the nodes where planning's `choose_profile` finds a profile that fits, `score` estimates
-the finish (backlog + model load when needed + steps x seconds per step), `best_of` takes the earliest finish
-with best fit (least VRAM left over) among near ties, `pick` does all three; `why_nothing_fits` says why a job
-fits nowhere and `largest_batch` how many images fit one call. `NodeIndex` makes the same choice in time that
-does not grow with the number of nodes of a kind, for large farms. scheduler/simulate.py runs this code
-against a simulated cluster.
+`plan_dispatch` is the live scheduler's round: it walks the queue in its fair order (scheduler/fairness.py),
+picks a node for each job as above, coalesces the compatible jobs behind it up to the largest batch predicted
+to fit that node, and commits the batch to the node's backlog. A batch whose node has a free slot is sent
+now; the others wait for their node (a fast card finishing soon beats a slow idle one), and every job gets a
+position and an ETA from the same estimates. A job is never sent where it is predicted not to fit.
+
+`why_nothing_fits` says why a job fits nowhere, `largest_batch` how many images fit one call, and `NodeIndex`
+makes `pick`'s choice in time that does not grow with the number of nodes of a kind, for large farms.
+scheduler/simulate.py runs this code against a simulated cluster.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from renderfarm.planning.catalog import Catalog, default_catalog
 from renderfarm.planning.devices import Device
-
-
-@dataclass(frozen=True)
-class PendingJob:
-    id: str
-    model: str
-    batch_key: tuple
-    num_images: int = 1
-    width: int = 0  # 0: unknown, no fit check (callers that plan pass the size)
-    height: int = 0
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    name: str
-    vram_gib: float
-    loaded_models: frozenset[str] = frozenset()
-    queued_batches: int = 0  # batches sent and not yet finished (a worker may hold a second in its queue)
-    device: Device | None = None  # the card, for fit checks; None: no check
-
-
-@dataclass(frozen=True)
-class Assignment:
-    worker: str
-    job_ids: tuple[str, ...]
-    model: str
-
-
-def choose_worker(job: PendingJob, idle: Sequence[WorkerView]) -> WorkerView | None:
-    """The worker for `job` among those with a free slot: the least queued, then one with the model
-    loaded, then the largest card, then by name."""
-    if not idle:
-        return None
-    return min(idle, key=lambda w: (w.queued_batches, job.model not in w.loaded_models, -w.vram_gib, w.name))
-
-
-def _plannable(job: PendingJob, worker: WorkerView, catalog: Catalog | None) -> bool:
-    """Whether fit can be judged: the worker's card and the job's size are known and the model carries
-    component data (a catalog entry without it cannot be planned; its node just tries)."""
-    if worker.device is None or not job.width or not job.height:
-        return False
-    try:
-        return bool((catalog or default_catalog()).get(job.model).components)
-    except ValueError:
-        return False
-
-
-def plan_dispatch(
-    pending: Sequence[PendingJob],
-    idle: Sequence[WorkerView],
-    max_batch_images: int,
-    catalog: Catalog | None = None,
-) -> list[Assignment]:
-    """Assign queue-ordered `pending` jobs to `idle` workers, one batch per worker. A job goes only to a
-    worker whose card it is predicted to fit (it waits while only smaller cards are free), and a batch
-    grows only up to the largest batch predicted to fit that card."""
-    if max_batch_images < 1:
-        raise ValueError(f"max_batch_images={max_batch_images} must be >= 1")
-    free = list(idle)
-    taken: set[str] = set()
-    plan: list[Assignment] = []
-    for head in pending:
-        if not free:
-            break
-        if head.id in taken:
-            continue
-        fitting = [
-            w for w in free
-            if not _plannable(head, w, catalog)
-            or fit_on(head.model, head.width, head.height, head.num_images, w.device, catalog).fits
-        ]
-        worker = choose_worker(head, fitting)
-        if worker is None:
-            continue  # fits none of the free workers now: it waits for a bigger one
-        free.remove(worker)
-        limit = max_batch_images
-        if _plannable(head, worker, catalog):
-            limit = min(limit, max(head.num_images, largest_batch(
-                head.model, head.width, head.height, worker.device, limit, catalog)))
-        batch, images = [head.id], head.num_images
-        taken.add(head.id)
-        for other in pending:
-            if images >= limit:
-                break
-            if other.id in taken or other.batch_key != head.batch_key:
-                continue
-            if images + other.num_images > limit:
-                continue
-            batch.append(other.id)
-            images += other.num_images
-            taken.add(other.id)
-        plan.append(Assignment(worker=worker.name, job_ids=tuple(batch), model=head.model))
-    return plan
-
-
-# --- v1: filter -> score -> pick over node views -----------------------------------------------------
-#
-# A node view carries its `Device` (planning.devices), the models it holds (or will hold once its queue
-# drains) and its backlog in seconds. Whether a job fits is planning's `choose_profile` on that device,
-# cached per (model, size, batch, device) because the scheduler asks many times a second. A job is never
-# placed where its predicted peak does not fit.
+from renderfarm.planning.measured import EMPTY, Measurements
 
 # Loading a model: weights read from a local disk (page cache cold) and copied over PCIe. Effective rate of
 # the whole path, plus a fixed cost for building the pipeline.
 LOAD_GBPS = 2.0
 LOAD_OVERHEAD_S = 3.0
+# A model without component data has no prediction: until its node measures one, a step counts this long.
+UNKNOWN_S_PER_STEP = 1.0
 # Finish times within this much of the best count as a tie, broken by the least VRAM left over (best fit):
 # a little later on a small card beats taking a big card that a big job may need.
 TIE_FRACTION = 0.05
@@ -152,15 +58,29 @@ class JobShape:
 
 
 @dataclass(frozen=True)
+class PendingJob:
+    """A queued job as the live planner sees it; `batch_key` equal means it can share a pipeline call."""
+
+    id: str
+    model: str
+    batch_key: tuple
+    num_images: int = 1
+    width: int = 0
+    height: int = 0
+    steps: int = 1
+
+    @property
+    def shape(self) -> JobShape:
+        return JobShape(self.model, self.width, self.height, self.steps, self.num_images)
+
+
+@dataclass(frozen=True)
 class NodeView:
     name: str
-    device: Device
+    device: Device | None  # None: a node that reported no card (nothing can be planned on it)
     loaded_models: frozenset[str] = frozenset()
     backlog_s: float = 0.0  # estimated seconds of work already sent to the node and not finished
-    # Measured seconds per step by (model, width, height, batch): wins over the prediction where present.
-    measured_s_per_step: Mapping[tuple[str, int, int, int], float] = field(
-        default_factory=dict, compare=False, hash=False
-    )
+    slots: int = 0  # batches it can take now (live planning); 0: it takes work only when one frees up
 
 
 @dataclass(frozen=True)
@@ -189,15 +109,17 @@ class Decision:
 
 @lru_cache(maxsize=65536)
 def fit_on(
-    model: str, width: int, height: int, batch: int, device: Device, catalog: Catalog | None = None
+    model: str, width: int, height: int, batch: int, device: Device, catalog: Catalog | None = None,
+    measured: Measurements = EMPTY,
 ) -> Fit:
     """Planning's verdict for `batch` images of `model` at `width` x `height` on `device` (cached), with the
-    models of `catalog` (default: the packaged one)."""
+    models of `catalog` (default: the packaged one) and the peaks nodes measured (`measured`, a snapshot)."""
     from renderfarm.planning.profiles import choose_profile
 
     try:
         entry = (catalog or default_catalog()).get(model)
-        choice = choose_profile(entry, device, width, height, batch)
+        floors = measured.floors(model, width, height, batch) if measured else None
+        choice = choose_profile(entry, device, width, height, batch, floors=floors)
     except ValueError as exc:  # unknown model, size not allowed for the model
         return Fit(False, None, math.inf, math.inf, math.inf, 0.0, 0.0, str(exc))
     runnable = [c for c in choice.candidates if not c.reason.startswith("unavailable")]
@@ -217,38 +139,67 @@ def fit_on(
     )
 
 
+def plannable(model: str, catalog: Catalog | None = None) -> bool:
+    """Whether the catalog carries component data for `model` (without it nothing can be predicted: its
+    nodes just try, and only measurements inform the estimates)."""
+    try:
+        return bool((catalog or default_catalog()).get(model).components)
+    except ValueError:
+        return False
+
+
 def load_seconds(fit: Fit, device: Device) -> float:
     """Seconds to load a model whose weights are `fit.weights_gib`: disk and PCIe, plus pipeline setup."""
     return LOAD_OVERHEAD_S + fit.weights_gib * 2**30 / (LOAD_GBPS * 1e9)
 
 
-def run_seconds(job: JobShape, node: NodeView, fit: Fit) -> float:
-    """Seconds to render `job` on `node`: steps x seconds per step, measured where the node reports it."""
-    key = (job.model, job.width, job.height, job.num_images)
-    per_step = node.measured_s_per_step.get(key, fit.seconds_per_step)
-    return job.steps * per_step
+def fit_for(
+    job: JobShape, node: NodeView, catalog: Catalog | None = None, measured: Measurements = EMPTY
+) -> Fit | None:
+    """Planning's verdict for `job` on `node`; None when it cannot be judged (no card, or no component data):
+    such a job is assumed to fit."""
+    if node.device is None or not plannable(job.model, catalog):
+        return None
+    return fit_on(job.model, job.width, job.height, job.num_images, node.device, catalog, measured)
 
 
-def filter_nodes(job: JobShape, nodes: Sequence[NodeView]) -> tuple[list[tuple[NodeView, Fit]], dict[str, str]]:
-    """The nodes where some profile of `job` fits, with planning's verdict; and why each other was left out."""
-    fitting: list[tuple[NodeView, Fit]] = []
+def filter_nodes(
+    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None, measured: Measurements = EMPTY
+) -> tuple[list[tuple[NodeView, Fit | None]], dict[str, str]]:
+    """The nodes where some profile of `job` fits (or fit cannot be judged: None), with planning's verdict;
+    and why each other was left out."""
+    fitting: list[tuple[NodeView, Fit | None]] = []
     rejected: dict[str, str] = {}
     for node in nodes:
-        fit = fit_on(job.model, job.width, job.height, job.num_images, node.device)
-        if fit.fits:
+        fit = fit_for(job, node, catalog, measured)
+        if fit is None or fit.fits:
             fitting.append((node, fit))
         else:
             rejected[node.name] = fit.reason
     return fitting, rejected
 
 
-def score(job: JobShape, node: NodeView, fit: Fit) -> Decision:
-    """Estimated finish: the node's backlog, then a load when the model is not there, then the run."""
-    run = run_seconds(job, node, fit)
-    load = 0.0 if job.model in node.loaded_models else load_seconds(fit, node.device)
+def score(job: JobShape, node: NodeView, fit: Fit | None, measured: Measurements = EMPTY) -> Decision:
+    """Estimated finish: the node's backlog, then a load when the model is not there, then the run: steps x
+    the node's measured seconds per step where it has them, else the prediction, else (a model without
+    component data) the farm's measured mean for the model, else UNKNOWN_S_PER_STEP."""
+    per_step = measured.seconds_per_step(node.name, job.model, job.width, job.height, job.num_images)
+    if per_step is None and fit is not None:
+        per_step = fit.seconds_per_step
+    if per_step is None:
+        per_step = measured.farm_seconds_per_step(job.model, job.width, job.height, job.num_images)
+    if per_step is None:
+        per_step = UNKNOWN_S_PER_STEP
+    load = 0.0
+    if job.model not in node.loaded_models:
+        load = measured.load_seconds(node.name, job.model) or (
+            load_seconds(fit, node.device) if fit is not None and node.device is not None else LOAD_OVERHEAD_S
+        )
+    run = job.steps * per_step
+    leftover = fit.usable_gib - fit.peak_gib if fit is not None else (node.device.vram_gib if node.device else 0.0)
     return Decision(
-        node=node.name, profile=fit.profile or "", finish_s=node.backlog_s + load + run, run_s=run, load_s=load,
-        leftover_gib=fit.usable_gib - fit.peak_gib,
+        node=node.name, profile=(fit.profile or "") if fit is not None else "", finish_s=node.backlog_s + load + run,
+        run_s=run, load_s=load, leftover_gib=leftover,
     )
 
 
@@ -263,24 +214,132 @@ def best_of(decisions: Sequence[Decision]) -> Decision | None:
     )
 
 
-def pick(job: JobShape, nodes: Sequence[NodeView]) -> Decision | None:
+def pick(
+    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None, measured: Measurements = EMPTY
+) -> Decision | None:
     """Filter, score, pick: the node where `job` fits and finishes soonest (best fit among near ties).
     None when it fits nowhere (see `why_nothing_fits`)."""
-    fitting, _ = filter_nodes(job, nodes)
-    return best_of([score(job, node, fit) for node, fit in fitting])
+    fitting, _ = filter_nodes(job, nodes, catalog, measured)
+    return best_of([score(job, node, fit, measured) for node, fit in fitting])
+
+
+# --- the live scheduler's round ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A batch to send now: its node, its jobs (in queue order), and what the planner expects of it."""
+
+    worker: str
+    job_ids: tuple[str, ...]
+    model: str
+    profile: str = ""
+    run_s: float = 0.0
+    finish_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Eta:
+    """Where a queued job stands: its place in the fair order, the node it waits for, and when its batch is
+    expected to start and finish (seconds from the planning round)."""
+
+    position: int
+    node: str
+    start_s: float
+    finish_s: float
+
+
+@dataclass
+class Plan:
+    assignments: list[Assignment] = field(default_factory=list)
+    etas: dict[str, Eta] = field(default_factory=dict)
+    unplaced: dict[str, str] = field(default_factory=dict)  # job id -> why it fits no node now
+
+
+def plan_dispatch(
+    pending: Sequence[PendingJob],
+    nodes: Sequence[NodeView],
+    max_batch_images: int,
+    catalog: Catalog | None = None,
+    measured: Measurements = EMPTY,
+    full: bool = True,
+) -> Plan:
+    """One planning round over `pending` (already in fair order) and the live `nodes`.
+
+    Each job, in order, goes to `pick`'s node with the compatible jobs behind it (same `batch_key`) coalesced
+    up to the largest batch predicted to fit there (and `max_batch_images`); the batch is committed to that
+    node's backlog, so later jobs see it. Batches for a node with a free slot are sent now (`assignments`);
+    the rest wait for their node. With `full` every job gets an ETA; without it the round stops once no node
+    has a free slot (the cheap round the scheduler runs on every event).
+    """
+    if max_batch_images < 1:
+        raise ValueError(f"max_batch_images={max_batch_images} must be >= 1")
+    views = {n.name: n for n in nodes}
+    slots = {n.name: n.slots for n in nodes}
+    followers: dict[tuple, deque[PendingJob]] = {}
+    for job in pending:
+        followers.setdefault(job.batch_key, deque()).append(job)
+    taken: set[str] = set()
+    plan = Plan()
+    position = 0
+    for head in pending:
+        if not full and not any(slots.values()):
+            break
+        if head.id in taken:
+            continue
+        decision = pick(head.shape, list(views.values()), catalog, measured)
+        if decision is None:
+            plan.unplaced[head.id] = why_nothing_fits(head.shape, list(views.values()), catalog, measured) or "no node"
+            continue
+        node = views[decision.node]
+        fit = fit_for(head.shape, node, catalog, measured)
+        limit = max_batch_images
+        if fit is not None:
+            limit = min(limit, max(head.num_images, largest_batch(
+                head.model, head.width, head.height, node.device, limit, catalog, measured)))
+        batch, images = [head], head.num_images
+        taken.add(head.id)
+        queue = followers[head.batch_key]
+        skipped: list[PendingJob] = []
+        while queue and images < limit:
+            other = queue.popleft()
+            if other.id in taken:
+                continue
+            if images + other.num_images > limit:
+                skipped.append(other)
+                continue
+            batch.append(other)
+            images += other.num_images
+            taken.add(other.id)
+        queue.extendleft(reversed(skipped))
+        if len(batch) > 1 or images != head.num_images:  # the whole batch's run, not the head's alone
+            decision = score(replace(head.shape, num_images=images), node,
+                             fit_for(replace(head.shape, num_images=images), node, catalog, measured), measured)
+        start = node.backlog_s + decision.load_s
+        for job in batch:
+            plan.etas[job.id] = Eta(position, node.name, start, decision.finish_s)
+            position += 1
+        if slots[node.name] > 0:
+            slots[node.name] -= 1
+            plan.assignments.append(Assignment(
+                node.name, tuple(j.id for j in batch), head.model, decision.profile, decision.run_s, decision.finish_s,
+            ))
+        views[node.name] = replace(node, backlog_s=decision.finish_s, loaded_models=node.loaded_models | {head.model})
+    return plan
 
 
 def why_nothing_fits(
-    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None
+    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None, measured: Measurements = EMPTY
 ) -> str | None:
-    """None when `job` fits some node; else one line naming what it needs and the largest node."""
+    """None when `job` fits some node (or fit cannot be judged on one); else one line naming what it needs
+    and the largest node."""
     if not nodes:
         return f"{job.describe()}: there are no nodes"
-    fits = [fit_on(job.model, job.width, job.height, job.num_images, n.device, catalog) for n in nodes]
-    if any(f.fits for f in fits):
+    fits = [fit_for(job, n, catalog, measured) for n in nodes]
+    if any(f is None or f.fits for f in fits):
         return None
-    largest = max(nodes, key=lambda n: n.device.vram_gib)
-    needed = min(f.needed_gib for f in fits)
+    largest = max(nodes, key=lambda n: n.device.vram_gib if n.device else 0.0)
+    needed = min(f.needed_gib for f in fits if f is not None)
     if math.isinf(needed):
         return f"{job.describe()}: {fits[0].reason}"
     return (
@@ -290,17 +349,19 @@ def why_nothing_fits(
 
 
 def largest_batch(
-    model: str, width: int, height: int, node: NodeView | Device, limit: int = 64, catalog: Catalog | None = None
+    model: str, width: int, height: int, node: NodeView | Device, limit: int = 64, catalog: Catalog | None = None,
+    measured: Measurements = EMPTY,
 ) -> int:
     """The most images of `model` at `width` x `height` predicted to fit in one call on `node` (0: not
-    even one), at most `limit`. Peaks grow with the batch, so a binary search suffices."""
+    even one), at most `limit`. Peaks (predicted and measured floors alike) grow with the batch, so a binary
+    search suffices."""
     device = node.device if isinstance(node, NodeView) else node
-    if not fit_on(model, width, height, 1, device, catalog).fits:
+    if not fit_on(model, width, height, 1, device, catalog, measured).fits:
         return 0
     low, high = 1, limit  # low fits; find the largest that does
     while low < high:
         mid = (low + high + 1) // 2
-        if fit_on(model, width, height, mid, device, catalog).fits:
+        if fit_on(model, width, height, mid, device, catalog, measured).fits:
             low = mid
         else:
             high = mid - 1
@@ -310,8 +371,7 @@ def largest_batch(
 class NodeIndex:
     """`pick` for large farms: nodes grouped by device, each group a heap of backlogs (all nodes, and the nodes
     holding each model), so a decision costs O(kinds x log nodes) whatever the farm's and the queue's size.
-    Chooses exactly as `pick` over the same views (measured seconds per step aside: a kind shares its
-    prediction). Stale heap entries are dropped lazily when they reach the top."""
+    Chooses exactly as `pick` over the same views, without measurements (a kind shares its prediction). Stale heap entries are dropped lazily when they reach the top."""
 
     def __init__(self, nodes: Sequence[NodeView] = ()):
         self._state: dict[str, tuple[Device, float, frozenset[str]]] = {}

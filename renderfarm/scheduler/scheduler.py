@@ -1,4 +1,11 @@
-"""The controller: one per farm. It owns dispatch: read pending -> plan -> lease -> call workers.
+"""The controller: one per farm. It owns dispatch: read pending -> order -> plan -> lease -> call workers.
+
+Each round reads the head of the queue (the first jobs by priority and submit time, and the oldest jobs of
+every (team, priority) queue), orders them fairly (fairness.FairShare: priority, then weighted fair share
+between teams, with aging), and plans them with placement.plan_dispatch: each job to the node where it is
+predicted to fit and finish first, given every node's backlog, whether its model is loaded there, and the
+speeds and peaks nodes measured (online calibration, read from Redis when a worker records something new).
+Every `eta_seconds` the round plans the whole window and publishes each job's position and ETA.
 
 A plain class, made a Ray actor by `farm.py` (with max_concurrency > 1 so `stop()` and `stats()` reach it
 while `run()` loops). Worker handles are given to it; it never imports actor code. All hard state lives in
@@ -10,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -18,16 +25,19 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect
-from renderfarm.cluster.store import Store
+from renderfarm.cluster.store import CorruptRecord, Store
 from renderfarm.config import Settings
-from renderfarm.jobs import JobSpec, JobState
+from renderfarm.jobs import Job, JobState
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.devices import Device, device_from_record
-from renderfarm.scheduler.placement import PendingJob, WorkerView, plan_dispatch
+from renderfarm.planning.measured import EMPTY, Measurements
+from renderfarm.scheduler.fairness import FairShare, Queued
+from renderfarm.scheduler.placement import NodeView, PendingJob, Plan, plan_dispatch
 
 log = logging.getLogger(__name__)
 
-PENDING_WINDOW = 2000  # how far down the queue one planning round looks
+PENDING_WINDOW = 2000  # how far down the queue (priority, then submit time) one planning round looks
+PER_QUEUE = 200  # and how many of the oldest jobs of each (team, priority) queue
 IDLE_WAKE_SECONDS = 0.5  # longest sleep; bounds how late `stop()` is noticed
 
 
@@ -40,6 +50,11 @@ class _Worker:
     device: Device | None = None  # its card, for fit checks
     alive: bool = True
     inflight: int = 0  # batches sent and not yet returned
+    busy_until: float = 0.0  # epoch seconds its sent batches are expected to be done
+    estimates: dict[Any, float] = field(default_factory=dict)  # batch ref -> its estimated seconds
+
+    def backlog(self, now: float) -> float:
+        return max(0.0, self.busy_until - now)
 
 
 class Scheduler:
@@ -58,11 +73,23 @@ class Scheduler:
             for name, (handle, info) in workers.items()
         }
         self._inflight: dict[Any, tuple[str, tuple[str, ...]]] = {}
-        self._specs: dict[str, JobSpec] = {}
+        self._jobs: dict[str, Job] = {}  # queued jobs already read (a spec never changes)
+        self.fair = FairShare(
+            self.settings.team_weights, self.settings.fair_share_half_life_s, self.settings.aging_seconds
+        )
+        try:
+            saved = self.store.read_fair_share()
+            if saved:
+                self.fair.load_json(saved)
+        except (CorruptRecord, ValueError) as exc:  # the usage is advisory: start afresh, say why
+            log.error("fair-share usage in Redis ignored: %s", exc)
+        self.measured: Measurements = EMPTY
+        self._measured_version = -1
+        self._next_eta = 0.0
         self._stop = threading.Event()
         last = self.store.redis.xrevrange(self.store.keys.events, count=1)
         self._cursor = last[0][0] if last else b"0-0"
-        self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0}
+        self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0, "eta_rounds": 0}
         self._recover()
 
     # --- public ---------------------------------------------------------------------------------------
@@ -86,8 +113,11 @@ class Scheduler:
         return {
             **self.counters,
             "inflight": len(self._inflight),
-            "workers": {w.name: {"alive": w.alive, "inflight": w.inflight, "loaded": sorted(w.loaded)}
+            "workers": {w.name: {"alive": w.alive, "inflight": w.inflight, "loaded": sorted(w.loaded),
+                                 "backlog_s": round(w.backlog(time.time()), 3)}
                         for w in self.workers.values()},
+            "measurements": {"peaks": sum(len(p) for p in self.measured.peaks.values()),
+                             "speeds": len(self.measured.speeds)},
         }
 
     # --- one round ------------------------------------------------------------------------------------
@@ -103,29 +133,53 @@ class Scheduler:
         """Alive, with fewer batches queued than a worker may hold."""
         return worker.alive and worker.inflight < self.settings.worker_queue_depth
 
-    def _dispatch(self) -> None:
-        idle = [
-            WorkerView(w.name, w.vram_gib, frozenset(w.loaded), w.inflight, w.device)
-            for w in self.workers.values() if self._has_room(w)
-        ]
-        if not idle:
+    def _refresh_measurements(self) -> None:
+        """Re-read what the nodes measured when a worker recorded something new (one GET otherwise)."""
+        version = self.store.measurements_version()
+        if version == self._measured_version:
             return
-        pending_ids = self.store.pending_ids(PENDING_WINDOW)
-        if not pending_ids:
-            return
-        # Specs never change, so only new arrivals are read; what left the queue is forgotten.
-        known = {i: self._specs[i] for i in pending_ids if i in self._specs}
-        missing = [i for i in pending_ids if i not in known]
+        self.measured, bad = self.store.measurements()
+        for line in bad:
+            log.error("calibration record skipped: %s", line)
+        self._measured_version = version
+
+    def _queued(self) -> list[Job]:
+        """The head of the queue, with the oldest jobs of every (team, priority) queue; specs never change,
+        so only new arrivals are read, and what left the queue is forgotten."""
+        ids = list(dict.fromkeys(self.store.pending_ids(PENDING_WINDOW) + self.store.queue_heads(PER_QUEUE)))
+        known = {i: self._jobs[i] for i in ids if i in self._jobs}
+        missing = [i for i in ids if i not in known]
         if missing:
             for job_id, job in zip(missing, self.store.get_many(missing)):
-                if job is not None:
-                    known[job_id] = job.spec
-        self._specs = known
+                if job is not None and job.state is JobState.QUEUED:
+                    known[job_id] = job
+        self._jobs = known
+        return [self._jobs[i] for i in ids if i in self._jobs]
+
+    def _dispatch(self) -> None:
+        now = time.time()
+        eta_due = now >= self._next_eta
+        if not eta_due and not any(self._has_room(w) for w in self.workers.values()):
+            return
+        self._refresh_measurements()
+        jobs = self._queued()
+        if not jobs:
+            if eta_due:
+                self._publish_etas(Plan(), now, {})
+            return
+        by_id = {job.id: job for job in jobs}
+        order = self.fair.order([_queued_view(job) for job in jobs], now)
         pending = [
-            PendingJob(i, spec.model, spec.batch_key(), spec.num_images, spec.width, spec.height)
-            for i in pending_ids if (spec := self._specs.get(i)) is not None
+            PendingJob(q.id, s.model, s.batch_key(), s.num_images, s.width, s.height, s.steps)
+            for q in order if (s := by_id[q.id].spec)
         ]
-        for assignment in plan_dispatch(pending, idle, self.settings.max_batch, self.catalog):
+        nodes = [
+            NodeView(w.name, w.device, frozenset(w.loaded), w.backlog(now),
+                     self.settings.worker_queue_depth - w.inflight if self._has_room(w) else 0)
+            for w in self.workers.values() if w.alive
+        ]
+        plan = plan_dispatch(pending, nodes, self.settings.max_batch, self.catalog, self.measured, full=eta_due)
+        for assignment in plan.assignments:
             worker = self.workers[assignment.worker]
             deadline = time.time() + self.settings.lease_seconds
             leased = tuple(j for j in assignment.job_ids if self.store.lease(j, worker.name, deadline))
@@ -133,9 +187,33 @@ class Scheduler:
                 continue
             ref = worker.handle.render.remote(list(leased), deadline)
             self._inflight[ref] = (worker.name, leased)
+            estimate = assignment.finish_s - worker.backlog(now)  # its load and run
+            worker.estimates[ref] = estimate
+            worker.busy_until = max(worker.busy_until, now) + estimate
             worker.inflight += 1
             worker.loaded.add(assignment.model)
+            for job_id in leased:
+                self.fair.charge(by_id[job_id].spec.team, _queued_view(by_id[job_id]).cost, now)
             self.counters["dispatched"] += len(leased)
+        if plan.assignments:
+            self.store.write_fair_share(self.fair.to_json())
+        if eta_due:
+            self._publish_etas(plan, now, by_id)
+
+    def _publish_etas(self, plan: Plan, now: float, jobs: dict[str, Job]) -> None:
+        """Each queued job's place in the fair order and its expected start and finish (epoch seconds), or
+        why no node can take it now; read by the client and `renderfarm status`."""
+        sent = {j for a in plan.assignments for j in a.job_ids}
+        etas: dict[str, dict[str, Any]] = {}
+        for job_id, eta in plan.etas.items():
+            if job_id not in sent:
+                etas[job_id] = {"position": eta.position, "node": eta.node, "start": round(now + eta.start_s, 3),
+                                "finish": round(now + eta.finish_s, 3), "as_of": round(now, 3)}
+        for job_id, reason in plan.unplaced.items():
+            etas[job_id] = {"position": None, "node": None, "waiting": reason, "as_of": round(now, 3)}
+        self.store.write_etas(etas)
+        self._next_eta = now + self.settings.eta_seconds
+        self.counters["eta_rounds"] += 1
 
     def _wait(self) -> None:
         """Block (without spinning: a polling loop steals CPU from renders on small machines) until a
@@ -160,6 +238,9 @@ class Scheduler:
             name, job_ids = self._inflight.pop(ref)
             worker = self.workers[name]
             worker.inflight -= 1
+            worker.estimates.pop(ref, None)
+            # The next batch starts now: what is left is the estimate of the batches still sent.
+            worker.busy_until = time.time() + sum(worker.estimates.values())
             try:
                 summary = ray.get(ref, timeout=5)
             except RayActorError as exc:
@@ -185,3 +266,10 @@ class Scheduler:
             elif self.store.fail(job_id, f"{error} (after {job.attempts} attempts)", node=node):
                 self.counters["failed"] += 1
 
+
+
+def _queued_view(job: Job) -> Queued:
+    """What fairness needs of a job; its cost is its work in megapixel-steps (images x pixels x steps), a
+    measure that needs no node: the share is of work, wherever it runs."""
+    s = job.spec
+    return Queued(job.id, s.team, s.priority, job.created_at, max(1e-6, s.num_images * s.width * s.height * s.steps / 1e6))

@@ -4,15 +4,14 @@ import re
 import pytest
 
 from renderfarm.planning.devices import Device
+from renderfarm.planning.measured import Measurements
 from renderfarm.scheduler.placement import (
     Decision,
     JobShape,
     NodeIndex,
     NodeView,
     PendingJob,
-    WorkerView,
     best_of,
-    choose_worker,
     filter_nodes,
     fit_on,
     largest_batch,
@@ -23,49 +22,73 @@ from renderfarm.scheduler.placement import (
 from tests.unit.cards import QUADRO, RTX3070, RTX4090
 
 
-def job(i, model="m", size=64, images=1):
-    return PendingJob(id=f"j{i}", model=model, batch_key=(model, size, size, 4, 5.0), num_images=images)
+def job(i, model="m", size=64, images=1, steps=4):
+    """A job of a model without component data (the test catalog's "m"): fit cannot be judged, so only the
+    backlog, loads and measurements decide."""
+    return PendingJob(id=f"j{i}", model=model, batch_key=(model, size, size, steps, 5.0), num_images=images,
+                      width=size, height=size, steps=steps)
 
 
-def test_prefers_worker_with_model_loaded_then_largest_card():
-    big, small = WorkerView("big", 24), WorkerView("small", 8, frozenset({"m"}))
-    assert choose_worker(job(0), [big, small]).name == "small"
-    assert choose_worker(job(0, model="other"), [big, small]).name == "big"
-    assert choose_worker(job(0), []) is None
+def free(name, device=None, slots=1, loaded=(), backlog=0.0):
+    return NodeView(name, device, frozenset(loaded), backlog, slots)
 
 
 def test_coalesces_compatible_jobs_up_to_the_batch_limit_in_queue_order():
     pending = [job(0), job(1, size=128), job(2), job(3), job(4)]
-    plan = plan_dispatch(pending, [WorkerView("w", 24)], max_batch_images=3)
-    assert [a.job_ids for a in plan] == [("j0", "j2", "j3")]
+    plan = plan_dispatch(pending, [free("w", slots=1)], max_batch_images=3)
+    assert [a.job_ids for a in plan.assignments] == [("j0", "j2", "j3")]
 
 
 def test_counts_images_not_jobs_and_skips_what_would_overflow():
     pending = [job(0, images=2), job(1, images=2), job(2, images=1)]
-    plan = plan_dispatch(pending, [WorkerView("w", 24)], max_batch_images=3)
-    assert plan[0].job_ids == ("j0", "j2")
+    plan = plan_dispatch(pending, [free("w")], max_batch_images=3)
+    assert plan.assignments[0].job_ids == ("j0", "j2")
 
 
-def test_one_batch_per_idle_worker_and_no_job_twice():
+def test_one_batch_per_free_slot_and_no_job_twice():
     pending = [job(i, model="a" if i % 2 else "b") for i in range(10)]
-    workers = [WorkerView("w1", 8, frozenset({"a"})), WorkerView("w2", 24)]
-    plan = plan_dispatch(pending, workers, max_batch_images=2)
-    assert len(plan) == 2
-    ids = [j for a in plan for j in a.job_ids]
+    nodes = [free("w1", loaded={"a"}), free("w2")]
+    plan = plan_dispatch(pending, nodes, max_batch_images=2)
+    assert len(plan.assignments) == 2
+    ids = [j for a in plan.assignments for j in a.job_ids]
     assert len(ids) == len(set(ids)) == 4
-    assert {a.worker: a.model for a in plan} == {"w2": "b", "w1": "a"}
+    assert {a.model for a in plan.assignments} == {"a", "b"}  # "b" took w1, so "a" finishes first on w2
 
 
 def test_rejects_nonsense_batch_limit():
     with pytest.raises(ValueError, match="max_batch_images"):
-        plan_dispatch([job(0)], [WorkerView("w", 8)], 0)
+        plan_dispatch([job(0)], [free("w")], 0)
 
 
-def test_least_queued_worker_first_then_loaded_model():
-    busy_loaded = WorkerView("a", 24, frozenset({"m"}), queued_batches=1)
-    free = WorkerView("b", 8, frozenset(), queued_batches=0)
-    assert choose_worker(job(0), [busy_loaded, free]).name == "b"
-    assert choose_worker(job(0), [busy_loaded]).name == "a"
+def test_every_queued_job_gets_a_position_and_an_eta_that_grows_down_the_queue():
+    pending = [job(i, size=64 * (1 + i % 3)) for i in range(9)]
+    plan = plan_dispatch(pending, [free("w", slots=1)], max_batch_images=2)
+    assert set(plan.etas) == {p.id for p in pending}
+    order = sorted(plan.etas.values(), key=lambda e: e.position)
+    assert [e.position for e in order] == list(range(9))
+    assert all(a.finish_s <= b.finish_s for a, b in zip(order, order[1:]))
+    assert all(e.start_s <= e.finish_s for e in order)
+    # A round that only dispatches stops once no slot is left.
+    assert len(plan_dispatch(pending, [free("w", slots=1)], 2, full=False).etas) < 9
+
+
+def test_a_job_waits_for_a_much_faster_busy_node_rather_than_take_a_slow_idle_one():
+    speeds = Measurements.from_records(speeds=[
+        ("fast|m|64x64|1", {"s_per_step": 0.1}), ("slow|m|64x64|1", {"s_per_step": 10.0}),
+    ])[0]
+    fast, slow = free("fast", slots=0, loaded={"m"}, backlog=5.0), free("slow", slots=1, loaded={"m"})
+    plan = plan_dispatch([job(0)], [fast, slow], 1, measured=speeds)
+    assert plan.assignments == [] and plan.etas["j0"].node == "fast"
+    assert plan.etas["j0"].finish_s == pytest.approx(5.0 + 4 * 0.1)
+    # Once the fast node's queue is long enough, the slow one is the earlier finish.
+    plan = plan_dispatch([job(0)], [free("fast", slots=0, loaded={"m"}, backlog=500.0), slow], 1, measured=speeds)
+    assert [a.worker for a in plan.assignments] == ["slow"]
+
+
+def test_a_node_that_never_measured_a_model_is_tried_at_the_farm_mean_not_shunned():
+    speeds = Measurements.from_records(speeds=[("a|m|64x64|1", {"s_per_step": 0.05})])[0]
+    a, b = free("a", loaded={"m"}, backlog=1.0), free("b", loaded={"m"})
+    assert pick(job(0).shape, [a, b], measured=speeds).node == "b"  # same guessed speed, b is free now
 
 
 # --- v1: filter -> score -> pick -------------------------------------------------------------------------
@@ -141,8 +164,27 @@ def test_best_fit_breaks_ties_then_earliest_then_name():
 
 
 def test_measured_seconds_per_step_win_over_the_prediction():
-    measured = NodeView("m", RTX3070, measured_s_per_step={("sd15", 512, 512, 1): 2.0})
-    assert pick(SMALL_SD, [measured]).run_s == 50.0
+    measured = Measurements.from_records(speeds=[("m|sd15|512x512|1", {"s_per_step": 2.0})])[0]
+    assert pick(SMALL_SD, [NodeView("m", RTX3070)], measured=measured).run_s == 50.0
+    assert pick(SMALL_SD, [NodeView("other", RTX3070)], measured=measured).run_s < 50.0  # not its figure
+
+
+def test_a_measured_peak_is_a_floor_under_the_estimate():
+    shape = JobShape("sdxl", 1024, 1024, 30, 1)
+    fit = fit_on("sdxl", 1024, 1024, 1, RTX3070)
+    assert fit.fits
+    # A node measured this profile at 7.9 GiB: with the margin it no longer fits 8 GiB, so the planner moves
+    # down the ladder (or to the big card), never sends it where the measurement says it will not fit.
+    peaks = Measurements.from_records(peaks=[(f"sdxl|{fit.profile}|1024x1024|1", {"peak_gib": 7.9})])[0]
+    floored = fit_on("sdxl", 1024, 1024, 1, RTX3070, None, peaks)
+    assert floored.profile != fit.profile
+    # Measured at a smaller batch, it floors a larger batch too; not a smaller one.
+    assert peaks.floors("sdxl", 1024, 1024, 2) == {fit.profile: pytest.approx(7.9 + 0.25)}
+    assert peaks.floors("sdxl", 1024, 1024, 1) and not peaks.floors("sdxl", 1024, 1024, 0)
+    assert peaks.floors("sdxl", 1000, 1000, 1)  # same size bucket
+    assert not peaks.floors("sdxl", 1100, 1024, 1)
+    decision = pick(shape, [NodeView("small", RTX3070), NodeView("big", QUADRO, backlog_s=1e6)], measured=peaks)
+    assert decision.node == "small" and decision.profile == floored.profile
 
 
 def test_largest_batch_is_the_edge_of_what_fits():
@@ -182,24 +224,22 @@ def _flux(i, size=1024, images=1):
 
 
 def test_dispatch_never_sends_a_job_to_a_card_it_does_not_fit():
-    from tests.unit.cards import QUADRO, RTX3070
-
-    small = WorkerView("small", 8, device=RTX3070)
-    big = WorkerView("big", 24, device=QUADRO)
+    small = free("small", RTX3070)
+    big = free("big", QUADRO, slots=0, backlog=100.0)
     huge = _flux(0, size=2048, images=4)  # fits the 24 GiB card in a frugal profile, not the 8 GiB one
     assert fit_on("flux-dev", 2048, 2048, 4, QUADRO).fits and not fit_on("flux-dev", 2048, 2048, 4, RTX3070).fits
-    assert plan_dispatch([huge], [small], max_batch_images=8) == []  # waits for the big card
-    assert [a.worker for a in plan_dispatch([huge], [small, big], max_batch_images=8)] == ["big"]
+    plan = plan_dispatch([huge], [small], max_batch_images=8)
+    assert plan.assignments == [] and "the largest node (small) has 8 GiB" in plan.unplaced["f0"]
+    plan = plan_dispatch([huge], [small, big], max_batch_images=8)
+    assert plan.assignments == [] and plan.etas["f0"].node == "big"  # waits for the big card
+    assert [a.worker for a in plan_dispatch([huge], [small, free("big", QUADRO)], 8).assignments] == ["big"]
     # A job behind it that fits the small card is not held up.
-    plan = plan_dispatch([huge, _flux(1)], [small], max_batch_images=8)
-    assert [(a.worker, a.job_ids) for a in plan] == [("small", ("f1",))]
+    plan = plan_dispatch([huge, _flux(1)], [small, big], max_batch_images=8)
+    assert [(a.worker, a.job_ids) for a in plan.assignments] == [("small", ("f1",))]
 
 
 def test_coalescing_stops_at_the_largest_batch_predicted_to_fit():
-    from tests.unit.cards import RTX3070
-
-    small = WorkerView("small", 8, device=RTX3070)
     most = largest_batch("flux-dev", 1024, 1024, RTX3070, limit=16)
     assert 1 <= most < 16
-    plan = plan_dispatch([_flux(i) for i in range(16)], [small], max_batch_images=16)
-    assert len(plan[0].job_ids) == most
+    plan = plan_dispatch([_flux(i) for i in range(16)], [free("small", RTX3070)], max_batch_images=16)
+    assert len(plan.assignments[0].job_ids) == most

@@ -1,0 +1,152 @@
+"""Online calibration: what the nodes measured, as floors under the planner's predictions.
+
+After every batch a worker reports the peak it measured for (model, profile, size bucket, batch) and the
+seconds per step it took on that node. The records live in Redis (cluster/store.py writes and reads them as
+JSON) and survive restarts; this module is the pure side: keys, buckets and the rules that turn records into
+numbers the planner uses.
+
+- Peaks are floors. A profile's estimate is never below the highest peak measured for it at this size bucket
+  and a batch no larger than this one, plus `MEASURED_MARGIN_GIB`. Peaks only grow with the batch and the
+  size, so a peak measured at a smaller batch (or a smaller size in the same bucket) is a valid floor.
+- Speeds replace predictions: the finish-time score uses a node's measured seconds per step for the exact
+  (model, size, batch) when it has one, else its measured rate per megapixel-step for the model scaled to the
+  job, else the prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+MEASURED_MARGIN_GIB = 0.25  # above a measured peak: the same job can allocate a little differently next time
+BUCKET_PX = 64  # sizes round up to a multiple of this to form a bucket
+SEP = "|"  # joins key parts; model, profile and node names never contain it (checked when keys are built)
+
+
+def bucket(width: int, height: int) -> str:
+    """The size bucket of `width` x `height`: each side rounded up to a multiple of BUCKET_PX."""
+    up = lambda v: -(-int(v) // BUCKET_PX) * BUCKET_PX  # noqa: E731
+    return f"{up(width)}x{up(height)}"
+
+
+def _join(*parts: object) -> str:
+    text = [str(p) for p in parts]
+    for part in text:
+        if SEP in part:
+            raise ValueError(f"{part!r} cannot be part of a calibration key: it contains {SEP!r}")
+    return SEP.join(text)
+
+
+def peak_field(model: str, profile: str, width: int, height: int, batch: int) -> str:
+    """The field of a measured peak in the farm's peak hash."""
+    return _join(model, profile, bucket(width, height), batch)
+
+
+def speed_field(node: str, model: str, width: int, height: int, batch: int) -> str:
+    """The field of a node's measured speed in the farm's speed hash (exact size: speed is not a floor)."""
+    return _join(node, model, f"{width}x{height}", batch)
+
+
+def _finite(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return float(value)
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: a snapshot is a cache key for the planner
+class Measurements:
+    """A read-only snapshot of the farm's measurements.
+
+    `peaks`: (model, bucket) -> {profile: ((batch, peak GiB), ...)}; `speeds`: (node, model, WxH, batch) ->
+    seconds per step; `rates`: (node, model) -> seconds per megapixel-step (of one image); `loads`: (node,
+    model) -> seconds a load took.
+    """
+
+    peaks: Mapping[tuple[str, str], Mapping[str, tuple[tuple[int, float], ...]]] = field(default_factory=dict)
+    speeds: Mapping[tuple[str, str, str, int], float] = field(default_factory=dict)
+    rates: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    model_rates: Mapping[str, float] = field(default_factory=dict)  # model -> the mean rate over its nodes
+    loads: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+    @classmethod
+    def from_records(
+        cls, peaks: Iterable[tuple[str, Mapping]] = (), speeds: Iterable[tuple[str, Mapping]] = ()
+    ) -> tuple[Measurements, list[str]]:
+        """Build a snapshot from (field, record) pairs as stored; returns it and one line per record that did
+        not parse (skipped, never fatal: a malformed record must not stop planning)."""
+        bad: list[str] = []
+        by_bucket: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+        for key, record in peaks:
+            try:
+                model, profile, size, batch = key.split(SEP)
+                gib = _finite(record["peak_gib"], "peak_gib")
+                per = by_bucket.setdefault((model, size), {}).setdefault(profile, {})
+                per[int(batch)] = max(gib, per.get(int(batch), 0.0))
+            except (ValueError, KeyError, TypeError) as exc:
+                bad.append(f"peak {key!r}: {exc}")
+        speed_map: dict[tuple[str, str, str, int], float] = {}
+        rates: dict[tuple[str, str], list[float]] = {}
+        loads: dict[tuple[str, str], float] = {}
+        for key, record in speeds:
+            try:
+                node, model, size, batch = key.split(SEP)
+                width, height = (int(v) for v in size.split("x"))
+                per_step = _finite(record["s_per_step"], "s_per_step")
+                speed_map[(node, model, size, int(batch))] = per_step
+                megapixels = width * height * int(batch) / 1e6
+                if per_step > 0 and megapixels > 0:
+                    rates.setdefault((node, model), []).append(per_step / megapixels)
+                if record.get("load_s") is not None:
+                    loads[(node, model)] = _finite(record["load_s"], "load_s")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                bad.append(f"speed {key!r}: {exc}")
+        node_rates = {k: sum(v) / len(v) for k, v in rates.items()}
+        per_model: dict[str, list[float]] = {}
+        for (_, model), rate in node_rates.items():
+            per_model.setdefault(model, []).append(rate)
+        snapshot = cls(
+            peaks={k: {p: tuple(sorted(b.items())) for p, b in v.items()} for k, v in by_bucket.items()},
+            speeds=speed_map,
+            rates=node_rates,
+            model_rates={m: sum(v) / len(v) for m, v in per_model.items()},
+            loads=loads,
+        )
+        return snapshot, bad
+
+    def __bool__(self) -> bool:
+        return bool(self.peaks or self.speeds)
+
+    def floor_gib(self, model: str, profile: str, width: int, height: int, batch: int) -> float | None:
+        """The least a profile's estimate may be: the highest peak measured at this bucket with a batch no
+        larger than `batch`, plus MEASURED_MARGIN_GIB. None when nothing was measured."""
+        return self.floors(model, width, height, batch).get(profile)
+
+    def floors(self, model: str, width: int, height: int, batch: int) -> dict[str, float]:
+        """profile -> floor for every profile of `model` measured at this bucket and batch."""
+        out = {}
+        for profile, measured in self.peaks.get((model, bucket(width, height)), {}).items():
+            peaks = [gib for b, gib in measured if b <= batch]
+            if peaks:
+                out[profile] = max(peaks) + MEASURED_MARGIN_GIB
+        return out
+
+    def seconds_per_step(self, node: str, model: str, width: int, height: int, batch: int) -> float | None:
+        """What `node` measured for this job, exact or scaled from its rate for the model; None: unmeasured."""
+        exact = self.speeds.get((node, model, f"{width}x{height}", batch))
+        if exact is not None:
+            return exact
+        rate = self.rates.get((node, model))
+        return rate * width * height * batch / 1e6 if rate is not None else None
+
+    def farm_seconds_per_step(self, model: str, width: int, height: int, batch: int) -> float | None:
+        """The farm's mean measured rate for `model` scaled to this job: the guess for a node that has not
+        measured the model yet and has no prediction either (so it is tried, not shunned)."""
+        rate = self.model_rates.get(model)
+        return rate * width * height * batch / 1e6 if rate is not None else None
+
+    def load_seconds(self, node: str, model: str) -> float | None:
+        return self.loads.get((node, model))
+
+
+EMPTY = Measurements()
