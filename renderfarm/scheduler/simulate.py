@@ -13,8 +13,11 @@ A discrete-event simulation, deterministic for a given cluster and trace (no clo
 - a job that fits no node of the cluster is rejected up front (every policy), and reported.
 
 Policies:
-- `renderfarm`: placement.pick (filter -> score -> best fit) when the job arrives; the node's backlog is
-  its queued work in seconds, as the scheduler estimates it.
+- `renderfarm`: the live scheduler's round (scheduler.py): on every arrival and every finished job, the
+  queue in fair order (fairness.FairShare) goes through placement.plan_dispatch, with each node's backlog in
+  seconds as the scheduler estimates it and WORKER_QUEUE_DEPTH batches per node at most; a job waits for
+  its best node when that node is full. One job per batch (no coalescing), so that the lower bound, which
+  counts each job alone, stays a bound.
 - `least-busy`: the node with the fewest queued jobs, whatever the job needs (ComfyUI-Distributed, SwarmUI).
 - `max-pixels-fifo`: AI Horde: each idle node pulls the oldest job whose width x height is within its
   max-pixels limit (MAX_PIXELS_PER_GIB x VRAM); a job above every node's limit goes to the largest.
@@ -39,13 +42,15 @@ from typing import Any
 import yaml
 
 from renderfarm.planning.devices import Device, device_from_spec
+from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.placement import (
     Fit,
     JobShape,
     NodeView,
+    PendingJob,
     fit_on,
     load_seconds,
-    pick,
+    plan_dispatch,
     why_nothing_fits,
 )
 
@@ -55,6 +60,7 @@ DEFAULT_TRACE = BENCH_DIR / "trace.jsonl"
 OOM_FRACTION = 0.3  # of the run, lost before the out-of-memory error
 MAX_PIXELS_PER_GIB = 2**20 / 6  # AI Horde-style limit: 8 GiB -> 1.33 Mpx, 24 GiB -> 4 Mpx (2048 x 2048)
 POLICIES = ("renderfarm", "least-busy", "max-pixels-fifo")
+WORKER_QUEUE_DEPTH = 2  # batches a node holds, as config.Settings.worker_queue_depth
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,8 @@ class _Sim:
         self.stats = _Stats()
         self.failed_on: dict[int, set[str]] = {}
         self.shared: list[TraceJob] = []  # pull policy: waiting jobs, oldest first
+        self.waiting: dict[int, TraceJob] = {}  # renderfarm: jobs not yet sent to a node
+        self.fair = FairShare()
         self.now = 0.0
 
     def _at(self, time: float, kind: str, payload: Any) -> None:
@@ -163,9 +171,8 @@ class _Sim:
             else:
                 node, job, oom = payload
                 node.busy = False
-                if oom:
-                    self._dispatch(job)
                 self._start_next(node)
+                self._dispatch(job if oom else None)
         return self.stats
 
     # --- choosing -----------------------------------------------------------------------------------
@@ -173,7 +180,14 @@ class _Sim:
         failed = self.failed_on.get(job.index, set())
         return [n for n in self.nodes if n.name not in failed] or self.nodes
 
-    def _dispatch(self, job: TraceJob) -> None:
+    def _dispatch(self, job: TraceJob | None) -> None:
+        if self.policy == "renderfarm":
+            if job is not None:
+                self.waiting[job.index] = job
+            self._plan()
+            return
+        if job is None:
+            return
         if self.policy == "max-pixels-fifo":
             self.shared.append(job)
             self.shared.sort(key=lambda j: (j.submit_s, j.index))
@@ -181,24 +195,42 @@ class _Sim:
                 if not node.busy:
                     self._start_next(node)
             return
-        candidates = self._eligible(job)
-        if self.policy == "renderfarm":
-            views = [
-                NodeView(
-                    n.name, n.device, frozenset({n.tail_model}) if n.tail_model else frozenset(),
-                    max(0.0, n.free_at - self.now),
-                )
-                for n in candidates
-            ]
-            decision = pick(job.shape, views)
-            node = next(n for n in candidates if n.name == decision.node) if decision else candidates[0]
-        else:  # least-busy: fewest jobs queued or running, first listed on ties
-            node = min(candidates, key=lambda n: len(n.queue) + n.busy)
+        # least-busy: fewest jobs queued or running, first listed on ties
+        self._send(min(self._eligible(job), key=lambda n: len(n.queue) + n.busy), job)
+
+    def _send(self, node: _Node, job: TraceJob) -> None:
         node.queue.append(job)
         node.free_at = max(node.free_at, self.now) + self._duration(node, node.tail_model, job)[0]
         node.tail_model = job.shape.model
         if not node.busy:
             self._start_next(node)
+
+    def _plan(self) -> None:
+        """The live scheduler's round over the waiting jobs: fair order, then plan_dispatch; send what it
+        assigns to a node with a free slot."""
+        if not self.waiting:
+            return
+        order = self.fair.order(
+            [Queued(str(j.index), "default", 0, j.submit_s, _work(j.shape)) for j in self.waiting.values()],
+            self.now,
+        )
+        pending = []
+        for q in order:
+            s = self.waiting[int(q.id)].shape
+            key = (s.model, s.width, s.height, s.steps, q.id)  # unique: one job per batch (see the docstring)
+            pending.append(PendingJob(q.id, s.model, key, s.num_images, s.width, s.height, s.steps))
+        views = [
+            NodeView(
+                n.name, n.device, frozenset({n.tail_model}) if n.tail_model else frozenset(),
+                max(0.0, n.free_at - self.now), WORKER_QUEUE_DEPTH - len(n.queue) - n.busy,
+            )
+            for n in self.nodes
+        ]
+        by_name = {n.name: n for n in self.nodes}
+        for assignment in plan_dispatch(pending, views, 1, full=False).assignments:
+            job = self.waiting.pop(int(assignment.job_ids[0]))
+            self.fair.charge("default", _work(job.shape), self.now)
+            self._send(by_name[assignment.worker], job)
 
     def _pull(self, node: _Node) -> TraceJob | None:
         limit = node.device.vram_gib * MAX_PIXELS_PER_GIB
@@ -245,6 +277,11 @@ class _Sim:
             self.stats.waits.append(self.now - job.submit_s)
             self.stats.makespan_s = max(self.stats.makespan_s, self.now + seconds)
         self._at(self.now + seconds, "done", (node, job, oom))
+
+
+def _work(shape: JobShape) -> float:
+    """A job's work for fair share, as the live scheduler charges it: megapixel-steps."""
+    return shape.num_images * shape.width * shape.height * shape.steps / 1e6
 
 
 def _percentile(values: list[float], q: float) -> float:
