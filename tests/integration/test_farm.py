@@ -145,3 +145,22 @@ def test_a_job_that_fits_no_node_is_rejected_at_submit_with_the_reason(farm):
     # The rest of the batch, alone, is accepted.
     (job_id,) = client.submit_batch([ok])
     client.wait([job_id], timeout=120)
+
+
+def test_nodes_record_what_they_measure_and_the_scheduler_learns_it(client, farm):
+    """Online calibration from real renders: every batch leaves a measured peak (per model, profile, size
+    bucket, batch) and a measured speed (per node) in Redis, and the scheduler reads them back."""
+    ids = client.submit_batch(specs(6, width=64))
+    finished = client.wait(ids, timeout=300)
+    measured, bad = client.store.measurements()
+    assert bad == []
+    for job in finished:
+        batch = int(job.timings["batch_size"])  # jobs of one image each here
+        per_step = measured.speeds.get((job.node, job.spec.model, "64x64", batch))
+        assert per_step is not None and per_step > 0
+        floors = measured.floors(job.spec.model, 64, 64, batch)
+        # The floor is the measured peak plus the margin: at least the weights the render kept resident.
+        assert floors.get(job.profile, 0) > 0.25
+    # The scheduler has read the same snapshot (it re-reads when a worker records something new).
+    stats = farm.scheduler_stats()
+    assert stats["measurements"]["speeds"] >= 1 and stats["measurements"]["peaks"] >= 1
