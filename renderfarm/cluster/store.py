@@ -192,7 +192,7 @@ def job_to_hash(job: Job) -> dict[str, str]:
 
 
 def job_from_hash(raw: dict[bytes, bytes]) -> Job:
-    data = {k.decode(): v.decode() for k, v in raw.items()}
+    data = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
     try:
         return Job(
             id=data["id"],
@@ -316,7 +316,7 @@ class Store:
                 continue
             try:
                 value = json.loads(raw)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8
                 continue
             if isinstance(value, dict):
                 out[job_id] = value
@@ -328,7 +328,7 @@ class Store:
             return None
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or not UTF-8
             raise CorruptRecord(f"{self.keys.fair_share} does not parse: {exc}") from None
         if not isinstance(value, dict):
             raise CorruptRecord(f"{self.keys.fair_share} is not a JSON object")
@@ -375,7 +375,7 @@ class Store:
                 name = field_name.decode(errors="replace")
                 try:
                     value = json.loads(raw)
-                except json.JSONDecodeError as exc:
+                except ValueError as exc:  # not JSON, or not UTF-8
                     bad.append(f"{key} {name!r}: {exc}")
                     continue
                 out.append((name, value))
@@ -528,8 +528,8 @@ class Store:
             info: dict[str, Any] = {"name": name}
             for k, v in raw.items():
                 try:
-                    info[k.decode()] = json.loads(v)
-                except json.JSONDecodeError:
+                    info[k.decode(errors="replace")] = json.loads(v)
+                except ValueError:  # not JSON, or not UTF-8
                     info[k.decode()] = v.decode(errors="replace")
             out.append(info)
         return out

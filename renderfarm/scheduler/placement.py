@@ -41,6 +41,8 @@ UNKNOWN_S_PER_STEP = 1.0
 # a little later on a small card beats taking a big card that a big job may need.
 TIE_FRACTION = 0.05
 TIE_SECONDS = 1.0
+# From this many nodes on, plan_dispatch decides through a NodeIndex (kinds share a measured speed).
+INDEX_FROM_NODES = 64
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,9 @@ def plan_dispatch(
         raise ValueError(f"max_batch_images={max_batch_images} must be >= 1")
     views = {n.name: n for n in nodes}
     slots = {n.name: n.slots for n in nodes}
+    # A large farm of carded nodes decides through the index (O(kinds x log nodes) per job, see NodeIndex).
+    index = NodeIndex(nodes, catalog, measured) if len(nodes) >= INDEX_FROM_NODES and all(
+        n.device is not None for n in nodes) else None
     followers: dict[tuple, deque[PendingJob]] = {}
     for job in pending:
         followers.setdefault(job.batch_key, deque()).append(job)
@@ -287,7 +292,7 @@ def plan_dispatch(
             break
         if head.id in taken:
             continue
-        decision = pick(head.shape, list(views.values()), catalog, measured)
+        decision = index.pick(head.shape) if index else pick(head.shape, list(views.values()), catalog, measured)
         if decision is None:
             plan.unplaced[head.id] = why_nothing_fits(head.shape, list(views.values()), catalog, measured) or "no node"
             continue
@@ -325,6 +330,8 @@ def plan_dispatch(
                 node.name, tuple(j.id for j in batch), head.model, decision.profile, decision.run_s, decision.finish_s,
             ))
         views[node.name] = replace(node, backlog_s=decision.finish_s, loaded_models=node.loaded_models | {head.model})
+        if index is not None:
+            index.commit(head.shape, decision)
     return plan
 
 
@@ -371,19 +378,29 @@ def largest_batch(
 class NodeIndex:
     """`pick` for large farms: nodes grouped by device, each group a heap of backlogs (all nodes, and the nodes
     holding each model), so a decision costs O(kinds x log nodes) whatever the farm's and the queue's size.
-    Chooses exactly as `pick` over the same views, without measurements (a kind shares its prediction). Stale heap entries are dropped lazily when they reach the top."""
+    Chooses as `pick` over the same views, with one difference: a node kind shares one speed (the mean of
+    what its nodes measured for the job, else the prediction), where `pick` uses each node's own. Stale heap
+    entries are dropped lazily when they reach the top. Nodes without a card are not indexed."""
 
-    def __init__(self, nodes: Sequence[NodeView] = ()):
+    def __init__(
+        self, nodes: Sequence[NodeView] = (), catalog: Catalog | None = None, measured: Measurements = EMPTY
+    ):
+        self.catalog, self.measured = catalog, measured
         self._state: dict[str, tuple[Device, float, frozenset[str]]] = {}
         self._all: dict[Device, list[tuple[float, str]]] = {}
         self._holding: dict[tuple[Device, str], list[tuple[float, str]]] = {}
+        self._members: dict[Device, list[str]] = {}
+        self._speeds: dict[tuple, float | None] = {}
         for node in nodes:
-            self.update(node.name, node.device, node.backlog_s, node.loaded_models)
+            if node.device is not None:
+                self.update(node.name, node.device, node.backlog_s, node.loaded_models)
 
     def __len__(self) -> int:
         return len(self._state)
 
     def update(self, name: str, device: Device, backlog_s: float, loaded_models: frozenset[str]) -> None:
+        if name not in self._state:
+            self._members.setdefault(device, []).append(name)
         self._state[name] = (device, backlog_s, loaded_models)
         heapq.heappush(self._all.setdefault(device, []), (backlog_s, name))
         for model in loaded_models:
@@ -398,27 +415,53 @@ class NodeIndex:
             heapq.heappop(heap)
         return None
 
+    def _kind_speed(self, device: Device, model: str, width: int, height: int, batch: int) -> float | None:
+        """The mean seconds per step the nodes of this kind measured for the job; None: none did."""
+        if not self.measured:
+            return None
+        key = (device, model, width, height, batch)
+        if key not in self._speeds:
+            speeds = [
+                v for name in self._members.get(device, ())
+                if (v := self.measured.seconds_per_step(name, model, width, height, batch)) is not None
+            ]
+            self._speeds[key] = sum(speeds) / len(speeds) if speeds else None
+        return self._speeds[key]
+
     def pick(self, job: JobShape) -> Decision | None:
         decisions = []
+        judged = plannable(job.model, self.catalog)
         for device, heap in self._all.items():
-            fit = fit_on(job.model, job.width, job.height, job.num_images, device)
-            if not fit.fits:
+            fit = fit_on(job.model, job.width, job.height, job.num_images, device, self.catalog, self.measured) \
+                if judged else None
+            if fit is not None and not fit.fits:
                 continue
-            run = job.steps * fit.seconds_per_step
+            per_step = self._kind_speed(device, job.model, job.width, job.height, job.num_images)
+            if per_step is None:
+                per_step = fit.seconds_per_step if fit is not None else (
+                    self.measured.farm_seconds_per_step(job.model, job.width, job.height, job.num_images)
+                    or UNKNOWN_S_PER_STEP
+                )
+            run = job.steps * per_step
             options = []
             holding = self._top(self._holding.get((device, job.model)), job.model)
             if holding is not None:
                 options.append((holding[0] + run, holding[1], 0.0))
             anyone = self._top(heap, None)
             if anyone is not None:
-                load = 0.0 if job.model in self._state[anyone[1]][2] else load_seconds(fit, device)
+                load = 0.0
+                if job.model not in self._state[anyone[1]][2]:
+                    load = self.measured.load_seconds(anyone[1], job.model) or (
+                        load_seconds(fit, device) if fit is not None else LOAD_OVERHEAD_S
+                    )
                 options.append((anyone[0] + load + run, anyone[1], load))
             if options:
                 finish, name, load = min(options)
-                decisions.append(Decision(name, fit.profile or "", finish, run, load, fit.usable_gib - fit.peak_gib))
+                leftover = fit.usable_gib - fit.peak_gib if fit is not None else device.vram_gib
+                decisions.append(Decision(name, (fit.profile or "") if fit else "", finish, run, load, leftover))
         return best_of(decisions)
 
     def commit(self, job: JobShape, decision: Decision) -> None:
         """Record `decision`: the node's backlog grows to the job's finish and it holds the job's model."""
-        device, _, _ = self._state[decision.node]
-        self.update(decision.node, device, decision.finish_s, frozenset({job.model}))
+        device, _, loaded = self._state[decision.node]
+        self.update(decision.node, device, decision.finish_s, loaded | {job.model})

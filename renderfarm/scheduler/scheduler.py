@@ -204,11 +204,12 @@ class Scheduler:
         """Each queued job's place in the fair order and its expected start and finish (epoch seconds), or
         why no node can take it now; read by the client and `renderfarm status`."""
         sent = {j for a in plan.assignments for j in a.job_ids}
+        waiting = sorted((eta.position, job_id) for job_id, eta in plan.etas.items() if job_id not in sent)
         etas: dict[str, dict[str, Any]] = {}
-        for job_id, eta in plan.etas.items():
-            if job_id not in sent:
-                etas[job_id] = {"position": eta.position, "node": eta.node, "start": round(now + eta.start_s, 3),
-                                "finish": round(now + eta.finish_s, 3), "as_of": round(now, 3)}
+        for position, (_, job_id) in enumerate(waiting):  # 0: the next job to leave the queue
+            eta = plan.etas[job_id]
+            etas[job_id] = {"position": position, "node": eta.node, "start": round(now + eta.start_s, 3),
+                            "finish": round(now + eta.finish_s, 3), "as_of": round(now, 3)}
         for job_id, reason in plan.unplaced.items():
             etas[job_id] = {"position": None, "node": None, "waiting": reason, "as_of": round(now, 3)}
         self.store.write_etas(etas)

@@ -17,7 +17,6 @@ from renderfarm.client import FarmClient, SpecError
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect
 from renderfarm.cluster.store import Store
-from renderfarm.jobs import JobState
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.devices import device_from_spec
 from renderfarm.planning.measured import MEASURED_MARGIN_GIB, peak_field
@@ -349,3 +348,12 @@ def test_fair_share_usage_survives_restart_and_corruption_is_ignored(
         assert client.position(a_job) == 0  # without the usage, first come first served
     for k in redis_client.scan_iter(f"{prefix}:*"):
         redis_client.delete(k)
+
+
+def test_a_record_that_is_not_utf8_is_skipped(store):
+    store.record_measurement("n1", "tiny-sd15", "bf16", 64, 64, 1, peak_gib=3.0, s_per_step=None)
+    store.redis.hset(store.keys.calib_peaks, "tiny-sd15|fp8|64x64|1", b"\xff")
+    snapshot, bad = store.measurements()
+    assert len(bad) == 1 and snapshot.floors("tiny-sd15", 64, 64, 1) == {"bf16": 3.0 + MEASURED_MARGIN_GIB}
+    store.redis.hset(store.keys.etas, "j-bad", b"\xff")
+    assert store.etas(["j-bad"]) == {}

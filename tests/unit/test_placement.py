@@ -215,7 +215,7 @@ def test_node_index_chooses_as_pick_does():
         if got is not None:
             index.commit(job, got)
             old = views[got.node]
-            views[got.node] = NodeView(old.name, old.device, frozenset({job.model}), got.finish_s)
+            views[got.node] = NodeView(old.name, old.device, old.loaded_models | {job.model}, got.finish_s)
 
 
 def _flux(i, size=1024, images=1):
@@ -243,3 +243,24 @@ def test_coalescing_stops_at_the_largest_batch_predicted_to_fit():
     assert 1 <= most < 16
     plan = plan_dispatch([_flux(i) for i in range(16)], [free("small", RTX3070)], max_batch_images=16)
     assert len(plan.assignments[0].job_ids) == most
+
+
+def test_a_large_farm_plans_through_the_index_and_chooses_the_same(monkeypatch):
+    import renderfarm.scheduler.placement as placement
+
+    rng = random.Random(5)
+    devices = [RTX3070, RTX4090, QUADRO]
+    models = [("flux-dev", 28), ("sdxl", 30), ("sd15", 25)]
+    nodes = [free(f"n{i:03}", rng.choice(devices), slots=rng.choice([0, 1, 2]), loaded={rng.choice(models)[0]},
+                  backlog=rng.uniform(0, 300)) for i in range(80)]
+    pending = []
+    for i in range(300):
+        model, steps = rng.choice(models)
+        size = rng.choice([512, 1024, 1536])
+        pending.append(PendingJob(f"p{i}", model, (model, size, size, steps, 3.5), rng.choice([1, 2]), size, size, steps))
+    assert len(nodes) >= placement.INDEX_FROM_NODES
+    indexed = plan_dispatch(pending, nodes, 8)
+    monkeypatch.setattr(placement, "INDEX_FROM_NODES", 10_000)
+    scanned = plan_dispatch(pending, nodes, 8)
+    assert indexed.assignments == scanned.assignments and indexed.etas == scanned.etas
+    assert indexed.assignments and len(indexed.etas) + len(indexed.unplaced) == len(pending)
