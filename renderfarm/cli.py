@@ -352,6 +352,42 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """A draining node finishes what it holds and takes nothing new; --undo puts it back to work."""
+    client = _client(args)
+    known = {n["name"] for n in client.store.nodes()}
+    missing = [name for name in args.node_names if name not in known]
+    if missing:
+        raise CliError(f"no such node: {', '.join(missing)} (known: {', '.join(sorted(known)) or 'none'})")
+    for name in args.node_names:
+        client.store.set_draining(name, not args.undo)
+    verb = "back to work" if args.undo else "draining: finishes what it holds, takes nothing new"
+    _emit(args, {"ok": True, "nodes": args.node_names, "draining": not args.undo},
+          "\n".join(f"{name}  {verb}" for name in args.node_names))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Run the Streamlit dashboard against the farm's Redis (it reads Redis only, never Ray)."""
+    import subprocess
+
+    from renderfarm.cluster.redis_server import redact
+
+    url = _resolve_url(args)
+    app = Path(__file__).resolve().parent / "dashboard" / "app.py"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+        "--server.address", args.address, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--", "--prefix", args.prefix,
+    ]
+    # The URL may carry a password: it travels in the environment, never on a command line others can read.
+    env = {**os.environ, "RENDERFARM_REDIS_URL": url}
+    log.info("dashboard for %s on http://%s:%d (Ctrl-C stops it)", redact(url), args.address, args.port)
+    if args.json:
+        _emit(args, {"ok": True, "url": f"http://{args.address}:{args.port}", "redis": redact(url)})
+    return subprocess.call(command, env=env)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """What a node with this card would choose for a job, and why: pure planning, no farm needed."""
     from renderfarm.planning.catalog import default_catalog
@@ -466,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("jobs", nargs="*")
     cancel.add_argument("--batch", help="cancel every job of a batch")
     cancel.set_defaults(func=cmd_cancel)
+
+    drain = sub.add_parser("drain", parents=[common, with_redis], help="a node finishes its work, takes no more")
+    drain.add_argument("node_names", nargs="+", metavar="NODE")
+    drain.add_argument("--undo", action="store_true", help="put the nodes back to work")
+    drain.set_defaults(func=cmd_drain)
+
+    dashboard = sub.add_parser("dashboard", parents=[common, with_redis], help="the Streamlit dashboard")
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.add_argument("--address", default="127.0.0.1", help="interface to listen on (default loopback)")
+    dashboard.add_argument("--prefix", default="rf", help=argparse.SUPPRESS)
+    dashboard.set_defaults(func=cmd_dashboard)
     return parser
 
 

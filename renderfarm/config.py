@@ -61,6 +61,10 @@ class Settings(BaseModel):
     fair_share_half_life_s: float = Field(default=3600.0, gt=0)
     aging_seconds: float = Field(default=600.0, ge=0)  # 0: no aging
     eta_seconds: float = Field(default=2.0, gt=0)  # how often the scheduler republishes ETAs and positions
+    sample_seconds: float = Field(default=5.0, gt=0)  # how often it samples queue depth and node totals
+    dead_after_seconds: float = Field(default=15.0, gt=0)  # a node silent this long is shown dead
+    # The dashboard's write actions (cancel, retry, drain) appear only when this is set and entered.
+    dashboard_token: str | None = Field(default=None, min_length=8)
 
     @field_validator("team_weights")
     @classmethod

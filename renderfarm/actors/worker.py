@@ -95,6 +95,7 @@ class RenderWorker:
             "jobs_done": 0,
             "jobs_failed": 0,
             "images": 0,
+            "megapixels": 0.0,  # width x height x images rendered, in millions
             "batches": 0,
             "render_seconds": 0.0,
             "last_s_per_step": None,
@@ -193,6 +194,7 @@ class RenderWorker:
                 summary["done"].append(result.job_id)
                 self.stats["jobs_done"] += 1
                 self.stats["images"] += len(result.images)
+                self.stats["megapixels"] += len(result.images) * requests[0].width * requests[0].height / 1e6
             else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
                 summary["lost"].append(result.job_id)
         self.profiles[entry.name] = profile_name
@@ -276,12 +278,22 @@ class RenderWorker:
         lookups = embeddings["hits"] + embeddings["misses"]
         embeddings["hit_rate"] = round(embeddings["hits"] / lookups, 4) if lookups else None
         return {
+            "vram_used_gib": round(self._vram_used() / 2**30, 3),
             "loaded": self.cache.loaded(),
             "profiles": dict(self.profiles),
             "escalated": {f"{m} {w}x{h}": p.name for (m, w, h), p in self.escalated.items()},
             "embedding_cache": embeddings,
             **self.stats,
         }
+
+    def _vram_used(self) -> int:
+        """Bytes in use on the card: what torch reserved on a real one; on a simulated node, the weights of
+        the pipelines it holds (what they would occupy on the card it stands in for)."""
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.memory_reserved()
+        return self.cache.bytes_loaded()
 
     def _publish(self) -> None:
         try:

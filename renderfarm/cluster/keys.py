@@ -88,6 +88,12 @@ class Keys:
         return self._key("etas")
 
     @property
+    def samples(self) -> str:
+        """A stream of farm-wide samples (queue depth, per-node totals) the scheduler writes every few
+        seconds, capped in length: the dashboard's charts."""
+        return self._key("samples")
+
+    @property
     def fair_share(self) -> str:
         return self._key("fairshare")
 

@@ -26,6 +26,7 @@ from renderfarm.jobs import (
 )
 
 EVENTS_MAXLEN = 100_000
+SAMPLES_MAXLEN = 4320  # 6 hours of samples at one per 5 s
 STATES = list(JobState)
 
 # Insert jobs that do not exist yet; skip (and report) those that do. Atomic: all new jobs of the batch
@@ -336,6 +337,37 @@ class Store:
 
     def write_fair_share(self, state: dict[str, Any]) -> None:
         self.redis.set(self.keys.fair_share, json.dumps(state))
+
+    # --- samples for the dashboard -------------------------------------------------------------------
+
+    def record_sample(self, sample: dict[str, Any], maxlen: int = SAMPLES_MAXLEN) -> None:
+        """Append one sample ({"t": epoch, "counts": {state: n}, "nodes": {name: {...totals}}}), keeping about
+        the last `maxlen`."""
+        self.redis.xadd(self.keys.samples, {"json": json.dumps(sample)}, maxlen=maxlen, approximate=True)
+
+    def samples(self, count: int = 720) -> list[dict[str, Any]]:
+        """The last `count` samples, oldest first; an entry that does not parse is skipped."""
+        out = []
+        for _, fields in reversed(self.redis.xrevrange(self.keys.samples, count=count)):
+            try:
+                value = json.loads(fields.get(b"json", b""))
+            except ValueError:
+                continue
+            if isinstance(value, dict) and isinstance(value.get("t"), (int, float)):
+                out.append(value)
+        return out
+
+    def finished_since(self, state: JobState, since: float) -> int:
+        """How many jobs reached terminal `state` at or after `since` (epoch seconds)."""
+        return int(self.redis.zcount(self.keys.index(state), since, "+inf"))
+
+    def set_draining(self, name: str, draining: bool = True) -> bool:
+        """Mark node `name` draining (it finishes what it holds and takes nothing new) or not; False when no
+        such node is registered."""
+        if not self.redis.sismember(self.keys.nodes, name):
+            return False
+        self.redis.hset(self.keys.node(name), "draining", json.dumps(bool(draining)))
+        return True
 
     # --- online calibration -------------------------------------------------------------------------------
 

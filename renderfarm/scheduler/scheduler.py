@@ -49,6 +49,7 @@ class _Worker:
     loaded: set[str]
     device: Device | None = None  # its card, for fit checks
     alive: bool = True
+    draining: bool = False  # finishes what it holds, takes nothing new (`renderfarm drain`, the dashboard)
     inflight: int = 0  # batches sent and not yet returned
     busy_until: float = 0.0  # epoch seconds its sent batches are expected to be done
     estimates: dict[Any, float] = field(default_factory=dict)  # batch ref -> its estimated seconds
@@ -86,6 +87,7 @@ class Scheduler:
         self.measured: Measurements = EMPTY
         self._measured_version = -1
         self._next_eta = 0.0
+        self._next_sample = 0.0
         self._stop = threading.Event()
         last = self.store.redis.xrevrange(self.store.keys.events, count=1)
         self._cursor = last[0][0] if last else b"0-0"
@@ -100,6 +102,7 @@ class Scheduler:
             self.counters["loops"] += 1
             try:
                 self._dispatch()
+                self._sample()
                 self._wait()
             except Exception:  # one bad round must not stop the farm
                 log.exception("scheduler round failed")
@@ -113,7 +116,8 @@ class Scheduler:
         return {
             **self.counters,
             "inflight": len(self._inflight),
-            "workers": {w.name: {"alive": w.alive, "inflight": w.inflight, "loaded": sorted(w.loaded),
+            "workers": {w.name: {"alive": w.alive, "draining": w.draining, "inflight": w.inflight,
+                                 "loaded": sorted(w.loaded),
                                  "backlog_s": round(w.backlog(time.time()), 3)}
                         for w in self.workers.values()},
             "measurements": {"peaks": sum(len(p) for p in self.measured.peaks.values()),
@@ -130,8 +134,29 @@ class Scheduler:
                 self.store.requeue(job_id, "scheduler restarted while the job was in flight")
 
     def _has_room(self, worker: _Worker) -> bool:
-        """Alive, with fewer batches queued than a worker may hold."""
-        return worker.alive and worker.inflight < self.settings.worker_queue_depth
+        """Alive, not draining, with fewer batches queued than a worker may hold."""
+        return worker.alive and not worker.draining and worker.inflight < self.settings.worker_queue_depth
+
+    def _refresh_nodes(self) -> None:
+        """Follow what the node records say: draining (set by an operator) and the models loaded."""
+        for record in self.store.nodes():
+            worker = self.workers.get(record["name"])
+            if worker is None:
+                continue
+            worker.draining = record.get("draining") is True
+            if isinstance(record.get("loaded"), list):
+                worker.loaded = {m for m in record["loaded"] if isinstance(m, str)}
+
+    def _sample(self) -> None:
+        """Every `sample_seconds`, one sample of queue depth and node totals for the dashboard's charts."""
+        now = time.time()
+        if now < self._next_sample:
+            return
+        self._next_sample = now + self.settings.sample_seconds
+        fields = ("images", "megapixels", "jobs_done", "jobs_failed", "render_seconds", "last_s_per_step",
+                  "vram_used_gib", "state")
+        nodes = {n["name"]: {k: n.get(k) for k in fields} for n in self.store.nodes()}
+        self.store.record_sample({"t": round(now, 3), "counts": self.store.counts(), "nodes": nodes})
 
     def _refresh_measurements(self) -> None:
         """Re-read what the nodes measured when a worker recorded something new (one GET otherwise)."""
@@ -159,6 +184,8 @@ class Scheduler:
     def _dispatch(self) -> None:
         now = time.time()
         eta_due = now >= self._next_eta
+        if eta_due:
+            self._refresh_nodes()
         if not eta_due and not any(self._has_room(w) for w in self.workers.values()):
             return
         self._refresh_measurements()
@@ -176,7 +203,7 @@ class Scheduler:
         nodes = [
             NodeView(w.name, w.device, frozenset(w.loaded), w.backlog(now),
                      self.settings.worker_queue_depth - w.inflight if self._has_room(w) else 0)
-            for w in self.workers.values() if w.alive
+            for w in self.workers.values() if w.alive and not w.draining
         ]
         plan = plan_dispatch(pending, nodes, self.settings.max_batch, self.catalog, self.measured, full=eta_due)
         for assignment in plan.assignments:

@@ -164,3 +164,21 @@ def test_nodes_record_what_they_measure_and_the_scheduler_learns_it(client, farm
     # The scheduler has read the same snapshot (it re-reads when a worker records something new).
     stats = farm.scheduler_stats()
     assert stats["measurements"]["speeds"] >= 1 and stats["measurements"]["peaks"] >= 1
+
+
+def test_a_draining_node_takes_nothing_new_until_undrained(client, farm):
+    import time
+
+    from renderfarm.cli import main
+
+    assert main(["drain", "small", "--redis", farm.redis_url, "--json"]) == 0
+    try:
+        time.sleep(farm.settings.eta_seconds + 0.5)  # the scheduler re-reads node records at that cadence
+        assert farm.scheduler_stats()["workers"]["small"]["draining"] is True
+        finished = client.wait(client.submit_batch(specs(6)), timeout=300)
+        assert {job.node for job in finished} == {"big"}
+    finally:
+        assert main(["drain", "small", "--undo", "--redis", farm.redis_url, "--json"]) == 0
+    time.sleep(farm.settings.eta_seconds + 0.5)
+    assert farm.scheduler_stats()["workers"]["small"]["draining"] is False
+    assert main(["drain", "nobody", "--redis", farm.redis_url, "--json"]) == 1
