@@ -378,7 +378,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     command = [
         sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
         "--server.address", args.address, "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--", "--prefix", args.prefix,
+        "--client.toolbarMode", "minimal", "--", "--prefix", args.prefix,
     ]
     # The URL may carry a password: it travels in the environment, never on a command line others can read.
     env = {**os.environ, "RENDERFARM_REDIS_URL": url}

@@ -1,0 +1,367 @@
+"""The renderfarm dashboard: `renderfarm dashboard` runs it (`streamlit run renderfarm/dashboard/app.py`).
+
+It reads Redis only (through `queries`), never Ray, so it runs anywhere the Redis URL reaches. Settings:
+`-- --redis URL --prefix PREFIX` after the script, else RENDERFARM_REDIS_URL (default
+redis://127.0.0.1:6379/0) and RENDERFARM_KEY_PREFIX (default rf). The write actions (cancel, retry, drain)
+appear only when RENDERFARM_DASHBOARD_TOKEN is set (environment only, never argv) and entered in the sidebar.
+
+The live part is one fragment that reruns every 2 s on its own (the page around it stays put), reading only
+what it shows: counts from the state indexes, the latest rows per state, the first image of the latest
+done jobs (cached: a finished job's result never changes).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import sys
+import time
+from typing import Any
+
+import pandas as pd
+import redis
+import streamlit as st
+
+from renderfarm.cluster.keys import DEFAULT_PREFIX, Keys
+from renderfarm.cluster.redis_server import RedisUnavailable, connect, redact
+from renderfarm.cluster.store import Store
+from renderfarm.config import ConfigError, Settings
+from renderfarm.dashboard import queries
+from renderfarm.jobs import JobState
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+REFRESH_S = 2
+MIN_TOKEN = 8  # as Settings.dashboard_token
+ALL = "all"
+STATE_COLORS = {"idle": "green", "busy": "blue", "draining": "orange", "dead": "red", "stopped": "gray"}
+UNREACHABLE = (RedisUnavailable, redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def option(argv: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in `argv`; anything else there is ignored (streamlit
+    run and AppTest pass different argv)."""
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def page_settings() -> dict[str, Any]:
+    argv = sys.argv[1:]
+    url = option(argv, "redis") or os.environ.get("RENDERFARM_REDIS_URL") or DEFAULT_URL
+    prefix = option(argv, "prefix") or os.environ.get("RENDERFARM_KEY_PREFIX") or DEFAULT_PREFIX
+    token = os.environ.get("RENDERFARM_DASHBOARD_TOKEN") or None
+    short = token is not None and len(token) < MIN_TOKEN
+    try:
+        dead_after = Settings.load().dead_after_seconds
+    except ConfigError:  # another RENDERFARM_* variable is invalid: the dashboard still runs
+        dead_after = Settings().dead_after_seconds
+    return {"url": url, "prefix": prefix, "token": None if short else token, "short_token": short,
+            "dead_after": dead_after}
+
+
+@st.cache_resource(show_spinner=False)
+def open_store(url: str, prefix: str) -> Store:
+    """One Redis client per URL and prefix for every session (a failed connect is not cached: retried)."""
+    return Store(connect(url, socket_timeout=2.0), Keys(prefix))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def gallery_entry(url: str, prefix: str, job_id: str) -> dict[str, Any] | None:
+    return queries.gallery_entry(open_store(url, prefix), job_id)
+
+
+# --- formatting ----------------------------------------------------------------------------------------
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def number(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def times(rows: list[dict[str, Any]]) -> pd.DatetimeIndex:
+    return pd.to_datetime([r["t"] for r in rows], unit="s", utc=True)
+
+
+# --- sections ------------------------------------------------------------------------------------------
+
+
+def queue_section(view: dict[str, Any]) -> None:
+    st.header("Queue")
+    counts = view["overview"]
+    columns = st.columns(5)
+    for column, (label, key) in zip(columns, [
+        ("Queued", "queued"), ("Leased", "leased"), ("Running", "running"), ("Done (1 h)", "done_1h"),
+        ("Failed (1 h)", "failed_1h"),
+    ]):
+        column.metric(label, f"{counts[key]:,}")
+    st.caption(
+        f"{counts['total']:,} jobs in Redis: {counts['done']:,} done, {counts['failed']:,} failed, "
+        f"{counts['cancelled']:,} cancelled ({counts['cancelled_1h']:,} in the last hour)."
+    )
+    history = queries.queue_history(view["samples"])
+    if len(history) < 2:
+        st.caption("Queue depth over time appears once the scheduler has written a few samples.")
+        return
+    frame = pd.DataFrame(history).drop(columns="t").set_index(times(history))
+    st.line_chart(frame, height=200, x_label="time (UTC)", y_label="jobs")
+
+
+def node_card(node: dict[str, Any], history: pd.DataFrame | None) -> None:
+    with st.container(border=True):
+        state = node["state"]
+        st.markdown(f"**{node['name']}** :{STATE_COLORS.get(state, 'gray')}-badge[{state}]")
+        device = f" ({node['device']})" if node["device"] else ""
+        st.caption(f"{node['gpu']} · {node['kind']}{device}")
+        used, total = node["vram_used_gib"], node["vram_total_gib"]
+        left, right = st.columns(2)
+        left.metric("VRAM (GiB)", f"{number(used)} / {number(total)}")
+        right.metric("Images / min", number(node["images_per_min"]))
+        left.metric("MP / s", number(node["mp_per_s"], 2))
+        right.metric("s / step", number(node["s_per_step"], 3))
+        heartbeat = node["heartbeat_age_s"]
+        lines = [
+            f"Last heartbeat: {'never' if heartbeat is None else duration(heartbeat) + ' ago'}",
+            f"Loaded: {', '.join(node['loaded']) or 'nothing'}",
+            "Profiles: " + (", ".join(f"{m} → {p}" for m, p in node["profiles"].items()) or "none yet"),
+            f"Jobs: {node['jobs_done']:,} done, {node['jobs_failed']:,} failed; {node['images']:,} images",
+        ]
+        if node["source"] == "totals":
+            lines.append("Throughput: average over its render time (no recent samples)")
+        st.caption("  \n".join(lines))
+        if history is not None and len(history) >= 2:
+            st.line_chart(history, height=140, x_label="time (UTC)")
+
+
+def nodes_section(view: dict[str, Any]) -> None:
+    st.header("Nodes")
+    nodes = view["nodes"]
+    if not nodes:
+        st.info("No nodes registered: the queue waits until a farm starts its workers.")
+        return
+    rows = queries.throughput_history(view["samples"])
+    columns = st.columns(min(3, len(nodes)))
+    for i, node in enumerate(nodes):
+        mine = [r for r in rows if r["node"] == node["name"]]
+        history = pd.DataFrame(
+            {"images/min": [r["images_per_min"] for r in mine], "MP/s": [r["mp_per_s"] for r in mine]},
+            index=times(mine),
+        ) if mine else None
+        with columns[i % len(columns)]:
+            node_card(node, history)
+
+
+def eta_text(row: dict[str, Any]) -> str:
+    if row["state"] != "queued":
+        return ""
+    if row["waiting"]:
+        return f"waiting: {row['waiting']}"
+    return "" if row["eta_s"] is None else f"in {duration(row['eta_s'])}"
+
+
+def jobs_section(view: dict[str, Any], filters: dict[str, str | None]) -> None:
+    st.header("Jobs")
+    listing = view["jobs"]
+    facets = listing["facets"]
+
+    def choices(key: str, values: list[str]) -> list[str]:
+        current = filters.get(key)
+        return [ALL, *values, *([current] if current and current not in values else [])]
+
+    columns = st.columns(4)
+    columns[0].selectbox("State", [ALL, *(s.value for s in JobState)], key="filter_state")
+    columns[1].selectbox("Team", choices("team", facets["team"]), key="filter_team")
+    columns[2].selectbox("Model", choices("model", facets["model"]), key="filter_model")
+    columns[3].selectbox("Node", choices("node", sorted({*facets["node"], *(n["name"] for n in view["nodes"])})),
+                         key="filter_node")
+    rows = listing["rows"]
+    now = view["now"]
+    shown = f"latest {queries.JOB_LIMIT} per state (the queue from its head)"
+    skipped = f"; {listing['skipped']} unreadable records skipped" if listing["skipped"] else ""
+    st.caption(f"{len(rows):,} jobs shown: {shown}{skipped}.")
+    if rows:
+        table = pd.DataFrame([{
+            "id": r["id"], "state": r["state"], "team": r["team"], "model": r["model"], "node": r["node"],
+            "position": r["position"], "ETA": eta_text(r), "size": r["size"], "steps": r["steps"],
+            "images": r["images"], "priority": r["priority"], "attempts": r["attempts"],
+            "age": duration(now - r["created_at"]),
+            "finished": "" if r["finished_at"] is None else duration(now - r["finished_at"]) + " ago",
+            "error": r["error"], "prompt": r["prompt"],
+        } for r in rows])
+        table["position"] = table["position"].astype("Int64")
+        st.dataframe(table, hide_index=True, width="stretch")
+    else:
+        st.caption("No jobs match.")
+
+    st.subheader("Failures")
+    failed = view["failures"]
+    if not failed:
+        st.caption("No failed jobs.")
+        return
+    st.dataframe(pd.DataFrame([{
+        "id": f["id"], "team": f["team"], "model": f["model"], "node": f["node"], "attempts": f["attempts"],
+        "when": "" if f["finished_at"] is None else duration(now - f["finished_at"]) + " ago", "reason": f["error"],
+    } for f in failed]), hide_index=True, width="stretch")
+
+
+def gallery_section(settings: dict[str, Any], view: dict[str, Any]) -> None:
+    st.header("Gallery")
+    entries = [e for job_id in view["gallery"] if (e := gallery_entry(settings["url"], settings["prefix"], job_id))]
+    if not entries:
+        st.caption("No finished images yet.")
+        return
+    columns = st.columns(4)
+    for i, entry in enumerate(entries):
+        s = entry["settings"]
+        with columns[i % 4]:
+            if entry["image"]:
+                st.image(entry["image"], width="stretch")
+            else:
+                st.caption("(image expired)")
+            prompt = s.get("prompt", "")
+            st.markdown(f"**{prompt[:80]}{'…' if len(prompt) > 80 else ''}**")
+            details = " · ".join(f"{k} {s[k]}" for k in ("Model", "Size", "Steps", "CFG scale", "Seed", "Sampler")
+                                 if s.get(k))
+            profile = f" ({entry['profile']})" if entry["profile"] else ""
+            st.caption(f"{details}  \njob {entry['id']} on {entry['node'] or '?'}{profile}")
+            if entry["settings"].get("text"):
+                with st.expander("Generation settings"):
+                    st.code(entry["settings"]["text"], language=None, wrap_lines=True)
+
+
+# --- the page --------------------------------------------------------------------------------------------
+
+
+def read_view(store: Store, settings: dict[str, Any], filters: dict[str, str | None]) -> dict[str, Any]:
+    """Everything the live part shows, read before anything is drawn: a failing read shows one error, not
+    half a page."""
+    now = time.time()
+    samples = store.samples(queries.SAMPLE_COUNT)
+    return {
+        "now": now,
+        "overview": queries.overview(store, now),
+        "samples": samples,
+        "nodes": queries.nodes(store, samples, settings["dead_after"], now),
+        "jobs": queries.jobs(store, **filters, now=now),
+        "failures": queries.failures(store),
+        "gallery": queries.latest_done(store),  # ids: entries are read (and cached) while drawing
+    }
+
+
+def selected(key: str) -> str | None:
+    value = st.session_state.get(key)
+    return None if value in (None, ALL) else value
+
+
+@st.fragment(run_every=REFRESH_S)
+def live(settings: dict[str, Any]) -> None:
+    url = redact(settings["url"])
+    filters = {k: selected(f"filter_{k}") for k in ("state", "team", "model", "node")}
+    try:
+        Keys(settings["prefix"])
+    except ValueError as exc:
+        st.error(f"Invalid key prefix: {exc}")
+        return
+    try:
+        store = open_store(settings["url"], settings["prefix"])
+        view = read_view(store, settings, filters)
+    except UNREACHABLE as exc:
+        reason = exc.reason if isinstance(exc, RedisUnavailable) else f"{type(exc).__name__}: {exc}"
+        st.error(f"Redis unreachable at {url} ({reason}). Retrying every {REFRESH_S} s.")
+        return
+    except ValueError as exc:  # a malformed URL (connect names it redacted)
+        st.error(f"Redis unreachable: {exc}")
+        return
+    except redis.RedisError as exc:
+        st.error(f"Redis at {url} answered with an error: {exc}. Retrying every {REFRESH_S} s.")
+        return
+    if view["overview"]["total"] == 0 and not view["nodes"]:
+        st.info(
+            f"No farm yet: no nodes and no jobs under prefix {settings['prefix']!r} at {url}. "
+            "Start one with `renderfarm up`, then submit with `renderfarm submit`."
+        )
+        return
+    queue_section(view)
+    nodes_section(view)
+    jobs_section(view, filters)
+    try:
+        gallery_section(settings, view)
+    except redis.RedisError as exc:  # Redis went away between the reads: the next run says so
+        st.caption(f"Gallery unavailable: {exc}")
+    st.caption(f"Redis {url} · prefix {settings['prefix']} · updated {time.strftime('%H:%M:%S')}")
+
+
+def show(result: dict[str, Any]) -> None:
+    (st.success if result["ok"] else st.error)(result["message"])
+
+
+def actions(settings: dict[str, Any]) -> None:
+    st.subheader("Actions")
+    try:
+        store = open_store(settings["url"], settings["prefix"])
+        names = [n["name"] for n in store.nodes()]
+    except (*UNREACHABLE, ValueError, redis.RedisError):
+        st.caption("Actions wait for Redis.")
+        return
+    job_id = st.text_input("Job id", key="action_job", placeholder="a job id from the table")
+    left, right = st.columns(2)
+    cancel = left.button("Cancel job", key="action_cancel")
+    retry = right.button("Retry failed job", key="action_retry")
+    node = st.selectbox("Node", names, key="action_node", index=None, placeholder="choose a node")
+    left, right = st.columns(2)
+    drain = left.button("Drain node", key="action_drain")
+    undrain = right.button("Undrain node", key="action_undrain")
+    try:
+        if cancel:
+            show(queries.cancel_job(store, job_id))
+        elif retry:
+            show(queries.retry_job(store, job_id))
+        elif drain or undrain:
+            choose = {"ok": False, "message": "Choose a node."}
+            show(queries.drain_node(store, node, draining=drain) if node else choose)
+    except (*UNREACHABLE, redis.RedisError) as exc:
+        st.error(f"Not done: Redis unreachable ({type(exc).__name__}).")
+
+
+def sidebar(settings: dict[str, Any]) -> None:
+    with st.sidebar:
+        st.caption(f"Redis {redact(settings['url'])} · prefix {settings['prefix']}")
+        token = settings["token"]
+        if settings["short_token"]:
+            st.warning(f"RENDERFARM_DASHBOARD_TOKEN is shorter than {MIN_TOKEN} characters: ignored.")
+        if not token:
+            st.caption("read-only: set RENDERFARM_DASHBOARD_TOKEN to enable cancel, retry and drain.")
+            return
+        entered = st.text_input("Dashboard token", type="password", key="token")
+        if not entered:
+            st.caption("read-only until the dashboard token is entered.")
+        elif not hmac.compare_digest(entered.encode(), token.encode()):
+            st.warning("Wrong token: read-only.")
+        else:
+            actions(settings)
+
+
+def main() -> None:
+    st.set_page_config(page_title="renderfarm", layout="wide")
+    st.title("renderfarm")
+    settings = page_settings()
+    sidebar(settings)
+    live(settings)
+
+
+main()

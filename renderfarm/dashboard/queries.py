@@ -1,0 +1,351 @@
+"""What the dashboard reads from Redis, and the three things it may change: plain functions over a `Store`.
+
+Redis only, never Ray: the page runs anywhere the Redis URL reaches. Every read is bounded by what the page
+shows, so it stays quick with 100,000 jobs in Redis: counts come from the state indexes (ZCARD, ZCOUNT), job
+rows from the latest `limit` ids of each shown state, the gallery from the first image of the latest few
+done jobs. A record that does not parse is skipped and counted, never allowed to break the page.
+
+No streamlit here: every function returns plain dicts and lists (easy to test, easy to render).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from itertools import pairwise
+from typing import Any
+
+from renderfarm.cluster.store import CorruptRecord, JobNotFound, Store
+from renderfarm.jobs import IllegalTransition, Job, JobState
+
+HOUR = 3600.0
+JOB_LIMIT = 50  # job rows read per shown state
+GALLERY_SIZE = 8
+SAMPLE_COUNT = 720  # one hour of samples at the scheduler's default one per 5 s
+STALE_SAMPLES_S = 60.0  # older than this, the latest samples say nothing about "now"
+PENDING = (JobState.QUEUED, JobState.LEASED, JobState.RUNNING)
+
+
+def _num(value: Any) -> float | None:
+    """`value` as a finite float, or None (records are JSON written by others: trust nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+# --- overview ----------------------------------------------------------------------------------------
+
+
+def overview(store: Store, now: float | None = None) -> dict[str, int]:
+    """Queue depth now: jobs per state (index sizes), and done / failed / cancelled in the last hour."""
+    now = time.time() if now is None else now
+    counts = store.counts()
+    out = {state.value: int(counts.get(state.value, 0)) for state in JobState}
+    for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+        out[f"{state.value}_1h"] = store.finished_since(state, now - HOUR)
+    out["total"] = sum(int(counts.get(state.value, 0)) for state in JobState)
+    return out
+
+
+def queue_history(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Queue depth over time, one row per sample: {"t", "queued", "leased", "running"}."""
+    rows = []
+    for sample in samples:
+        counts = sample.get("counts")
+        if not isinstance(counts, dict):
+            continue
+        rows.append({"t": sample["t"], **{s.value: int(_num(counts.get(s.value)) or 0) for s in PENDING}})
+    return rows
+
+
+# --- nodes -------------------------------------------------------------------------------------------
+
+
+def node_state(record: dict[str, Any], now: float, dead_after: float) -> str:
+    """dead (heartbeat older than `dead_after` s, or none), else draining (set by an operator), else what the
+    worker last said (idle, busy, stopped)."""
+    heartbeat = _num(record.get("heartbeat"))
+    if heartbeat is None or now - heartbeat > dead_after:
+        return "dead"
+    if record.get("draining") is True:
+        return "draining"
+    state = record.get("state")
+    return state if isinstance(state, str) and state else "unknown"
+
+
+def _rates(before: dict[str, Any], after: dict[str, Any], dt: float) -> dict[str, float] | None:
+    """Images per minute and megapixels per second between two samples of one node's totals (a total that
+    went down means the worker restarted: counted from zero)."""
+    images = (_num(before.get("images")), _num(after.get("images")))
+    megapixels = (_num(before.get("megapixels")), _num(after.get("megapixels")))
+    if dt <= 0 or None in images or None in megapixels:
+        return None
+    d_images = images[1] - images[0] if images[1] >= images[0] else images[1]
+    d_mp = megapixels[1] - megapixels[0] if megapixels[1] >= megapixels[0] else megapixels[1]
+    return {"images_per_min": d_images / dt * 60.0, "mp_per_s": d_mp / dt}
+
+
+def throughput_now(
+    record: dict[str, Any], samples: list[dict[str, Any]], now: float, stale_after: float = STALE_SAMPLES_S
+) -> dict[str, Any]:
+    """A node's images/min and MP/s from the last two samples that hold it (when recent), else its totals
+    over its render time; seconds per step as it last measured. "source" says which."""
+    name = record["name"]
+    held = [s for s in samples[-2:] if isinstance(s.get("nodes"), dict) and isinstance(s["nodes"].get(name), dict)]
+    rates = None
+    if len(held) == 2 and now - held[1]["t"] <= stale_after:
+        rates = _rates(held[0]["nodes"][name], held[1]["nodes"][name], held[1]["t"] - held[0]["t"])
+    source = "samples"
+    if rates is None:
+        source = "totals"
+        seconds = _num(record.get("render_seconds")) or 0.0
+        images, megapixels = _num(record.get("images")) or 0.0, _num(record.get("megapixels")) or 0.0
+        rates = {
+            "images_per_min": images / seconds * 60.0 if seconds > 0 else None,
+            "mp_per_s": megapixels / seconds if seconds > 0 else None,
+        }
+    return {**rates, "s_per_step": _num(record.get("last_s_per_step")), "source": source}
+
+
+def throughput_history(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per node, over time: one row per consecutive pair of samples that both hold the node,
+    {"t", "node", "images_per_min", "mp_per_s"}."""
+    rows = []
+    for before, after in pairwise(samples):
+        nodes_before, nodes_after = before.get("nodes"), after.get("nodes")
+        if not isinstance(nodes_before, dict) or not isinstance(nodes_after, dict):
+            continue
+        for name, totals in nodes_after.items():
+            if isinstance(totals, dict) and isinstance(nodes_before.get(name), dict):
+                rates = _rates(nodes_before[name], totals, after["t"] - before["t"])
+                if rates is not None:
+                    rows.append({"t": after["t"], "node": name, **rates})
+    return rows
+
+
+def nodes(
+    store: Store, samples: list[dict[str, Any]], dead_after: float, now: float | None = None
+) -> list[dict[str, Any]]:
+    """One row per registered node: what it is, what it holds, how fast it renders, whether it lives."""
+    now = time.time() if now is None else now
+    rows = []
+    for record in store.nodes():
+        heartbeat = _num(record.get("heartbeat"))
+        card = record.get("card") if isinstance(record.get("card"), dict) else {}
+        profiles = record.get("profiles") if isinstance(record.get("profiles"), dict) else {}
+        loaded = record.get("loaded") if isinstance(record.get("loaded"), list) else []
+        simulated = record.get("simulated")
+        rows.append({
+            "name": record["name"],
+            "state": node_state(record, now, dead_after),
+            "gpu": str(record.get("gpu") or card.get("name") or "unknown GPU"),
+            "kind": "simulated" if simulated is True else "real" if simulated is False else "unknown",
+            "device": str(record.get("device") or ""),
+            "vram_used_gib": _num(record.get("vram_used_gib")),
+            "vram_total_gib": _num(record.get("vram_gib")) or _num(card.get("vram_gib")),
+            "profiles": {str(k): str(v) for k, v in profiles.items()},
+            "loaded": [str(m) for m in loaded],
+            "heartbeat": heartbeat,
+            "heartbeat_age_s": None if heartbeat is None else max(0.0, now - heartbeat),
+            "draining": record.get("draining") is True,
+            "jobs_done": int(_num(record.get("jobs_done")) or 0),
+            "jobs_failed": int(_num(record.get("jobs_failed")) or 0),
+            "images": int(_num(record.get("images")) or 0),
+            **throughput_now(record, samples, now),
+        })
+    return rows
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+
+def load_jobs(store: Store, ids: list[str]) -> tuple[list[Job], int]:
+    """The jobs of `ids` that exist and parse, in order, and how many were skipped as unreadable."""
+    try:
+        found = store.get_many(ids)
+    except CorruptRecord:  # one bad record: read them one by one to keep the others
+        found = []
+        for job_id in ids:
+            try:
+                found.append(store.get(job_id))
+            except (CorruptRecord, JobNotFound):
+                found.append(None)
+    jobs = [job for job in found if job is not None]
+    return jobs, len(ids) - len(jobs)
+
+
+def _ids(store: Store, state: JobState, limit: int) -> list[str]:
+    # The queue is shown from its head (the next jobs to run); every other state newest first.
+    return store.ids_in(state, limit=limit, newest_first=state is not JobState.QUEUED)
+
+
+def _row(job: Job, eta: dict[str, Any] | None, now: float) -> dict[str, Any]:
+    spec = job.spec
+    row = {
+        "id": job.id,
+        "state": job.state.value,
+        "team": spec.team,
+        "model": spec.model,
+        "node": job.node or "",
+        "size": f"{spec.width}x{spec.height}",
+        "steps": spec.steps,
+        "images": spec.num_images,
+        "priority": spec.priority,
+        "attempts": job.attempts,
+        "prompt": spec.prompt if len(spec.prompt) <= 80 else spec.prompt[:79] + "…",
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "position": None,
+        "eta_s": None,
+        "waiting": "",
+        "error": job.error or "",
+    }
+    if eta is not None:
+        position, finish = eta.get("position"), _num(eta.get("finish"))
+        row["position"] = int(position) if isinstance(position, int) and not isinstance(position, bool) else None
+        row["eta_s"] = None if finish is None else max(0.0, finish - now)
+        row["waiting"] = str(eta.get("waiting") or "")
+    return row
+
+
+def jobs(
+    store: Store,
+    state: str | None = None,
+    team: str | None = None,
+    model: str | None = None,
+    node: str | None = None,
+    limit: int = JOB_LIMIT,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The latest `limit` jobs of each shown state (one state, or all), filtered by team, model and node.
+
+    Queued jobs carry their place in the queue and ETA (seconds until they should finish) as the scheduler
+    last published them, or why they wait. Returns {"rows", "facets": {"team", "model", "node"} (values seen
+    before filtering: the filters' choices), "skipped" (unreadable records)}.
+    """
+    now = time.time() if now is None else now
+    states = [JobState(state)] if state else list(JobState)
+    ids = [job_id for s in states for job_id in _ids(store, s, limit)]
+    found, skipped = load_jobs(store, ids)
+    etas = store.etas([job.id for job in found if job.state is JobState.QUEUED])
+    rows = [_row(job, etas.get(job.id), now) for job in found]
+    facets = {key: sorted({r[key] for r in rows if r[key]}) for key in ("team", "model", "node")}
+    wanted = {"team": team, "model": model, "node": node}
+    rows = [r for r in rows if all(not value or r[key] == value for key, value in wanted.items())]
+    return {"rows": rows, "facets": facets, "skipped": skipped}
+
+
+def failures(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest failed jobs with why they failed."""
+    found, _ = load_jobs(store, store.ids_in(JobState.FAILED, limit=limit, newest_first=True))
+    return [
+        {"id": j.id, "team": j.spec.team, "model": j.spec.model, "node": j.node or "", "attempts": j.attempts,
+         "finished_at": j.finished_at, "error": j.error or "(no reason recorded)"}
+        for j in found
+    ]
+
+
+# --- gallery -----------------------------------------------------------------------------------------
+
+
+def latest_done(store: Store, count: int = GALLERY_SIZE) -> list[str]:
+    """The ids of the latest `count` finished jobs, newest first."""
+    return store.ids_in(JobState.DONE, limit=count, newest_first=True)
+
+
+def image_parameters(png: bytes) -> dict[str, str] | None:
+    """The A1111 "parameters" a rendered PNG carries, parsed (prompt, negative_prompt, Steps, Seed, ...);
+    None when it carries none or is not an image."""
+    from PIL import Image
+
+    from renderfarm.actors.infotext import (
+        parse_a1111_parameters,  # torch-free: text and PIL only
+    )
+
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            text = image.info.get("parameters")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image PIL can read
+        return None
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return {"text": text, **parse_a1111_parameters(text)}
+
+
+def gallery_entry(store: Store, job_id: str) -> dict[str, Any] | None:
+    """A done job's first image (PNG bytes, or None when expired) with its generation settings: parsed from
+    the image, else taken from the job's spec. None when the job is gone or unreadable. A finished job's
+    result never changes, so callers may cache this by job id."""
+    found, _ = load_jobs(store, [job_id])
+    if not found:
+        return None
+    job, spec = found[0], found[0].spec
+    png = store.redis.hget(store.keys.result(job_id), "0")  # the first image only, not the whole result
+    parameters = image_parameters(png) if png else None
+    settings = {
+        "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "Model": spec.model,
+        "Size": f"{spec.width}x{spec.height}", "Steps": str(spec.steps), "CFG scale": str(spec.guidance),
+        "Seed": "" if spec.seed is None else str(spec.seed),
+    }
+    if parameters:
+        settings.update(parameters)
+    return {
+        "id": job.id, "image": png or None, "settings": settings, "from_image": parameters is not None,
+        "node": job.node or "", "profile": job.profile or "", "finished_at": job.finished_at,
+        "images": job.images,
+    }
+
+
+def gallery(store: Store, count: int = GALLERY_SIZE) -> list[dict[str, Any]]:
+    """The latest `count` done jobs' first images with their settings, newest first."""
+    return [entry for job_id in latest_done(store, count) if (entry := gallery_entry(store, job_id))]
+
+
+# --- actions -----------------------------------------------------------------------------------------
+
+
+def _result(ok: bool, message: str) -> dict[str, Any]:
+    return {"ok": ok, "message": message}
+
+
+def cancel_job(store: Store, job_id: str) -> dict[str, Any]:
+    """Cancel a queued, leased or running job."""
+    job_id = job_id.strip()
+    if not job_id:
+        return _result(False, "Enter a job id.")
+    try:
+        left = store.cancel(job_id)
+    except JobNotFound:
+        return _result(False, f"No job {job_id!r}.")
+    except IllegalTransition as exc:
+        return _result(
+            False, f"Job {job_id} is {exc.current.value}: only queued, leased or running jobs can be cancelled."
+        )
+    return _result(True, f"Cancelled job {job_id} (was {left.value}).")
+
+
+def retry_job(store: Store, job_id: str) -> dict[str, Any]:
+    """Put a failed job back in the queue, at its original place."""
+    job_id = job_id.strip()
+    if not job_id:
+        return _result(False, "Enter a job id.")
+    state = store.state(job_id)
+    if state is None:
+        return _result(False, f"No job {job_id!r}.")
+    if state is not JobState.FAILED:
+        return _result(False, f"Job {job_id} is {state.value}: only failed jobs can be retried.")
+    if not store.requeue(job_id, "retried from the dashboard"):
+        return _result(False, f"Job {job_id} changed state meanwhile; not retried.")
+    return _result(True, f"Job {job_id} is queued again.")
+
+
+def drain_node(store: Store, name: str, draining: bool = True) -> dict[str, Any]:
+    """Mark a node draining (it finishes what it holds and takes nothing new), or take it back."""
+    if not store.set_draining(name, draining):
+        return _result(False, f"No node {name!r}.")
+    return _result(True, f"Node {name} is {'draining' if draining else 'taking jobs again'}.")

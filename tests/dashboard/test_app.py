@@ -1,0 +1,141 @@
+"""The dashboard page itself, run by streamlit's AppTest against a real redis-server holding a realistic farm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from renderfarm.cluster.redis_server import free_port
+from renderfarm.jobs import JobState
+
+pytestmark = pytest.mark.integration
+
+APP = Path(__file__).resolve().parents[2] / "renderfarm" / "dashboard" / "app.py"
+TOKEN = "s3cret-dashboard-token"
+QUEUE_METRICS = ("Queued", "Leased", "Running", "Done (1 h)", "Failed (1 h)")
+
+
+@pytest.fixture
+def page(monkeypatch, redis_url, prefix):
+    """An AppTest of the page, configured by environment as `renderfarm dashboard` does."""
+    monkeypatch.setenv("RENDERFARM_REDIS_URL", redis_url)
+    monkeypatch.setenv("RENDERFARM_KEY_PREFIX", prefix)
+    monkeypatch.delenv("RENDERFARM_DASHBOARD_TOKEN", raising=False)
+    return AppTest.from_file(APP, default_timeout=30)
+
+
+def queue_metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric if m.label in QUEUE_METRICS}
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_page_shows_the_farm(page, seeded):
+    at = page.run()
+    assert not at.exception
+    assert at.title[0].value == "renderfarm"
+    assert [h.value for h in at.header] == ["Queue", "Nodes", "Jobs", "Gallery"]
+    assert queue_metrics(at) == {"Queued": "3", "Leased": "1", "Running": "2", "Done (1 h)": "3", "Failed (1 h)": "1"}
+    cards = {md.value.split("**")[1]: md.value for md in at.markdown if md.value.startswith("**node-")}
+    assert set(cards) == {"node-a", "node-b", "node-c"}
+    for name, state in seeded.node_states.items():
+        assert f"[{state}]" in cards[name], (name, cards[name])
+    node_metrics = [(m.label, m.value) for m in at.metric if m.label not in QUEUE_METRICS]
+    assert ("VRAM (GiB)", "12.5 / 24.0") in node_metrics and ("Images / min", "72.0") in node_metrics
+    assert ("MP / s", "0.30") in node_metrics and ("s / step", "0.050") in node_metrics
+    captions = texts(at.caption)
+    assert "NVIDIA GeForce RTX 4090 · real (cuda)" in captions and "GeForce RTX 3070 · simulated (cpu)" in captions
+    assert "tiny-flux → fp8-offload" in captions
+    jobs, failures = at.dataframe[0].value, at.dataframe[1].value
+    assert len(jobs) == sum(seeded.counts.values())
+    assert jobs.set_index("id").loc["q2", "ETA"] == "waiting: no node has room for 4096x4096"
+    assert list(failures["reason"]) == ["CUDA out of memory at every profile", "model files missing"]
+    images = [e for e in at.main if type(e).__name__ == "Image"]
+    assert len(images) == 4
+    assert "Seed 1007" in captions and "job d1 on node-a" in captions
+    assert "read-only" in texts(at.sidebar.caption)
+    assert not at.button and not at.text_input, "no actions without a configured token"
+
+
+def test_jobs_filter_shows_queue_positions_and_etas(page, seeded):
+    at = page.run()
+    at.selectbox(key="filter_state").select("queued").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["id"]) == ["q0", "q1", "q2"]
+    assert list(table["position"].astype(object).where(table["position"].notna(), None)) == [0, 1, None]
+    assert table["ETA"].iloc[0].startswith("in ") and table["ETA"].iloc[2].startswith("waiting: ")
+    at.selectbox(key="filter_state").select("all").run()
+    at.selectbox(key="filter_node").select("node-c").run()
+    assert sorted(at.dataframe[0].value["id"]) == ["f1", "r1"]
+    at.selectbox(key="filter_team").select("research").run()
+    assert list(at.dataframe[0].value["id"]) == ["r1"]
+
+
+def test_redis_unreachable_reads_as_one_error(monkeypatch, prefix):
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    monkeypatch.setenv("RENDERFARM_REDIS_URL", url)
+    monkeypatch.setenv("RENDERFARM_KEY_PREFIX", prefix)
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert message.startswith("Redis unreachable") and "redis://:***@127.0.0.1" in message
+    assert "hunter2" not in message and "Retrying" in message
+    assert not at.metric and not at.header
+
+
+def test_settings_from_script_args(monkeypatch, redis_url, seeded):
+    monkeypatch.setenv("RENDERFARM_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("RENDERFARM_KEY_PREFIX", "elsewhere")
+    monkeypatch.setattr("sys.argv", ["app.py", "--redis", redis_url, f"--prefix={seeded.prefix}", "--unknown"])
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception and not at.error
+    assert queue_metrics(at)["Queued"] == "3"
+
+
+def test_empty_prefix_says_no_farm_yet(page, redis_client):
+    at = page.run()
+    assert not at.exception and not at.error
+    assert len(at.info) == 1 and at.info[0].value.startswith("No farm yet")
+    assert not at.metric
+
+
+def test_actions_need_the_token(page, monkeypatch, seeded):
+    monkeypatch.setenv("RENDERFARM_DASHBOARD_TOKEN", TOKEN)
+    at = page.run()
+    assert not at.exception
+    assert [t.key for t in at.sidebar.text_input] == ["token"] and not at.button
+    assert "read-only until" in texts(at.sidebar.caption)
+
+    at.text_input(key="token").input("wrong-token").run()
+    assert not at.button and "Wrong token" in texts(at.sidebar.warning)
+
+    at.text_input(key="token").input(TOKEN).run()
+    assert not at.exception
+    assert {b.key for b in at.sidebar.button} == {"action_cancel", "action_retry", "action_drain", "action_undrain"}
+
+    at.text_input(key="action_job").input("q0").run()
+    at.button(key="action_cancel").click().run()
+    assert not at.exception
+    assert [s.value for s in at.sidebar.success] == ["Cancelled job q0 (was queued)."]
+    assert seeded.store.state("q0") is JobState.CANCELLED
+    assert queue_metrics(at)["Queued"] == "2", "the page shows the change at once"
+
+    at.text_input(key="action_job").input("d0").run()
+    at.button(key="action_retry").click().run()
+    assert [e.value for e in at.sidebar.error] == ["Job d0 is done: only failed jobs can be retried."]
+
+    at.text_input(key="action_job").input("f0").run()
+    at.button(key="action_retry").click().run()
+    assert [s.value for s in at.sidebar.success] == ["Job f0 is queued again."]
+    assert seeded.store.state("f0") is JobState.QUEUED
+
+    at.selectbox(key="action_node").select("node-a").run()
+    at.button(key="action_drain").click().run()
+    assert [s.value for s in at.sidebar.success] == ["Node node-a is draining."]
+    assert any(md.value.startswith("**node-a**") and "[draining]" in md.value for md in at.markdown)
