@@ -525,7 +525,7 @@ class Store:
     def requeue(self, job_id: str, error: str, node: str | None = None) -> bool:
         """Back to the queue at its original place (retry): from leased/running, or failed by hand."""
         try:
-            self.transition(job_id, JobState.QUEUED, expect_node=node, fields={"error": error[:2000], "node": ""})
+            self.transition(job_id, JobState.QUEUED, expect_node=node, fields={"error": error[:2000], "node": "", "finished_at": ""})
         except (IllegalTransition, JobNotFound, OwnershipLost):
             return False
         return True
