@@ -182,3 +182,17 @@ def test_a_draining_node_takes_nothing_new_until_undrained(client, farm):
     time.sleep(farm.settings.eta_seconds + 0.5)
     assert farm.scheduler_stats()["workers"]["small"]["draining"] is False
     assert main(["drain", "nobody", "--redis", farm.redis_url, "--json"]) == 1
+
+
+def test_the_scheduler_samples_queue_depth_and_node_totals_for_the_dashboard(client, farm):
+    import time
+
+    deadline = time.monotonic() + farm.settings.sample_seconds * 3 + 5
+    while len(client.store.samples()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    samples = client.store.samples()
+    assert len(samples) >= 2 and samples[0]["t"] < samples[-1]["t"]
+    last = samples[-1]
+    assert set(last["counts"]) == {s.value for s in JobState}
+    assert set(last["nodes"]) == {"big", "small"}
+    assert all(isinstance(n["images"], int) and "megapixels" in n for n in last["nodes"].values())
