@@ -117,11 +117,6 @@ class Measurements:
     def __bool__(self) -> bool:
         return bool(self.peaks or self.speeds)
 
-    def floor_gib(self, model: str, profile: str, width: int, height: int, batch: int) -> float | None:
-        """The least a profile's estimate may be: the highest peak measured at this bucket with a batch no
-        larger than `batch`, plus MEASURED_MARGIN_GIB. None when nothing was measured."""
-        return self.floors(model, width, height, batch).get(profile)
-
     def floors(self, model: str, width: int, height: int, batch: int) -> dict[str, float]:
         """profile -> floor for every profile of `model` measured at this bucket and batch."""
         out = {}

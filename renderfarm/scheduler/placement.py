@@ -181,22 +181,31 @@ def filter_nodes(
     return fitting, rejected
 
 
+def _seconds_per_step(job: JobShape, fit: Fit | None, measured_s: float | None, measured: Measurements) -> float:
+    """What a step of `job` costs: measured on the node (or its kind), else the prediction, else (a model
+    without component data) the farm's measured mean for the model, else UNKNOWN_S_PER_STEP."""
+    if measured_s is not None:
+        return measured_s
+    if fit is not None:
+        return fit.seconds_per_step
+    farm = measured.farm_seconds_per_step(job.model, job.width, job.height, job.num_images)
+    return farm if farm is not None else UNKNOWN_S_PER_STEP
+
+
+def _load_estimate(node: str, model: str, fit: Fit | None, device: Device | None, measured: Measurements) -> float:
+    """Seconds to load `model` on `node`: as it measured, else predicted from the weights, else the fixed cost."""
+    if (seconds := measured.load_seconds(node, model)) is not None:
+        return seconds
+    return load_seconds(fit, device) if fit is not None and device is not None else LOAD_OVERHEAD_S
+
+
 def score(job: JobShape, node: NodeView, fit: Fit | None, measured: Measurements = EMPTY) -> Decision:
     """Estimated finish: the node's backlog, then a load when the model is not there, then the run: steps x
     the node's measured seconds per step where it has them, else the prediction, else (a model without
     component data) the farm's measured mean for the model, else UNKNOWN_S_PER_STEP."""
-    per_step = measured.seconds_per_step(node.name, job.model, job.width, job.height, job.num_images)
-    if per_step is None and fit is not None:
-        per_step = fit.seconds_per_step
-    if per_step is None:
-        per_step = measured.farm_seconds_per_step(job.model, job.width, job.height, job.num_images)
-    if per_step is None:
-        per_step = UNKNOWN_S_PER_STEP
-    load = 0.0
-    if job.model not in node.loaded_models:
-        load = measured.load_seconds(node.name, job.model) or (
-            load_seconds(fit, node.device) if fit is not None and node.device is not None else LOAD_OVERHEAD_S
-        )
+    own = measured.seconds_per_step(node.name, job.model, job.width, job.height, job.num_images)
+    per_step = _seconds_per_step(job, fit, own, measured)
+    load = 0.0 if job.model in node.loaded_models else _load_estimate(node.name, job.model, fit, node.device, measured)
     run = job.steps * per_step
     leftover = fit.usable_gib - fit.peak_gib if fit is not None else (node.device.vram_gib if node.device else 0.0)
     return Decision(
@@ -436,24 +445,16 @@ class NodeIndex:
                 if judged else None
             if fit is not None and not fit.fits:
                 continue
-            per_step = self._kind_speed(device, job.model, job.width, job.height, job.num_images)
-            if per_step is None:
-                per_step = fit.seconds_per_step if fit is not None else (
-                    self.measured.farm_seconds_per_step(job.model, job.width, job.height, job.num_images)
-                    or UNKNOWN_S_PER_STEP
-                )
-            run = job.steps * per_step
+            kind = self._kind_speed(device, job.model, job.width, job.height, job.num_images)
+            run = job.steps * _seconds_per_step(job, fit, kind, self.measured)
             options = []
             holding = self._top(self._holding.get((device, job.model)), job.model)
             if holding is not None:
                 options.append((holding[0] + run, holding[1], 0.0))
             anyone = self._top(heap, None)
             if anyone is not None:
-                load = 0.0
-                if job.model not in self._state[anyone[1]][2]:
-                    load = self.measured.load_seconds(anyone[1], job.model) or (
-                        load_seconds(fit, device) if fit is not None else LOAD_OVERHEAD_S
-                    )
+                load = 0.0 if job.model in self._state[anyone[1]][2] else _load_estimate(
+                    anyone[1], job.model, fit, device, self.measured)
                 options.append((anyone[0] + load + run, anyone[1], load))
             if options:
                 finish, name, load = min(options)
