@@ -44,11 +44,23 @@ class Settings(BaseModel):
     models_file: Path | None = None  # None: the packaged configs/models.yaml
     nodes_file: Path | None = None  # simulated nodes when no GPU is present
     max_attempts: int = Field(default=3, ge=1, le=100)
-    lease_seconds: float = Field(default=300.0, gt=0)
+    # A leased job is held for this long past the last renewal: the scheduler renews the leases of batches it
+    # has sent, the node those it renders, every `heartbeat_seconds`. A dead holder's jobs return to the queue
+    # this long after its last renewal (at once when Ray reports the worker's death).
+    lease_seconds: float = Field(default=30.0, gt=0)
+    # Each render gets this much time (AI Horde-style TTL that scales with the work): base + rate x steps x
+    # megapixels x images of its batch. The default rate is the worst figure known: an 8 GiB card spilling
+    # into shared memory (30 s/it at 1 MP); a render past its time is stopped and retried, a node that hangs
+    # outright loses its lease at that time.
+    job_timeout_base_s: float = Field(default=300.0, gt=0)
+    job_timeout_s_per_megapixel_step: float = Field(default=30.0, ge=0)
+    # A node whose batches fail this many times in a row (errors, timeouts, expired leases), with no success
+    # in between, is drained with the reason, not left to eat the queue; 0: never.
+    drain_after_failures: int = Field(default=3, ge=0)
     max_batch: int = Field(default=8, ge=1, le=64)  # jobs coalesced into one pipeline call
     # Batches a worker may hold: 2 lets the next batch start the moment the current one ends.
     worker_queue_depth: int = Field(default=2, ge=1, le=8)
-    result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)  # how long a done job's images stay in Redis
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     poll_seconds: float = Field(default=0.02, gt=0)
     torch_threads: int | None = Field(default=None, ge=1)  # per CPU worker; None: cores / workers
@@ -65,6 +77,10 @@ class Settings(BaseModel):
     dead_after_seconds: float = Field(default=15.0, gt=0)  # a node silent this long is shown dead
     # The dashboard's write actions (cancel, retry, drain) appear only when this is set and entered.
     dashboard_token: str | None = Field(default=None, min_length=8)
+
+    def job_timeout_s(self, steps: int, width: int, height: int, images: int) -> float:
+        """Seconds a batch of `images` images at `width` x `height` with `steps` steps may render."""
+        return self.job_timeout_base_s + self.job_timeout_s_per_megapixel_step * steps * width * height * images / 1e6
 
     @field_validator("team_weights")
     @classmethod

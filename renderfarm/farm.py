@@ -49,7 +49,6 @@ class Farm:
         self._ray: Any = None  # cluster.ray_cluster.RayCluster once started
         self._workers: dict[str, Any] = {}
         self._scheduler: Any = None
-        self._loop: Any = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -109,12 +108,13 @@ class Farm:
             )
 
         infos = {info["name"]: (self._workers[info["name"]], info) for info in ready}
+        # Restarted by Ray if its process dies; it then rebuilds its view from Redis and runs again by itself.
         self._scheduler = (
             ray.remote(Scheduler)
-            .options(num_cpus=0, max_concurrency=4, name=f"{self.key_prefix}-scheduler")
-            .remote(self.redis_url, self.settings.model_dump(mode="json"), infos, self.key_prefix)
+            .options(num_cpus=0, max_concurrency=4, max_restarts=-1, name=f"{self.key_prefix}-scheduler")
+            .remote(self.redis_url, self.settings.model_dump(mode="json"), infos, self.key_prefix, autostart=True)
         )
-        self._loop = self._scheduler.run.remote()
+        ray.get(self._scheduler.stats.remote(), timeout=ACTOR_START_TIMEOUT)  # constructed: recovery done
 
     def _node_plan(self) -> list[dict[str, Any]]:
         """One worker per local GPU; without GPUs, one simulated worker per declared node."""
@@ -134,7 +134,7 @@ class Farm:
         if self._scheduler is not None:
             try:
                 ray.get(self._scheduler.stop.remote(), timeout=10)
-                ray.get(self._loop, timeout=30)
+                ray.get(self._scheduler.join.remote(30), timeout=40)
             except Exception as exc:  # stopping anyway
                 log.warning("scheduler did not stop cleanly: %s", exc)
             self._scheduler = None
@@ -196,6 +196,25 @@ class Farm:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"farm still busy after {timeout} s")
+
+    def kill_scheduler(self) -> None:
+        """Kill the scheduler's process abruptly; Ray starts a new one, which recovers from Redis (chaos tests)."""
+        import ray
+
+        ray.kill(self._scheduler, no_restart=False)
+
+    def wait_scheduler(self, timeout: float = ACTOR_START_TIMEOUT) -> dict[str, Any]:
+        """Block until the scheduler answers (after a restart); its stats."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return ray.get(self._scheduler.stats.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def kill_worker(self, name: str) -> None:
         """Kill a worker's process abruptly (tests: the scheduler must recover its jobs)."""

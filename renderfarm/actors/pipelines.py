@@ -239,13 +239,21 @@ class RenderResult:
 BATCH_SHARED_FIELDS = ("width", "height", "steps", "guidance")
 
 
+class RenderInterrupted(RuntimeError):
+    """A render stopped between two steps, for the reason given (cancelled, out of time)."""
+
+
 def render_batch(
     pipe: Any,
     entry: ModelEntry,
     requests: list[RenderRequest],
     embedding_cache: EmbeddingCache | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> list[RenderResult]:
     """Render `requests` (same size, steps and guidance) in one pipeline call; one result per request.
+
+    `should_stop` is asked after every denoising step; when it returns a reason (the jobs were cancelled,
+    the render ran past its time) the render stops there with RenderInterrupted.
 
     Prompt embeddings come from `embedding_cache`, or when it is None from the cache of the PipelineCache
     that loaded `pipe` (if any): a prompt already encoded for this model and profile is not encoded again.
@@ -273,6 +281,9 @@ def render_batch(
     def on_step_end(_pipe, _step, _timestep, _callback_kwargs):
         _synchronize(device)
         step_ends.append(time.perf_counter())
+        reason = should_stop() if should_stop is not None else None
+        if reason:
+            raise RenderInterrupted(reason)
         return {}
 
     total_start = time.perf_counter()

@@ -6,7 +6,10 @@ peak fits), renders the whole batch in one pipeline call, and writes every resul
 never travel through the scheduler). On an out-of-memory error it walks down the profile ladder (tiled VAE
 first, then more frugal rungs), records the escalation on the job and in the node's stats, and remembers it
 for that model and size. It returns a small summary so the scheduler can decide what to retry. A heartbeat
-thread keeps the node's record in Redis fresh.
+thread keeps the node's record in Redis fresh and renews the leases of the jobs it renders; a renewal that
+finds every job of the batch gone (cancelled) stops the render at its next step, and so does the batch's
+time limit (`Settings.job_timeout_s`). A late result (a job cancelled or re-leased meanwhile) is discarded
+by the store and counted.
 
 A simulated node (a CPU standing in for a declared card) chooses and applies the profile of the card it
 declares, as far as a CPU can: weights format and compute dtype are real, placements run resident.
@@ -104,6 +107,9 @@ class RenderWorker:
         self.profiles: dict[str, str] = {}  # model -> the profile it last ran with here
         self.escalated: dict[tuple[str, int, int], Profile] = {}  # (model, w, h) -> rung after an OOM
         self.state = "idle"
+        self._holding: list[str] = []  # jobs of the batch being rendered, whose leases the heartbeat renews
+        self._timeout_s: float | None = None
+        self._all_gone = False  # set by a renewal that found none of them held any more
         self._stop = threading.Event()
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
@@ -137,20 +143,33 @@ class RenderWorker:
             raise DoesNotFit(f"{entry.name} at {width}x{height}, batch {images} on {self.name}: {choice.reason}")
         return choice.chosen
 
-    def render(self, job_ids: list[str], lease_deadline: float) -> dict[str, Any]:
+    def render(self, job_ids: list[str]) -> dict[str, Any]:
         """Render leased, compatible jobs in one pipeline call. Returns {"done", "lost", "errors"}."""
-        from renderfarm.actors.pipelines import RenderRequest
+        from renderfarm.actors.pipelines import RenderInterrupted, RenderRequest
 
         summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
         jobs: list[Job] = []
         for job_id in job_ids:
             # Skips jobs cancelled (or re-leased elsewhere) since the scheduler leased them.
-            if self.store.start(job_id, self.name, lease_deadline):
+            if self.store.start(job_id, self.name, self.settings.lease_seconds):
                 jobs.append(self.store.get(job_id))
             else:
                 summary["lost"].append(job_id)
         if not jobs:
             return summary
+
+        spec = jobs[0].spec
+        timeout_s = self.settings.job_timeout_s(spec.steps, spec.width, spec.height, sum(j.spec.num_images for j in jobs))
+        deadline = time.monotonic() + timeout_s
+        self._holding, self._timeout_s, self._all_gone = [j.id for j in jobs], timeout_s, False
+        self._renew()  # fixes the batch's run deadline in Redis: a node that hangs loses its jobs then
+
+        def should_stop() -> str | None:
+            if self._all_gone:
+                return "every job of the batch was cancelled or taken back"
+            if time.monotonic() > deadline:
+                return f"timed out: the render took longer than its limit of {timeout_s:.0f} s"
+            return None
 
         self.state = "busy"
         self._publish()
@@ -171,8 +190,24 @@ class RenderWorker:
                 )
                 for job in jobs
             ]
-            results, profile, load_s, move_s, escalations, resident = self._render_escalating(entry, requests)
+            results, profile, load_s, move_s, escalations, resident = self._render_escalating(
+                entry, requests, should_stop
+            )
+        except RenderInterrupted as exc:
+            self._holding = []
+            if self._all_gone:  # cancelled: nothing to retry, nothing failed
+                summary["lost"] = [job.id for job in jobs]
+                log.info("node %s: batch %s stopped: %s", self.name, job_ids, exc)
+            else:
+                log.error("node %s: batch %s %s", self.name, job_ids, exc)
+                summary["errors"] = {job.id: str(exc) for job in jobs}
+                self.stats["jobs_failed"] += len(jobs)
+                self.store.count("timeouts", len(jobs))
+            self.state = "idle"
+            self._publish()
+            return summary
         except Exception as exc:  # a broken model or render: report, let the scheduler retry or fail
+            self._holding = []
             log.exception("node %s: batch %s failed", self.name, job_ids)
             message = f"{type(exc).__name__}: {exc}"
             summary["errors"] = {job.id: message for job in jobs}
@@ -181,6 +216,7 @@ class RenderWorker:
             self.state = "idle"
             self._publish()
             return summary
+        self._holding = []
 
         profile_name = profile.name if profile else "as-loaded"
         self._measured(entry.name, profile_name, requests, results[0], resident, load_s + move_s)
@@ -206,7 +242,7 @@ class RenderWorker:
         return summary
 
     def _render_escalating(
-        self, entry: ModelEntry, requests: list[Any]
+        self, entry: ModelEntry, requests: list[Any], should_stop: Any = None
     ) -> tuple[list[Any], Profile | None, float, float, list[str], int]:
         """Render, walking down the ladder on out-of-memory errors until a rung succeeds or the floor
         fails too. Returns (results, the profile that rendered, seconds reading weights, seconds placing
@@ -226,7 +262,7 @@ class RenderWorker:
                 load_total += load_s - pipe.renderfarm_info.move_s
             resident = pipeline_bytes(pipe, on=self.device)
             try:
-                results = render_batch(pipe, entry, requests)
+                results = render_batch(pipe, entry, requests, should_stop=should_stop)
                 return results, profile, load_total, move_total, escalations, resident
             except Exception as exc:
                 if not is_out_of_memory(exc) or profile is None:
@@ -301,8 +337,22 @@ class RenderWorker:
         except Exception:  # a missed heartbeat is not worth a failed render
             log.warning("node %s: could not update its record", self.name, exc_info=True)
 
+    def _renew(self) -> None:
+        """Extend the leases of the jobs being rendered; note when none of them is this node's any more."""
+        holding = list(self._holding)
+        if not holding:
+            return
+        try:
+            held = self.store.renew(holding, self.name, self.settings.lease_seconds, self._timeout_s)
+        except Exception:  # Redis away for a moment: the lease has `lease_seconds` of slack
+            log.warning("node %s: could not renew its leases", self.name, exc_info=True)
+            return
+        if holding == self._holding and not any(held):
+            self._all_gone = True
+
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
+            self._renew()
             self._publish()
 
 

@@ -97,5 +97,19 @@ class Keys:
     def fair_share(self) -> str:
         return self._key("fairshare")
 
+    @property
+    def tokens(self) -> str:
+        """Team tokens: SHA-256 hex digest -> JSON {team, admin, created, label} (cluster/auth.py)."""
+        return self._key("tokens")
+
+    @property
+    def quarantine(self) -> str:
+        """Quarantined job id -> JSON {reason, at}: records that did not parse, taken out of circulation."""
+        return self._key("quarantine")
+
+    def quarantined(self, job_id: str) -> str:
+        """Where a quarantined job's hash is kept for a human to look at."""
+        return self._key("quarantined", job_id)
+
     def all_indexes(self) -> list[str]:
         return [self.index(state) for state in JobState]

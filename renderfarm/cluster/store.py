@@ -9,6 +9,7 @@ is all-or-nothing.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from renderfarm.jobs import (
     JobState,
     sources_of,
 )
+
+log = logging.getLogger(__name__)
 
 EVENTS_MAXLEN = 100_000
 SAMPLES_MAXLEN = 4320  # 6 hours of samples at one per 5 s
@@ -62,11 +65,17 @@ return created
 # Move one job from its current state to ARGV[3], checking legality and ownership; a job leaving or
 # re-entering the queue leaves or re-enters its (team, priority) queue too.
 #   KEYS: job, events, result, index keys (one per state, in STATES order), queues set
-#   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score), 5 expected node
-#         ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen, 10 state names csv,
-#         11 result ttl, 12.. result blobs
-# Returns {status, current-state}: status is ok | missing | state | node.
+#   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score, '+N' = N seconds
+#         after the server's clock: lease deadlines use Redis's TIME, so nodes' clocks may disagree),
+#         5 expected node ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen,
+#         10 state names csv, 11 result ttl, 12 expired-only ('1': move only if the job's deadline in its
+#         current index has passed by the server's clock), 13.. result blobs
+# Returns {status, current-state}: status is ok | missing | state | node | live.
 _TRANSITION = """
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
 local jkey = KEYS[1]
 local state = redis.call('HGET', jkey, 'state')
 if not state then return {'missing', ''} end
@@ -82,8 +91,16 @@ for i, name in ipairs(names) do
   if name == state then from_key = KEYS[3 + i] end
   if name == ARGV[3] then to_key = KEYS[3 + i] end
 end
+if ARGV[12] == '1' then
+  local deadline = tonumber(redis.call('ZSCORE', from_key, ARGV[1]))
+  if deadline and deadline > server_now() then return {'live', state} end
+end
 local score = ARGV[4]
-if score == '' then score = redis.call('HGET', jkey, 'score') or '0' end
+if score == '' then
+  score = redis.call('HGET', jkey, 'score') or '0'
+elseif string.sub(score, 1, 1) == '+' then
+  score = string.format('%.6f', server_now() + tonumber(string.sub(score, 2)))
+end
 redis.call('ZREM', from_key, ARGV[1])
 redis.call('ZADD', to_key, score, ARGV[1])
 local queue = redis.call('HGET', jkey, 'queue')
@@ -101,17 +118,80 @@ local flat = {'state', ARGV[3], 'updated_at', ARGV[6]}
 for k, v in pairs(cjson.decode(ARGV[7])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 redis.call('HSET', jkey, unpack(flat))
 if ARGV[8] ~= '0' then redis.call('HINCRBY', jkey, 'attempts', ARGV[8]) end
-if #ARGV >= 12 then
+if #ARGV >= 13 then
   redis.call('DEL', KEYS[3])
-  for i = 12, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 12), ARGV[i]) end
+  for i = 13, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 13), ARGV[i]) end
   redis.call('EXPIRE', KEYS[3], ARGV[11])
-  redis.call('HSET', jkey, 'images', tostring(#ARGV - 11))
+  redis.call('HSET', jkey, 'images', tostring(#ARGV - 12))
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3],
            'node', redis.call('HGET', jkey, 'node') or '', 'ts', ARGV[6])
 return {'ok', state}
 """
 
+
+# Renew the leases `node` holds: each job still leased or running on `node` gets its deadline moved to
+# server time + lease seconds; a running job's deadline never passes its run deadline (set at its first
+# renewal: server time + timeout), so a hung node loses its job even while its heartbeat thread renews.
+#   KEYS: leased index, running index, job keys...    ARGV: 1 node, 2 lease seconds, 3 timeout seconds ('' none)
+# Returns 1 per job still held, 0 per job no longer held (cancelled, requeued, finished, given to another).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local out = {}
+for i = 3, #KEYS do
+  local f = redis.call('HMGET', KEYS[i], 'state', 'node', 'id', 'run_deadline')
+  local held = 0
+  if f[2] == ARGV[1] and (f[1] == 'leased' or f[1] == 'running') then
+    local deadline = now + tonumber(ARGV[2])
+    local index = KEYS[1]
+    if f[1] == 'running' then
+      index = KEYS[2]
+      local cap = tonumber(f[4])
+      if not cap and ARGV[3] ~= '' then
+        cap = now + tonumber(ARGV[3])
+        redis.call('HSET', KEYS[i], 'run_deadline', string.format('%.6f', cap))
+      end
+      if cap and cap < deadline then deadline = cap end
+    end
+    redis.call('ZADD', index, 'XX', string.format('%.6f', deadline), f[3])
+    held = 1
+  end
+  out[#out + 1] = held
+end
+return out
+"""
+
+# Jobs whose lease deadline has passed by the server's clock.    KEYS: leased index, running index    ARGV: limit
+_EXPIRED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local out = {}
+for _, index in ipairs(KEYS) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. now, 'LIMIT', 0, ARGV[1])) do
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# Take a job whose record does not parse (or an index entry without a record) out of circulation: off every
+# index and queue, its hash renamed aside, the reason kept in the quarantine hash.
+#   KEYS: job, quarantined job, quarantine hash, counters, index keys..., queues set    ARGV: id, reason-json
+_QUARANTINE = """
+for i = 5, #KEYS - 1 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local queue = redis.call('HGET', KEYS[1], 'queue')
+  if queue then
+    redis.call('ZREM', queue, ARGV[1])
+    if redis.call('ZCARD', queue) == 0 then redis.call('SREM', KEYS[#KEYS], queue) end
+  end
+  redis.call('RENAME', KEYS[1], KEYS[2])
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[4], 'quarantined', 1)
+return 1
+"""
 
 # Record a node's measurement. Peaks keep the maximum; speeds and load times a moving average (weight ALPHA).
 #   KEYS: peaks, speeds, version
@@ -228,6 +308,9 @@ class Store:
         self._submit = client.register_script(_SUBMIT)
         self._transition = client.register_script(_TRANSITION)
         self._measure = client.register_script(_MEASURE)
+        self._renew = client.register_script(_RENEW)
+        self._expired = client.register_script(_EXPIRED)
+        self._quarantine = client.register_script(_QUARANTINE)
 
     # --- submit -------------------------------------------------------------------------------------
 
@@ -249,14 +332,28 @@ class Store:
     def get(self, job_id: str) -> Job:
         raw = self.redis.hgetall(self.keys.job(job_id))
         if not raw:
+            if self.redis.hexists(self.keys.quarantine, job_id):
+                raise CorruptRecord(f"job {job_id!r} is quarantined: {self.quarantined().get(job_id)}")
             raise JobNotFound(job_id)
         return job_from_hash(raw)
 
-    def get_many(self, job_ids: Iterable[str]) -> list[Job | None]:
+    def get_many(self, job_ids: Iterable[str], quarantine: bool = False) -> list[Job | None]:
+        """The jobs, None for each that does not exist. A record that does not parse raises CorruptRecord,
+        or with `quarantine`, is quarantined (see `quarantine`) and comes back as None."""
+        ids = list(job_ids)
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
+        for job_id in ids:
             pipe.hgetall(self.keys.job(job_id))
-        return [job_from_hash(raw) if raw else None for raw in pipe.execute()]
+        out: list[Job | None] = []
+        for job_id, raw in zip(ids, pipe.execute()):
+            try:
+                out.append(job_from_hash(raw) if raw else None)
+            except CorruptRecord as exc:
+                if not quarantine:
+                    raise
+                self.quarantine(job_id, str(exc))
+                out.append(None)
+        return out
 
     def state(self, job_id: str) -> JobState | None:
         raw = self.redis.hget(self.keys.job(job_id), "state")
@@ -361,12 +458,13 @@ class Store:
         """How many jobs reached terminal `state` at or after `since` (epoch seconds)."""
         return int(self.redis.zcount(self.keys.index(state), since, "+inf"))
 
-    def set_draining(self, name: str, draining: bool = True) -> bool:
-        """Mark node `name` draining (it finishes what it holds and takes nothing new) or not; False when no
-        such node is registered."""
+    def set_draining(self, name: str, draining: bool = True, reason: str = "") -> bool:
+        """Mark node `name` draining (it finishes what it holds and takes nothing new) or not, with why (an
+        operator, or the scheduler after failures in a row); False when no such node is registered."""
         if not self.redis.sismember(self.keys.nodes, name):
             return False
-        self.redis.hset(self.keys.node(name), "draining", json.dumps(bool(draining)))
+        self.redis.hset(self.keys.node(name), mapping={
+            "draining": json.dumps(bool(draining)), "drain_reason": json.dumps(reason if draining else "")})
         return True
 
     # --- online calibration -------------------------------------------------------------------------------
@@ -425,16 +523,20 @@ class Store:
         *,
         allowed_from: Iterable[JobState] | None = None,
         expect_node: str | None = None,
-        score: float | None = None,
+        score: float | str | None = None,
         fields: dict[str, Any] | None = None,
         add_attempt: bool = False,
         images: Sequence[bytes] = (),
         result_ttl: int = 7 * 24 * 3600,
+        expired_only: bool = False,
     ) -> JobState:
         """Move `job_id` to `target` atomically; returns the state it left.
 
+        `score` is the job's score in its new index; a string "+N" means N seconds after Redis's clock (lease
+        deadlines). With `expired_only`, the move happens only if the job's deadline in its current index
+        has passed (a lease reaped at the same moment as it was renewed stays with its holder).
         Raises JobNotFound, IllegalTransition (the move is not legal from the current state, or not one
-        of `allowed_from`), or OwnershipLost (the job is no longer held by `expect_node`).
+        of `allowed_from`), OwnershipLost (the job is no longer held by `expect_node`), or LeaseLive.
         """
         legal = sources_of(target)
         if allowed_from is not None:
@@ -443,7 +545,7 @@ class Store:
             job_id,
             "," + ",".join(s.value for s in legal) + ",",
             target.value,
-            "" if score is None else repr(score),
+            "" if score is None else score if isinstance(score, str) else repr(score),
             expect_node or "",
             repr(time.time()),
             json.dumps({k: _text(v) for k, v in (fields or {}).items()}),
@@ -451,6 +553,7 @@ class Store:
             EVENTS_MAXLEN,
             ",".join(s.value for s in STATES),
             str(result_ttl),
+            "1" if expired_only else "0",
             *images,
         ]
         keys = [
@@ -464,28 +567,50 @@ class Store:
             raise IllegalTransition(job_id, current, target)
         if status == "node":
             raise OwnershipLost(job_id, expect_node or "")
+        if status == "live":
+            raise LeaseLive(job_id)
         return JobState(current)
 
-    def lease(self, job_id: str, node: str, deadline: float) -> bool:
-        """queued -> leased to `node`; False if someone else got there first (cancelled, leased)."""
+    def lease(self, job_id: str, node: str, lease_seconds: float) -> bool:
+        """queued -> leased to `node` for `lease_seconds` (renewed by whoever holds it, see `renew`);
+        False if someone else got there first (cancelled, leased)."""
         try:
             self.transition(
-                job_id, JobState.LEASED, score=deadline, add_attempt=True,
-                fields={"node": node, "error": ""},
+                job_id, JobState.LEASED, score=f"+{float(lease_seconds)!r}", add_attempt=True,
+                fields={"node": node, "error": "", "run_deadline": ""},
             )
         except (IllegalTransition, JobNotFound):
             return False
         return True
 
-    def start(self, job_id: str, node: str, deadline: float) -> bool:
+    def start(self, job_id: str, node: str, lease_seconds: float) -> bool:
+        """leased -> running on `node`; False when the job is no longer this node's (cancelled, requeued)."""
         try:
             self.transition(
-                job_id, JobState.RUNNING, expect_node=node, score=deadline,
-                fields={"started_at": time.time()},
+                job_id, JobState.RUNNING, expect_node=node, score=f"+{float(lease_seconds)!r}",
+                fields={"started_at": time.time(), "run_deadline": ""},
             )
         except (IllegalTransition, JobNotFound, OwnershipLost):
             return False
         return True
+
+    def renew(
+        self, job_ids: Sequence[str], node: str, lease_seconds: float, timeout_seconds: float | None = None
+    ) -> list[bool]:
+        """Extend the leases `node` holds on `job_ids` to `lease_seconds` from now (Redis's clock); a running
+        job's lease never goes past `timeout_seconds` after its first renewal while running. True per job
+        still held by `node`; False for one that was cancelled, requeued or finished meanwhile."""
+        if not job_ids:
+            return []
+        keys = [self.keys.index(JobState.LEASED), self.keys.index(JobState.RUNNING),
+                *(self.keys.job(j) for j in job_ids)]
+        args = [node, repr(float(lease_seconds)), "" if timeout_seconds is None else repr(float(timeout_seconds))]
+        return [bool(flag) for flag in self._renew(keys=keys, args=args)]
+
+    def expired(self, limit: int = 1000) -> list[str]:
+        """Leased or running jobs whose lease deadline has passed by Redis's clock (nobody renewed them)."""
+        keys = [self.keys.index(JobState.LEASED), self.keys.index(JobState.RUNNING)]
+        return [m.decode() for m in self._expired(keys=keys, args=[limit])]
 
     def complete(
         self,
@@ -498,8 +623,9 @@ class Store:
         profile: str | None = None,
         escalations: Sequence[str] = (),
     ) -> bool:
-        """running -> done with its images, exactly once; False (result discarded) when the job was
-        cancelled, requeued or handed to another node meanwhile."""
+        """running -> done with its images, exactly once; False (result discarded, and counted: `cancelled`
+        results apart from `late_results`) when the job was cancelled, requeued or handed to another node
+        meanwhile, e.g. because this node's lease expired."""
         now = time.time()
         try:
             self.transition(
@@ -507,34 +633,73 @@ class Store:
                 fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb,
                         "profile": profile, "escalations": json.dumps(list(escalations))},
             )
-        except (IllegalTransition, JobNotFound, OwnershipLost):
+        except IllegalTransition as exc:
+            self.count("results_after_cancel" if exc.current is JobState.CANCELLED else "late_results")
+            return False
+        except (JobNotFound, OwnershipLost):
+            self.count("late_results")
             return False
         return True
 
-    def fail(self, job_id: str, error: str, node: str | None = None) -> bool:
+    def fail(self, job_id: str, error: str, node: str | None = None, *, expired_only: bool = False) -> bool:
         now = time.time()
         try:
             self.transition(
-                job_id, JobState.FAILED, expect_node=node, score=now,
+                job_id, JobState.FAILED, expect_node=node, score=now, expired_only=expired_only,
                 fields={"finished_at": now, "error": error[:2000]},
             )
-        except (IllegalTransition, JobNotFound, OwnershipLost):
+        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive):
             return False
         return True
 
-    def requeue(self, job_id: str, error: str, node: str | None = None) -> bool:
+    def requeue(
+        self, job_id: str, error: str, node: str | None = None, *,
+        allowed_from: Iterable[JobState] | None = None, expired_only: bool = False,
+    ) -> bool:
         """Back to the queue at its original place (retry): from leased/running, or failed by hand."""
         try:
-            self.transition(job_id, JobState.QUEUED, expect_node=node, fields={"error": error[:2000], "node": "", "finished_at": ""})
-        except (IllegalTransition, JobNotFound, OwnershipLost):
+            self.transition(
+                job_id, JobState.QUEUED, expect_node=node, allowed_from=allowed_from, expired_only=expired_only,
+                fields={"error": error[:2000], "node": "", "finished_at": "", "run_deadline": ""},
+            )
+        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive):
             return False
         return True
 
     def cancel(self, job_id: str) -> JobState:
-        """Cancel from any non-terminal state; returns the state it left. A rendering job's late
-        result is then discarded by `complete`."""
+        """Cancel from any non-terminal state; returns the state it left. A rendering job's node sees it at
+        its next lease renewal and stops the render; a result that arrives anyway is discarded by `complete`."""
         now = time.time()
         return self.transition(job_id, JobState.CANCELLED, score=now, fields={"finished_at": now})
+
+    # --- counters and quarantine -----------------------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to the farm-wide counter `name` (late results, expired leases, quarantined records...)."""
+        self.redis.hincrby(self.keys.metrics("counters"), name, n)
+
+    def counters(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.metrics("counters")).items()}
+
+    def quarantine(self, job_id: str, reason: str) -> None:
+        """Take `job_id` out of circulation because its record is malformed (or missing behind an index
+        entry): off every index and queue, its hash kept aside for a human, the reason recorded."""
+        log.error("job %s quarantined: %s", job_id, reason)
+        self._quarantine(
+            keys=[self.keys.job(job_id), self.keys.quarantined(job_id), self.keys.quarantine,
+                  self.keys.metrics("counters"), *self.keys.all_indexes(), self.keys.queues],
+            args=[job_id, json.dumps({"reason": reason[:2000], "at": time.time()})],
+        )
+
+    def quarantined(self) -> dict[str, str]:
+        """Quarantined job id -> why."""
+        out = {}
+        for job_id, raw in self.redis.hgetall(self.keys.quarantine).items():
+            try:
+                out[job_id.decode(errors="replace")] = str(json.loads(raw).get("reason"))
+            except (ValueError, AttributeError):
+                out[job_id.decode(errors="replace")] = raw.decode(errors="replace")
+        return out
 
     # --- nodes --------------------------------------------------------------------------------------
 
@@ -565,6 +730,12 @@ class Store:
                     info[k.decode()] = v.decode(errors="replace")
             out.append(info)
         return out
+
+
+class LeaseLive(RuntimeError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"job {job_id}: its lease has not expired")
 
 
 class OwnershipLost(RuntimeError):

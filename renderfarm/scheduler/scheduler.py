@@ -7,9 +7,16 @@ predicted to fit and finish first, given every node's backlog, whether its model
 speeds and peaks nodes measured (online calibration, read from Redis when a worker records something new).
 Every `eta_seconds` the round plans the whole window and publishes each job's position and ETA.
 
+Leases: a job leased to a node holds for `lease_seconds` past its last renewal. Every `heartbeat_seconds` the
+scheduler renews the leases of the batches it has sent (the node renews those it renders), and reaps jobs
+whose lease expired (their holder died or hung): each goes back to the queue, or fails once it has used
+`max_attempts`. A node whose batches fail `drain_after_failures` times in a row is drained, with the reason.
+
 A plain class, made a Ray actor by `farm.py` (with max_concurrency > 1 so `stop()` and `stats()` reach it
-while `run()` loops). Worker handles are given to it; it never imports actor code. All hard state lives in
-Redis, so a restarted scheduler rebuilds its view from there.
+while its loop runs, and restarted by Ray if its process dies). Worker handles are given to it; it never
+imports actor code. All hard state lives in Redis, so a restarted scheduler rebuilds its view from there:
+jobs it had leased but not yet seen start go back to the queue (a node that still has them queued skips
+them), jobs being rendered stay with their node under its lease.
 """
 
 from __future__ import annotations
@@ -50,7 +57,10 @@ class _Worker:
     device: Device | None = None  # its card, for fit checks
     alive: bool = True
     draining: bool = False  # finishes what it holds, takes nothing new (`renderfarm drain`, the dashboard)
+    suspect: bool = False  # a lease of its expired (hung?): no new work, no renewals, until a batch returns
+    failures: int = 0  # batches failed in a row
     inflight: int = 0  # batches sent and not yet returned
+    recovered: set[str] = field(default_factory=set)  # jobs it was rendering when this scheduler started
     busy_until: float = 0.0  # epoch seconds its sent batches are expected to be done
     estimates: dict[Any, float] = field(default_factory=dict)  # batch ref -> its estimated seconds
 
@@ -65,6 +75,7 @@ class Scheduler:
         settings: dict[str, Any],
         workers: dict[str, tuple[Any, dict[str, Any]]],
         key_prefix: str = "rf",
+        autostart: bool = False,
     ):
         self.settings = Settings.model_validate(settings)
         self.store = Store(connect(redis_url), Keys(key_prefix))
@@ -88,11 +99,17 @@ class Scheduler:
         self._measured_version = -1
         self._next_eta = 0.0
         self._next_sample = 0.0
+        self._next_maintenance = 0.0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._result: dict[str, int] | None = None
         last = self.store.redis.xrevrange(self.store.keys.events, count=1)
         self._cursor = last[0][0] if last else b"0-0"
-        self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0, "eta_rounds": 0}
+        self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0, "eta_rounds": 0,
+                         "leases_expired": 0, "recovered": 0, "auto_drained": 0}
         self._recover()
+        if autostart:  # as a Ray actor restarted after a crash: nobody calls run() again, so it runs itself
+            self.start()
 
     # --- public ---------------------------------------------------------------------------------------
 
@@ -101,6 +118,7 @@ class Scheduler:
         while not self._stop.is_set():
             self.counters["loops"] += 1
             try:
+                self._maintain()
                 self._dispatch()
                 self._sample()
                 self._wait()
@@ -109,6 +127,20 @@ class Scheduler:
                 self._stop.wait(self.settings.poll_seconds)
         return dict(self.counters)
 
+    def start(self) -> None:
+        """Run the loop in a thread of this process (see `join`)."""
+        def loop() -> None:
+            self._result = self.run()
+
+        self._thread = threading.Thread(target=loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> dict[str, int] | None:
+        """Wait for the loop started by `start` to end (after `stop`); its counters, None if still running."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._result
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -116,7 +148,8 @@ class Scheduler:
         return {
             **self.counters,
             "inflight": len(self._inflight),
-            "workers": {w.name: {"alive": w.alive, "draining": w.draining, "inflight": w.inflight,
+            "workers": {w.name: {"alive": w.alive, "draining": w.draining, "suspect": w.suspect,
+                                 "failures": w.failures, "inflight": w.inflight,
                                  "loaded": sorted(w.loaded),
                                  "backlog_s": round(w.backlog(time.time()), 3)}
                         for w in self.workers.values()},
@@ -127,15 +160,80 @@ class Scheduler:
     # --- one round ------------------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Jobs leased or running when a previous scheduler stopped are not owned by anything we know:
-        put them back in the queue (their attempt was counted when they were leased)."""
-        for state in (JobState.LEASED, JobState.RUNNING):
-            for job_id in self.store.ids_in(state, limit=100_000):
-                self.store.requeue(job_id, "scheduler restarted while the job was in flight")
+        """Rebuild the view of jobs in flight from Redis. Leased jobs that no node started are put back in the
+        queue (their attempt was counted when leased; a node that still has them queued skips them); jobs
+        running on a node of this farm stay with it under its lease (it renews them while rendering, else they
+        expire and are reaped); those running on a node this farm does not know go back at once."""
+        for job_id in self.store.ids_in(JobState.LEASED, limit=100_000):
+            if self.store.requeue(job_id, "scheduler restarted before the job started", allowed_from=[JobState.LEASED]):
+                self.counters["recovered"] += 1
+        running = self.store.ids_in(JobState.RUNNING, limit=100_000)
+        for job_id, job in zip(running, self.store.get_many(running, quarantine=True)):
+            if job is None or job.state is not JobState.RUNNING:
+                continue
+            worker = self.workers.get(job.node or "")
+            if worker is not None:
+                worker.recovered.add(job_id)
+            elif self.store.requeue(job_id, f"node {job.node} is not part of this farm", node=job.node,
+                                    allowed_from=[JobState.RUNNING]):
+                self.counters["recovered"] += 1
 
     def _has_room(self, worker: _Worker) -> bool:
-        """Alive, not draining, with fewer batches queued than a worker may hold."""
-        return worker.alive and not worker.draining and worker.inflight < self.settings.worker_queue_depth
+        """Alive, not draining, not suspect, with fewer batches queued than a worker may hold."""
+        held = worker.inflight + (1 if worker.recovered else 0)
+        return (worker.alive and not worker.draining and not worker.suspect
+                and held < self.settings.worker_queue_depth)
+
+    def _maintain(self) -> None:
+        """Every `heartbeat_seconds`: renew the leases of batches sent and not yet started or finished, reap
+        jobs whose lease expired, and forget recovered jobs that have left their node."""
+        now = time.time()
+        if now < self._next_maintenance:
+            return
+        self._next_maintenance = now + self.settings.heartbeat_seconds
+        held: dict[str, list[str]] = {}
+        for name, job_ids in self._inflight.values():
+            worker = self.workers[name]
+            if worker.alive and not worker.suspect:
+                held.setdefault(name, []).extend(job_ids)
+        for name, job_ids in held.items():
+            self.store.renew(job_ids, name, self.settings.lease_seconds)
+        expired = self.store.expired()
+        for job_id, job in zip(expired, self.store.get_many(expired, quarantine=True)):
+            if job is None or job.state not in (JobState.LEASED, JobState.RUNNING):
+                continue
+            node = job.node or ""
+            error = (f"lease expired on node {node}: nothing renewed it for {self.settings.lease_seconds:g} s"
+                     " (the node died, hung or ran past its time limit)")
+            if self._retry((job_id,), node, error, expired_only=True):
+                self.counters["leases_expired"] += 1
+                self.store.count("leases_expired")
+                worker = self.workers.get(node)
+                if worker is not None:
+                    worker.suspect = True
+                    self._node_failed(worker, error)
+        for worker in self.workers.values():
+            if worker.recovered:
+                jobs = self.store.get_many(sorted(worker.recovered), quarantine=True)
+                worker.recovered = {j.id for j in jobs
+                                    if j is not None and j.state is JobState.RUNNING and j.node == worker.name}
+
+    def _node_failed(self, worker: _Worker, reason: str) -> None:
+        """One more failed batch in a row for `worker`; drain it at `drain_after_failures`."""
+        worker.failures += 1
+        limit = self.settings.drain_after_failures
+        if not limit or worker.failures < limit or worker.draining:
+            return
+        why = f"drained automatically after {worker.failures} failed batches in a row; last: {reason}"
+        log.error("node %s %s", worker.name, why)
+        worker.draining = True
+        self.store.set_draining(worker.name, True, reason=why[:500])
+        self.counters["auto_drained"] += 1
+        # What it holds and has not started goes elsewhere now (it skips those jobs when it reaches them).
+        for name, job_ids in list(self._inflight.values()):
+            if name == worker.name:
+                for job_id in job_ids:
+                    self.store.requeue(job_id, f"node {name} was drained", node=name, allowed_from=[JobState.LEASED])
 
     def _refresh_nodes(self) -> None:
         """Follow what the node records say: draining (set by an operator) and the models loaded."""
@@ -175,8 +273,10 @@ class Scheduler:
         known = {i: self._jobs[i] for i in ids if i in self._jobs}
         missing = [i for i in ids if i not in known]
         if missing:
-            for job_id, job in zip(missing, self.store.get_many(missing)):
-                if job is not None and job.state is JobState.QUEUED:
+            for job_id, job in zip(missing, self.store.get_many(missing, quarantine=True)):
+                if job is None and self.store.state(job_id) is None and self.store.position(job_id) is not None:
+                    self.store.quarantine(job_id, "queue entry without a job record")
+                elif job is not None and job.state is JobState.QUEUED:
                     known[job_id] = job
         self._jobs = known
         return [self._jobs[i] for i in ids if i in self._jobs]
@@ -208,11 +308,10 @@ class Scheduler:
         plan = plan_dispatch(pending, nodes, self.settings.max_batch, self.catalog, self.measured, full=eta_due)
         for assignment in plan.assignments:
             worker = self.workers[assignment.worker]
-            deadline = time.time() + self.settings.lease_seconds
-            leased = tuple(j for j in assignment.job_ids if self.store.lease(j, worker.name, deadline))
+            leased = tuple(j for j in assignment.job_ids if self.store.lease(j, worker.name, self.settings.lease_seconds))
             if not leased:
                 continue
-            ref = worker.handle.render.remote(list(leased), deadline)
+            ref = worker.handle.render.remote(list(leased))
             self._inflight[ref] = (worker.name, leased)
             estimate = assignment.finish_s - worker.backlog(now)  # its load and run
             worker.estimates[ref] = estimate
@@ -278,21 +377,33 @@ class Scheduler:
                 self._retry(job_ids, name, f"node {name} died while rendering")
                 continue
             except (RayError, GetTimeoutError) as exc:
-                self._retry(job_ids, name, f"node {name}: {type(exc).__name__}: {exc}")
+                error = f"node {name}: {type(exc).__name__}: {exc}"
+                self._retry(job_ids, name, error)
+                self._node_failed(worker, error)
                 continue
+            worker.suspect = False  # it answers
             for job_id, error in summary["errors"].items():
                 self._retry((job_id,), name, error)
+            if summary["errors"]:
+                self._node_failed(worker, next(iter(summary["errors"].values())))
+            elif summary["done"]:
+                worker.failures = 0
 
-    def _retry(self, job_ids: tuple[str, ...], node: str, error: str) -> None:
-        """Requeue a job that still has attempts left, else fail it for good."""
-        for job, job_id in zip(self.store.get_many(job_ids), job_ids):
+    def _retry(self, job_ids: tuple[str, ...], node: str, error: str, expired_only: bool = False) -> int:
+        """Requeue each job that still has attempts left, else fail it for good; how many moved."""
+        moved = 0
+        for job, job_id in zip(self.store.get_many(job_ids, quarantine=True), job_ids):
             if job is None or job.state.terminal or job.node != node:
                 continue
             if job.attempts < self.settings.max_attempts:
-                if self.store.requeue(job_id, error, node=node):
+                if self.store.requeue(job_id, error, node=node, expired_only=expired_only):
                     self.counters["retried"] += 1
-            elif self.store.fail(job_id, f"{error} (after {job.attempts} attempts)", node=node):
+                    moved += 1
+            elif self.store.fail(job_id, f"{error} (after {job.attempts} attempts)", node=node,
+                                 expired_only=expired_only):
                 self.counters["failed"] += 1
+                moved += 1
+        return moved
 
 
 

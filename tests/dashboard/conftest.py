@@ -96,7 +96,7 @@ def seed_farm(store: Store) -> SeededFarm:
     for i, (job_id, team, model, state, node) in enumerate(plan):
         submit(job_id, i, team, model)
         farm.ids.setdefault(state, []).append(job_id)
-        deadline = now + 300
+        deadline = 300  # lease seconds
         if node:
             assert store.lease(job_id, node, deadline)
         if state in ("running", "done", "failed") and node:

@@ -66,7 +66,7 @@ def test_team_queues_expose_every_teams_head(redis_url, redis_client):
     assert set(heads) == set(a_ids[:10]) | set(b_ids)
 
     # Leased: out of its team queue; requeued: back at its place.
-    assert store.lease("b-2", "n1", time.time() + 60)
+    assert store.lease("b-2", "n1", 60)
     assert members(store, qb) == ["b-0", "b-1", "b-3", "b-4"]
     assert "b-2" not in store.queue_heads(10)
     assert store.requeue("b-2", "node died", node="n1")
@@ -74,7 +74,7 @@ def test_team_queues_expose_every_teams_head(redis_url, redis_client):
     assert "b-2" in store.queue_heads(10)
 
     # A failed job requeued by hand returns too; a started job does not re-enter on start.
-    assert store.lease("b-0", "n1", time.time() + 60) and store.start("b-0", "n1", time.time() + 60)
+    assert store.lease("b-0", "n1", 60) and store.start("b-0", "n1", 60)
     assert "b-0" not in members(store, qb)
     assert store.fail("b-0", "boom", node="n1")
     assert "b-0" not in members(store, qb)

@@ -38,11 +38,11 @@ def test_queue_order_is_priority_then_submit_time(store):
 
 def test_lifecycle_moves_indexes_in_one_step(store):
     store.submit(make_jobs(1), "b")
-    assert store.lease("j0", "n1", 2e9)
+    assert store.lease("j0", "n1", 600)
     assert store.counts()["leased"] == 1 and store.counts()["queued"] == 0
-    assert not store.lease("j0", "n2", 2e9), "a leased job cannot be leased again"
-    assert not store.start("j0", "n2", 2e9), "only the holder may start it"
-    assert store.start("j0", "n1", 2e9)
+    assert not store.lease("j0", "n2", 600), "a leased job cannot be leased again"
+    assert not store.start("j0", "n2", 600), "only the holder may start it"
+    assert store.start("j0", "n1", 600)
     assert store.complete("j0", "n1", [b"\x89PNG-a", b"\x89PNG-b"], {"decode_s": 0.1}, 3.5, 60)
     job = store.get("j0")
     assert (job.state, job.attempts, job.images, job.timings) == (JobState.DONE, 1, 2, {"decode_s": 0.1})
@@ -55,8 +55,8 @@ def test_lifecycle_moves_indexes_in_one_step(store):
 def test_completion_is_exactly_once_and_late_results_are_discarded(store):
     store.submit(make_jobs(2), "b")
     for j in ("j0", "j1"):
-        store.lease(j, "n1", 2e9)
-        store.start(j, "n1", 2e9)
+        store.lease(j, "n1", 600)
+        store.start(j, "n1", 600)
     assert store.complete("j0", "n1", [b"first"], {}, None, 60)
     assert not store.complete("j0", "n1", [b"second"], {}, None, 60)
     assert store.result_images("j0") == [b"first"]
@@ -68,7 +68,7 @@ def test_completion_is_exactly_once_and_late_results_are_discarded(store):
 
 def test_requeue_returns_to_original_place_and_illegal_moves_raise(store):
     store.submit(make_jobs(3), "b")
-    store.lease("j0", "n1", 2e9)
+    store.lease("j0", "n1", 600)
     assert store.requeue("j0", "node died", node="n1")
     assert store.pending_ids() == ["j0", "j1", "j2"]
     job = store.get("j0")
@@ -81,8 +81,8 @@ def test_requeue_returns_to_original_place_and_illegal_moves_raise(store):
 
 def test_every_state_change_is_on_the_event_stream(store):
     store.submit(make_jobs(1), "b")
-    store.lease("j0", "n1", 2e9)
-    store.start("j0", "n1", 2e9)
+    store.lease("j0", "n1", 600)
+    store.start("j0", "n1", 600)
     store.fail("j0", "boom", node="n1")
     states = [f[b"state"].decode() for _, f in store.redis.xrange(store.keys.events) if f[b"job"] == b"j0"]
     assert states == ["queued", "leased", "running", "failed"]

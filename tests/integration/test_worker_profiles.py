@@ -31,10 +31,10 @@ def worker(redis_url, redis_client, tmp_path):
 def run(worker, store, *specs):
     jobs = [Job(id=f"j{time.monotonic_ns()}-{i}", spec=JobSpec(**spec)) for i, spec in enumerate(specs)]
     store.submit(jobs, "b")
-    deadline = time.time() + 60
+    deadline = 60  # lease seconds
     for job in jobs:
         assert store.lease(job.id, worker.name, deadline)
-    summary = worker.render([j.id for j in jobs], deadline)
+    summary = worker.render([j.id for j in jobs])
     return summary, [store.get(j.id) for j in jobs]
 
 
