@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -215,6 +216,22 @@ class Farm:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def crash_redis(self, down_seconds: float = 1.0) -> float:
+        """SIGKILL the embedded redis-server (no shutdown, no final fsync), wait `down_seconds`, and start it
+        again on the same port and data directory, from its append-only file (chaos tests); returns how long
+        Redis was unreachable."""
+        if self._embedded is None or self._embedded.pid is None:
+            raise FarmError("this farm uses a Redis it was given: it cannot crash it")
+        old = self._embedded
+        port = old.port
+        crashed = time.monotonic()
+        os.kill(old.pid, signal.SIGKILL)
+        old.stop()  # reaps the dead process
+        time.sleep(down_seconds)
+        self._embedded = EmbeddedRedis(old.data_dir, port=port)
+        self._embedded.start()
+        return time.monotonic() - crashed
 
     def kill_worker(self, name: str) -> None:
         """Kill a worker's process abruptly (tests: the scheduler must recover its jobs)."""

@@ -103,6 +103,8 @@ class RenderWorker:
             "render_seconds": 0.0,
             "last_s_per_step": None,
             "oom_escalations": 0,
+            "stopped_cancelled": 0,  # renders stopped between two steps because their jobs were cancelled
+            "stopped_timeout": 0,  # renders stopped at their time limit
         }
         self.profiles: dict[str, str] = {}  # model -> the profile it last ran with here
         self.escalated: dict[tuple[str, int, int], Profile] = {}  # (model, w, h) -> rung after an OOM
@@ -168,7 +170,7 @@ class RenderWorker:
             if self._all_gone:
                 return "every job of the batch was cancelled or taken back"
             if time.monotonic() > deadline:
-                return f"timed out: the render took longer than its limit of {timeout_s:.0f} s"
+                return f"timed out: the render took longer than its limit of {timeout_s:.4g} s"
             return None
 
         self.state = "busy"
@@ -197,11 +199,13 @@ class RenderWorker:
             self._holding = []
             if self._all_gone:  # cancelled: nothing to retry, nothing failed
                 summary["lost"] = [job.id for job in jobs]
+                self.stats["stopped_cancelled"] += 1
                 log.info("node %s: batch %s stopped: %s", self.name, job_ids, exc)
             else:
                 log.error("node %s: batch %s %s", self.name, job_ids, exc)
                 summary["errors"] = {job.id: str(exc) for job in jobs}
                 self.stats["jobs_failed"] += len(jobs)
+                self.stats["stopped_timeout"] += 1
                 self.store.count("timeouts", len(jobs))
             self.state = "idle"
             self._publish()

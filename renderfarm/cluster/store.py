@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from renderfarm.cluster.keys import Keys
 from renderfarm.jobs import (
@@ -29,6 +31,7 @@ from renderfarm.jobs import (
 log = logging.getLogger(__name__)
 
 EVENTS_MAXLEN = 100_000
+RETRY_ATTEMPTS = 60  # with backoff capped at 0.5 s: about 30 s of retrying a lost connection
 SAMPLES_MAXLEN = 4320  # 6 hours of samples at one per 5 s
 STATES = list(JobState)
 
@@ -303,6 +306,9 @@ class Store:
     def __init__(self, client: redis.Redis, keys: Keys | None = None):
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("Store needs a Redis client with decode_responses=False (results are bytes)")
+        # Ride out a Redis restart (crash, failover, upgrade): a call that finds the connection gone retries
+        # with backoff for about RETRY_SECONDS before it raises. Redis keeps its data in its append-only file.
+        client.set_retry(Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=RETRY_ATTEMPTS))
         self.redis = client
         self.keys = keys or Keys()
         self._submit = client.register_script(_SUBMIT)

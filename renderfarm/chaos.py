@@ -1,0 +1,190 @@
+"""Chaos: a batch of jobs through a real local farm while one of its parts is killed mid-render.
+
+Scenarios (`SCENARIOS`):
+  worker     the process of the node holding running jobs gets SIGKILL; Ray reports the death, the
+             scheduler requeues what it held, the other node finishes it.
+  scheduler  the scheduler's process is killed; Ray starts a new one, which rebuilds its view from Redis:
+             jobs leased but not started go back to the queue, jobs being rendered stay with their node.
+  redis      redis-server gets SIGKILL (no shutdown, no final flush) and comes back on the same port from its
+             append-only file; every process retries its Redis calls meanwhile.
+
+Each run counts, from what Redis holds afterwards: `done`, `lost` (submitted jobs that are missing or never
+reached a terminal state), `duplicates` (jobs with more than one "done" event in the event stream, or with a
+result that does not hold exactly its images) and `recovery_s`, the seconds from the fault until every job
+that was leased or running at that moment is done. The same code serves `tests/chaos/` (which asserts 50 done,
+0 lost, 0 duplicates) and `renderfarm bench chaos` (which prints the figures).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = ("worker", "scheduler", "redis")
+VICTIM_NODE = "small"  # the worker scenario kills this node's process
+
+
+@dataclass
+class ChaosResult:
+    scenario: str
+    submitted: int
+    done: int
+    failed: int
+    lost: int
+    duplicates: int
+    recovery_s: float | None  # fault -> every job in flight at the fault done
+    total_s: float  # submit -> every job finished
+    in_flight_at_fault: int
+    retried: int  # jobs that needed more than one attempt
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def chaos_settings(data_dir: Path, **overrides: Any):
+    from renderfarm.config import Settings
+
+    # Short leases and heartbeats: a dead holder's jobs come back within seconds, not the default 30 s.
+    return Settings(data_dir=data_dir, lease_seconds=4.0, heartbeat_seconds=0.5, max_attempts=5, max_batch=4,
+                    eta_seconds=1.0, **overrides)
+
+
+def chaos_nodes():
+    from renderfarm.config import NodeDeclaration
+
+    return [
+        NodeDeclaration(name="big", vram_gib=24, compute_capability="7.5", gpu="Quadro RTX 6000"),
+        NodeDeclaration(name=VICTIM_NODE, vram_gib=8, compute_capability="8.6", gpu="GeForce RTX 3070"),
+    ]
+
+
+def chaos_specs(jobs: int) -> list[dict[str, Any]]:
+    return [{"model": "tiny-sd15", "prompt": f"chaos {i}", "width": 128, "height": 128, "steps": 12, "seed": i,
+             "team": "chaos"} for i in range(jobs)]
+
+
+def run_scenario(
+    scenario: str,
+    jobs: int = 50,
+    data_dir: Path | None = None,
+    timeout: float = 300.0,
+    say: Callable[[str], None] = lambda _: None,
+    **settings: Any,
+) -> ChaosResult:
+    """Start a farm, submit `jobs` jobs, inject `scenario`'s fault mid-render, wait for the batch, count."""
+    from renderfarm.farm import Farm
+
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
+    with tempfile.TemporaryDirectory(prefix=f"rf-chaos-{scenario}-") as tmp:
+        base = Path(data_dir) if data_dir else Path(tmp)
+        farm = Farm(chaos_settings(base / scenario, **settings), chaos_nodes(), warm_models=["tiny-sd15"],
+                    log_to_driver=False)
+        with farm:
+            client = farm.client()
+            ids = [f"chaos-{i:03d}" for i in range(jobs)]
+            started = time.monotonic()
+            client.submit_batch(chaos_specs(jobs), job_ids=ids)
+            say(f"{scenario}: submitted {jobs} jobs")
+            in_flight = _wait_mid_render(client, ids, VICTIM_NODE if scenario == "worker" else None)
+            fault_at = time.monotonic()
+            detail = _inject(farm, scenario)
+            say(f"{scenario}: fault injected with {len(in_flight)} jobs in flight ({detail})")
+            recovery_s = _wait_finished(client, ids, in_flight, fault_at, started + timeout)
+            total_s = time.monotonic() - started
+            result = _count(client, scenario, ids, in_flight, recovery_s, total_s, detail)
+    say(f"{scenario}: {result.done}/{result.submitted} done, {result.lost} lost, {result.duplicates} duplicated, "
+        f"recovery {result.recovery_s if result.recovery_s is None else round(result.recovery_s, 2)} s")
+    return result
+
+
+def _retrying(read: Callable[[], Any], until: float) -> Any:
+    """`read()` against a Redis that may be restarting: retried (the client also retries) until `until`."""
+    import redis
+
+    while True:
+        try:
+            return read()
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            if time.monotonic() > until:
+                raise
+            time.sleep(0.1)
+
+
+def _wait_mid_render(client, ids: list[str], node: str | None, timeout: float = 180.0) -> list[str]:
+    """Block until some job is done and some is running (on `node`, when given); the ids leased or running."""
+    from renderfarm.jobs import JobState
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = client.store.get_many(ids)
+        running = [j for j in jobs if j and j.state is JobState.RUNNING and (node is None or j.node == node)]
+        if running and any(j and j.state is JobState.DONE for j in jobs):
+            return [j.id for j in jobs if j and j.state in (JobState.LEASED, JobState.RUNNING)]
+        time.sleep(0.02)
+    raise TimeoutError(f"no job started rendering{f' on {node}' if node else ''} within {timeout:.0f} s")
+
+
+def _inject(farm, scenario: str) -> str:
+    if scenario == "worker":
+        pid = next(n["pid"] for n in farm.nodes if n["name"] == VICTIM_NODE)
+        os.kill(pid, signal.SIGKILL)
+        return f"SIGKILL to node {VICTIM_NODE} (pid {pid})"
+    if scenario == "scheduler":
+        farm.kill_scheduler()
+        return "scheduler actor killed, restarted by Ray"
+    seconds = farm.crash_redis(down_seconds=1.0)
+    return f"SIGKILL to redis-server, back from its AOF after {seconds:.2f} s"
+
+
+def _wait_finished(client, ids: list[str], in_flight: list[str], fault_at: float, until: float) -> float | None:
+    """Block until every job is terminal (or `until`); seconds from the fault until the in-flight ones were
+    all done (None if they never were)."""
+    from renderfarm.jobs import JobState
+
+    recovery = None
+    pending = set(in_flight)
+    while time.monotonic() < until:
+        jobs = _retrying(lambda: client.store.get_many(ids), until)
+        states = {j.id: j.state for j in jobs if j is not None}
+        pending = {i for i in pending if states.get(i) is not JobState.DONE}
+        if not pending and recovery is None:
+            recovery = time.monotonic() - fault_at
+        if len(states) == len(ids) and all(s.terminal for s in states.values()):
+            return recovery  # None when an in-flight job ended other than done
+        time.sleep(0.05)
+    return recovery
+
+
+def _count(client, scenario, ids, in_flight, recovery_s, total_s, detail) -> ChaosResult:
+    from renderfarm.jobs import JobState
+
+    store = client.store
+    jobs = store.get_many(ids)
+    found = {j.id: j for j in jobs if j is not None}
+    done = [j for j in found.values() if j.state is JobState.DONE]
+    failed = [j for j in found.values() if j.state is JobState.FAILED]
+    lost = len(ids) - len([j for j in found.values() if j.state.terminal])
+    done_events = Counter(
+        fields[b"job"].decode()
+        for _, fields in store.redis.xrange(store.keys.events)
+        if fields.get(b"state") == b"done" and fields.get(b"job", b"").decode() in found
+    )
+    bad_results = {j.id for j in done if len(store.result_images(j.id)) != j.spec.num_images}
+    duplicates = {i for i, n in done_events.items() if n > 1} | bad_results
+    return ChaosResult(
+        scenario=scenario, submitted=len(ids), done=len(done), failed=len(failed), lost=lost,
+        duplicates=len(duplicates), recovery_s=None if recovery_s is None else round(recovery_s, 3),
+        total_s=round(total_s, 3), in_flight_at_fault=len(in_flight),
+        retried=sum(1 for j in found.values() if j.attempts > 1),
+        detail={"fault": detail, "counters": store.counters(),
+                "errors": sorted({j.error for j in failed if j.error})[:5]},
+    )
