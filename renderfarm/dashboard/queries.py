@@ -41,6 +41,9 @@ def _num(value: Any) -> float | None:
 # --- overview ----------------------------------------------------------------------------------------
 
 
+RELIABILITY_COUNTERS = ("leases_expired", "timeouts", "late_results", "quarantined")
+
+
 def overview(store: Store, now: float | None = None) -> dict[str, int]:
     """Queue depth now: jobs per state (index sizes), and done / failed / cancelled in the last hour."""
     now = time.time() if now is None else now
@@ -49,6 +52,9 @@ def overview(store: Store, now: float | None = None) -> dict[str, int]:
     for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
         out[f"{state.value}_1h"] = store.finished_since(state, now - HOUR)
     out["total"] = sum(int(counts.get(state.value, 0)) for state in JobState)
+    counters = store.counters()  # what the farm survived: leases reaped, late results discarded, ...
+    for name in RELIABILITY_COUNTERS:
+        out[name] = int(counters.get(name, 0))
     return out
 
 
@@ -153,6 +159,7 @@ def nodes(
             "heartbeat": heartbeat,
             "heartbeat_age_s": None if heartbeat is None else max(0.0, now - heartbeat),
             "draining": record.get("draining") is True,
+            "drain_reason": str(record.get("drain_reason") or ""),
             "jobs_done": int(_num(record.get("jobs_done")) or 0),
             "jobs_failed": int(_num(record.get("jobs_failed")) or 0),
             "images": int(_num(record.get("images")) or 0),

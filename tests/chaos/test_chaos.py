@@ -32,3 +32,30 @@ def test_the_scheduler_killed_and_restarted_loses_no_job(tmp_path):
 
 def test_redis_killed_and_restarted_from_its_aof_loses_no_job(tmp_path):
     check(run_scenario("redis", JOBS, data_dir=tmp_path))
+
+
+def test_a_batch_accepted_just_before_redis_is_killed_survives(tmp_path):
+    """No Ray: the client's submit returns, redis-server gets SIGKILL at once, and comes back from its AOF.
+    Redis writes the AOF before it answers (the fsync every second only matters if the machine itself
+    crashes), so every accepted job is there, in the queue."""
+    import os
+    import signal
+
+    from renderfarm.client import FarmClient
+    from renderfarm.cluster.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    url = server.start()
+    try:
+        client = FarmClient(url, key_prefix="aof")
+        specs = [{"model": "tiny-sd15", "prompt": f"p{i}", "width": 64, "height": 64, "seed": i} for i in range(JOBS)]
+        ids = client.submit_batch(specs)
+        os.kill(server.pid, signal.SIGKILL)
+        port = server.port
+        server.stop()
+        server = EmbeddedRedis(tmp_path / "redis", port=port)
+        server.start()
+        assert sorted(client.store.pending_ids()) == sorted(ids)  # the same client: retried across the restart
+        assert [job.spec.prompt for job in client.jobs(ids)] == [s["prompt"] for s in specs]
+    finally:
+        server.stop()

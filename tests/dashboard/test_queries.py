@@ -180,3 +180,16 @@ def test_empty_farm(dash_store):
     assert queries.nodes(dash_store, dash_store.samples(), 15) == []
     assert queries.jobs(dash_store) == {"rows": [], "facets": {"team": [], "model": [], "node": []}, "skipped": 0}
     assert queries.gallery(dash_store) == [] and queries.failures(dash_store) == []
+
+
+def test_reliability_counters_and_why_a_node_drains(dash_store):
+    dash_store.register_node("node-x", {"vram_gib": 8})
+    dash_store.count("leases_expired", 2)
+    dash_store.count("late_results")
+    assert dash_store.set_draining("node-x", True, reason="drained automatically after 3 failed batches in a row")
+    counts = queries.overview(dash_store)
+    assert (counts["leases_expired"], counts["late_results"], counts["timeouts"], counts["quarantined"]) == (2, 1, 0, 0)
+    (node,) = queries.nodes(dash_store, [], 15)
+    assert node["state"] == "draining" and node["drain_reason"].startswith("drained automatically after 3")
+    assert dash_store.set_draining("node-x", False)
+    assert queries.nodes(dash_store, [], 15)[0]["drain_reason"] == ""
