@@ -76,7 +76,12 @@ def _resolve_url(args: argparse.Namespace) -> str:
 def _client(args: argparse.Namespace):
     from renderfarm.client import FarmClient
 
-    return FarmClient(_resolve_url(args))
+    return FarmClient(_resolve_url(args), token=_team_token(args))
+
+
+def _team_token(args: argparse.Namespace) -> str | None:
+    """--token, else RENDERFARM_TOKEN: the team token a farm in token mode asks for (cluster/auth.py)."""
+    return getattr(args, "token", None) or os.environ.get("RENDERFARM_TOKEN") or None
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -240,39 +245,190 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if not outcome["failed"] else EXIT_ERROR
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    if args.prompts:
+# Flags that describe the jobs: --specs takes all of that from its file, so none of these go with it.
+SUBMIT_SPEC_FLAGS = ("prompt", "prompts", "model", "size", "steps", "guidance", "negative", "count", "images",
+                     "seed", "priority", "team")
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _flag_int(flag: str, text: str | None) -> int | None:
+    """A submit flag's whole number, parsed here rather than by argparse so that a bad value is one `error:`
+    line (a JSON object with --json) like every other submit error. Ranges are JobSpec's to check."""
+    if text is None:
+        return None
+    number = text.strip()
+    digits = number[1:] if number[:1] in ("+", "-") else number
+    if not (digits.isascii() and digits.isdigit()):
+        raise CliError(f"{flag} {_shown(text)}: expected a whole number")
+    if len(digits) > 30:
+        raise CliError(f"{flag} {_shown(text)}: the number is far out of range")
+    return int(number)
+
+
+def _flag_float(flag: str, text: str | None) -> float | None:
+    import math
+
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise CliError(f"{flag} {_shown(text)}: expected a number") from None
+    if not math.isfinite(value):
+        raise CliError(f"{flag} {_shown(text)}: expected a finite number")
+    return value
+
+
+def _read_text(flag: str, path: str) -> str:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL character in the path
+        raise CliError(f"{flag} {_shown(path)}: {exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise CliError(f"{flag} {path} line {line}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+
+
+class _DuplicateField(ValueError):
+    pass
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) < len(pairs):  # json.loads would keep the last value silently
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _DuplicateField(f"field {_shown(twice)} appears twice in one object")
+    return found
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads, each way it can fail turned into a ValueError that says what is wrong and where."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_fields)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})") from None
+    except _DuplicateField:
+        raise
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
+    except ValueError:  # Python parses no integer of more than 4,300 digits
+        raise ValueError("not valid JSON: a number has too many digits") from None
+
+
+def _read_specs(path: str) -> list[tuple[str, Any]]:
+    """(where, spec) for each spec of a --specs file: a JSON list of objects, or JSON Lines (one object per
+    line). `where` names the spec in errors: `jobs[3]`, or `jobs[3] (line 5)` in JSON Lines."""
+    text = _read_text("--specs", path)
+    if text.lstrip().startswith("["):
         try:
-            prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        except OSError as exc:
-            raise CliError(f"--prompts {args.prompts}: {exc.strerror}") from None
+            return [(f"jobs[{i}]", item) for i, item in enumerate(_parse_json(text))]
+        except ValueError as exc:
+            raise CliError(f"--specs {path}: {exc}") from None
+    entries = []
+    # Newlines only: str.splitlines() would also split inside a JSON string holding U+2028.
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                entries.append((f"jobs[{len(entries)}] (line {number})", _parse_json(line)))
+            except ValueError as exc:
+                raise CliError(f"--specs {path} line {number}: {str(exc).removeprefix('line 1 ')}; expected "
+                               "a JSON list of job specs, or one JSON object per line") from None
+    return entries
+
+
+def _submit_file(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """Submit a --specs file as one batch: every spec is checked first, and any error enqueues nothing."""
+    from renderfarm.client import MAX_BATCH_JOBS, SpecError
+
+    mixed = [f"--{name}" if name != "prompt" else "PROMPT" for name in SUBMIT_SPEC_FLAGS
+             if getattr(args, name) is not None]
+    if mixed:
+        raise CliError(f"--specs takes every job field from its file; drop {', '.join(mixed)} "
+                       "(only --no-wait, --out, --timeout, --json and --redis go with --specs)")
+    path = args.specs
+    entries = _read_specs(path)
+    if not entries:
+        raise CliError(f"--specs {path}: the file holds no job specs")
+    if len(entries) > MAX_BATCH_JOBS:
+        raise CliError(f"--specs {path}: {len(entries)} job specs; at most {MAX_BATCH_JOBS} per batch")
+    client = _client(args)
+    errors, valid = [], []
+    for where, item in entries:
+        try:
+            valid.append(client.validate(item, where=where))
+        except SpecError as exc:
+            errors.append(str(exc))
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise CliError(f"--specs {path}: " + "; ".join(errors[:5]) + more + "; nothing was enqueued")
+    try:
+        return client, client.submit_batch(valid)
+    except SpecError as exc:  # no registered node can run one of them
+        raise CliError(f"--specs {path}: {exc}") from None
+
+
+def _submit_flags(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """Submit PROMPT or each line of --prompts, --count times, with the other flags as the job fields."""
+    from renderfarm.client import MAX_BATCH_JOBS
+
+    if args.prompts is not None and args.prompt is not None:
+        raise CliError("give a PROMPT or --prompts FILE, not both")
+    if args.prompts is not None:
+        prompts = [line.strip() for line in _read_text("--prompts", args.prompts).splitlines() if line.strip()]
         if not prompts:
             raise CliError(f"--prompts {args.prompts}: the file has no prompts")
-    elif args.prompt:
+    elif args.prompt is not None:
         prompts = [args.prompt]
     else:
-        raise CliError("give a PROMPT or --prompts FILE")
+        raise CliError("give a PROMPT, --prompts FILE or --specs FILE")
+    count = _given(_flag_int("--count", args.count), 1)
+    if not 1 <= count <= MAX_BATCH_JOBS or len(prompts) * count > MAX_BATCH_JOBS:
+        raise CliError(f"--count {count} with {len(prompts)} prompt(s): at most {MAX_BATCH_JOBS} jobs per "
+                       "submit, and --count must be at least 1")
+    fixed = {"model": _given(args.model, "tiny-sd15"), "negative_prompt": _given(args.negative, ""),
+             "priority": _given(_flag_int("--priority", args.priority), 0), "team": _given(args.team, "default"),
+             "num_images": _given(_flag_int("--images", args.images), 1)}
+    # Left out, size, steps and guidance take the model's defaults (FarmClient.validate).
+    if args.size is not None:
+        try:
+            fixed["width"], fixed["height"] = _parse_size(args.size)
+        except argparse.ArgumentTypeError:
+            raise CliError(f"--size {_shown(args.size)}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    if (steps := _flag_int("--steps", args.steps)) is not None:
+        fixed["steps"] = steps
+    if (guidance := _flag_float("--guidance", args.guidance)) is not None:
+        fixed["guidance"] = guidance
+    seed = _flag_int("--seed", args.seed)
+    specs = [{**fixed, "prompt": prompt, **({"seed": seed + i} if seed is not None else {})}
+             for prompt in prompts for i in range(count)]
     client = _client(args)
-    specs = []
-    for prompt in prompts:
-        for i in range(args.count):
-            spec = {"model": args.model, "prompt": prompt, "negative_prompt": args.negative,
-                    "priority": args.priority, "team": args.team, "num_images": args.images}
-            # Left out, size, steps and guidance take the model's defaults (FarmClient.validate).
-            if args.size:
-                spec["width"], spec["height"] = args.size
-            if args.steps is not None:
-                spec["steps"] = args.steps
-            if args.guidance is not None:
-                spec["guidance"] = args.guidance
-            if args.seed is not None:
-                spec["seed"] = args.seed + i
-            specs.append(spec)
-    ids = client.submit_batch(specs)
+    return client, client.submit_batch(specs)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    # What only matters after submitting is checked before it: a bad --timeout must not leave jobs behind.
+    timeout = _flag_float("--timeout", args.timeout)
+    if timeout is not None and timeout <= 0:
+        raise CliError(f"--timeout {args.timeout}: must be more than 0 seconds")
+    if "\x00" in args.out:
+        raise CliError("--out: the path contains a NUL character")
+    client, ids = _submit_file(args) if args.specs is not None else _submit_flags(args)
     if args.no_wait:
         _emit(args, {"ok": True, "jobs": ids}, "\n".join(ids))
         return 0
-    outcome = _follow(client, ids, Path(args.out), args.timeout, quiet=args.json)
+    outcome = _follow(client, ids, Path(args.out), timeout, quiet=args.json)
     payload = {"ok": not outcome["failed"], "jobs": ids, "done": len(outcome["done"]),
                "failed": [{"id": j.id, "error": j.error} for j in outcome["failed"]], "images": outcome["images"]}
     human = "\n".join([*outcome["images"], *(f"failed {j.id}: {j.error}" for j in outcome["failed"])])
@@ -335,7 +491,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         age = now - float(node.get("heartbeat") or 0)
         lines.append(f"node   {node['name']:<14} {node.get('state', '?'):<8} {node.get('vram_gib')} GiB "
                      f"done={node.get('jobs_done', 0)} loaded={','.join(node.get('loaded') or []) or '-'} "
-                     f"heartbeat={age:.0f}s ago{' (simulated)' if node.get('simulated') else ''}")
+                     f"heartbeat={age:.0f}s ago{' (simulated)' if node.get('simulated') else ''}"
+                     + (f" draining: {node.get('drain_reason') or 'by an operator'}" if node.get("draining") is True else ""))
+    if status["counters"]:
+        lines.append("farm   " + "  ".join(f"{k}={v}" for k, v in sorted(status["counters"].items())))
+    for job_id, reason in sorted(status["quarantined"].items()):
+        lines.append(f"quarantined {job_id}: {reason}")
     _emit(args, {"ok": True, **status}, "\n".join(lines))
     return 0
 
@@ -355,6 +516,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     """A draining node finishes what it holds and takes nothing new; --undo puts it back to work."""
     client = _client(args)
+    client.require_admin("draining a node")  # a farm in token mode: nodes are everyone's
     known = {n["name"] for n in client.store.nodes()}
     missing = [name for name in args.node_names if name not in known]
     if missing:
@@ -431,7 +593,107 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_chaos(args: argparse.Namespace) -> int:
+    """Jobs through a real local farm while a worker, the scheduler or redis-server is killed mid-render."""
+    from renderfarm.chaos import SCENARIOS, run_scenario
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # stand-ins only
+    if args.jobs < 1:
+        raise CliError(f"--jobs {args.jobs}: must be at least 1")
+    scenarios = args.scenario or list(SCENARIOS)
+    say = (lambda line: None) if args.json else (lambda line: _stderr_console().print(line, highlight=False))
+    results = [run_scenario(name, args.jobs, say=say).as_dict() for name in scenarios]
+    ok = all(r["done"] == r["submitted"] and r["lost"] == 0 and r["duplicates"] == 0 for r in results)
+    if args.json:
+        _emit(args, {"ok": ok, "scenarios": results})
+        return 0 if ok else EXIT_ERROR
+    print(f"  {'scenario':<10} {'submitted':>9} {'done':>5} {'lost':>5} {'dupes':>5} {'in flight':>9} "
+          f"{'retried':>7} {'recovery s':>10} {'total s':>8}")
+    for r in results:
+        recovery = "-" if r["recovery_s"] is None else f"{r['recovery_s']:.2f}"
+        print(f"  {r['scenario']:<10} {r['submitted']:9d} {r['done']:5d} {r['lost']:5d} {r['duplicates']:5d} "
+              f"{r['in_flight_at_fault']:9d} {r['retried']:7d} {recovery:>10} {r['total_s']:8.2f}")
+    return 0 if ok else EXIT_ERROR
+
+
+def _token_admin(args: argparse.Namespace, action: str):
+    """A Redis client and keys for managing tokens; in token mode only an admin token may (cluster/auth.py)."""
+    from renderfarm.cluster import auth
+    from renderfarm.cluster.keys import Keys
+    from renderfarm.cluster.redis_server import connect
+
+    client, keys = connect(_resolve_url(args)), Keys()
+    try:
+        if auth.token_mode(client, keys):
+            auth.require_admin(client, keys, _team_token(args), action)
+    except BaseException:
+        client.close()
+        raise
+    return client, keys
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Print a new team token once: Redis keeps only its SHA-256 digest."""
+    from renderfarm.cluster import auth
+
+    client, keys = _token_admin(args, "creating a token")
+    try:
+        token, record = auth.create_token(client, keys, args.team, admin=args.admin, label=args.label or "")
+    finally:
+        client.close()
+    if not args.json:
+        kind = "admin token" if record.admin else "token"
+        print(f"{kind} for team {record.team} (digest {record.public()['digest']}): shown only now; give it to "
+              "its holder as RENDERFARM_TOKEN", file=sys.stderr)
+    _emit(args, {"ok": True, "token": token, **record.public()}, token)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from renderfarm.cluster import auth
+
+    client, keys = _token_admin(args, "listing tokens")
+    try:
+        rows = [record.public() for record in auth.list_tokens(client, keys)]
+    finally:
+        client.close()
+    lines = [f"{r['digest']}  {r['team']:<16} {'admin' if r['admin'] else 'team ':<5}  "
+             f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['created'])) if r['created'] else '?':<16}  "
+             f"{r['label']}" for r in rows]
+    human = "\n".join(lines) or "no tokens: the farm is open (every client may read and cancel every job)"
+    _emit(args, {"ok": True, "token_mode": bool(rows), "tokens": rows}, human)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from renderfarm.cluster import auth
+
+    client, keys = _token_admin(args, "revoking a token")
+    try:
+        record = auth.revoke_token(client, keys, args.digest)
+        still = auth.token_mode(client, keys)
+    finally:
+        client.close()
+    human = f"revoked {record.public()['digest']} (team {record.team})"
+    if not still:
+        human += "; no tokens left: the farm is open again"
+    _emit(args, {"ok": True, "revoked": record.public(), "token_mode": still}, human)
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A command line argparse cannot read (unknown flag, extra argument, missing value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors come back to `main` (which prints one line, or JSON with --json)
+    instead of exiting from inside argparse."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,8 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_redis = argparse.ArgumentParser(add_help=False)
     with_redis.add_argument("--redis", metavar="URL", help="redis:// or rediss:// URL of the farm's Redis")
+    with_redis.add_argument("--token", metavar="TOKEN", help="team token, for a farm in token mode (prefer the "
+                            "RENDERFARM_TOKEN environment variable: a command line is visible to other users)")
 
-    parser = argparse.ArgumentParser(prog="renderfarm", description="A render farm for diffusion models.")
+    parser = _Parser(prog="renderfarm", description="A render farm for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", parents=[common, with_redis], help="run a farm in the foreground")
@@ -458,21 +722,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=600.0)
     demo.set_defaults(func=cmd_demo)
 
+    # Numbers are parsed by cmd_submit, not argparse: a bad one is then one `error:` line, a JSON object with
+    # --json, like any other submit error. A flag left out is None, so --specs can tell what was given.
     submit = sub.add_parser("submit", parents=[common, with_redis], help="submit prompts and save the images")
-    submit.add_argument("prompt", nargs="?", help="the prompt (or use --prompts FILE)")
-    submit.add_argument("--prompts", help="a file with one prompt per line")
-    submit.add_argument("--model", default="tiny-sd15")
-    submit.add_argument("--size", type=_parse_size, help="WIDTHxHEIGHT (default: the model's)")
-    submit.add_argument("--steps", type=int)
-    submit.add_argument("--guidance", type=float)
-    submit.add_argument("--negative", default="", help="negative prompt")
-    submit.add_argument("--count", type=int, default=1, help="jobs per prompt (seeds seed, seed+1, ...)")
-    submit.add_argument("--images", type=int, default=1, help="images per job")
-    submit.add_argument("--seed", type=int)
-    submit.add_argument("--priority", type=int, default=0)
-    submit.add_argument("--team", default="default")
+    submit.add_argument("prompt", nargs="?", help="the prompt (or use --prompts FILE or --specs FILE)")
+    submit.add_argument("--prompts", metavar="FILE", help="a file with one prompt per line")
+    submit.add_argument("--specs", metavar="FILE",
+                        help="job specs as a JSON list of objects or as JSON Lines, submitted as one batch (all or "
+                             "none); takes no other job flags")
+    submit.add_argument("--model", help="default tiny-sd15")
+    submit.add_argument("--size", metavar="WxH", help="WIDTHxHEIGHT (default: the model's)")
+    submit.add_argument("--steps", metavar="N", help="default: the model's")
+    submit.add_argument("--guidance", metavar="X", help="default: the model's")
+    submit.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    submit.add_argument("--count", metavar="N", help="jobs per prompt (seeds seed, seed+1, ...; default 1)")
+    submit.add_argument("--images", metavar="N", help="images per job (default 1)")
+    submit.add_argument("--seed", metavar="N")
+    submit.add_argument("--priority", metavar="N", help="-100..100 (default 0)")
+    submit.add_argument("--team", help="default: default")
     submit.add_argument("--out", default="renders")
-    submit.add_argument("--timeout", type=float, default=None)
+    submit.add_argument("--timeout", metavar="SECONDS", help="default: wait as long as it takes")
     submit.add_argument("--no-wait", action="store_true", help="print the job ids and return")
     submit.set_defaults(func=cmd_submit)
 
@@ -491,12 +760,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--margin", type=float, default=0.5, metavar="GIB", help="VRAM kept free (default 0.5)")
     plan.set_defaults(func=cmd_plan)
 
-    bench = sub.add_parser("bench", help="benchmarks that need no farm")
+    bench = sub.add_parser("bench", help="benchmarks: routing in a simulator, chaos on a local farm")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     sim = bench_sub.add_parser("sim", parents=[common], help="routing policies on a simulated cluster")
     sim.add_argument("--trace", help="JSONL of job specs with submit_s (default bench/sim/trace.jsonl)")
     sim.add_argument("--cluster", help="cluster YAML (default bench/sim/cluster.yaml)")
     sim.set_defaults(func=cmd_bench_sim)
+    chaos = bench_sub.add_parser("chaos", parents=[common],
+                                 help="kill a worker, the scheduler, redis-server mid-render; count lost jobs")
+    chaos.add_argument("--jobs", type=int, default=50, help="jobs per scenario (default 50)")
+    chaos.add_argument("--scenario", action="append", choices=["worker", "scheduler", "redis"],
+                       help="run only this scenario (repeatable; default all three)")
+    chaos.set_defaults(func=cmd_bench_chaos)
 
     cancel = sub.add_parser("cancel", parents=[common, with_redis], help="cancel jobs")
     cancel.add_argument("jobs", nargs="*")
@@ -513,12 +788,33 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--address", default="127.0.0.1", help="interface to listen on (default loopback)")
     dashboard.add_argument("--prefix", default="rf", help=argparse.SUPPRESS)
     dashboard.set_defaults(func=cmd_dashboard)
+
+    token = sub.add_parser("token", help="team tokens: who may read and cancel which team's jobs")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", parents=[common, with_redis], help="make a token (printed once)")
+    create.add_argument("team", metavar="TEAM", help="the team the token submits for and sees")
+    create.add_argument("--admin", action="store_true", help="may do everything, for every team")
+    create.add_argument("--label", default="", help="a note: who or what holds it")
+    create.set_defaults(func=cmd_token_create)
+    listing = token_sub.add_parser("list", parents=[common, with_redis], help="tokens (never the tokens themselves)")
+    listing.set_defaults(func=cmd_token_list)
+    revoke = token_sub.add_parser("revoke", parents=[common, with_redis], help="revoke a token by its digest")
+    revoke.add_argument("digest", metavar="DIGEST_PREFIX", help="the digest `token list` shows (6+ hex characters)")
+    revoke.set_defaults(func=cmd_token_revoke)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        given = sys.argv[1:] if argv is None else argv
+        if "--json" in given:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        else:
+            print(parser.format_usage().rstrip() + "\n" + str(exc), file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",

@@ -4,11 +4,16 @@
     ids = client.submit_batch([{"model": "tiny-sd15", "prompt": "a red fox", "width": 64, "height": 64}])
     for job in client.as_completed(ids, timeout=120):
         images = client.result(job.id).images
+
+On a farm in token mode (cluster/auth.py) the client speaks for the team of its token (`token=`, else the
+RENDERFARM_TOKEN environment variable) and reads, follows and cancels that team's jobs only; without a valid
+token it refuses every read and write of jobs (AuthError, a PermissionError).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
 import time
@@ -18,6 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from renderfarm.cluster import auth
+from renderfarm.cluster.auth import AuthError
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect, redact
 from renderfarm.cluster.store import JobNotFound, Store
@@ -52,16 +59,27 @@ class Result:
 
 
 class FarmClient:
-    def __init__(self, url: str, *, catalog: Catalog | None = None, key_prefix: str = "rf"):
+    def __init__(
+        self, url: str, *, catalog: Catalog | None = None, key_prefix: str = "rf", token: str | None = None
+    ):
         self.url = url
         self.store = Store(connect(url), Keys(key_prefix))
         self.catalog = catalog or default_catalog()
+        # The team token (cluster/auth.py); checked on every call, so a revoked token stops working at once.
+        self._token = token if token is not None else (os.environ.get("RENDERFARM_TOKEN") or None)
 
     # --- submit ---------------------------------------------------------------------------------------
 
     def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec") -> JobSpec:
         """Check one spec against the catalog. Omitted size, steps and guidance take the model's defaults
-        (flux-dev: 1024 px, 28 steps, 3.5); a random seed is drawn (and recorded) when none is given."""
+        (flux-dev: 1024 px, 28 steps, 3.5); a random seed is drawn (and recorded) when none is given.
+        Raises SpecError, naming `where` and each bad field, and nothing else for any input."""
+        from collections.abc import Mapping
+
+        if isinstance(spec, Mapping) and not isinstance(spec, dict):
+            spec = dict(spec)
+        if not isinstance(spec, (dict, JobSpec)):
+            raise SpecError(f"{where}: expected a mapping of job fields, got {type(spec).__name__}")
         if isinstance(spec, dict) and isinstance(spec.get("model"), str) and spec["model"] in self.catalog:
             entry = self.catalog.get(spec["model"])
             spec = {"width": entry.default_size, "height": entry.default_size, "steps": entry.default_steps,
@@ -91,21 +109,38 @@ class FarmClient:
         """Validate every spec, then enqueue all of them in one transaction, or none.
 
         Passing the same `job_ids` again is a no-op for the jobs that already exist (safe retries).
+        Any bad input raises SpecError (and only SpecError); then nothing was enqueued.
         """
-        if isinstance(specs, (dict, JobSpec)):
+        from collections.abc import Mapping
+
+        def id_problem(name: str, value: Any) -> str | None:
+            if not isinstance(value, str):
+                return f"{name}: expected a string, got {type(value).__name__}"
+            if not JOB_ID_PATTERN.fullmatch(value):
+                shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+                return f"{name}: {shown} must be 1..64 letters, digits, '-' or '_'"
+            return None
+
+        if isinstance(specs, (Mapping, JobSpec)):
             raise SpecError("submit_batch takes a list of specs; use submit() for one")
+        if isinstance(specs, (str, bytes, bytearray)) or not isinstance(specs, Sequence):
+            raise SpecError(f"submit_batch takes a list of specs, got {type(specs).__name__}")
         if not specs:
             raise SpecError("the batch is empty")
         if len(specs) > MAX_BATCH_JOBS:
             raise SpecError(f"the batch has {len(specs)} jobs; at most {MAX_BATCH_JOBS} per call")
         if job_ids is not None:
+            if isinstance(job_ids, (str, bytes, bytearray)) or not isinstance(job_ids, Sequence):
+                raise SpecError(f"job_ids: expected a list of strings, got {type(job_ids).__name__}")
             if len(job_ids) != len(specs):
                 raise SpecError(f"job_ids has {len(job_ids)} ids for {len(specs)} specs")
+            for i, job_id in enumerate(job_ids):
+                if problem := id_problem(f"job_ids[{i}]", job_id):
+                    raise SpecError(problem)
             if len(set(job_ids)) != len(job_ids):
                 raise SpecError("job_ids contains duplicates")
-            for i, job_id in enumerate(job_ids):
-                if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-                    raise SpecError(f"job_ids[{i}]: {job_id!r} must be 1..64 letters, digits, '-' or '_'")
+        if batch_id is not None and (problem := id_problem("batch_id", batch_id)):
+            raise SpecError(problem)
         errors, valid = [], []
         for i, spec in enumerate(specs):
             try:
@@ -117,11 +152,29 @@ class FarmClient:
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
+        valid = self._for_my_team(valid)  # token mode: the token's team, or SpecError naming `team`
         ids = list(job_ids) if job_ids else [new_job_id() for _ in specs]
         now = time.time()
         jobs = [Job(id=job_id, spec=spec, created_at=now) for job_id, spec in zip(ids, valid)]
         self.store.submit(jobs, batch_id or new_job_id())
         return ids
+
+    def _for_my_team(self, specs: list[JobSpec]) -> list[JobSpec]:
+        """In token mode a team token submits for its own team: a spec that leaves `team` at its default gets
+        the token's team, one naming another team is an error (nothing is enqueued). Open farm, admin: as is."""
+        granted = self.access()
+        if granted.team is None:
+            return specs
+        default = JobSpec.model_fields["team"].default
+        errors, out = [], []
+        for i, spec in enumerate(specs):
+            if spec.team not in (default, granted.team):
+                errors.append(f"jobs[{i}]: team: {spec.team!r} is not this token's team ({granted.team!r})")
+            out.append(spec if spec.team == granted.team else spec.model_copy(update={"team": granted.team}))
+        if errors:
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
+        return out
 
     def _fits_nowhere(self, specs: Sequence[JobSpec]) -> list[str]:
         """One error per spec that no registered node can run in any profile (the planner's reason).
@@ -145,18 +198,37 @@ class FarmClient:
                 errors.append(f"jobs[{i}]: {reason}")
         return errors
 
+    # --- access (cluster/auth.py) --------------------------------------------------------------------
+
+    def access(self) -> auth.Access:
+        """What this client's token may touch: every team on an open farm or with an admin token, else its
+        own team. Raises AuthError in token mode when the client has no valid token."""
+        return auth.access(self.store.redis, self.store.keys, self._token)
+
+    def require_admin(self, action: str) -> None:
+        """Nothing on an open farm; in token mode, AuthError unless this client holds an admin token."""
+        auth.require_admin(self.store.redis, self.store.keys, self._token, action)
+
+    @staticmethod
+    def _mine(job: Job, granted: auth.Access) -> Job:
+        if not granted.may_touch(job.spec.team):
+            raise AuthError(f"job {job.id} belongs to team {job.spec.team!r}; this token is for team {granted.team!r}")
+        return job
+
     # --- follow -------------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> Job:
-        return self.store.get(job_id)
+        granted = self.access()
+        return self._mine(self.store.get(job_id), granted)
 
     def jobs(self, job_ids: Iterable[str]) -> list[Job]:
         ids = list(job_ids)
+        granted = self.access()
         found = self.store.get_many(ids)
         missing = [i for i, job in zip(ids, found) if job is None]
         if missing:
             raise JobNotFound(missing[0])
-        return [job for job in found if job is not None]
+        return [self._mine(job, granted) for job in found if job is not None]
 
     def as_completed(
         self, job_ids: Iterable[str], timeout: float | None = None, poll: float = 0.2
@@ -167,6 +239,7 @@ class FarmClient:
         """
         remaining = set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
+        granted = self.access()
         redis, stream = self.store.redis, self.store.keys.events
         last = redis.xrevrange(stream, count=1)
         cursor = last[0][0] if last else b"0-0"
@@ -187,7 +260,7 @@ class FarmClient:
                     if job_id in remaining and JobState(fields[b"state"].decode()).terminal:
                         finished.add(job_id)
             for job_id in sorted(finished):
-                job = self.job(job_id)
+                job = self._mine(self.store.get(job_id), granted)
                 if job.state.terminal:  # a failed job may already be back in the queue by an operator
                     remaining.discard(job_id)
                     yield job
@@ -206,7 +279,8 @@ class FarmClient:
             raise ValueError(f"job {job_id} is {job.state.value}, not done" + (f": {job.error}" if job.error else ""))
         png = self.store.result_images(job_id)
         if not png and job.images:
-            raise ValueError(f"job {job_id}: its images have expired (result TTL)")
+            raise ValueError(f"job {job_id}: its images have expired (a result is kept result_ttl_seconds "
+                             "after its job finishes)")
         images = []
         for data in png:
             image = Image.open(io.BytesIO(data))
@@ -217,10 +291,15 @@ class FarmClient:
     # --- control and overview -------------------------------------------------------------------------
 
     def cancel(self, job_ids: Iterable[str]) -> dict[str, str]:
-        """Cancel each job; returns per id the state it left, or why it could not be cancelled."""
+        """Cancel each job; returns per id the state it left, or why it could not be cancelled (a team
+        token cancels its own team's jobs only)."""
+        granted = self.access()
         out = {}
         for job_id in job_ids:
             try:
+                if granted.team is not None and (team := self.store.get(job_id).spec.team) != granted.team:
+                    out[job_id] = f"not cancelled: belongs to team {team}"
+                    continue
                 out[job_id] = f"cancelled (was {self.store.cancel(job_id).value})"
             except IllegalTransition as exc:
                 out[job_id] = f"not cancelled: already {exc.current.value}"
@@ -239,6 +318,11 @@ class FarmClient:
         planned yet (beyond its window, or just submitted) gets its place in the priority queue with
         `approximate: true`; one no live node can take now gets `waiting` with the reason."""
         ids = list(job_ids)
+        granted = self.access()
+        if granted.team is not None:
+            for job in self.store.get_many(ids):
+                if job is not None:
+                    self._mine(job, granted)
         now = time.time()
         published = self.store.etas(ids)
         out: dict[str, dict[str, Any]] = {}
@@ -259,4 +343,6 @@ class FarmClient:
         return out
 
     def status(self) -> dict[str, Any]:
-        return {"redis": redact(self.url), "counts": self.store.counts(), "nodes": self.store.nodes()}
+        self.access()  # in token mode the overview needs a valid token too
+        return {"redis": redact(self.url), "counts": self.store.counts(), "nodes": self.store.nodes(),
+                "counters": self.store.counters(), "quarantined": self.store.quarantined()}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import time
+import unicodedata
 import uuid
 from enum import Enum
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from pydantic import (
     BaseModel,
@@ -27,7 +28,9 @@ MAX_STEPS = 200
 MAX_IMAGES_PER_JOB = 16
 MAX_SIDE = 8192
 MAX_TAGS = 32
+MAX_TAG_CHARS = 64
 SEED_MAX = 2**32 - 1
+MAX_ERRORS_SHOWN = 5  # per spec: a dict with thousands of unknown keys still gives one short line
 
 
 class JobState(str, Enum):
@@ -79,31 +82,60 @@ class ModelRules(Protocol):
     def get(self, name: str) -> Any: ...  # returns an object with check_size(field, value)
 
 
+NUL = "\x00"
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored as text (Redis, JSON, the PNG's parameters chunk), or None.
+
+    Lone surrogates (half of a UTF-16 pair, e.g. from a badly decoded file) are not encodable as UTF-8,
+    and a NUL ends the string for C code such as tokenizers."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone surrogate {value[exc.start]!r} at position {exc.start} (not valid unicode)"
+    if NUL in value:
+        return f"contains a NUL character at position {value.index(NUL)}"
+    return None
+
+
+# Text fields take str only (no bytes, numbers or None); numbers are ints where the field is an int
+# (512.0 is refused, like "512" and True), and guidance takes an int or a finite float.
+StrictText = Annotated[str, Field(strict=True)]
+
+
 class JobSpec(BaseModel):
     """One text-to-image request. Unknown fields are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
-    model: str = Field(min_length=1, max_length=200)
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    model: str = Field(min_length=1, max_length=200, strict=True)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, strict=True)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS, strict=True)
     width: int = Field(default=512, ge=8, le=MAX_SIDE, strict=True)
     height: int = Field(default=512, ge=8, le=MAX_SIDE, strict=True)
     steps: int = Field(default=20, ge=1, le=MAX_STEPS, strict=True)
-    guidance: float = Field(default=5.0, ge=0.0, le=50.0)
+    guidance: float = Field(default=5.0, ge=0.0, le=50.0, strict=True)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, strict=True)
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_JOB, strict=True)
     priority: int = Field(default=0, ge=-100, le=100, strict=True)
-    team: str = Field(default="default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    tags: tuple[str, ...] = Field(default=(), max_length=MAX_TAGS)
+    team: str = Field(default="default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      strict=True)
+    tags: tuple[StrictText, ...] = Field(default=(), max_length=MAX_TAGS)
+
+    @field_validator("model", "prompt", "negative_prompt", "team", mode="before")
+    @classmethod
+    def _storable_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # Before pydantic's own str check, whose message for a lone surrogate does not say what is wrong.
+        if isinstance(value, str) and (problem := text_problem(value)):
+            raise ValueError(f"{info.field_name} {problem}")
+        return value
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt is blank")
-        if "\x00" in value:
-            raise ValueError("prompt contains a NUL character")
         return value
 
     @field_validator("guidance", mode="before")
@@ -115,12 +147,24 @@ class JobSpec(BaseModel):
             raise ValueError("guidance must be a finite number")
         return value
 
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags_a_list(cls, value: Any) -> Any:
+        # A str would not pass as a tuple anyway; a set would, in no stable order.
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"tags must be a list of strings, not {type(value).__name__}")
+        return value
+
     @field_validator("tags")
     @classmethod
-    def _tags_short(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for tag in value:
-            if not 1 <= len(tag) <= 64:
-                raise ValueError(f"tag {tag[:20]!r} must be 1..64 characters")
+    def _tags_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, tag in enumerate(value):
+            if problem := text_problem(tag):
+                raise ValueError(f"tag {i} {problem}")
+            if not 1 <= len(tag) <= MAX_TAG_CHARS or not tag.strip():
+                raise ValueError(f"tag {i} {_short(tag)} must be 1..{MAX_TAG_CHARS} characters, not blank")
+            if any(unicodedata.category(ch) == "Cc" for ch in tag):
+                raise ValueError(f"tag {i} {_short(tag)} contains a control character")
         return value
 
     @field_validator("model")
@@ -157,13 +201,27 @@ class JobSpec(BaseModel):
         return (self.model, self.width, self.height, self.steps, self.guidance)
 
 
+def _short(value: str, limit: int = 40) -> str:
+    """`value` quoted and cut short, with non-printable characters (newlines, RTL marks) escaped."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def _loc_part(part: int | str) -> str:
+    text = str(part)
+    # An unknown field's name is user input: keep the line short, on one line and readable.
+    return text if len(text) <= 40 and text.isprintable() and text.strip() == text and text else _short(text)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    """One short line per problem, each naming the field: `width: must be a multiple of 16 ...`."""
+    """One short line for all problems, each naming the field: `width: must be a multiple of 16 ...`."""
     lines = []
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "spec"
-        msg = err["msg"].removeprefix("Value error, ")
+    errors = exc.errors(include_url=False, include_input=False)
+    for err in errors[:MAX_ERRORS_SHOWN]:
+        loc = ".".join(_loc_part(part) for part in err["loc"]) or "spec"
+        msg = " ".join(err["msg"].removeprefix("Value error, ").splitlines())
         lines.append(f"{loc}: {msg}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more problems")
     return "; ".join(lines)
 
 

@@ -8,33 +8,46 @@ the AOF and brings every job back.
 The server is a plain child process (not daemonized): `stop()` (or the context
 manager, or the atexit hook) sends SIGTERM, which redis treats like SHUTDOWN and
 flushes the AOF; SIGKILL only if it does not exit in time.
+
+Every process of the farm (client, scheduler, workers, dashboard, CLI) reaches
+Redis through `connect()`, which refuses a Redis that is not on this machine's
+loopback unless it turns away clients that bring no password (`InsecureRedis`):
+whoever can write to the farm's Redis can change every job.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib.util
+import ipaddress
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import UnixDomainSocketConnection, parse_url
 from redis.retry import Retry
 
 from renderfarm.cluster.processes import free_port, tail_lines
 
 __all__ = [
     "EmbeddedRedis",
+    "InsecureRedis",
     "RedisUnavailable",
     "connect",
     "find_redis_server",
     "free_port",
+    "is_local_url",
+    "is_loopback_host",
     "redact",
 ]
 
@@ -53,6 +66,115 @@ class RedisUnavailable(RuntimeError):
         self.url = redact(url)
         self.reason = _scrub(reason, url)
         super().__init__(f"Redis unavailable at {self.url}: {self.reason}")
+
+
+class InsecureRedis(RedisUnavailable):
+    """Refused: a Redis that is not on loopback lets in clients that bring no password.
+
+    Anyone who reaches such a server can read every prompt and image and change every job, so the farm
+    does not use it. The message names the redacted URL and how to protect the server.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(url, reason)
+        self.args = (f"refusing the Redis at {self.url}: {self.reason}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+_PROTECT_HINT = (
+    "protect it with `requirepass <secret>` in redis.conf and use redis://:<secret>@host:port/0, "
+    "or with an ACL user (`ACL SETUSER farm on >secret ~* +@all`, `ACL SETUSER default off`) and "
+    "redis://farm:<secret>@host:port/0; use rediss:// (TLS) so the password does not cross the network in clear"
+)
+
+
+def is_loopback_host(
+    host: str | None, resolve: Callable[..., Sequence[tuple[Any, ...]]] = socket.getaddrinfo
+) -> bool:
+    """True when `host` can only mean this machine: no host (redis-py's default, localhost), "localhost",
+    an address in 127.0.0.0/8 or ::1 (IPv4-mapped too), or a name that resolves to such addresses only.
+    A name that does not resolve is not loopback."""
+    if not host:
+        return True
+    host = host.strip().strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    address = _ip(host)
+    if address is not None:
+        return _loopback(address)
+    try:
+        infos = resolve(host, None)
+    except (OSError, UnicodeError):
+        return False
+    addresses = [_ip(str(info[4][0])) for info in infos]
+    return bool(addresses) and all(a is not None and _loopback(a) for a in addresses)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id (fe80::1%eth0)
+    except ValueError:
+        return None
+
+
+def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def is_local_url(url: str, resolve: Callable[..., Sequence[tuple[Any, ...]]] = socket.getaddrinfo) -> bool:
+    """True for a unix:// socket URL and for a redis(s):// URL whose host is loopback (`is_loopback_host`)."""
+    options = parse_url(url)
+    if options.get("connection_class") is UnixDomainSocketConnection:
+        return True
+    return is_loopback_host(options.get("host"), resolve)
+
+
+def _has_credentials(options: dict[str, Any]) -> bool:
+    """A password (in the userinfo or `?password=`), or a TLS client certificate (mutual TLS)."""
+    return bool(options.get("password")) or bool(options.get("ssl_certfile"))
+
+
+def _where(options: dict[str, Any]) -> str:
+    return f"{options.get('host') or 'localhost'}:{options.get('port') or 6379}"
+
+
+def _require_protected(url: str, socket_timeout: float) -> None:
+    """Raise InsecureRedis unless the (non-loopback) server at `url` turns away unauthenticated clients.
+
+    The URL must carry credentials, and a second connection without them must be refused: its DBSIZE (a
+    read of the keyspace, which an open server answers) must fail (NOAUTH, NOPERM, a failed mutual-TLS
+    handshake; any error counts: only a server proven open is refused). Called after the authenticated
+    PING succeeded."""
+    options = parse_url(url)
+    if not _has_credentials(options):
+        raise InsecureRedis(
+            url,
+            f"it is not on loopback and answered without a password: anyone who reaches {_where(options)} "
+            f"can read and change every job. Fix: {_PROTECT_HINT}",
+        )
+    for secret in ("password", "username", "ssl_certfile", "ssl_keyfile", "ssl_password"):
+        options.pop(secret, None)
+    pool = redis.ConnectionPool(
+        **options, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )  # fmt: skip
+    anonymous = redis.Redis(connection_pool=pool)
+    try:
+        anonymous.dbsize()
+    except (redis.RedisError, OSError):
+        return  # refused (NOAUTH, NOPERM, handshake): the password is what lets us in
+    finally:
+        anonymous.close()
+        pool.disconnect()
+    raise InsecureRedis(
+        url,
+        f"it is not on loopback and also answers clients that send no password, so the password in the URL "
+        f"protects nothing: anyone who reaches {_where(options)} can read and change every job. Fix: "
+        f"{_PROTECT_HINT}",
+    )
 
 
 def redact(url: str) -> str:
@@ -126,14 +248,19 @@ def find_redis_server() -> str:
 
 
 def connect(
-    url: str, *, decode_responses: bool = False, socket_timeout: float = 5.0
+    url: str, *, decode_responses: bool = False, socket_timeout: float = 5.0, allow_open: bool = False
 ) -> redis.Redis:
     """Open a client for `url` and PING it.
 
     Accepts every form `redis.Redis.from_url` does: `redis://host:port/db`,
-    `redis://:password@...`, `redis://user:password@...`, `rediss://` (TLS).
+    `redis://:password@...`, `redis://user:password@...`, `rediss://` (TLS; CA file
+    as `?ssl_ca_certs=/path/ca.crt`), `unix:///path/redis.sock`.
     Raises `RedisUnavailable` (naming the redacted URL) when the server cannot be
     reached or refuses our credentials; `ValueError` for a malformed URL.
+
+    A server that is not on loopback (`is_local_url`) must require a password:
+    `InsecureRedis` when the URL carries none or when a second connection without
+    it is let in anyway. `allow_open=True` skips that check (tests only).
     """
     try:
         client = redis.Redis.from_url(
@@ -154,6 +281,12 @@ def connect(
         if isinstance(exc, redis.AuthenticationError) and not _password_of(url):
             reason += " (the server wants a password: redis://:PASSWORD@host:port/db)"
         raise RedisUnavailable(url, reason) from None
+    if not allow_open and not is_local_url(url):
+        try:
+            _require_protected(url, socket_timeout)
+        except BaseException:
+            client.close()
+            raise
     return client
 
 
@@ -164,7 +297,9 @@ class EmbeddedRedis:
     ...     client = connect(server.url)
 
     `port=None` picks a free port at start. `password` turns on `requirepass`;
-    the URL then carries it (`redis://:PASSWORD@127.0.0.1:PORT/0`).
+    the URL then carries it (`redis://:PASSWORD@127.0.0.1:PORT/0`). `host` binds
+    another address (then `connect()` insists on a password); `extra_args` are
+    appended to redis-server's command line (a later option overrides an earlier one).
     """
 
     def __init__(
@@ -174,11 +309,15 @@ class EmbeddedRedis:
         binary: str | None = None,
         *,
         password: str | None = None,
+        host: str = _LOOPBACK,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self._requested_port = port
         self._binary = binary
         self._password = password
+        self.host = host
+        self._extra_args = list(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
 
@@ -196,7 +335,8 @@ class EmbeddedRedis:
         if self._port is None:
             raise RuntimeError("EmbeddedRedis is not started")
         auth = f":{quote(self._password, safe='')}@" if self._password else ""
-        return f"redis://{auth}{_LOOPBACK}:{self._port}/0"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self._port}/0"
 
     @property
     def log_file(self) -> Path:
@@ -227,7 +367,7 @@ class EmbeddedRedis:
             if "Address already in use" not in error:
                 break
         raise RedisUnavailable(
-            f"redis://{_LOOPBACK}:{self._requested_port or port}/0",
+            f"redis://{self.host}:{self._requested_port or port}/0",
             f"redis-server ({binary}) did not start: {last_error}",
         )
 
@@ -244,7 +384,7 @@ class EmbeddedRedis:
             conf.write_text(f'requirepass "{escaped}"\n')
             args.append(str(conf.resolve()))
         args += [
-            "--bind", _LOOPBACK,
+            "--bind", self.host,
             "--port", str(port),
             "--dir", str(self.data_dir.resolve()),
             "--daemonize", "no",
@@ -254,6 +394,7 @@ class EmbeddedRedis:
             "--save", "",
             "--logfile", _LOG_FILE,
             "--loglevel", "notice",
+            *self._extra_args,
         ]  # fmt: skip
         log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         # Early errors (bad option, unusable dir) go to stderr before the logfile
@@ -272,7 +413,7 @@ class EmbeddedRedis:
         # No retries: a probe that hangs on someone else's socket must not outlast
         # the moment redis-server exits with "Address already in use".
         client = redis.Redis(
-            host=_LOOPBACK, port=port, password=self._password,
+            host=self.host, port=port, password=self._password,
             socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0),
         )  # fmt: skip
         try:
@@ -283,8 +424,13 @@ class EmbeddedRedis:
                 try:
                     if client.ping():
                         return None
-                except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-                    pass  # not listening yet, or still loading the AOF
+                except redis.ResponseError as exc:
+                    if str(exc).startswith("DENIED"):  # protected mode: off loopback and no password
+                        self._kill(process, grace=1.0)
+                        self._process, self._port = None, None
+                        return f"protected mode refuses clients on {self.host} without a password: give one"
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # not listening yet, or still loading the AOF (LOADING is a BusyLoadingError)
                 if time.monotonic() > deadline and process.poll() is None:
                     self._kill(process, grace=1.0)
                     self._process, self._port = None, None

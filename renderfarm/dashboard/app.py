@@ -3,7 +3,8 @@
 It reads Redis only (through `queries`), never Ray, so it runs anywhere the Redis URL reaches. Settings:
 `-- --redis URL --prefix PREFIX` after the script, else RENDERFARM_REDIS_URL (default
 redis://127.0.0.1:6379/0) and RENDERFARM_KEY_PREFIX (default rf). The write actions (cancel, retry, drain)
-appear only when RENDERFARM_DASHBOARD_TOKEN is set (environment only, never argv) and entered in the sidebar.
+appear only once a token is entered in the sidebar: RENDERFARM_DASHBOARD_TOKEN (environment only, never argv),
+or, on a farm in token mode, an admin team token (cluster/auth.py; team tokens are not enough).
 
 The live part is one fragment that reruns every 2 s on its own (the page around it stays put), reading only
 what it shows: counts from the state indexes, the latest rows per state, the first image of the latest
@@ -22,6 +23,7 @@ import pandas as pd
 import redis
 import streamlit as st
 
+from renderfarm.cluster import auth
 from renderfarm.cluster.keys import DEFAULT_PREFIX, Keys
 from renderfarm.cluster.redis_server import RedisUnavailable, connect, redact
 from renderfarm.cluster.store import Store
@@ -112,7 +114,9 @@ def queue_section(view: dict[str, Any]) -> None:
         column.metric(label, f"{counts[key]:,}")
     st.caption(
         f"{counts['total']:,} jobs in Redis: {counts['done']:,} done, {counts['failed']:,} failed, "
-        f"{counts['cancelled']:,} cancelled ({counts['cancelled_1h']:,} in the last hour)."
+        f"{counts['cancelled']:,} cancelled ({counts['cancelled_1h']:,} in the last hour). Recovered from: "
+        f"{counts['leases_expired']:,} expired leases, {counts['timeouts']:,} renders past their time limit; "
+        f"{counts['late_results']:,} late results discarded, {counts['quarantined']:,} malformed records quarantined."
     )
     history = queries.queue_history(view["samples"])
     if len(history) < 2:
@@ -143,6 +147,8 @@ def node_card(node: dict[str, Any]) -> None:
         ]
         if node["source"] == "totals":
             lines.append("Throughput: average over its render time (no recent samples)")
+        if node["draining"] and node["drain_reason"]:
+            lines.append(f"Draining: {node['drain_reason']}")
         st.caption("  \n".join(lines))
 
 
@@ -343,22 +349,37 @@ def actions(settings: dict[str, Any]) -> None:
         st.error(f"Not done: Redis unreachable ({type(exc).__name__}).")
 
 
+def team_tokens(settings: dict[str, Any], entered: str | None = None) -> tuple[bool, bool]:
+    """(the farm is in token mode, `entered` is one of its admin tokens); (False, False) while Redis is away."""
+    try:
+        store = open_store(settings["url"], settings["prefix"])
+        if not auth.token_mode(store.redis, store.keys):
+            return False, False
+        return True, auth.is_admin_token(store.redis, store.keys, entered)
+    except (*UNREACHABLE, ValueError, redis.RedisError):
+        return False, False
+
+
 def sidebar(settings: dict[str, Any]) -> None:
     with st.sidebar:
         st.caption(f"Redis {redact(settings['url'])} · prefix {settings['prefix']}")
         token = settings["token"]
         if settings["short_token"]:
             st.warning(f"RENDERFARM_DASHBOARD_TOKEN is shorter than {MIN_TOKEN} characters: ignored.")
-        if not token:
-            st.caption("read-only: set RENDERFARM_DASHBOARD_TOKEN to enable cancel, retry and drain.")
+        token_mode, _ = team_tokens(settings)
+        if not token and not token_mode:
+            st.caption("read-only: set RENDERFARM_DASHBOARD_TOKEN (or create an admin team token) to enable "
+                       "cancel, retry and drain.")
             return
-        entered = st.text_input("Dashboard token", type="password", key="token")
+        entered = st.text_input("Dashboard token" if token else "Admin token", type="password", key="token")
         if not entered:
-            st.caption("read-only until the dashboard token is entered.")
-        elif not hmac.compare_digest(entered.encode(), token.encode()):
-            st.warning("Wrong token: read-only.")
-        else:
+            st.caption(f"read-only until the {'dashboard' if token else 'admin'} token is entered.")
+        elif token and hmac.compare_digest(entered.encode(), token.encode()):
             actions(settings)
+        elif team_tokens(settings, entered)[1]:  # an admin team token (checked on every run: revocation bites)
+            actions(settings)
+        else:
+            st.warning("Wrong token: read-only.")
 
 
 def main() -> None:

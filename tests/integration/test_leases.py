@@ -157,3 +157,7 @@ def test_malformed_records_are_quarantined_not_fatal(store, redis_url, tmp_path,
     # The record is kept aside for a human, untouched.
     assert store.redis.hget(store.keys.quarantined("bad"), "spec") == b"{not json"
     assert json.loads(store.redis.hget(store.keys.quarantine, "bad"))["at"] > 0
+    from renderfarm.client import FarmClient
+
+    status = FarmClient(redis_url).status()
+    assert set(status["quarantined"]) == {"bad", "orphan"} and status["counters"]["quarantined"] == 2
