@@ -100,6 +100,7 @@ def run_scenario(
             say(f"{scenario}: fault injected with {len(in_flight)} jobs in flight ({detail})")
             recovery_s = _wait_finished(client, ids, in_flight, fault_at, started + timeout)
             total_s = time.monotonic() - started
+            farm.wait_scheduler(60)  # a restarted scheduler is back before the farm stops
             result = _count(client, scenario, ids, in_flight, recovery_s, total_s, detail)
     say(f"{scenario}: {result.done}/{result.submitted} done, {result.lost} lost, {result.duplicates} duplicated, "
         f"recovery {result.recovery_s if result.recovery_s is None else round(result.recovery_s, 2)} s")

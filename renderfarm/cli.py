@@ -4,6 +4,7 @@ and progress go to stderr) and --debug (tracebacks). Errors are one clear line a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -593,6 +594,21 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to file descriptor 1 (by this process and threads of libraries that print)
+    to stderr for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_bench_chaos(args: argparse.Namespace) -> int:
     """Jobs through a real local farm while a worker, the scheduler or redis-server is killed mid-render."""
     from renderfarm.chaos import SCENARIOS, run_scenario
@@ -602,7 +618,8 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
         raise CliError(f"--jobs {args.jobs}: must be at least 1")
     scenarios = args.scenario or list(SCENARIOS)
     say = (lambda line: None) if args.json else (lambda line: _stderr_console().print(line, highlight=False))
-    results = [run_scenario(name, args.jobs, say=say).as_dict() for name in scenarios]
+    with _stdout_to_stderr():  # Ray reports the deaths this causes on stdout; --json owns stdout
+        results = [run_scenario(name, args.jobs, say=say).as_dict() for name in scenarios]
     ok = all(r["done"] == r["submitted"] and r["lost"] == 0 and r["duplicates"] == 0 for r in results)
     if args.json:
         _emit(args, {"ok": ok, "scenarios": results})
