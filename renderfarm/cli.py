@@ -139,14 +139,28 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     nodes = load_nodes(args.nodes) if args.nodes else None
+    if args.no_workers and not args.head:
+        raise CliError("--no-workers goes with --head (a farm without a head and without workers does nothing)")
+    advertise = args.advertise_ip or (_this_machine_ip() if args.head else None)
     farm_file = settings.data_dir / FARM_FILE
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with Farm(settings, nodes) as farm:
+    with Farm(settings, nodes, head=args.head, advertise_ip=advertise, ray_port=args.ray_port if args.head else None,
+              local_workers=not args.no_workers) as farm:
         info = {"redis_url": farm.redis_url, "ray_address": farm.ray_address_in_use,
                 "ray_temp_dir": farm.ray_temp_dir, "redis_pid": farm.redis_pid, "nodes": farm.nodes,
-                "data_dir": str(settings.data_dir), "pid": os.getpid()}
+                "data_dir": str(settings.data_dir), "pid": os.getpid(), "head": args.head}
+        if args.head:
+            from renderfarm.farm import RAY_TOKEN_FILE
+
+            token_file = settings.data_dir / RAY_TOKEN_FILE
+            info["ray_token_file"] = str(token_file)
+            # Secrets travel in the environment, never on a command line others can read with `ps`.
+            info["join"] = (f"RAY_AUTH_TOKEN=\"$(cat {token_file})\" RENDERFARM_REDIS_URL='{farm.redis_url}' "
+                            f"renderfarm worker --address {farm.ray_address_in_use}")
+        farm_file.touch(mode=0o600)
+        farm_file.chmod(0o600)  # it holds the Redis URL, password included
         farm_file.write_text(json.dumps(info))
         try:
             _emit(args, {"ok": True, **info}, _farm_summary(info))
@@ -155,6 +169,40 @@ def cmd_up(args: argparse.Namespace) -> int:
         finally:
             farm_file.unlink(missing_ok=True)
     log.info("farm stopped")
+    return 0
+
+
+def _this_machine_ip() -> str:
+    """The address other machines reach this one at, as Ray sees it."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Join this machine's GPUs (or declared nodes) to a farm whose head runs elsewhere; Ctrl-C leaves."""
+    from renderfarm.farm import WorkerNode
+
+    settings = _settings(args)
+    if not settings.redis_url:
+        raise CliError("--redis URL (or RENDERFARM_REDIS_URL): the farm's Redis, as `renderfarm up --head` printed it")
+    token = args.ray_token or os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        raise CliError("the Ray cluster's token: set RAY_AUTH_TOKEN (the head keeps it in "
+                       "<data_dir>/ray_auth_token), or pass --ray-token")
+    nodes = load_nodes(args.nodes) if args.nodes else None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with WorkerNode(settings, args.address, settings.redis_url, nodes, ray_token=token,
+                    log_to_driver=args.debug, warm_models=args.warm) as node:
+        info = {"address": args.address, "nodes": node.nodes, "pid": os.getpid()}
+        _emit(args, {"ok": True, **info}, "\n".join(
+            f"node   {n['name']}: {n.get('gpu') or ''} {n.get('vram_gib')} GiB joined {args.address}"
+            for n in node.nodes))
+        log.info("this machine is in the farm; Ctrl-C takes it out")
+        stop.wait()
+    log.info("left the farm")
     return 0
 
 
@@ -729,8 +777,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", parents=[common, with_redis], help="run a farm in the foreground")
-    up.add_argument("--nodes", help="nodes YAML for simulated nodes (machines without GPUs)")
+    up.add_argument("--nodes", help="nodes YAML: simulated nodes (machines without GPUs), or overrides per GPU")
+    up.add_argument("--head", action="store_true",
+                    help="other machines join this farm (`renderfarm worker`): Redis and Ray listen for them")
+    up.add_argument("--advertise-ip", metavar="IP", help="with --head: the address other machines reach "
+                    "(default: this machine's, as Ray sees it)")
+    up.add_argument("--ray-port", type=int, default=6379, help="with --head: the Ray head's port (default 6379)")
+    up.add_argument("--no-workers", action="store_true", help="with --head: no workers on this machine")
     up.set_defaults(func=cmd_up)
+
+    worker = sub.add_parser("worker", parents=[common, with_redis],
+                            help="join this machine's GPUs to a farm whose head runs elsewhere")
+    worker.add_argument("--address", required=True, metavar="HEAD:PORT", help="the Ray head (`up --head` prints it)")
+    worker.add_argument("--nodes", help="nodes YAML: simulated nodes (no GPU here), or overrides per GPU")
+    worker.add_argument("--ray-token", metavar="TOKEN", help="the Ray cluster's token (prefer the RAY_AUTH_TOKEN "
+                        "environment variable: a command line is visible to other users)")
+    worker.add_argument("--warm", action="append", metavar="MODEL", help="load this model before taking work "
+                        "(repeatable)")
+    worker.set_defaults(func=cmd_worker)
 
     demo = sub.add_parser("demo", parents=[common, with_redis], help="a local farm renders a mixed batch")
     demo.add_argument("--nodes", help="nodes YAML (default: a 24 GiB and an 8 GiB simulated node)")

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_NODES_FILE = PACKAGE_CONFIGS / "nodes.example.yaml"
@@ -120,9 +127,22 @@ class NodeDeclaration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    vram_gib: float = Field(gt=0, le=1024)
+    # A simulated node's card. For a real GPU (named <host>-gpu<i>) the card describes itself: an entry of
+    # that name only carries the overrides below.
+    vram_gib: float | None = Field(default=None, gt=0, le=1024)
     compute_capability: str = Field(default="8.6", pattern=r"^\d+\.\d+$")
     gpu: str | None = None
+    # Overrides: VRAM kept free for other uses (a display, another app), models never sent here, and the
+    # most images in one pipeline call on this node.
+    reserve_gib: float = Field(default=0.0, ge=0, le=1024)
+    forbid_models: tuple[str, ...] = ()
+    max_batch: int | None = Field(default=None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _reserve_below_vram(self) -> NodeDeclaration:
+        if self.vram_gib is not None and self.reserve_gib >= self.vram_gib:
+            raise ValueError(f"reserve_gib={self.reserve_gib:g} leaves nothing of vram_gib={self.vram_gib:g}")
+        return self
 
     @field_validator("compute_capability", mode="before")
     @classmethod

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect, redact
@@ -27,6 +30,119 @@ class FarmError(RuntimeError):
     pass
 
 
+REDIS_PASSWORD_FILE = "redis_password"
+RAY_TOKEN_FILE = "ray_auth_token"
+
+
+def _secret(path: Path, env: str | None = None) -> str:
+    """A secret kept in `path` (mode 0600): the value of environment variable `env` when set (written to the
+    file), else the file's when it exists, else a new random one."""
+    given = os.environ.get(env, "") if env else ""
+    if not given and path.exists():
+        return path.read_text().strip()
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    value = given or secrets.token_urlsafe(32)
+    path.write_text(value)
+    return value
+
+
+def node_resource(name: str) -> str:
+    """The Ray resource a machine advertises for each of its workers: the worker asks for it, so it runs there."""
+    return f"renderfarm_node_{name}"
+
+
+def card_labels(nodes: list[dict[str, Any]]) -> dict[str, str]:
+    """Ray node labels describing this machine's cards (the first one's name, VRAM and compute capability,
+    and how many workers), where known."""
+    if not nodes:
+        return {}
+    first = nodes[0]
+    labels = {"renderfarm.io/workers": str(len(nodes))}
+    if first.get("gpu"):
+        labels["renderfarm.io/gpu"] = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(first["gpu"])).strip("-._")[:63]
+    if first.get("vram_gib"):
+        labels["renderfarm.io/vram-gib"] = f"{float(first['vram_gib']):g}"
+    if first.get("compute_capability"):
+        labels["renderfarm.io/cc"] = str(first["compute_capability"])
+    return {k: v for k, v in labels.items() if v}
+
+
+def node_plan(declared: list[NodeDeclaration] | None, settings: Settings) -> list[dict[str, Any]]:
+    """One worker per local GPU (with the overrides of a declared entry of its name); without GPUs, one
+    simulated worker per declared node."""
+    from renderfarm.cluster.ray_cluster import gpu_count
+
+    gpus = gpu_count()
+    if gpus and not any(d.vram_gib is not None for d in declared or ()):
+        host = socket.gethostname().split(".")[0]
+        overrides = {d.name: d.model_dump(mode="json", include={"reserve_gib", "forbid_models", "max_batch"})
+                     for d in declared or ()}
+        return [{"name": f"{host}-gpu{i}", "simulated": False, "gpu_index": i, **overrides.get(f"{host}-gpu{i}", {})}
+                for i in range(gpus)]
+    declared = declared if declared is not None else load_nodes(settings.nodes_file)
+    for decl in declared:
+        if decl.vram_gib is None:
+            raise FarmError(f"node {decl.name}: a simulated node needs vram_gib (this machine has no GPU)")
+    return [{**decl.model_dump(mode="json"), "simulated": True} for decl in declared]
+
+
+def start_workers(
+    nodes: list[dict[str, Any]], redis_url: str, settings: Settings, key_prefix: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One RenderWorker actor per planned node, each pinned to this machine's Ray node by its resource and
+    named `<prefix>-worker-<name>` (the scheduler finds it by that name); their handles and ready() infos."""
+    import ray
+
+    from renderfarm.actors.worker import RenderWorker
+
+    if not nodes:
+        return {}, []
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // len(nodes))
+    worker_settings = settings.model_copy(update={"torch_threads": threads}).model_dump(mode="json")
+    remote_worker = ray.remote(RenderWorker)
+    handles = {}
+    for node in nodes:
+        actor = f"{key_prefix}-worker-{node['name']}"
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": actor,
+                                   "resources": {node_resource(node["name"]): 1}}
+        if not node["simulated"]:
+            options["num_gpus"] = 1
+        try:
+            handles[node["name"]] = remote_worker.options(**options).remote(
+                node["name"], redis_url, worker_settings, {**node, "actor": actor}, key_prefix)
+        except ValueError as exc:  # the name is taken: a live worker of that name is in the farm already
+            raise FarmError(f"node {node['name']}: {exc}") from None
+    try:
+        ready = ray.get([w.ready.remote() for w in handles.values()], timeout=ACTOR_START_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        raise FarmError(f"workers did not start within {ACTOR_START_TIMEOUT:.0f} s") from None
+    except ray.exceptions.RayActorError as exc:
+        raise FarmError(f"a worker failed to start: {exc}") from None
+    return handles, ready
+
+
+def warm(workers: dict[str, Any], models: list[str]) -> None:
+    """Load `models` on every worker before it takes its first job."""
+    import ray
+
+    if models:
+        ray.get([w.warm.remote(m) for w in workers.values() for m in models], timeout=ACTOR_START_TIMEOUT)
+
+
+def stop_workers(workers: dict[str, Any]) -> None:
+    """Tell each worker to stop (its record says so), then kill its actor."""
+    import ray
+
+    for worker in workers.values():
+        try:
+            ray.get(worker.shutdown.remote(), timeout=10)
+        except Exception:
+            pass
+        ray.kill(worker, no_restart=True)
+    workers.clear()
+
+
 class Farm:
     def __init__(
         self,
@@ -37,7 +153,19 @@ class Farm:
         key_prefix: str = "rf",
         warm_models: list[str] | None = None,
         log_to_driver: bool = True,
+        head: bool = False,
+        advertise_ip: str | None = None,
+        ray_port: int | None = None,
+        local_workers: bool = True,
     ):
+        """`head`: other machines join this farm (`WorkerNode`): an embedded Redis is bound to `advertise_ip`
+        with a password (REDIS_PASSWORD, else generated), and Ray's token (RAY_AUTH_TOKEN, else generated) is
+        kept in the data directory (0600), so a restarted head keeps both.
+        `local_workers=False`: a head without GPUs of its own."""
+        self.head = head
+        self.advertise_ip = advertise_ip
+        self.ray_port = ray_port
+        self.local_workers = local_workers
         self.settings = settings
         self.declared = nodes
         self.ray_address = ray_address
@@ -64,7 +192,6 @@ class Farm:
     def _start(self) -> None:
         import ray  # imported here, not at module level: `renderfarm plan` and the client need no Ray
 
-        from renderfarm.actors.worker import RenderWorker
         from renderfarm.cluster.ray_cluster import RayCluster
         from renderfarm.scheduler.scheduler import Scheduler
 
@@ -73,43 +200,32 @@ class Farm:
         if self.settings.redis_url:
             connect(self.settings.redis_url).close()  # fail early, naming the URL
             self.redis_url = self.settings.redis_url
+        elif self.head:  # other machines reach it: bound to the advertised address, with a password
+            self._embedded = EmbeddedRedis(data_dir / "redis", host=self.advertise_ip or "127.0.0.1",
+                                           password=_secret(data_dir / REDIS_PASSWORD_FILE, env="REDIS_PASSWORD"))
+            self.redis_url = self._embedded.start()
         else:
             self._embedded = EmbeddedRedis(data_dir / "redis")
             self.redis_url = self._embedded.start()
         log.info("redis: %s", redact(self.redis_url))
 
+        nodes = node_plan(self.declared, self.settings) if self.local_workers else []
         if self.ray_address:
             self._ray = RayCluster.join(self.ray_address, log_to_driver=self.log_to_driver)
         else:
-            self._ray = RayCluster.start_local(num_cpus=os.cpu_count() or 1, log_to_driver=self.log_to_driver)
+            token = _secret(data_dir / RAY_TOKEN_FILE, env="RAY_AUTH_TOKEN") if self.head else None
+            self._ray = RayCluster.start_local(
+                num_cpus=os.cpu_count() or 1, resources={node_resource(n["name"]): 1 for n in nodes} or None,
+                labels=card_labels(nodes) or None, node_ip_address=self.advertise_ip, port=self.ray_port,
+                auth_token=token, log_to_driver=self.log_to_driver)
         log.info("ray: %s", self._ray.address)
 
-        nodes = self._node_plan()
-        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // len(nodes))
-        worker_settings = self.settings.model_copy(update={"torch_threads": threads}).model_dump(mode="json")
-        remote_worker = ray.remote(RenderWorker)
-        for node in nodes:
-            options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": f"{self.key_prefix}-worker-{node['name']}"}
-            if not node["simulated"]:
-                options["num_gpus"] = 1
-            self._workers[node["name"]] = remote_worker.options(**options).remote(
-                node["name"], self.redis_url, worker_settings, node, self.key_prefix
-            )
-        try:
-            ready = ray.get([w.ready.remote() for w in self._workers.values()], timeout=ACTOR_START_TIMEOUT)
-        except ray.exceptions.GetTimeoutError:
-            raise FarmError(f"workers did not start within {ACTOR_START_TIMEOUT:.0f} s") from None
-        except ray.exceptions.RayActorError as exc:
-            raise FarmError(f"a worker failed to start: {exc}") from None
-        self.nodes = ready
-        if self.warm_models:
-            ray.get(
-                [w.warm.remote(m) for w in self._workers.values() for m in self.warm_models],
-                timeout=ACTOR_START_TIMEOUT,
-            )
+        self._workers, self.nodes = start_workers(nodes, self.redis_url, self.settings, self.key_prefix)
+        warm(self._workers, self.warm_models)
 
-        infos = {info["name"]: (self._workers[info["name"]], info) for info in ready}
+        infos = {info["name"]: (self._workers[info["name"]], info) for info in self.nodes}
         # Restarted by Ray if its process dies; it then rebuilds its view from Redis and runs again by itself.
+        # Workers that join later (`renderfarm worker`, another machine) are found through their Redis records.
         self._scheduler = (
             ray.remote(Scheduler)
             .options(num_cpus=0, max_concurrency=4, max_restarts=-1, name=f"{self.key_prefix}-scheduler")
@@ -117,16 +233,10 @@ class Farm:
         )
         ray.get(self._scheduler.stats.remote(), timeout=ACTOR_START_TIMEOUT)  # constructed: recovery done
 
-    def _node_plan(self) -> list[dict[str, Any]]:
-        """One worker per local GPU; without GPUs, one simulated worker per declared node."""
-        from renderfarm.cluster.ray_cluster import gpu_count
-
-        gpus = gpu_count()
-        if gpus and self.declared is None:
-            host = socket.gethostname().split(".")[0]
-            return [{"name": f"{host}-gpu{i}", "simulated": False, "gpu_index": i} for i in range(gpus)]
-        declared = self.declared if self.declared is not None else load_nodes(self.settings.nodes_file)
-        return [{**decl.model_dump(), "simulated": True} for decl in declared]
+    @property
+    def ray_token(self) -> str | None:
+        """The Ray cluster's token (what another machine needs to join), when this farm started Ray."""
+        return self._ray.auth_token if self._ray is not None and not self.ray_address else None
 
     def stop(self) -> None:
         """Stop everything this farm started, in reverse order; safe to call twice."""
@@ -139,13 +249,7 @@ class Farm:
             except Exception as exc:  # stopping anyway
                 log.warning("scheduler did not stop cleanly: %s", exc)
             self._scheduler = None
-        for worker in self._workers.values():
-            try:
-                ray.get(worker.shutdown.remote(), timeout=10)
-            except Exception:
-                pass
-            ray.kill(worker, no_restart=True)
-        self._workers.clear()
+        stop_workers(self._workers)
         if self._ray is not None:
             self._ray.stop()
             self._ray = None
@@ -239,3 +343,74 @@ class Farm:
 
         ray.kill(self._workers[name], no_restart=True)
 
+
+
+class WorkerNode:
+    """This machine's workers in a farm whose head runs elsewhere (`renderfarm worker`).
+
+    The machine joins the head's Ray cluster as a node (with the cluster's token), advertising each of its
+    workers as a resource and its cards as labels, and starts one RenderWorker per local GPU (or per declared
+    node on a machine without GPUs), pinned to that node. The scheduler finds them through their Redis records
+    within `eta_seconds` and sends them work; nothing else restarts. Stopping (or this process dying) takes
+    them out: the scheduler sees their actors gone, and their jobs go back to the queue.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        address: str,
+        redis_url: str,
+        nodes: list[NodeDeclaration] | None = None,
+        *,
+        ray_token: str,
+        key_prefix: str = "rf",
+        log_to_driver: bool = True,
+        warm_models: list[str] | None = None,
+    ):
+        self.warm_models = warm_models or []
+        self.settings = settings
+        self.address = address
+        self.redis_url = redis_url
+        self.declared = nodes
+        self.ray_token = ray_token
+        self.key_prefix = key_prefix
+        self.log_to_driver = log_to_driver
+        self.nodes: list[dict[str, Any]] = []
+        self._ray: Any = None
+        self._workers: dict[str, Any] = {}
+
+    def start(self) -> WorkerNode:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        from renderfarm.cluster.ray_cluster import RayCluster
+
+        connect(self.redis_url).close()  # fail early, naming the URL (and refusing an open remote Redis)
+        plan = node_plan(self.declared, self.settings)
+        self._ray = RayCluster.join_node(
+            self.address, auth_token=self.ray_token, num_cpus=os.cpu_count() or 1,
+            num_gpus=sum(1 for n in plan if not n["simulated"]),
+            resources={node_resource(n["name"]): 1 for n in plan}, labels=card_labels(plan) or None,
+            log_to_driver=self.log_to_driver,
+        )
+        self._workers, self.nodes = start_workers(plan, self.redis_url, self.settings, self.key_prefix)
+        warm(self._workers, self.warm_models)
+
+    def stop(self) -> None:
+        """Stop this machine's workers and take it out of the Ray cluster; safe to call twice."""
+        if self._workers:
+            stop_workers(self._workers)
+        if self._ray is not None:
+            self._ray.stop()
+            self._ray = None
+
+    def __enter__(self) -> WorkerNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -17,6 +17,7 @@ declares, as far as a CPU can: weights format and compute dtype are real, placem
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -82,6 +83,10 @@ class RenderWorker:
                 name=name, vram_gib=node["vram_gib"], compute_capability=node.get("compute_capability", "8.6"),
                 gpu=node.get("gpu"),
             ))
+        reserve = float(node.get("reserve_gib") or 0.0)
+        if reserve:  # a node override: VRAM kept free for something else; the planner never sees it
+            self.card = dataclasses.replace(self.card, vram_gib=max(0.5, self.card.vram_gib - reserve))
+            node = {**node, "vram_gib": round(self.card.vram_gib, 2)}
         # Loaded pipelines share the card: evict least recently used ones beyond its VRAM (less a margin).
         budget_gib = self.settings.pipeline_cache_gib or max(0.5, self.card.vram_gib - DEFAULT_MARGIN_GIB)
         self.cache = PipelineCache(

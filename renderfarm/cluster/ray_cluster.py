@@ -156,6 +156,7 @@ class RayCluster:
         namespace: str = "renderfarm",
         log_to_driver: bool = True,
         timeout: float = 60.0,
+        port: int | None = None,
     ) -> RayCluster:
         """Start a private Ray head (`ray start --head --block`) and connect as its driver.
 
@@ -191,7 +192,7 @@ class RayCluster:
 
         args = [
             "--head",
-            "--port", str(free_port("")),
+            "--port", str(port or free_port("")),
             "--dashboard-port", str(free_port("")),
             "--include-dashboard", "false",
             "--disable-usage-stats",
@@ -239,6 +240,64 @@ class RayCluster:
         try:
             cluster._connect(namespace=namespace, log_to_driver=log_to_driver, timeout=timeout)
         except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    @classmethod
+    def join_node(
+        cls,
+        address: str,
+        *,
+        auth_token: str,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        resources: dict[str, float] | None = None,
+        labels: dict[str, str] | None = None,
+        namespace: str = "renderfarm",
+        log_to_driver: bool = True,
+        timeout: float = 60.0,
+    ) -> RayCluster:
+        """Join this machine to the cluster at `address` as a Ray node (`ray start --address`, with the
+        cluster's `auth_token`, in a private temp dir), then connect this process as a driver.
+
+        `resources` and `labels` advertise what the node offers (renderfarm pins each worker to its node by
+        a resource named after it). `stop()` disconnects and ends the node: its actors die with it.
+        """
+        _ensure_not_connected()
+        if "://" in address or ":" not in address:
+            raise ValueError(f"expected HOST:PORT of the Ray head, got {address!r}")
+        if not auth_token:
+            raise ValueError("the Ray cluster's token is needed to join it (RAY_AUTH_TOKEN)")
+        host, _, port = address.rpartition(":")
+        _wait_for_port(host, int(port), timeout)
+        temp_dir = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir="/tmp"))
+        token_path = temp_dir / _TOKEN_FILE
+        token_path.touch(mode=0o600)
+        token_path.chmod(0o600)
+        token_path.write_text(auth_token)
+        args = ["--address", address, *_node_args(num_cpus, num_gpus, resources, labels, None, None)]
+        process = _launch_ray_start(args, temp_dir, token_path, "ray-node.log")
+        # The node process is the cluster's "head" as far as stopping goes: this machine's Ray processes.
+        cluster = cls(address, temp_dir=temp_dir, auth_token=auth_token, head_process=process, owns_temp_dir=True)
+        try:
+            deadline = time.monotonic() + timeout
+            log = temp_dir / "ray-node.log"
+            while b"Ray runtime started" not in (log.read_bytes() if log.exists() else b""):
+                if process.poll() is not None:
+                    raise RuntimeError(f"`ray start --address {address}` exited with {process.returncode}: "
+                                       f"{_tail(log)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"this machine did not join the Ray cluster at {address} within {timeout:g}s")
+                time.sleep(0.2)
+            cluster._connect(namespace=namespace, log_to_driver=log_to_driver, timeout=timeout)
+            wanted = set(resources or ())
+            while wanted and not any(n.alive and wanted <= set(n.resources) for n in cluster.nodes()):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"this machine's Ray node did not register with {address}: {_tail(log)}")
+                time.sleep(0.2)
+        except BaseException:
+            cluster._owns_temp_dir = False  # keep the logs of a failed join
             cluster.stop()
             raise
         return cluster

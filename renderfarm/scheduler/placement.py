@@ -83,6 +83,8 @@ class NodeView:
     loaded_models: frozenset[str] = frozenset()
     backlog_s: float = 0.0  # estimated seconds of work already sent to the node and not finished
     slots: int = 0  # batches it can take now (live planning); 0: it takes work only when one frees up
+    forbidden: frozenset[str] = frozenset()  # models never sent here (a node override)
+    max_batch: int | None = None  # most images in one pipeline call here (a node override)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,9 @@ def filter_nodes(
     fitting: list[tuple[NodeView, Fit | None]] = []
     rejected: dict[str, str] = {}
     for node in nodes:
+        if job.model in node.forbidden:
+            rejected[node.name] = f"{job.model} is forbidden on {node.name} (its node override)"
+            continue
         fit = fit_for(job, node, catalog, measured)
         if fit is None or fit.fits:
             fitting.append((node, fit))
@@ -289,7 +294,7 @@ def plan_dispatch(
     slots = {n.name: n.slots for n in nodes}
     # A large farm of carded nodes decides through the index (O(kinds x log nodes) per job, see NodeIndex).
     index = NodeIndex(nodes, catalog, measured) if len(nodes) >= INDEX_FROM_NODES and all(
-        n.device is not None for n in nodes) else None
+        n.device is not None and not n.forbidden for n in nodes) else None
     followers: dict[tuple, deque[PendingJob]] = {}
     for job in pending:
         followers.setdefault(job.batch_key, deque()).append(job)
@@ -307,7 +312,7 @@ def plan_dispatch(
             continue
         node = views[decision.node]
         fit = fit_for(head.shape, node, catalog, measured)
-        limit = max_batch_images
+        limit = min(max_batch_images, node.max_batch or max_batch_images)
         if fit is not None:
             limit = min(limit, max(head.num_images, largest_batch(
                 head.model, head.width, head.height, node.device, limit, catalog, measured)))
@@ -349,8 +354,11 @@ def why_nothing_fits(
 ) -> str | None:
     """None when `job` fits some node (or fit cannot be judged on one); else one line naming what it needs
     and the largest node."""
-    if not nodes:
-        return f"{job.describe()}: there are no nodes"
+    allowed = [n for n in nodes if job.model not in n.forbidden]
+    if not allowed:
+        return f"{job.describe()}: {job.model} is forbidden on every node" if nodes else \
+            f"{job.describe()}: there are no nodes"
+    nodes = allowed
     fits = [fit_for(job, n, catalog, measured) for n in nodes]
     if any(f is None or f.fits for f in fits):
         return None

@@ -61,6 +61,10 @@ class _Worker:
     failures: int = 0  # batches failed in a row
     inflight: int = 0  # batches sent and not yet returned
     recovered: set[str] = field(default_factory=set)  # jobs it was rendering when this scheduler started
+    pid: int | None = None  # its process: a record with another pid is a new worker of the same name
+    silent: bool = False  # taken out because its heartbeat went stale (not because Ray reported it dead)
+    forbidden: frozenset[str] = frozenset()  # node overrides: models never sent here,
+    max_batch: int | None = None  # and the most images per call
     busy_until: float = 0.0  # epoch seconds its sent batches are expected to be done
     estimates: dict[Any, float] = field(default_factory=dict)  # batch ref -> its estimated seconds
 
@@ -80,10 +84,7 @@ class Scheduler:
         self.settings = Settings.model_validate(settings)
         self.store = Store(connect(redis_url), Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
-        self.workers = {
-            name: _Worker(name, handle, float(info.get("vram_gib", 0)), set(info.get("loaded", [])), device_from_record(info))
-            for name, (handle, info) in workers.items()
-        }
+        self.workers = {name: _worker(name, handle, info) for name, (handle, info) in workers.items()}
         self._inflight: dict[Any, tuple[str, tuple[str, ...]]] = {}
         self._jobs: dict[str, Job] = {}  # queued jobs already read (a spec never changes)
         self.fair = FairShare(
@@ -106,7 +107,7 @@ class Scheduler:
         last = self.store.redis.xrevrange(self.store.keys.events, count=1)
         self._cursor = last[0][0] if last else b"0-0"
         self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0, "eta_rounds": 0,
-                         "leases_expired": 0, "recovered": 0, "auto_drained": 0}
+                         "leases_expired": 0, "recovered": 0, "auto_drained": 0, "joined": 0}
         self._recover()
         if autostart:  # as a Ray actor restarted after a crash: nobody calls run() again, so it runs itself
             self.start()
@@ -236,14 +237,41 @@ class Scheduler:
                     self.store.requeue(job_id, f"node {name} was drained", node=name, allowed_from=[JobState.LEASED])
 
     def _refresh_nodes(self) -> None:
-        """Follow what the node records say: draining (set by an operator) and the models loaded."""
+        """Follow what the node records say: draining (set by an operator), the models loaded, and who is in the
+        farm. A worker that joined (`renderfarm worker` on another machine, or one restarted under the same
+        name) is adopted by its actor's name; one whose record says it stopped, or whose heartbeat is older
+        than `dead_after_seconds`, takes no more work (its leases bring its jobs back)."""
+        now = time.time()
         for record in self.store.nodes():
-            worker = self.workers.get(record["name"])
-            if worker is None:
+            name = record["name"]
+            heartbeat = record.get("heartbeat")
+            fresh = (isinstance(heartbeat, (int, float)) and now - heartbeat < self.settings.dead_after_seconds
+                     and record.get("state") != "stopped")
+            worker = self.workers.get(name)
+            if worker is None or (not worker.alive and fresh and record.get("pid") != worker.pid):
+                if fresh and isinstance(record.get("actor"), str):
+                    self._adopt(record)
                 continue
+            if worker.alive and not fresh:
+                worker.alive, worker.silent = False, True
+                log.error("node %s left the farm (%s)", name,
+                          "stopped" if record.get("state") == "stopped" else "no heartbeat")
+                continue
+            if worker.silent and fresh:  # its heartbeat is back (the same process): it takes work again
+                worker.alive, worker.silent = True, False
             worker.draining = record.get("draining") is True
             if isinstance(record.get("loaded"), list):
                 worker.loaded = {m for m in record["loaded"] if isinstance(m, str)}
+
+    def _adopt(self, record: dict[str, Any]) -> None:
+        """Take a worker that joined into the farm, by its named actor."""
+        try:
+            handle = ray.get_actor(record["actor"])
+        except ValueError:  # not (or no longer) alive in this Ray namespace
+            return
+        self.workers[record["name"]] = _worker(record["name"], handle, record)
+        self.counters["joined"] += 1
+        log.info("node %s joined the farm", record["name"])
 
     def _sample(self) -> None:
         """Every `sample_seconds`, one sample of queue depth and node totals for the dashboard's charts."""
@@ -302,7 +330,8 @@ class Scheduler:
         ]
         nodes = [
             NodeView(w.name, w.device, frozenset(w.loaded), w.backlog(now),
-                     self.settings.worker_queue_depth - w.inflight if self._has_room(w) else 0)
+                     self.settings.worker_queue_depth - w.inflight if self._has_room(w) else 0,
+                     w.forbidden, w.max_batch)
             for w in self.workers.values() if w.alive and not w.draining
         ]
         plan = plan_dispatch(pending, nodes, self.settings.max_batch, self.catalog, self.measured, full=eta_due)
@@ -405,6 +434,18 @@ class Scheduler:
                 moved += 1
         return moved
 
+
+
+def _worker(name: str, handle: Any, info: dict[str, Any]) -> _Worker:
+    """A worker as its ready() info or its node record describes it (card, loaded models, overrides)."""
+    forbid = info.get("forbid_models")
+    max_batch = info.get("max_batch")
+    return _Worker(
+        name, handle, float(info.get("vram_gib") or 0), set(info.get("loaded") or []), device_from_record(info),
+        pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
+        forbidden=frozenset(m for m in forbid if isinstance(m, str)) if isinstance(forbid, list) else frozenset(),
+        max_batch=max_batch if isinstance(max_batch, int) and max_batch >= 1 else None,
+    )
 
 
 def _queued_view(job: Job) -> Queued:

@@ -1,0 +1,111 @@
+"""Two Ray nodes on one machine, as two machines would be: the head (`Farm(head=True)`, a 24 GiB node) and a
+second node joined by the real `renderfarm worker` command in its own process (an 8 GiB node), with the
+cluster's token. Jobs that fit only the big card land there, small ones spread over both, and killing the
+second node's process sends its jobs to the head."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from renderfarm.client import FarmClient
+from renderfarm.config import NodeDeclaration, Settings
+from renderfarm.farm import Farm, node_resource
+from renderfarm.jobs import JobState
+from renderfarm.planning.catalog import default_catalog
+from renderfarm.planning.devices import device_from_declaration
+from renderfarm.planning.profiles import VaeMode, ladder
+
+pytestmark = pytest.mark.integration
+
+BIG = NodeDeclaration(name="big", vram_gib=24, compute_capability="7.5", gpu="Quadro RTX 6000")
+SMALL = NodeDeclaration(name="small", vram_gib=8, compute_capability="8.6", gpu="GeForce RTX 3070")
+FAST = {"heartbeat_seconds": 0.5, "lease_seconds": 5.0, "eta_seconds": 0.5, "max_batch": 4}
+
+
+def job(i: int, size: int, steps: int = 2) -> dict:
+    return {"model": "tiny-sd15", "prompt": f"p{i}", "width": size, "height": size, "steps": steps, "seed": i}
+
+
+def measured_peak(store, model: str, size: int, gib: float) -> None:
+    """As if nodes had measured `model` at `size` peaking at `gib` in every profile either card could run:
+    the planner then never predicts less (online calibration)."""
+    entry = default_catalog().get(model)
+    names = set()
+    for card in (BIG, SMALL):
+        for profile in ladder(entry, device_from_declaration(card)):
+            names |= {profile.name, profile.with_vae(VaeMode.TILED).name}
+    for name in names:
+        store.record_measurement("big", model, name, size, size, 1, peak_gib=gib, s_per_step=None)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_head(tmp_path):
+    settings = Settings(data_dir=tmp_path / "head", **FAST)
+    with Farm(settings, [BIG], head=True, warm_models=["tiny-sd15"], log_to_driver=False) as farm:
+        assert farm.redis_url.startswith("redis://:")  # a head's Redis has a password
+        client = FarmClient(farm.redis_url)
+        nodes_file = tmp_path / "small.yaml"
+        nodes_file.write_text(yaml.safe_dump({"nodes": [SMALL.model_dump(mode="json", exclude_none=True)]}))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_TOKEN": farm.ray_token,
+               **{f"RENDERFARM_{k.upper()}": str(v) for k, v in FAST.items()}}
+        env.pop("RAY_ADDRESS", None)
+        log = open(tmp_path / "worker.log", "wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "renderfarm.cli", "worker", "--address", farm.ray_address_in_use,
+             "--redis", farm.redis_url, "--nodes", str(nodes_file), "--data-dir", str(tmp_path / "w"), "--json",
+             "--warm", "tiny-sd15"],
+            stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
+        )
+        try:
+            line = worker.stdout.readline()  # the worker prints one JSON line once its node is in the farm
+            assert line, (tmp_path / "worker.log").read_text()[-3000:]
+            joined = json.loads(line)
+            assert joined["ok"] and [n["name"] for n in joined["nodes"]] == ["small"]
+            # The scheduler adopts it from its Redis record: no restart of anything.
+            wait_for(lambda: farm.scheduler_stats()["workers"].get("small", {}).get("alive"), 60, "small to join")
+            # The second Ray node advertises its card.
+            ray_node = next(n for n in farm._ray.nodes() if n.alive and node_resource("small") in n.resources)
+            assert ray_node.labels["renderfarm.io/vram-gib"] == "8"
+            assert ray_node.labels["renderfarm.io/gpu"] == "GeForce-RTX-3070"
+
+            measured_peak(client.store, "tiny-sd15", 256, 12.0)  # fits 24 GiB, not 8 GiB
+            small = client.submit_batch([job(i, 64) for i in range(16)])
+            big_only = client.submit_batch([job(i, 256) for i in range(4)])
+            finished = {j.id: j for j in client.wait(big_only + small, timeout=300)}
+            assert all(j.state is JobState.DONE for j in finished.values())
+            assert {finished[i].node for i in big_only} == {"big"}
+            assert {finished[i].node for i in small} == {"big", "small"}
+
+            # Kill the second machine's process while it renders: its jobs finish on the head.
+            slow = client.submit_batch([job(100 + i, 128, steps=30) for i in range(16)])
+            victims = wait_for(lambda: [j.id for j in client.jobs(slow)
+                                        if j.state is JobState.RUNNING and j.node == "small"], 120,
+                               "a job running on small")
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
+            done = {j.id: j for j in client.wait(slow, timeout=300)}
+            assert all(j.state is JobState.DONE for j in done.values())
+            assert all(done[i].node == "big" and done[i].attempts >= 2 for i in victims)
+            wait_for(lambda: farm.scheduler_stats()["workers"]["small"]["alive"] is False, 60, "small marked dead")
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=30)
+            log.close()
