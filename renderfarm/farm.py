@@ -143,7 +143,31 @@ def stop_workers(workers: dict[str, Any]) -> None:
     workers.clear()
 
 
-class Farm:
+class _Started:
+    """`start()` runs `_start()`, and `stop()` when that fails half-way; `with` does both."""
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Farm(_Started):
     def __init__(
         self,
         settings: Settings,
@@ -180,14 +204,6 @@ class Farm:
         self._scheduler: Any = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
-
-    def start(self) -> Farm:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         import ray  # imported here, not at module level: `renderfarm plan` and the client need no Ray
@@ -257,11 +273,6 @@ class Farm:
             self._embedded.stop()
             self._embedded = None
 
-    def __enter__(self) -> Farm:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # --- use ----------------------------------------------------------------------------------------
 
@@ -345,7 +356,7 @@ class Farm:
 
 
 
-class WorkerNode:
+class WorkerNode(_Started):
     """This machine's workers in a farm whose head runs elsewhere (`renderfarm worker`).
 
     The machine joins the head's Ray cluster as a node (with the cluster's token), advertising each of its
@@ -379,14 +390,6 @@ class WorkerNode:
         self._ray: Any = None
         self._workers: dict[str, Any] = {}
 
-    def start(self) -> WorkerNode:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self) -> None:
         from renderfarm.cluster.ray_cluster import RayCluster
 
@@ -409,8 +412,3 @@ class WorkerNode:
             self._ray.stop()
             self._ray = None
 
-    def __enter__(self) -> WorkerNode:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
