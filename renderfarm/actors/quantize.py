@@ -278,17 +278,30 @@ def write_gguf(
     if key_names == "bfl":
         arrays, types = flux_diffusers_to_bfl(arrays, types)
 
+    writer = gguf_writer(family, key_names, weights)
+    for name, array in arrays.items():
+        writer.add_tensor(name, gguf.quants.quantize(array, types[name]), raw_dtype=types[name])
+    return commit_gguf(writer, path)
+
+
+def gguf_writer(family: str, key_names: str, weights: WeightsFormat):
+    """A GGUFWriter carrying the metadata our loader reads back (architecture, key names, weights format)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path=None, arch=_GGUF_ARCH.get(family, family))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string("renderfarm.key_names", key_names)
+    writer.add_string("renderfarm.weights", weights.value)
+    return writer
+
+
+def commit_gguf(writer, path: str | Path) -> Path:
+    """Write `writer`'s header, metadata and tensors to `path` atomically: a temp file beside it, renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(path=None, arch=_GGUF_ARCH.get(family, family))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_string("renderfarm.key_names", key_names)
-        writer.add_string("renderfarm.weights", weights.value)
-        for name, array in arrays.items():
-            writer.add_tensor(name, gguf.quants.quantize(array, types[name]), raw_dtype=types[name])
         writer.write_header_to_file(path=Path(tmp))
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
