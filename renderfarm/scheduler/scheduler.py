@@ -85,7 +85,7 @@ class Scheduler:
         self.store = Store(connect(redis_url), Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
         self.workers = {name: _worker(name, handle, info) for name, (handle, info) in workers.items()}
-        self._inflight: dict[Any, tuple[str, tuple[str, ...]]] = {}
+        self._inflight: dict[Any, tuple[_Worker, tuple[str, ...]]] = {}  # batch ref -> (its worker, its jobs)
         self._jobs: dict[str, Job] = {}  # queued jobs already read (a spec never changes)
         self.fair = FairShare(
             self.settings.team_weights, self.settings.fair_share_half_life_s, self.settings.aging_seconds
@@ -193,10 +193,9 @@ class Scheduler:
             return
         self._next_maintenance = now + self.settings.heartbeat_seconds
         held: dict[str, list[str]] = {}
-        for name, job_ids in self._inflight.values():
-            worker = self.workers[name]
+        for worker, job_ids in self._inflight.values():
             if worker.alive and not worker.suspect:
-                held.setdefault(name, []).extend(job_ids)
+                held.setdefault(worker.name, []).extend(job_ids)
         for name, job_ids in held.items():
             self.store.renew(job_ids, name, self.settings.lease_seconds)
         expired = self.store.expired()
@@ -231,10 +230,11 @@ class Scheduler:
         self.store.set_draining(worker.name, True, reason=why[:500])
         self.counters["auto_drained"] += 1
         # What it holds and has not started goes elsewhere now (it skips those jobs when it reaches them).
-        for name, job_ids in list(self._inflight.values()):
-            if name == worker.name:
+        for sent_to, job_ids in list(self._inflight.values()):
+            if sent_to is worker:
                 for job_id in job_ids:
-                    self.store.requeue(job_id, f"node {name} was drained", node=name, allowed_from=[JobState.LEASED])
+                    self.store.requeue(job_id, f"node {worker.name} was drained", node=worker.name,
+                                       allowed_from=[JobState.LEASED])
 
     def _refresh_nodes(self) -> None:
         """Follow what the node records say: draining (set by an operator), the models loaded, and who is in the
@@ -341,7 +341,7 @@ class Scheduler:
             if not leased:
                 continue
             ref = worker.handle.render.remote(list(leased))
-            self._inflight[ref] = (worker.name, leased)
+            self._inflight[ref] = (worker, leased)
             estimate = assignment.finish_s - worker.backlog(now)  # its load and run
             worker.estimates[ref] = estimate
             worker.busy_until = max(worker.busy_until, now) + estimate
@@ -391,8 +391,9 @@ class Scheduler:
         # Wake as soon as any batch finishes; the rest are picked up on the next rounds.
         ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout, fetch_local=False)
         for ref in ready:
-            name, job_ids = self._inflight.pop(ref)
-            worker = self.workers[name]
+            # The worker the batch went to: a worker that rejoined under the same name is another object.
+            worker, job_ids = self._inflight.pop(ref)
+            name = worker.name
             worker.inflight -= 1
             worker.estimates.pop(ref, None)
             # The next batch starts now: what is left is the estimate of the batches still sent.
