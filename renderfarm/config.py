@@ -121,6 +121,26 @@ class Settings(BaseModel):
             raise ConfigError(f"invalid settings{f' in {path}' if path else ''}: {_describe(exc)}") from None
 
 
+# What every process of a farm must agree on: the head publishes these in Redis, and a machine that joins
+# (`renderfarm worker`) takes them over its own settings file.
+FARM_WIDE = ("max_attempts", "lease_seconds", "job_timeout_base_s", "job_timeout_s_per_megapixel_step",
+             "drain_after_failures", "max_batch", "worker_queue_depth", "result_ttl_seconds", "heartbeat_seconds",
+             "dead_after_seconds")
+
+
+def farm_wide(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in FARM_WIDE}
+
+
+def with_farm_wide(settings: Settings, published: dict[str, Any]) -> Settings:
+    """`settings` with the farm-wide values the head published (unknown keys ignored, each one validated)."""
+    update = {k: v for k, v in published.items() if k in FARM_WIDE}
+    try:
+        return Settings.model_validate({**settings.model_dump(), **update})
+    except ValidationError as exc:
+        raise ConfigError(f"the farm's published settings are invalid: {_describe(exc)}") from None
+
+
 class NodeDeclaration(BaseModel):
     """A node as declared in a nodes file: what a simulated (or overridden) card claims to be."""
 

@@ -18,8 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect, redact
-from renderfarm.config import NodeDeclaration, Settings, load_nodes
+from renderfarm.cluster.store import Store
+from renderfarm.config import (
+    NodeDeclaration,
+    Settings,
+    farm_wide,
+    load_nodes,
+    with_farm_wide,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +232,7 @@ class Farm(_Started):
             self._embedded = EmbeddedRedis(data_dir / "redis")
             self.redis_url = self._embedded.start()
         log.info("redis: %s", redact(self.redis_url))
+        Store(connect(self.redis_url), Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
 
         nodes = node_plan(self.declared, self.settings) if self.local_workers else []
         if self.ray_address:
@@ -393,7 +402,10 @@ class WorkerNode(_Started):
     def _start(self) -> None:
         from renderfarm.cluster.ray_cluster import RayCluster
 
-        connect(self.redis_url).close()  # fail early, naming the URL (and refusing an open remote Redis)
+        # Fails early, naming the URL (and refusing an open remote Redis); the head's farm-wide settings
+        # (leases, time limits, retries, heartbeats) win over this machine's own.
+        published = Store(connect(self.redis_url), Keys(self.key_prefix)).published_settings()
+        self.settings = with_farm_wide(self.settings, published)
         plan = node_plan(self.declared, self.settings)
         self._ray = RayCluster.join_node(
             self.address, auth_token=self.ray_token, num_cpus=os.cpu_count() or 1,

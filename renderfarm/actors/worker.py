@@ -28,7 +28,7 @@ from typing import Any
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect
 from renderfarm.cluster.store import Store
-from renderfarm.config import NodeDeclaration, Settings
+from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.jobs import Job
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.devices import Device, device_from_declaration
@@ -98,6 +98,7 @@ class RenderWorker:
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
             "card": self.card.as_dict(),
+            "farm_settings": farm_wide(self.settings),  # what it renews leases and times renders with
         }
         self.stats: dict[str, Any] = {
             "jobs_done": 0,

@@ -103,6 +103,11 @@ class Keys:
         return self._key("tokens")
 
     @property
+    def settings(self) -> str:
+        """The farm-wide settings the head published (JSON), which joining machines take over."""
+        return self._key("settings")
+
+    @property
     def quarantine(self) -> str:
         """Quarantined job id -> JSON {reason, at}: records that did not parse, taken out of circulation."""
         return self._key("quarantine")

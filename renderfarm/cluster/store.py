@@ -678,6 +678,23 @@ class Store:
         now = time.time()
         return self.transition(job_id, JobState.CANCELLED, score=now, fields={"finished_at": now})
 
+    # --- farm-wide settings -------------------------------------------------------------------------------
+
+    def publish_settings(self, values: dict[str, Any]) -> None:
+        self.redis.set(self.keys.settings, json.dumps(values))
+
+    def published_settings(self) -> dict[str, Any]:
+        """What the head published ({} when nothing, or something that does not parse: logged)."""
+        raw = self.redis.get(self.keys.settings)
+        if raw is None:
+            return {}
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            log.error("%s does not parse, ignored: %s", self.keys.settings, exc)
+            return {}
+        return value if isinstance(value, dict) else {}
+
     # --- counters and quarantine -----------------------------------------------------------------------
 
     def count(self, name: str, n: int = 1) -> None:

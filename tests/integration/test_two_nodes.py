@@ -65,8 +65,8 @@ def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_
         # With an override: 1 GiB of its 8 kept free for something else.
         nodes_file.write_text(yaml.safe_dump({"nodes": [{**SMALL.model_dump(mode="json", exclude_none=True),
                                                          "reserve_gib": 1}]}))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_TOKEN": farm.ray_token,
-               **{f"RENDERFARM_{k.upper()}": str(v) for k, v in FAST.items()}}
+        # No settings of its own: the joining machine takes the head's farm-wide ones from Redis.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_TOKEN": farm.ray_token}
         env.pop("RAY_ADDRESS", None)
         log = open(tmp_path / "worker.log", "wb")
         worker = subprocess.Popen(
@@ -88,6 +88,8 @@ def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_
             assert ray_node.labels["renderfarm.io/gpu"] == "GeForce-RTX-3070"
             records = {n["name"]: n for n in client.store.nodes()}
             assert records["small"]["vram_gib"] == 7 and records["small"]["card"]["vram_gib"] == 7
+            assert records["small"]["farm_settings"] == records["big"]["farm_settings"]
+            assert records["small"]["farm_settings"]["lease_seconds"] == FAST["lease_seconds"]
 
             measured_peak(client.store, "tiny-sd15", 256, 12.0)  # fits 24 GiB, not 8 GiB
             small = client.submit_batch([job(i, 64) for i in range(16)])
