@@ -107,19 +107,6 @@ def run_scenario(
     return result
 
 
-def _retrying(read: Callable[[], Any], until: float) -> Any:
-    """`read()` against a Redis that may be restarting: retried (the client also retries) until `until`."""
-    import redis
-
-    while True:
-        try:
-            return read()
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-            if time.monotonic() > until:
-                raise
-            time.sleep(0.1)
-
-
 def _wait_mid_render(client, ids: list[str], node: str | None, timeout: float = 180.0) -> list[str]:
     """Block until some job is done and some is running (on `node`, when given); the ids leased or running."""
     from renderfarm.jobs import JobState
@@ -154,7 +141,7 @@ def _wait_finished(client, ids: list[str], in_flight: list[str], fault_at: float
     recovery = None
     pending = set(in_flight)
     while time.monotonic() < until:
-        jobs = _retrying(lambda: client.store.get_many(ids), until)
+        jobs = client.store.get_many(ids)  # the Store rides out the redis scenario's restart
         states = {j.id: j.state for j in jobs if j is not None}
         pending = {i for i in pending if states.get(i) is not JobState.DONE}
         if not pending and recovery is None:

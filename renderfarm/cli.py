@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from renderfarm.cluster.processes import write_private
 from renderfarm.config import ConfigError, Settings, load_nodes
 
 EXIT_ERROR = 1
@@ -143,9 +144,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError("--no-workers goes with --head (a farm without a head and without workers does nothing)")
     advertise = args.advertise_ip or (_this_machine_ip() if args.head else None)
     farm_file = settings.data_dir / FARM_FILE
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     with Farm(settings, nodes, head=args.head, advertise_ip=advertise, ray_port=args.ray_port if args.head else None,
               local_workers=not args.no_workers) as farm:
         info = {"redis_url": farm.redis_url, "ray_address": farm.ray_address_in_use,
@@ -159,9 +158,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             # Secrets travel in the environment, never on a command line others can read with `ps`.
             info["join"] = (f"RAY_AUTH_TOKEN=\"$(cat {token_file})\" RENDERFARM_REDIS_URL='{farm.redis_url}' "
                             f"renderfarm worker --address {farm.ray_address_in_use}")
-        farm_file.touch(mode=0o600)
-        farm_file.chmod(0o600)  # it holds the Redis URL, password included
-        farm_file.write_text(json.dumps(info))
+        write_private(farm_file, json.dumps(info))  # it holds the Redis URL, password included
         try:
             _emit(args, {"ok": True, **info}, _farm_summary(info))
             log.info("farm is up; Ctrl-C stops it")
@@ -170,6 +167,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             farm_file.unlink(missing_ok=True)
     log.info("farm stopped")
     return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event that Ctrl-C (SIGINT) or SIGTERM sets: a foreground command waits on it, then shuts down."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def _this_machine_ip() -> str:
@@ -191,9 +196,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CliError("the Ray cluster's token: set RAY_AUTH_TOKEN (the head keeps it in "
                        "<data_dir>/ray_auth_token), or pass --ray-token")
     nodes = load_nodes(args.nodes) if args.nodes else None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     with WorkerNode(settings, args.address, settings.redis_url, nodes, ray_token=token,
                     log_to_driver=args.debug, warm_models=args.warm) as node:
         info = {"address": args.address, "nodes": node.nodes, "pid": os.getpid()}

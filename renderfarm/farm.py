@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from renderfarm.cluster.keys import Keys
+from renderfarm.cluster.processes import write_private
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect, redact
 from renderfarm.cluster.store import Store
 from renderfarm.config import (
@@ -48,10 +49,8 @@ def _secret(path: Path, env: str | None = None) -> str:
     given = os.environ.get(env, "") if env else ""
     if not given and path.exists():
         return path.read_text().strip()
-    path.touch(mode=0o600)
-    path.chmod(0o600)
     value = given or secrets.token_urlsafe(32)
-    path.write_text(value)
+    write_private(path, value)
     return value
 
 

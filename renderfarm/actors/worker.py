@@ -202,7 +202,6 @@ class RenderWorker:
                 entry, requests, should_stop
             )
         except RenderInterrupted as exc:
-            self._holding = []
             if self._all_gone:  # cancelled: nothing to retry, nothing failed
                 summary["lost"] = [job.id for job in jobs]
                 self.stats["stopped_cancelled"] += 1
@@ -217,7 +216,6 @@ class RenderWorker:
             self._publish()
             return summary
         except Exception as exc:  # a broken model or render: report, let the scheduler retry or fail
-            self._holding = []
             log.exception("node %s: batch %s failed", self.name, job_ids)
             message = f"{type(exc).__name__}: {exc}"
             summary["errors"] = {job.id: message for job in jobs}
@@ -226,7 +224,8 @@ class RenderWorker:
             self.state = "idle"
             self._publish()
             return summary
-        self._holding = []
+        finally:
+            self._holding = []  # rendered, stopped or failed: the heartbeat renews nothing more
 
         profile_name = profile.name if profile else "as-loaded"
         self._measured(entry.name, profile_name, requests, results[0], resident, load_s + move_s)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -14,6 +15,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` (a password, a token, a URL holding one) to `path`, readable by this user only (0600)
+    from before the first byte is written."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
 
 
 def tail_lines(text: str, lines: int = 5) -> str:

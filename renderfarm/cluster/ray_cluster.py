@@ -61,6 +61,7 @@ from renderfarm.cluster.processes import (
     read_proc,
     signal_all,
     tail_lines,
+    write_private,
 )
 
 __all__ = ["RayCluster", "RayNode", "gpu_count"]
@@ -186,9 +187,7 @@ class RayCluster:
             (temp_dir / _ADDRESS_FILE).unlink(missing_ok=True)
         token = auth_token or secrets.token_hex(32)
         token_path = temp_dir / _TOKEN_FILE
-        token_path.touch(mode=0o600)
-        token_path.chmod(0o600)
-        token_path.write_text(token)
+        write_private(token_path, token)
 
         args = [
             "--head",
@@ -273,9 +272,7 @@ class RayCluster:
         _wait_for_port(host, int(port), timeout)
         temp_dir = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir="/tmp"))
         token_path = temp_dir / _TOKEN_FILE
-        token_path.touch(mode=0o600)
-        token_path.chmod(0o600)
-        token_path.write_text(auth_token)
+        write_private(token_path, auth_token)
         args = ["--address", address, *_node_args(num_cpus, num_gpus, resources, labels, None, None)]
         process = _launch_ray_start(args, temp_dir, token_path, "ray-node.log")
         # The node process is the cluster's "head" as far as stopping goes: this machine's Ray processes.

@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.connection import UnixDomainSocketConnection, parse_url
 from redis.retry import Retry
 
-from renderfarm.cluster.processes import free_port, tail_lines
+from renderfarm.cluster.processes import free_port, tail_lines, write_private
 
 __all__ = [
     "EmbeddedRedis",
@@ -378,10 +378,8 @@ class EmbeddedRedis:
             # In a 0600 config file, not on the command line where `ps` shows it.
             # (A config file must be redis-server's first argument.)
             conf = self.data_dir / _AUTH_CONF
-            conf.touch(mode=0o600)
-            conf.chmod(0o600)
             escaped = self._password.replace("\\", "\\\\").replace('"', '\\"')
-            conf.write_text(f'requirepass "{escaped}"\n')
+            write_private(conf, f'requirepass "{escaped}"\n')
             args.append(str(conf.resolve()))
         args += [
             "--bind", self.host,

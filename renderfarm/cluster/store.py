@@ -338,8 +338,9 @@ class Store:
     def get(self, job_id: str) -> Job:
         raw = self.redis.hgetall(self.keys.job(job_id))
         if not raw:
-            if self.redis.hexists(self.keys.quarantine, job_id):
-                raise CorruptRecord(f"job {job_id!r} is quarantined: {self.quarantined().get(job_id)}")
+            reason = self.redis.hget(self.keys.quarantine, job_id)
+            if reason is not None:
+                raise CorruptRecord(f"job {job_id!r} is quarantined: {_quarantine_reason(reason)}")
             raise JobNotFound(job_id)
         return job_from_hash(raw)
 
@@ -716,13 +717,8 @@ class Store:
 
     def quarantined(self) -> dict[str, str]:
         """Quarantined job id -> why."""
-        out = {}
-        for job_id, raw in self.redis.hgetall(self.keys.quarantine).items():
-            try:
-                out[job_id.decode(errors="replace")] = str(json.loads(raw).get("reason"))
-            except (ValueError, AttributeError):
-                out[job_id.decode(errors="replace")] = raw.decode(errors="replace")
-        return out
+        return {job_id.decode(errors="replace"): _quarantine_reason(raw)
+                for job_id, raw in self.redis.hgetall(self.keys.quarantine).items()}
 
     # --- nodes --------------------------------------------------------------------------------------
 
@@ -753,6 +749,14 @@ class Store:
                     info[k.decode()] = v.decode(errors="replace")
             out.append(info)
         return out
+
+
+def _quarantine_reason(raw: bytes) -> str:
+    """The reason in a quarantine entry (JSON {reason, at}); the raw text if it does not parse."""
+    try:
+        return str(json.loads(raw).get("reason"))
+    except (ValueError, AttributeError):
+        return raw.decode(errors="replace")
 
 
 class LeaseLive(RuntimeError):

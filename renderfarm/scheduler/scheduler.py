@@ -302,7 +302,8 @@ class Scheduler:
         missing = [i for i in ids if i not in known]
         if missing:
             for job_id, job in zip(missing, self.store.get_many(missing, quarantine=True)):
-                if job is None and self.store.state(job_id) is None and self.store.position(job_id) is not None:
+                # None: no record behind the id (an orphan still queued), or one just quarantined (gone from the queue).
+                if job is None and self.store.position(job_id) is not None:
                     self.store.quarantine(job_id, "queue entry without a job record")
                 elif job is not None and job.state is JobState.QUEUED:
                     known[job_id] = job
