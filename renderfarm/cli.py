@@ -614,12 +614,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     width, height = args.size or (entry.default_size, entry.default_size)
     card = known_card(args.gpu, args.vram) if args.gpu else None
     cc = args.compute_capability or (card.compute_capability if card else DEFAULT_PLAN_CC)
-    device = device_from_spec(args.gpu or f"{args.vram:g} GiB card", args.vram, cc)
-    report = plan_report(entry, device, width, height, args.batch, args.margin)
+    if args.ram is not None and args.ram <= 0:
+        raise CliError(f"--ram: must be positive (the machine's RAM in GiB), got {args.ram:g}")
+    device = device_from_spec(args.gpu or f"{args.vram:g} GiB card", args.vram, cc, ram_gib=args.ram)
+    report = plan_report(entry, device, width, height, args.batch, args.margin, steps=args.steps)
     if args.json:
         _emit(args, {"ok": True, **report})
     else:
-        print(choose_profile(entry, device, width, height, args.batch, args.margin).explain())
+        print(choose_profile(entry, device, width, height, args.batch, args.margin, steps=args.steps).explain())
     return 0 if report["chosen"] else EXIT_ERROR
 
 
@@ -842,6 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"e.g. 7.5 (Turing), 8.9 (Ada) (default: the --gpu card's, else {DEFAULT_PLAN_CC})")
     plan.add_argument("--gpu", help="card name, e.g. 'Quadro RTX 6000' (its figures refine the estimate)")
     plan.add_argument("--margin", type=float, default=0.5, metavar="GIB", help="VRAM kept free (default 0.5)")
+    plan.add_argument("--ram", type=float, metavar="GIB",
+                      help="the machine's RAM: profiles whose host memory exceeds it are not chosen "
+                           "(default: not checked)")
+    plan.add_argument("--steps", type=int, metavar="N", help="denoising steps per job (default: the model's)")
     plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks: routing in a simulator, chaos on a local farm")

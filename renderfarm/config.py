@@ -152,6 +152,9 @@ class NodeDeclaration(BaseModel):
     vram_gib: float | None = Field(default=None, gt=0, le=1024)
     compute_capability: str = Field(default="8.6", pattern=r"^\d+\.\d+$")
     gpu: str | None = None
+    # The machine's RAM in GiB: offloaded weights live there. A real node measures its own; a simulated one
+    # plans against this (None: host memory is not planned against).
+    ram_gib: float | None = Field(default=None, gt=0, le=65536)
     # Overrides: VRAM kept free for other uses (a display, another app), models never sent here, and the
     # most images in one pipeline call on this node.
     reserve_gib: float = Field(default=0.0, ge=0, le=1024)

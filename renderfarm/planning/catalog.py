@@ -68,6 +68,11 @@ class Component(BaseModel):
     # Parameters transformers keeps in fp32 when the model loads in fp16 or through bitsandbytes
     # (`_keep_in_fp32_modules`: T5's `wo`, which overflows in fp16).
     keep_fp32_params: float = Field(default=0.0, ge=0)
+    # Pinned host bytes per stored byte when every tensor is pinned (streamed with CUDA streams): torch's
+    # pinned allocator rounds each allocation up to a power of two. The sum over the real architecture's
+    # tensors (bench/pinned_rounding.py computes it on the meta device; tests/actors pin Flux's and SDXL's).
+    # Exact for 16-bit, fp8 and 4-bit storage (scaling by a power of two keeps the rounding); GGUF: close.
+    pinned_factor: float = Field(default=1.6, ge=1.0, le=2.0)
 
     @field_validator("unquantized_params")
     @classmethod

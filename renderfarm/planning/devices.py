@@ -16,6 +16,12 @@ from typing import Any, Literal
 from renderfarm.config import NodeDeclaration
 
 DeviceKind = Literal["cuda", "cpu"]
+
+# Host memory a worker cannot give to weights: the operating system and a desktop (~2 GiB on a lean PC),
+# plus the worker's runtime (Python, torch with its CUDA libraries, diffusers, transformers, Ray: ~1.5 GiB
+# resident before any model loads).
+HOST_RUNTIME_GIB = 1.5
+HOST_RESERVED_GIB = 2.0 + HOST_RUNTIME_GIB
 ComputeCapability = tuple[int, int]
 
 
@@ -31,12 +37,23 @@ class Device:
     memory_gbps: float = 500.0
     pcie_gbps: float = 31.5  # host -> device link, one direction, as specified (not as measured)
     figures_from: str = "defaults"  # where the throughput figures came from, for `renderfarm plan`
+    # Host memory: the machine's RAM in GiB (None: not known, so not planned against), and what was free when
+    # the worker started. Offloaded weights live there (model offload, pinned streaming buffers, the pipeline
+    # cache), so on an 8 GB card in a 16 GB PC it is as scarce as VRAM.
+    ram_gib: float | None = None
+    ram_available_gib: float | None = None
+    # Free disk in the worker's cache folder (stand-ins, GGUF files written there, downloaded weights).
+    disk_free_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.vram_gib <= 0:
             raise ValueError(f"device {self.name!r}: vram_gib must be positive, got {self.vram_gib}")
         if (self.kind == "cpu") != (self.compute_capability is None):
             raise ValueError(f"device {self.name!r}: a compute capability is given for CUDA devices only")
+        for field in ("ram_gib", "ram_available_gib", "disk_free_gib"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ValueError(f"device {self.name!r}: {field} must be positive, got {value}")
 
     @property
     def is_cuda(self) -> bool:
@@ -72,7 +89,21 @@ class Device:
             "memory_gbps": self.memory_gbps,
             "pcie_gbps": self.pcie_gbps,
             "figures_from": self.figures_from,
+            "ram_gib": self.ram_gib,
+            "ram_available_gib": self.ram_available_gib,
+            "disk_free_gib": self.disk_free_gib,
         }
+
+    @property
+    def host_budget_gib(self) -> float | None:
+        """Host memory a worker may fill with weights: the RAM, less what the operating system and the worker's
+        own runtime hold, and never more than was free when it started. None when the RAM is not known."""
+        if self.ram_gib is None:
+            return None
+        budget = self.ram_gib - HOST_RESERVED_GIB
+        if self.ram_available_gib is not None:
+            budget = min(budget, self.ram_available_gib - HOST_RUNTIME_GIB)
+        return max(0.0, budget)
 
 
 def parse_compute_capability(value: str | ComputeCapability) -> ComputeCapability:
@@ -170,7 +201,7 @@ def _typical(cc: ComputeCapability) -> tuple[float, float, float]:
 
 
 def device_from_spec(
-    name: str, vram_gib: float, compute_capability: str | ComputeCapability | None
+    name: str, vram_gib: float, compute_capability: str | ComputeCapability | None, **host: Any
 ) -> Device:
     """A device from what it says about itself; `compute_capability` None means a CPU.
 
@@ -185,10 +216,12 @@ def device_from_spec(
     if card is not None:
         return Device(
             name, vram_gib, cc, "cuda", card.fp16_tflops, card.memory_gbps, card.pcie_gbps,
-            f"known card {card.name}",
+            f"known card {card.name}", **host,
         )
     tflops, memory, link = _typical(cc)
-    return Device(name, vram_gib, cc, "cuda", tflops, memory, link, f"typical of compute capability {cc[0]}.{cc[1]}")
+    return Device(
+        name, vram_gib, cc, "cuda", tflops, memory, link, f"typical of compute capability {cc[0]}.{cc[1]}", **host
+    )
 
 
 def device_from_declaration(node: NodeDeclaration) -> Device:
@@ -209,7 +242,7 @@ def device_from_declaration(node: NodeDeclaration) -> Device:
                 f"{card.compute_capability[0]}.{card.compute_capability[1]}, "
                 f"but the node declares {node.compute_capability}"
             )
-    return device_from_spec(node.gpu or node.name, node.vram_gib, cc)
+    return device_from_spec(node.gpu or node.name, node.vram_gib, cc, ram_gib=node.ram_gib)
 
 
 def device_from_record(record: Mapping[str, Any]) -> Device | None:
@@ -218,4 +251,8 @@ def device_from_record(record: Mapping[str, Any]) -> Device | None:
     card = record.get("card")
     if not isinstance(card, dict):
         return None
-    return device_from_spec(card["name"], card["vram_gib"], card.get("compute_capability"))
+    return device_from_spec(
+        card["name"], card["vram_gib"], card.get("compute_capability"),
+        ram_gib=card.get("ram_gib"), ram_available_gib=card.get("ram_available_gib"),
+        disk_free_gib=card.get("disk_free_gib"),
+    )

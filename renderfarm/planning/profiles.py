@@ -102,6 +102,11 @@ class Placement(str, Enum):
     GROUP_OFFLOAD = "group-offload"  # denoiser blocks streamed with CUDA streams (Forge "Async")
     LEAF_OFFLOAD = "leaf-offload"  # every leaf module streamed: the never-OOM floor
 
+    @property
+    def streams(self) -> bool:
+        """Whether the denoiser is streamed block by block or layer by layer while it computes."""
+        return self in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
+
 
 class VaeMode(str, Enum):
     FULL = "full"
@@ -126,10 +131,14 @@ class Profile:
     vae: VaeMode = VaeMode.FULL
     text_encoders: TextEncoderPolicy = TextEncoderPolicy.CACHE_AND_OFFLOAD
     text_encoder_weights: WeightsFormat | None = None  # e.g. nf4 T5 on small cards; None: as `weights`
-    # Group offload: denoiser weights on the GPU at once (two groups in flight: the one computing and the one
-    # being copied); None: one block per group. choose_profile sizes it to the room left.
-    gpu_weights_gib: float | None = None
+    # Group offload has no "GPU weights" budget: with CUDA streams diffusers runs one block per group whatever
+    # is asked (hooks/group_offloading.py resets num_blocks_per_group to 1, tests/actors pin it), so two
+    # blocks are in flight: the one computing and the one being copied.
     fp16_clamp: bool = False  # Flux in fp16 (Turing): clamp activations against fp16 overflow
+    # Streamed placements: keep a pinned copy of every streamed tensor (diffusers' default: fastest copies, but
+    # ~1.5x the weights in locked host RAM) or pin each block as it goes (`low_cpu_mem_usage`: the weights stay
+    # in plain host memory once, a few blocks' pinned buffers are reused; the host thread copies every step).
+    pin_streamed: bool = True
     vae_dtype: ComputeDtype | None = None  # None: the compute dtype
 
     @property
@@ -150,8 +159,8 @@ class Profile:
             "vae": self.vae.value,
             "text_encoders": self.text_encoders.value,
             "text_encoder_weights": self.text_encoder_weights.value if self.text_encoder_weights else None,
-            "gpu_weights_gib": self.gpu_weights_gib,
             "fp16_clamp": self.fp16_clamp,
+            "pin_streamed": self.pin_streamed,
             "vae_dtype": (self.vae_dtype or self.compute_dtype).value,
         }
 
@@ -228,7 +237,7 @@ _RESIDENT, _CACHE = TextEncoderPolicy.RESIDENT, TextEncoderPolicy.CACHE_AND_OFFL
 # larger than nf4 and slower to dequantize: nf4 with model offload beats them on every CUDA card. They
 # stay usable as explicit profiles (the catalog lists their files).
 # A quantized T5 is nf4 (bitsandbytes keeps its fp32 `wo`; fp8 storage would run it in fp16 on Turing).
-_TRANSFORMER_LADDER: tuple[tuple[WeightsFormat, Placement, WeightsFormat, TextEncoderPolicy], ...] = (
+_TRANSFORMER_LADDER: tuple[tuple, ...] = (
     (_16, _GPU, _16, _RESIDENT),
     (_16, _GPU, _16, _CACHE),
     (WeightsFormat.FP8_E4M3FN, _GPU, _16, _CACHE),
@@ -239,11 +248,14 @@ _TRANSFORMER_LADDER: tuple[tuple[WeightsFormat, Placement, WeightsFormat, TextEn
     (WeightsFormat.NF4, _GPU, WeightsFormat.NF4, _CACHE),
     (WeightsFormat.NF4, _MODEL, WeightsFormat.NF4, _CACHE),
     (_16, _GROUP, WeightsFormat.NF4, _CACHE),  # blocks streamed, overlapped with compute
-    (_16, _LEAF, _16, _CACHE),  # the floor: denoiser and encoders streamed layer by layer
+    # For an 8 GB card in a PC whose RAM holds neither 16-bit weights nor pinned copies: nf4 blocks streamed
+    # from plain host memory, pinned as they go (the 8 GB card + 16 GB PC rung).
+    (WeightsFormat.NF4, _GROUP, WeightsFormat.NF4, _CACHE, False),
+    (_16, _LEAF, _16, _CACHE),  # the VRAM floor: denoiser and encoders streamed layer by layer
 )
 # UNets are small: 16-bit everywhere but the last offloaded rung. Block-level group offload moves a third
 # of an SDXL UNet at a time, so leaf offload is the floor.
-_UNET_LADDER: tuple[tuple[WeightsFormat, Placement, WeightsFormat, TextEncoderPolicy], ...] = (
+_UNET_LADDER: tuple[tuple, ...] = (
     (_16, _GPU, _16, _RESIDENT),
     (_16, _GPU, _16, _CACHE),
     (_16, _MODEL, _16, _CACHE),
@@ -258,6 +270,7 @@ def profile_name(
     text_encoder_weights: WeightsFormat | None,
     text_encoders: TextEncoderPolicy,
     vae: VaeMode = VaeMode.FULL,
+    pin_streamed: bool = True,
 ) -> str:
     """"nf4", "bf16+model-offload", "gguf-q4_1+te-nf4+model-offload", "fp16+te-resident+vae-tiled", ..."""
     parts = [weights.value]
@@ -265,6 +278,8 @@ def profile_name(
         parts.append(f"te-{text_encoder_weights.value}")
     if placement is not Placement.GPU:
         parts.append(placement.value)
+    if placement.streams and not pin_streamed:
+        parts.append("pin-per-step")
     if text_encoders is TextEncoderPolicy.RESIDENT:
         parts.append("te-resident")
     if vae is not VaeMode.FULL:
@@ -278,11 +293,13 @@ def ladder(entry: ModelEntry, device: Device) -> list[Profile]:
     compute = compute_dtype_for(device)
     rungs = _TRANSFORMER_LADDER if entry.denoiser.name == "transformer" else _UNET_LADDER
     profiles = []
-    for weights, placement, te_weights, te_policy in rungs:
+    for weights, placement, te_weights, te_policy, *pin in rungs:
         weights, te_weights = stored_format(weights, compute), stored_format(te_weights, compute)
+        pin_streamed = pin[0] if pin else True
         profiles.append(
             Profile(
-                name=profile_name(weights, placement, te_weights, te_policy),
+                name=profile_name(weights, placement, te_weights, te_policy, pin_streamed=pin_streamed),
+                pin_streamed=pin_streamed,
                 weights=weights,
                 compute_dtype=compute,
                 placement=placement,
@@ -335,6 +352,7 @@ class ProfileChoice:
     chosen: Profile | None  # None: not even the floor fits
     candidates: tuple[Candidate, ...]
     reason: str
+    steps: int = 28  # the job length the choice was timed for
 
     @property
     def usable_gib(self) -> float:
@@ -347,18 +365,23 @@ class ProfileChoice:
     def explain(self) -> str:
         d = self.device
         cc = f"cc {d.cc_text}" if d.cc_text else "cpu"
+        host = d.host_budget_gib
+        ram = (f"; RAM {d.ram_gib:g} GiB, {host:.2f} usable for weights" if host is not None and d.is_cuda
+               else "; RAM not given: host memory not checked" if d.is_cuda else "")
         lines = [
             (
-                f"{self.model} {self.width}x{self.height} x{self.batch} on {d.name} ({d.vram_gib:g} GiB, {cc}; "
-                f"usable {self.usable_gib:.2f} GiB after a {self.margin_gib:g} GiB margin)"
+                f"{self.model} {self.width}x{self.height} x{self.batch}, {self.steps} steps, on {d.name} "
+                f"({d.vram_gib:g} GiB, {cc}; usable {self.usable_gib:.2f} GiB after a {self.margin_gib:g} GiB "
+                f"margin{ram})"
             ),
             f"chosen: {self.chosen.name if self.chosen else 'none'}: {self.reason}",
-            f"  {'profile':<40} {'peak GiB':>8} {'s/step':>7}  fits  reason",
+            f"  {'profile':<34} {'VRAM GiB':>8} {'host GiB':>8} {'s/step':>7} {'s/job':>7}  fits  reason",
         ]
         for c in self.candidates:
+            p = c.prediction
             lines.append(
-                f"  {c.profile.name:<40} {c.prediction.peak_gib:8.2f} {c.prediction.seconds_per_step:7.2f}  "
-                f"{'yes ' if c.fits else 'no  '}  {c.reason}"
+                f"  {c.profile.name:<34} {p.peak_gib:8.2f} {p.host_peak_gib:8.2f} {p.seconds_per_step:7.2f} "
+                f"{p.seconds_per_job(self.steps):7.1f}  {'yes ' if c.fits else 'no  '}  {c.reason}"
             )
         return "\n".join(lines)
 
@@ -370,40 +393,15 @@ def _check_job(entry: ModelEntry, width: int, height: int, batch: int) -> None:
         raise ValueError(f"batch={batch} must be at least 1")
 
 
-def _sized_group_budget(
-    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, usable: float
-) -> Profile:
-    """Group offload with the largest `gpu_weights_gib` (two groups in flight) that keeps the denoise stage
-    within `usable`, capped at half the denoiser (beyond that it is model offload in two pieces). Without
-    room for more than two single blocks it stays None: one block per group."""
-    from renderfarm.planning.vram import Stage, denoiser_bytes, predict
-
-    floor = predict(entry, profile, device, width, height, batch)
-    in_flight = floor.denoiser_in_flight_gib
-    room = usable - (floor.stage_peaks_gib[Stage.DENOISE] - in_flight)
-    budget = min(room, denoiser_bytes(entry, profile) / 2**30 / 2)
-    budget = int(budget / _BUDGET_STEP_GIB) * _BUDGET_STEP_GIB
-    return replace(profile, gpu_weights_gib=budget) if budget > in_flight else profile
-
-
-def _budget(profile: Profile) -> str:
-    return f" with {profile.gpu_weights_gib:g} GiB of weights in flight" if profile.gpu_weights_gib else ""
-
-
 def _measured(pred: Prediction) -> str:
     return " (measured)" if pred.measured else ""
 
 
 def _evaluate(
     entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, usable: float,
-    floors: Mapping[str, float],
+    floors: Mapping[str, float], host_usable: float | None,
 ) -> Candidate:
     from renderfarm.planning.vram import predict
-
-    def sized(p: Profile) -> Profile:
-        if p.placement is Placement.GROUP_OFFLOAD:
-            return _sized_group_budget(entry, p, device, width, height, batch, usable)
-        return p
 
     def estimate(p: Profile) -> Prediction:
         """The prediction, raised to the measured floor where a node measured this profile here."""
@@ -411,21 +409,28 @@ def _evaluate(
         floor = floors.get(p.name)
         return replace(pred, peak_gib=floor, measured=True) if floor is not None and floor > pred.peak_gib else pred
 
-    full = sized(profile)
+    full = profile
     full_pred = estimate(full)
     unavailable = unavailable_reason(entry, profile, device)
     if unavailable:
         return Candidate(full, full_pred, False, f"unavailable: {unavailable}")
+    if host_usable is not None and full_pred.host_peak_gib > host_usable:
+        # The VAE mode changes nothing in host memory: no tiled retry.
+        return Candidate(
+            full, full_pred, False,
+            f"needs {full_pred.host_peak_gib:.2f} GiB of host RAM ({full_pred.pinned_gib:.2f} pinned); "
+            f"{host_usable:.2f} usable",
+        )
     if full_pred.peak_gib <= usable:
         return Candidate(
-            full, full_pred, True, f"fits: {full_pred.peak_gib:.2f}{_measured(full_pred)} of {usable:.2f} GiB{_budget(full)}"
+            full, full_pred, True, f"fits: {full_pred.peak_gib:.2f}{_measured(full_pred)} of {usable:.2f} GiB"
         )
-    tiled = sized(profile.with_vae(VaeMode.TILED))
+    tiled = profile.with_vae(VaeMode.TILED)
     tiled_pred = estimate(tiled)
     if tiled_pred.peak_gib <= usable:
         return Candidate(
             tiled, tiled_pred, True,
-            f"fits with tiled VAE: {tiled_pred.peak_gib:.2f}{_measured(tiled_pred)} of {usable:.2f} GiB{_budget(tiled)} "
+            f"fits with tiled VAE: {tiled_pred.peak_gib:.2f}{_measured(tiled_pred)} of {usable:.2f} GiB "
             f"(full decode needs {full_pred.peak_gib:.2f})",
         )
     best, pred = (tiled, tiled_pred) if tiled_pred.peak_gib < full_pred.peak_gib else (full, full_pred)
@@ -433,6 +438,11 @@ def _evaluate(
         best, pred, False,
         f"needs {pred.peak_gib:.2f} GiB{_measured(pred)} at {pred.peak_stage.value}; {usable:.2f} usable",
     )
+
+
+# Rungs predicted within this fraction of the fastest count as equally fast: the higher-fidelity one (earlier
+# on the ladder: 16-bit before fp8 before 4-bit) wins. The speed model is rough; fidelity is certain.
+SPEED_TIE = 0.05
 
 
 def choose_profile(
@@ -443,19 +453,37 @@ def choose_profile(
     batch: int = 1,
     margin_gib: float = DEFAULT_MARGIN_GIB,
     floors: Mapping[str, float] | None = None,
+    steps: int | None = None,
 ) -> ProfileChoice:
-    """The fastest rung of `entry`'s ladder whose predicted peak fits `device` with `margin_gib` to spare,
-    trying each rung with a full VAE decode, then tiled, before the next; every rung's prediction and
-    verdict come along in `candidates`. `floors` (profile name -> GiB, from planning.measured) raises a
-    prediction to what a node measured for that profile at this size: an estimate never goes below it."""
+    """The rung of `entry`'s ladder predicted to finish a job soonest among those whose predicted peak fits
+    `device` with `margin_gib` to spare and whose host-memory peak fits the machine's RAM (when known).
+    A job's time is `steps` (default: the model's) denoising steps plus what the placement moves between host
+    and card per job; rungs within `SPEED_TIE` of the fastest count as equal and the higher-fidelity one wins.
+    Each rung is tried with a full VAE decode, then tiled; every rung's prediction and verdict come along in
+    `candidates`. `floors` (profile name -> GiB, from planning.measured) raises a prediction to what a node
+    measured for that profile at this size: an estimate never goes below it."""
     _check_job(entry, width, height, batch)
+    steps = steps or entry.default_steps
     usable = device.vram_gib - margin_gib
+    host_usable = device.host_budget_gib if device.is_cuda else None
     candidates = tuple(
-        _evaluate(entry, rung, device, width, height, batch, usable, floors or {}) for rung in ladder(entry, device)
+        _evaluate(entry, rung, device, width, height, batch, usable, floors or {}, host_usable)
+        for rung in ladder(entry, device)
     )
-    chosen = next((c for c in candidates if c.fits), None)
-    if chosen is not None:
-        reason = f"the fastest rung that fits ({chosen.reason})"
+    fitting = [c for c in candidates if c.fits]
+    chosen = None
+    if fitting:
+        fastest = min(c.prediction.seconds_per_job(steps) for c in fitting)
+        chosen = next(c for c in fitting if c.prediction.seconds_per_job(steps) <= fastest * (1 + SPEED_TIE))
+        first = fitting[0]
+        job_s = chosen.prediction.seconds_per_job(steps)
+        if chosen is first:
+            why = "the first rung that fits, and"
+            why += " the fastest" if job_s <= fastest else f" within {SPEED_TIE:.0%} of the fastest"
+        else:
+            why = (f"predicted fastest ({first.profile.name}, which fits above it, "
+                   f"{first.prediction.seconds_per_job(steps):.1f} s)")
+        reason = f"{why}: {job_s:.1f} s per job of {steps} steps ({chosen.reason})"
     else:
         runnable = [c for c in candidates if not c.reason.startswith("unavailable")]
         if runnable:
@@ -464,11 +492,17 @@ def choose_profile(
                 f"nothing fits: the most frugal rung, {floor.profile.name}, needs {floor.prediction.peak_gib:.2f} "
                 f"GiB; {usable:.2f} usable"
             )
+            on_card = [c for c in runnable if c.prediction.peak_gib <= usable]
+            if on_card and host_usable is not None:
+                lightest = min(on_card, key=lambda c: c.prediction.host_peak_gib)
+                reason = (f"nothing fits: what fits the card's {usable:.2f} GiB needs more host RAM than the "
+                          f"machine has; the lightest, {lightest.profile.name}, needs "
+                          f"{lightest.prediction.host_peak_gib:.2f} GiB; {host_usable:.2f} usable")
         else:
             reason = f"nothing fits: {device.name} can run no rung of {entry.name}"
     return ProfileChoice(
         model=entry.name, device=device, width=width, height=height, batch=batch, margin_gib=margin_gib,
-        chosen=chosen.profile if chosen else None, candidates=candidates, reason=reason,
+        chosen=chosen.profile if chosen else None, candidates=candidates, reason=reason, steps=steps,
     )
 
 
@@ -495,3 +529,22 @@ def next_rung(
         if predict(entry, candidate, device, width, height, batch).peak_gib < current_peak:
             return candidate
     return None
+
+
+def next_rung_for_host(
+    entry: ModelEntry, device: Device, current: Profile, width: int, height: int, batch: int = 1,
+    margin_gib: float = DEFAULT_MARGIN_GIB,
+) -> Profile | None:
+    """Where to go after HOST memory ran out with `current` (a pinned allocation failed): the fastest rung that
+    fits the card and predicts a smaller host-memory peak than `current`. None when there is none. (Walking
+    down the VRAM ladder instead would reach leaf offload, which pins the most.)"""
+    from renderfarm.planning.vram import predict
+
+    _check_job(entry, width, height, batch)
+    ceiling = predict(entry, current, device, width, height, batch).host_peak_gib
+    unknown_ram = replace(device, ram_gib=None, ram_available_gib=None)
+    choice = choose_profile(entry, unknown_ram, width, height, batch, margin_gib)
+    lighter = [c for c in choice.candidates if c.fits and c.prediction.host_peak_gib < ceiling]
+    if not lighter:
+        return None
+    return min(lighter, key=lambda c: c.prediction.seconds_per_job(choice.steps)).profile

@@ -2,15 +2,25 @@
 
     peak = reserve + max over stages (weights resident in that stage + activations of that stage)
 
-Stages: text encode, denoise, decode. Weights are each component's parameters times the bytes per parameter
+Stages: load, text encode, denoise, decode. Weights are each component's parameters times the bytes per parameter
 of its format (profiles.component_formats), with the parts a quantizer leaves alone counted at their own
 width (catalog: `unquantized_params`, `keep_fp32_params`). What is resident per stage follows the placement,
 as actors/loading.py applies it:
 - gpu: every component, all the time; text encoders only while encoding unless the policy keeps them.
 - model offload (accelerate): one component at a time, so a stage holds only its own component.
-- group offload: the denoiser streams in groups, two in flight (`gpu_weights_gib`, or two blocks); VAE
-  resident; text encoders moved on to encode.
+- group offload: the denoiser streams block by block, two blocks in flight (with CUDA streams diffusers
+  runs one block per group whatever is asked); VAE resident; text encoders moved on to encode.
 - leaf offload: denoiser and encoders stream layer by layer, two layers in flight; VAE resident.
+- load: bitsandbytes quantizes on the GPU while loading (one 16-bit layer at a time beside what is already
+  there); a component whose home is host memory is loaded onto the card, quantized and parked in host memory
+  before the next one loads, so the load peak is the largest such component or the resident set.
+
+Host memory is predicted beside VRAM (`Prediction.host_gib`, `host_peak_gib`): plain copies in host memory
+for what waits there (model offload, encoders under cache-and-offload), pinned copies of everything streamed
+with CUDA streams (diffusers pins a copy of every streamed tensor; torch's pinned allocator rounds each one
+up to a power of two: `Component.pinned_factor`), and the setup transients: `from_pretrained` materialises
+every component it loads in host memory before placement moves it, and group offload pins its copies while
+the pageable ones still exist.
 
 What the prediction means: `peak_gib` is the memory the device must have: torch's peak *reserved* memory
 (`torch.cuda.max_memory_reserved`, allocator fragmentation included) plus the CUDA context, which torch does
@@ -61,6 +71,12 @@ TEXT_ENCODER_ACTIVATION_VECTORS = 16.0  # small either way: T5-XXL, 512 tokens ~
 # fp16 and fp32: scaled from SD 1.5 / SDXL published peak-allocated figures (~1.6 and ~3.9 KiB/px) by the
 # reserved/allocated ratio seen on Flux: rough.
 DECODE_KIB_PER_PX = {ComputeDtype.FP16: 2.75, ComputeDtype.BF16: 4.0, ComputeDtype.FP32: 6.5}
+# A full decode of a batch: each image after the first adds this fraction of the first's figure (which was
+# fitted at batch 1 on reserved memory, workspace and upcast buffers included, that a batch does not
+# repeat). Fitted on one published batch run (diffusers-torchao, Flux.1-dev bf16 batch 8 on an H100,
+# `fitted: true` in configs/published_figures.yaml); the batch 4 and 16 runs and SDXL's batch-4 runs are
+# held out (bench/vram_calibration.py).
+DECODE_BATCH_SLOPE = 0.5
 VAE_TILE_PX = 512  # tiled decode works on 512x512-pixel tiles (pipelines set the VAE's tile size to this)
 
 # --- speed constants ---------------------------------------------------------------------------------
@@ -82,7 +98,18 @@ DEQUANT_REFERENCE_GBPS = 3350.0
 STREAM_EFFICIENCY = {Placement.GROUP_OFFLOAD: 0.7, Placement.LEAF_OFFLOAD: 0.4}
 
 
+# Pinning blocks as they stream (`Profile.pin_streamed` False): the host thread copies each block into a
+# pinned buffer (memcpy, ~10 GB/s on a desktop), overlapped with the card's compute; torch's host cache keeps
+# about three blocks' buffers (computing, prefetched, just freed).
+HOST_PIN_GBPS = 10.0
+PINNED_BLOCKS_IN_CACHE = 3
+# Pageable host -> device copies (`module.to("cuda")` from plain host memory: model offload, encoders moving
+# on to encode) reach about half the link's pinned rate.
+PAGEABLE_EFFICIENCY = 0.5
+
+
 class Stage(str, Enum):
+    LOAD = "load"
     TEXT_ENCODE = "text-encode"
     DENOISE = "denoise"
     DECODE = "decode"
@@ -98,7 +125,19 @@ class Prediction:
     reserve_gib: float  # context + allocator slack, included in every stage
     denoiser_in_flight_gib: float  # denoiser weights on the device during a denoise step
     seconds_per_step: float  # rough: one denoising step of the whole batch
+    # Host memory, GiB (0 on a CPU device, where everything is counted in `peak_gib`): what the pipeline holds
+    # there while it renders (plain copies + pinned buffers), the pinned part alone, and the most at any moment,
+    # loading included.
+    host_gib: float = 0.0
+    pinned_gib: float = 0.0
+    host_peak_gib: float = 0.0
+    # Seconds per job beside the denoising steps: moving offloaded components on and off the card.
+    seconds_per_job_overhead: float = 0.0
     measured: bool = False  # peak_gib was raised to a node's measured peak (planning.measured)
+
+    def seconds_per_job(self, steps: int) -> float:
+        """Predicted seconds for one pipeline call of `steps` denoising steps (loading not included)."""
+        return steps * self.seconds_per_step + self.seconds_per_job_overhead
 
     @property
     def allocator_peak_gib(self) -> float:
@@ -111,13 +150,19 @@ def _bytes(fmt: WeightsFormat) -> float:
 
 
 def component_bytes(component: Component, fmt: WeightsFormat, compute: ComputeDtype) -> float:
-    """Bytes of `component` stored as `fmt` when computing in `compute`."""
-    keep_fp32 = component.keep_fp32_params if fmt is WeightsFormat.FP16 or fmt.is_bnb else 0.0
+    """Bytes of `component` stored as `fmt` when computing in `compute`.
+
+    `keep_fp32_params` (T5's `wo`): transformers upcasts them to fp32 only when the model loads in fp16
+    (`_keep_in_fp32_modules`, modeling_utils), and bitsandbytes leaves them unquantized
+    (`modules_to_not_convert`), so under nf4 they sit in the compute dtype: fp32 on an fp16 card, bf16 on a
+    bf16 one. tests/actors/test_quantize.py pins both."""
+    keep = component.keep_fp32_params if fmt is WeightsFormat.FP16 or fmt.is_bnb else 0.0
+    keep_bytes = 4.0 if compute is ComputeDtype.FP16 or fmt is WeightsFormat.FP16 else _bytes(WeightsFormat(compute.value))
     if fmt.is_float:
-        return (component.params - keep_fp32) * _bytes(fmt) + keep_fp32 * 4
+        return (component.params - keep) * _bytes(fmt) + keep * keep_bytes
     left = component.unquantized_params.get(fmt.method or "", 0.0)
-    quantized = component.params - keep_fp32 - left
-    return quantized * _bytes(fmt) + left * _bytes(WeightsFormat(compute.value)) + keep_fp32 * 4
+    quantized = component.params - keep - left
+    return quantized * _bytes(fmt) + left * _bytes(WeightsFormat(compute.value)) + keep * keep_bytes
 
 
 def denoiser_bytes(entry: ModelEntry, profile: Profile) -> float:
@@ -125,12 +170,13 @@ def denoiser_bytes(entry: ModelEntry, profile: Profile) -> float:
 
 
 def _stage_weights(entry: ModelEntry, profile: Profile, sizes: dict[str, float]) -> tuple[dict[Stage, float], float]:
-    """Weight bytes on the device in each stage, and the denoiser's bytes in flight while denoising."""
+    """Weight bytes on the device in each render stage (load is `_load_weights`), and the denoiser's bytes in
+    flight while denoising."""
     den = entry.denoiser
     vae_bytes = sizes[entry.vae.name] if entry.vae else 0.0
     per_param = {c.name: sizes[c.name] / c.params for c in entry.components.values()}
 
-    def streamed(c: Component, params: float) -> float:  # two groups or layers in flight
+    def streamed(c: Component, params: float) -> float:  # two blocks or layers in flight
         return 2 * params * per_param[c.name]
 
     at = {stage: 0.0 for stage in Stage}
@@ -143,10 +189,10 @@ def _stage_weights(entry: ModelEntry, profile: Profile, sizes: dict[str, float])
         at[Stage.DENOISE] += in_flight
         at[Stage.DECODE] += vae_bytes
     else:
-        if placement is Placement.GROUP_OFFLOAD:
-            in_flight = max((profile.gpu_weights_gib or 0.0) * GIB, streamed(den, den.block_params))
-        else:
+        if placement is Placement.LEAF_OFFLOAD:
             in_flight = streamed(den, den.layer_params)
+        else:  # group offload: one block per group, two in flight
+            in_flight = streamed(den, den.block_params)
         at = {stage: vae_bytes for stage in Stage}
         at[Stage.DENOISE] += in_flight
 
@@ -161,7 +207,86 @@ def _stage_weights(entry: ModelEntry, profile: Profile, sizes: dict[str, float])
             at[Stage.TEXT_ENCODE] += max(streamed(t, t.layer_params) for t in encoders)
         else:  # moved on together to encode, off again after
             at[Stage.TEXT_ENCODE] += sum(sizes[t.name] for t in encoders)
+    at[Stage.LOAD] = 0.0
     return at, in_flight
+
+
+def host_homed(entry: ModelEntry, profile: Profile) -> set[str]:
+    """Components whose home is host memory on a card (moved on only to compute). Mirrors actors/loading.py."""
+    placement = profile.placement
+    names = {c.name for c in entry.components.values()}
+    if placement is Placement.MODEL_OFFLOAD:
+        return names
+    encoders = {t.name for t in entry.text_encoders}
+    home = set()
+    if profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD or placement is Placement.LEAF_OFFLOAD:
+        home |= encoders
+    if placement.streams:
+        home.add(entry.denoiser.name)
+    return home
+
+
+def _load_weights(
+    entry: ModelEntry, profile: Profile, formats: dict[str, WeightsFormat], sizes: dict[str, float],
+    resident_after: float,
+) -> float:
+    """Device bytes while loading. bitsandbytes components load straight onto the card and quantize there,
+    one 16-bit layer at a time; those whose home is host memory are parked there before the next loads
+    (group offload's 16-bit denoiser loads in host memory; a streamed bitsandbytes one quantizes there). The
+    rest arrive by placement after `from_pretrained`: `resident_after`."""
+    home = host_homed(entry, profile)
+    compute_bytes = _bytes(WeightsFormat(profile.compute_dtype.value))
+    parked = 0.0
+    transient = 0.0
+    for name, fmt in formats.items():
+        if not fmt.is_bnb or (profile.placement.streams and name == entry.denoiser.name):
+            continue  # a streamed denoiser loads (and quantizes) in host memory
+        component = entry.components[name]
+        transient = max(transient, component.layer_params * compute_bytes)
+        if name in home:
+            parked = max(parked, sizes[name])
+    return max(parked, resident_after) + transient
+
+
+def _host(
+    entry: ModelEntry, profile: Profile, formats: dict[str, WeightsFormat], sizes: dict[str, float],
+    compute: ComputeDtype,
+) -> tuple[float, float, float]:
+    """(host bytes while rendering, of which pinned, the most at any moment including loading)."""
+    placement = profile.placement
+    home = host_homed(entry, profile)
+    den = entry.denoiser
+    pinned = 0.0
+    plain = 0.0
+    for name in home:
+        component = entry.components[name]
+        if placement.streams and (name == den.name or placement is Placement.LEAF_OFFLOAD):
+            if profile.pin_streamed:  # diffusers pins a copy of every streamed tensor
+                pinned += sizes[name] * component.pinned_factor
+            else:  # plain copy, a few blocks' pinned buffers
+                plain += sizes[name]
+                block = component.block_params * sizes[name] / component.params
+                pinned += PINNED_BLOCKS_IN_CACHE * block * component.pinned_factor
+        else:
+            plain += sizes[name]
+    steady = plain + pinned
+    # Loading: `from_pretrained` materialises in host memory every component it loads itself (16-bit and
+    # fp8 ones at the compute dtype: fp8 storage is cast after loading; GGUF files are read there too);
+    # bitsandbytes components go straight to the card (a streamed 16-bit placement loads them in host).
+    loaded = 0.0
+    for name, fmt in formats.items():
+        if fmt.is_bnb:
+            if placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD) and name == den.name:
+                loaded += sizes[name]
+            continue
+        component = entry.components[name]
+        loaded += component_bytes(component, fmt if not fmt.is_fp8 else WeightsFormat(compute.value), compute)
+    parked_bnb = sum(sizes[n] for n, f in formats.items() if f.is_bnb and n in home and n != den.name)
+    at_load = loaded + parked_bnb
+    # Group and leaf offload pin every streamed tensor while its pageable copy still exists (all groups are
+    # built before the first hook offloads one).
+    at_pin = at_load + pinned if placement.streams and profile.pin_streamed else 0.0
+    return steady, pinned, max(steady, at_load, at_pin)
 
 
 def _activations(entry: ModelEntry, profile: Profile, width: int, height: int, batch: int) -> dict[Stage, float]:
@@ -189,12 +314,12 @@ def _activations(entry: ModelEntry, profile: Profile, width: int, height: int, b
             working = per_px * min(pixels, VAE_TILE_PX**2)
         elif profile.vae is VaeMode.SLICED:
             working = per_px * pixels
-        else:
-            working = per_px * pixels * batch
+        else:  # the first image's figure holds fixed workspace; each further one adds about half of it
+            working = per_px * pixels * (1 + DECODE_BATCH_SLOPE * (batch - 1))
         # The decoded batch stays on the device (tiled decode also holds its tiles: ~3 images' worth).
         output = batch * pixels * 3 * _bytes(WeightsFormat(vae_dtype.value)) * 3
         decode = working + output
-    return {Stage.TEXT_ENCODE: encode, Stage.DENOISE: denoise, Stage.DECODE: decode}
+    return {Stage.LOAD: 0.0, Stage.TEXT_ENCODE: encode, Stage.DENOISE: denoise, Stage.DECODE: decode}
 
 
 def _seconds_per_step(
@@ -215,11 +340,34 @@ def _seconds_per_step(
         den.params / 1e9 * DEQUANT_S_PER_GPARAM.get(profile.weights, 0.0)
         * DEQUANT_REFERENCE_GBPS / device.memory_gbps
     )
+    if not device.is_cuda:
+        return compute
     efficiency = STREAM_EFFICIENCY.get(profile.placement)
-    if efficiency and device.is_cuda:
+    if efficiency:
         # The whole denoiser crosses PCIe every step; CUDA streams overlap that with compute.
-        return max(compute, den_bytes / (device.pcie_gbps * 1e9 * efficiency))
+        streaming = den_bytes / (device.pcie_gbps * 1e9 * efficiency)
+        if not profile.pin_streamed:
+            streaming = max(streaming, den_bytes / (HOST_PIN_GBPS * 1e9))
+        return max(compute, streaming)
     return compute
+
+
+def _seconds_per_job_overhead(entry: ModelEntry, profile: Profile, device: Device, sizes: dict[str, float]) -> float:
+    """Seconds each pipeline call spends moving components between host and card (pageable copies): model
+    offload brings every component on and takes it off again; cache-and-offload brings the encoders on for
+    a prompt it has not cached (counted: a studio batch rarely repeats a prompt)."""
+    if not device.is_cuda:
+        return 0.0
+    rate = device.pcie_gbps * 1e9 * PAGEABLE_EFFICIENCY
+    if profile.placement is Placement.MODEL_OFFLOAD:
+        moved = sum(sizes.values())
+    elif profile.placement is Placement.LEAF_OFFLOAD:
+        moved = 0.0  # the encoders stream like the denoiser
+    elif profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD:
+        moved = sum(sizes[t.name] for t in entry.text_encoders)
+    else:
+        moved = 0.0
+    return 2 * moved / rate  # on, then off again
 
 
 def predict(
@@ -234,6 +382,15 @@ def predict(
     }
     weights, in_flight = _stage_weights(entry, profile, sizes)
     activations = _activations(entry, profile, width, height, batch)
+    if device.is_cuda:
+        resident_after = min(weights[s] for s in (Stage.TEXT_ENCODE, Stage.DENOISE, Stage.DECODE))
+        if profile.placement is Placement.MODEL_OFFLOAD:  # accelerate's hooks start with everything in host
+            resident_after = 0.0
+        weights[Stage.LOAD] = _load_weights(entry, profile, formats, sizes, resident_after)
+        host, pinned, host_peak = _host(entry, profile, formats, sizes, profile.compute_dtype)
+    else:  # a CPU computes where its weights live: they are all counted in the peak already
+        weights[Stage.LOAD] = max(weights.values())
+        host = pinned = host_peak = 0.0
     reserve = CONTEXT_GIB + ALLOCATOR_SLACK_GIB
     stage_peaks = {stage: reserve + (weights[stage] + activations[stage]) / GIB for stage in Stage}
     peak_stage = max(stage_peaks, key=stage_peaks.__getitem__)
@@ -248,21 +405,28 @@ def predict(
         seconds_per_step=_seconds_per_step(
             entry, profile, device, sizes[entry.denoiser.name], width, height, batch
         ),
+        host_gib=host / GIB,
+        pinned_gib=pinned / GIB,
+        host_peak_gib=host_peak / GIB,
+        seconds_per_job_overhead=_seconds_per_job_overhead(entry, profile, device, sizes),
     )
 
 
 def plan_report(
     entry: ModelEntry, device: Device, width: int, height: int, batch: int = 1,
     margin_gib: float = DEFAULT_MARGIN_GIB,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """What `renderfarm plan` prints as JSON: the device, the chosen profile and every candidate."""
-    choice = choose_profile(entry, device, width, height, batch, margin_gib)
+    choice = choose_profile(entry, device, width, height, batch, margin_gib, steps=steps)
     return {
         "model": entry.name,
         "device": device.as_dict(),
         "size": [width, height],
         "batch": batch,
         "margin_gib": margin_gib,
+        "steps": choice.steps,
+        "host_usable_gib": round(device.host_budget_gib, 2) if device.host_budget_gib is not None else None,
         "chosen": choice.chosen.name if choice.chosen else None,
         "reason": choice.reason,
         "candidates": [
@@ -272,12 +436,16 @@ def plan_report(
                 "text_encoder_weights": (c.profile.text_encoder_weights or c.profile.weights).value,
                 "compute_dtype": c.profile.compute_dtype.value,
                 "placement": c.profile.placement.value,
-                "gpu_weights_gib": c.profile.gpu_weights_gib,
                 "vae": c.profile.vae.value,
                 "vae_dtype": (c.profile.vae_dtype or c.profile.compute_dtype).value,
                 "predicted_peak_gib": round(c.prediction.peak_gib, 2),
                 "peak_stage": c.prediction.peak_stage.value,
+                "stage_peaks_gib": {k.value: round(v, 2) for k, v in c.prediction.stage_peaks_gib.items()},
+                "host_gib": round(c.prediction.host_gib, 2),
+                "host_peak_gib": round(c.prediction.host_peak_gib, 2),
+                "pinned_gib": round(c.prediction.pinned_gib, 2),
                 "seconds_per_step": round(c.prediction.seconds_per_step, 3),
+                "seconds_per_job": round(c.prediction.seconds_per_job(choice.steps), 2),
                 "fits": c.fits,
                 "reason": c.reason,
             }

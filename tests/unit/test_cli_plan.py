@@ -80,3 +80,32 @@ def test_bench_sim_missing_trace_is_one_clear_line(capsys, tmp_path):
     assert main(["bench", "sim", "--trace", str(tmp_path / "none.jsonl")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "none.jsonl" in err
+
+
+def test_ram_shows_host_memory_and_refuses_what_the_machine_cannot_hold(capsys):
+    code, report = plan(capsys, "--model", "flux-dev", "--gpu", "RTX 3070", "--vram", "7.6", "--ram", "16")
+    assert code == 0 and report["device"]["ram_gib"] == 16
+    assert report["host_usable_gib"] == 12.5 and report["steps"] == 28
+    c = chosen(report)
+    assert c["host_peak_gib"] <= report["host_usable_gib"] and c["predicted_peak_gib"] <= 7.1
+    assert {"host_gib", "host_peak_gib", "pinned_gib", "stage_peaks_gib", "seconds_per_job"} <= set(c)
+    assert c["stage_peaks_gib"]["load"] <= c["predicted_peak_gib"]
+    refused = [x for x in report["candidates"] if "host RAM" in x["reason"]]
+    assert refused and all(not x["fits"] and x["host_peak_gib"] > 12.5 for x in refused)
+    # without --ram nothing is refused for host memory
+    _, unchecked = plan(capsys, "--model", "flux-dev", "--gpu", "RTX 3070", "--vram", "7.6")
+    assert unchecked["host_usable_gib"] is None
+    assert not any("host RAM" in x["reason"] for x in unchecked["candidates"])
+
+
+def test_human_plan_shows_both_memory_columns(capsys):
+    assert main(["plan", "--model", "flux-dev", "--vram", "24", "--gpu", "Quadro RTX 6000", "--ram", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "VRAM GiB" in out and "host GiB" in out and "s/job" in out and "RAM 64 GiB" in out
+    assert "chosen: nf4:" in out and "predicted fastest" in out
+
+
+def test_bad_ram_is_one_line(capsys):
+    assert main(["plan", "--model", "flux-dev", "--vram", "8", "--ram", "-4"]) != 0
+    err = capsys.readouterr().err
+    assert "--ram: must be positive" in err and "Traceback" not in err

@@ -39,7 +39,8 @@ OFFLOADED = [r for r in PUBLISHED if r.placement is Placement.MODEL_OFFLOAD]
 
 @pytest.mark.parametrize("ref", ON_GPU, ids=[r.weights.value for r in ON_GPU])
 def test_flux_dev_peaks_match_the_published_h100_runs(cat, ref):
-    loaded, peak = ref.loaded_gib, ref.peak_gib
+    wo = cat.get("flux-dev").components["text_encoder_2"].keep_fp32_params
+    loaded, peak = ref.like_for_like_gib(ref.loaded_gib, wo), ref.like_for_like_gib(ref.peak_gib, wo)
     prediction = predict(cat.get("flux-dev"), reference_profile(ref.weights, ref.text_encoder_weights), H100, 1024, 1024)
     assert prediction.peak_gib == pytest.approx(peak, rel=0.10)  # the requirement
     assert prediction.allocator_peak_gib == pytest.approx(peak, rel=0.03)  # like for like
@@ -81,8 +82,10 @@ def test_component_bytes_follow_each_format_and_its_exceptions(cat):
     assert gib(t5, WeightsFormat.BF16) == pytest.approx(4.762e9 * 2 / GIB)
     # In fp16 transformers keeps T5's `wo` in fp32 (it overflows fp16): larger than bf16.
     assert gib(t5, WeightsFormat.FP16, ComputeDtype.FP16) - gib(t5, WeightsFormat.BF16) == pytest.approx(1.007e9 * 2 / GIB)
-    # bitsandbytes keeps `wo` in fp32 as well: nf4 T5 is ~5.9 GiB, not 2.5.
-    assert gib(t5, WeightsFormat.NF4) == pytest.approx(5.9, abs=0.1)
+    # bitsandbytes leaves `wo` unquantized, in the compute dtype (transformers 5): nf4 T5 is ~4.0 GiB under
+    # bf16, ~5.9 under fp16 (fp32 `wo`), never 2.5.
+    assert gib(t5, WeightsFormat.NF4) == pytest.approx(4.0, abs=0.1)
+    assert gib(t5, WeightsFormat.NF4, ComputeDtype.FP16) == pytest.approx(5.9, abs=0.1)
     # fp8 layerwise casting leaves the *norm* linears in the compute dtype.
     assert gib(transformer, WeightsFormat.FP8_E4M3FN) == pytest.approx((8.65e9 + 3.25e9 * 2) / GIB)
     assert gib(transformer, WeightsFormat.GGUF_Q8_0) < gib(transformer, WeightsFormat.FP8_E4M3FN)
@@ -108,8 +111,8 @@ def test_placement_decides_what_is_resident_per_stage(cat):
     group = next(p for p in ladder(flux, H100) if p.placement is Placement.GROUP_OFFLOAD)
     two_blocks = 2 * 339.8e6 * 2 / GIB
     assert predict(flux, group, H100, 1024, 1024).denoiser_in_flight_gib == pytest.approx(two_blocks)
-    budgeted = replace(group, gpu_weights_gib=6.0)
-    assert predict(flux, budgeted, H100, 1024, 1024).denoiser_in_flight_gib == 6.0
+    # diffusers runs one block per group with streams: there is no budget to raise it
+    assert not hasattr(group, "gpu_weights_gib")
 
 
 def test_cpu_holds_fp32_weights_and_no_context_is_special(cat):
@@ -133,7 +136,8 @@ def test_tiled_vae_bounds_decode_memory(cat):
 
     assert decode(full, 2048) - decode(full, 1024) > 10  # full decode grows with pixels
     assert decode(tiled, 2048) - decode(tiled, 1024) < 0.3  # tiles bound it (the output buffer still grows)
-    assert decode(full, 1024, 4) > 3 * decode(full, 1024, 1) - 3
+    # a full decode grows with the batch, each further image by DECODE_BATCH_SLOPE of the first's working set
+    assert decode(full, 1024, 4) - decode(full, 1024, 1) > 3 * 0.4 * (decode(full, 1024, 1) - 1)
     assert decode(tiled, 1024, 4) - decode(tiled, 1024, 1) < 0.3  # tiled decodes one image at a time
     sliced = full.with_vae(VaeMode.SLICED)
     assert decode(sliced, 1024, 4) < decode(full, 1024, 4)
@@ -243,3 +247,47 @@ def test_planning_imports_no_torch_ray_or_redis():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- load stage, host memory, time per job (issue: profiles that survive real cards) -----------------
+
+
+def test_bnb_model_offload_loads_one_quantized_component_at_a_time(cat):
+    """nf4 + model offload: the nf4 T5 is parked in host memory before the nf4 transformer loads, so the load
+    peak is the larger of the two (plus one 16-bit layer being quantized), never their sum (~10.8 GiB)."""
+    flux = cat.get("flux-dev")
+    rung = next(r for r in ladder(flux, RTX3070) if r.name == "nf4+model-offload")
+    p = predict(flux, rung, RTX3070, 1024, 1024)
+    den, t5 = p.weights_gib["transformer"], p.weights_gib["text_encoder_2"]
+    load = p.stage_peaks_gib[Stage.LOAD] - p.reserve_gib
+    assert max(den, t5) <= load < max(den, t5) + 0.5
+    assert load < den + t5 - 1
+
+
+def test_group_offload_pins_every_streamed_tensor_rounded_to_a_power_of_two(cat):
+    flux = cat.get("flux-dev")
+    rungs = {r.name: r for r in ladder(flux, RTX3070)}
+    group = predict(flux, rungs["bf16+te-nf4+group-offload"], RTX3070, 1024, 1024)
+    assert group.pinned_gib == pytest.approx(34.7, abs=0.2)  # 22.2 GiB of bf16 blocks
+    # setup: the pageable copy still exists while the pinned one is made
+    assert group.host_peak_gib > group.pinned_gib + 22
+    lean = predict(flux, rungs["nf4+group-offload+pin-per-step"], RTX3070, 1024, 1024)
+    assert lean.pinned_gib < 1 and lean.host_peak_gib < 12
+    resident = predict(flux, rungs["nf4"], RTX3070, 1024, 1024)
+    assert resident.pinned_gib == 0 and resident.host_gib == pytest.approx(resident.weights_gib["text_encoder_2"]
+                                                                           + resident.weights_gib["text_encoder"])
+
+
+def test_a_cpu_device_has_no_separate_host_memory(cat):
+    tiny = cat.get("tiny-flux")
+    p = predict(tiny, ladder(tiny, CPU)[0], CPU, 64, 64)
+    assert p.host_gib == p.host_peak_gib == p.pinned_gib == 0
+
+
+def test_model_offload_pays_a_move_per_job_and_resident_does_not(cat):
+    flux = cat.get("flux-dev")
+    rungs = {r.name: r for r in ladder(flux, QUADRO)}
+    offload = predict(flux, rungs["fp8-e4m3fn+model-offload"], QUADRO, 1024, 1024)
+    resident = predict(flux, rungs["nf4"], QUADRO, 1024, 1024)
+    assert offload.seconds_per_job_overhead > resident.seconds_per_job_overhead > 0
+    assert offload.seconds_per_job(28) == pytest.approx(28 * offload.seconds_per_step + offload.seconds_per_job_overhead)
