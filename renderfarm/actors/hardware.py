@@ -60,14 +60,51 @@ def probe_cpu() -> DeviceProbe:
     )
 
 
-def probe_device(index: int = 0) -> Any:
-    """The device this process renders on, as a `renderfarm.planning.devices.Device`."""
+def probe_device(index: int = 0, disk_path: str | os.PathLike | None = None) -> Any:
+    """The device this process renders on, as a `renderfarm.planning.devices.Device`, with the machine's RAM
+    (total, and available now) and the free disk at `disk_path` (the worker's cache folder)."""
     from renderfarm.planning.devices import (
         device_from_spec,  # planning stays importable without torch
     )
 
     found = probe(index)
-    return device_from_spec(found.name, found.memory_gib, found.compute_capability)
+    return device_from_spec(found.name, found.memory_gib, found.compute_capability, **host_memory(disk_path))
+
+
+def host_memory(disk_path: str | os.PathLike | None = None) -> dict[str, float | None]:
+    """`ram_gib`, `ram_available_gib` (MemAvailable: what can be had without swapping) and `disk_free_gib`
+    at `disk_path`, rounded to 0.01 GiB; None for what the platform will not say."""
+    total = system_memory_bytes()
+    available = available_memory_bytes()
+    disk = None
+    if disk_path is not None:
+        try:
+            import shutil
+
+            path = os.fspath(disk_path)
+            while path and not os.path.exists(path):
+                path = os.path.dirname(path)
+            disk = shutil.disk_usage(path or ".").free
+        except OSError:
+            disk = None
+    gib = 2**30
+    return {
+        "ram_gib": round(total / gib, 2) if total else None,
+        "ram_available_gib": round(available / gib, 2) if available else None,
+        "disk_free_gib": round(disk / gib, 2) if disk else None,
+    }
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def cpu_model_name() -> str:

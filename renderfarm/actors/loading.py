@@ -182,6 +182,14 @@ def _checked_source(entry: ModelEntry, cache_dir: Path | None) -> str:
     return str(path)
 
 
+def _park(module: torch.nn.Module, host: torch.device) -> None:
+    """Move a just-loaded quantized component to host memory before the next one loads, and give its device
+    memory back."""
+    module.to(host)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _from_pretrained(pipeline_cls: type, entry: ModelEntry, source: str, dtype: torch.dtype, **components):
     try:
         return pipeline_cls.from_pretrained(source, **components, **{_DTYPE_KWARG: dtype})
@@ -217,20 +225,39 @@ def _load_with_profile(
     denoiser_name = DENOISERS[family]
     denoiser_cls = getattr(diffusers, quantize.denoiser_class(family))
     notes: list[str] = []
-    # Quantized weights load straight onto the device, except what group/leaf offload streams: that loads
-    # into host memory, so the GPU never holds the whole model (bitsandbytes then quantizes on the CPU).
+    # bitsandbytes quantizes while loading, on the device it loads onto. Quantized weights load straight onto
+    # the device, except what group/leaf offload streams from host memory: that loads into host memory, so
+    # the GPU never holds the whole model (bitsandbytes then quantizes on the CPU). A quantized component
+    # whose home is host memory (everything under model offload; T5 under cache-and-offload) is parked there
+    # as soon as it has loaded, so two quantized models are never on the card at once: the load peak is the
+    # largest component (planning/vram.py's load stage).
     host = torch.device("cpu")
-    streamed = device.type != "cpu" and profile.placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
-    denoiser_device = host if streamed else device
-    encoder_device = host if device.type != "cpu" and profile.placement is Placement.LEAF_OFFLOAD else device
+    on_card = device.type != "cpu"
+    from_host = on_card and profile.placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
+    denoiser_device = host if from_host else device
+    encoder_device = host if on_card and profile.placement is Placement.LEAF_OFFLOAD else device
+    park_denoiser = on_card and profile.placement is Placement.MODEL_OFFLOAD
+    park_encoder = on_card and profile.placement is not Placement.LEAF_OFFLOAD and (
+        profile.placement is Placement.MODEL_OFFLOAD or profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD
+    )
 
     components: dict[str, Any] = {}
     try:
+        if large_encoder and text_weights is not None and text_weights.is_bnb:
+            from transformers import T5EncoderModel
+
+            components[large_encoder] = quantize.load_bnb_text_encoder(
+                T5EncoderModel, source, large_encoder, text_weights, compute, encoder_device
+            )
+            if park_encoder:
+                _park(components[large_encoder], host)
         if weights.is_bnb:
             components[denoiser_name] = quantize.load_bnb_denoiser(
                 denoiser_cls, source, denoiser_name, weights, compute, denoiser_device,
                 dtype_kwarg=_DTYPE_KWARG,
             )
+            if park_denoiser:
+                _park(components[denoiser_name], host)
             if device.type == "cpu" and not torch.cuda.is_available():
                 notes.append("bitsandbytes on CPU: diffusers' 'No GPU found' check bypassed at load "
                              "(quantize.bnb_without_gpu_check)")
@@ -256,12 +283,6 @@ def _load_with_profile(
             # keep bf16's rounding).
             components["vae"] = diffusers.AutoencoderKL.from_pretrained(
                 source, subfolder="vae", **{_DTYPE_KWARG: vae_dtype}
-            )
-        if large_encoder and text_weights is not None and text_weights.is_bnb:
-            from transformers import T5EncoderModel
-
-            components[large_encoder] = quantize.load_bnb_text_encoder(
-                T5EncoderModel, source, large_encoder, text_weights, compute, encoder_device
             )
     except OSError as exc:
         raise ModelSourceError(f"cannot load model {entry.name!r} as {weights.value}: {exc}") from exc
@@ -335,8 +356,8 @@ def _apply_placement(
         if placement is Placement.MODEL_OFFLOAD:
             notes.append("cpu: model offload needs an accelerator; every component stays resident")
             return "resident", False
-        if placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD):
-            applied = _group_offload(pipe, denoiser, encoders, placement, profile, device, use_stream=False)
+        if placement.streams:
+            applied = _group_offload(pipe, denoiser, encoders, profile, device, use_stream=False)
             notes.append("cpu: group-offload hooks run without CUDA streams; weights stay in host memory")
             return applied, False
         return "resident", False
@@ -358,8 +379,8 @@ def _apply_placement(
         else:
             _move(component, device)
     applied = "resident"
-    if placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD):
-        applied = _group_offload(pipe, denoiser, encoders, placement, profile, device, use_stream=True)
+    if placement.streams:
+        applied = _group_offload(pipe, denoiser, encoders, profile, device, use_stream=True)
     return applied, offload_encoders and placement is not Placement.LEAF_OFFLOAD
 
 
@@ -394,35 +415,41 @@ def _group_offload(
     pipe: Any,
     denoiser: torch.nn.Module,
     encoders: list[str],
-    placement: Placement,
     profile: Profile,
     device: torch.device,
     use_stream: bool,
 ) -> str:
+    """Install diffusers' group-offloading hooks. Block level runs ONE block per group: with CUDA streams
+    diffusers resets any other `num_blocks_per_group` to 1 (hooks/group_offloading.py; tests/actors pin it),
+    so asking for more would only describe something that never runs."""
     from diffusers.hooks import apply_group_offloading
 
+    placement = profile.placement
     offload = torch.device("cpu")
     streams = "streams" if use_stream else "no streams"
+    # Pinned copies of everything (diffusers' default) or blocks pinned as they go (`low_cpu_mem_usage`).
+    lean = {"low_cpu_mem_usage": True} if use_stream and not profile.pin_streamed else {}
+    if use_stream:
+        streams += ", pinned copies" if profile.pin_streamed else ", pinned per step"
     streamed = [denoiser]
     if placement is Placement.LEAF_OFFLOAD:
         streamed += [getattr(pipe, name) for name in encoders]
     for module in streamed:
         _move(module, offload)  # group offloading starts from the offload device
     if placement is Placement.GROUP_OFFLOAD:
-        per_group = blocks_per_group(denoiser, profile.gpu_weights_gib)
         denoiser.enable_group_offload(
             onload_device=device, offload_device=offload, offload_type="block_level",
-            num_blocks_per_group=per_group, use_stream=use_stream,
+            num_blocks_per_group=1, use_stream=use_stream, **lean,
         )
-        applied = f"group-offload (block_level, {per_group} blocks/group, {streams})"
+        applied = f"group-offload (block_level, 1 block/group, {streams}; 2 blocks in flight)"
     else:
         denoiser.enable_group_offload(
-            onload_device=device, offload_device=offload, offload_type="leaf_level", use_stream=use_stream
+            onload_device=device, offload_device=offload, offload_type="leaf_level", use_stream=use_stream, **lean
         )
         for module in streamed[1:]:
             apply_group_offloading(
                 module, onload_device=device, offload_device=offload, offload_type="leaf_level",
-                use_stream=use_stream,
+                use_stream=use_stream, **lean,
             )
         applied = f"leaf-offload (leaf_level, denoiser and text encoders, {streams})"
     for module in streamed:
@@ -438,21 +465,6 @@ def _bnb_scales_to(module: torch.nn.Module, device: torch.device) -> None:
         quant_state = getattr(parameter, "quant_state", None)
         if quant_state is not None and hasattr(quant_state, "to"):
             quant_state.to(device)
-
-
-def blocks_per_group(denoiser: torch.nn.Module, gpu_weights_gib: float | None) -> int:
-    """How many denoiser blocks one offload group holds so that `gpu_weights_gib` of weights stay resident.
-
-    With CUDA streams the next group is copied while the current one computes, so two groups are on the
-    GPU at once: a group gets half the budget. No budget: one block per group (the most frugal).
-    """
-    blocks = [
-        block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child
-    ]
-    if not blocks or not gpu_weights_gib:
-        return 1
-    largest = max(module_bytes(block) for block in blocks) or 1
-    return max(1, min(len(blocks), int(gpu_weights_gib * 2**30 // (2 * largest))))
 
 
 def module_bytes(module: torch.nn.Module, on: str | None = None) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from renderfarm.actors.embeddings import EmbeddingCache, EmbeddingKey
+from renderfarm.actors.escalation import is_out_of_memory as _is_out_of_memory
 from renderfarm.actors.infotext import a1111_parameters, png_bytes, sampler_info
 from renderfarm.actors.loading import (
     PipelineInfo,
@@ -98,10 +99,13 @@ class PipelineCache:
             profile=profile,
         )
 
-    def get(self, entry: ModelEntry, profile: Profile | None = None) -> tuple[Any, float]:
+    def get(
+        self, entry: ModelEntry, profile: Profile | None = None, host_room: Callable[[int], bool] | None = None
+    ) -> tuple[Any, float]:
         """The pipeline of `entry` under `profile` and the seconds spent loading it now (0.0 when already
         loaded). A profile that differs only in its VAE mode reuses the loaded pipeline and switches the
-        mode."""
+        mode. `host_room(bytes the other pipelines hold in host memory)` says whether the new one's host
+        memory fits beside them: while it does not, the least recently used is evicted first."""
         key = pipeline_key(entry.name, profile)
         with self._lock:
             if key in self._pipelines:
@@ -113,6 +117,9 @@ class PipelineCache:
             # Evict before loading: the memory must be free before the next model arrives.
             while len(self._pipelines) >= self.max_pipelines:
                 self._evict_key(next(iter(self._pipelines)))
+            if host_room is not None:
+                while self._pipelines and not host_room(self.host_bytes_loaded()):
+                    self._evict_key(next(iter(self._pipelines)))
             expected = self._seen_bytes.get(key, 0)
             if self.max_bytes is not None and expected:
                 while self._pipelines and self.bytes_loaded() + expected > self.max_bytes:
@@ -144,6 +151,12 @@ class PipelineCache:
         with self._lock:
             return sum(self._bytes.values())
 
+    def host_bytes_loaded(self) -> int:
+        """Weight bytes the loaded pipelines hold in host memory now (offloaded components, pinned copies of
+        streamed ones; on a CPU device, everything)."""
+        with self._lock:
+            return sum(pipeline_bytes(pipe, on="cpu") for pipe in self._pipelines.values())
+
     def evict(self, name: str, profile: Profile | None = None) -> bool:
         """Drop the pipelines of model `name` (only the one under `profile` when given); False if none was
         loaded."""
@@ -173,23 +186,8 @@ class PipelineCache:
 
 # --- out of memory ------------------------------------------------------------------------------------------
 
-_OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "can't allocate memory")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception it was raised from) is an out-of-memory error: torch.OutOfMemoryError,
-    a RuntimeError saying "CUDA out of memory" / "CUDA error: out of memory" / CUBLAS_STATUS_ALLOC_FAILED,
-    or the CPU allocator's "can't allocate memory"."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, torch.OutOfMemoryError):
-            return True
-        if isinstance(current, RuntimeError) and any(m in str(current).lower() for m in _OOM_MESSAGES):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+# One definition of an out-of-memory error for the worker and its tests (re-exported here).
+is_out_of_memory = _is_out_of_memory
 
 
 def _recover_after_failure(pipe: Any, device: torch.device) -> None:
@@ -230,6 +228,8 @@ class RenderResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
     peak_growth_mb: float = 0.0  # the peak less what was on the device when the render began
+    # CUDA: torch's peak *reserved* memory (what the planner predicts, less the context); 0.0 elsewhere.
+    peak_reserved_mb: float = 0.0
     # Distinct prompts of the whole batch encoded now / taken from the embedding cache.
     encoded_prompts: int = 0
     cached_prompts: int = 0
@@ -316,6 +316,7 @@ def render_batch(
             decode_start = time.perf_counter()
 
             images = _decode(pipe, family, latents, height=height, width=width, device=device)
+            _offload_after_decode(pipe)
             _synchronize(device)
             decode_end = time.perf_counter()
     except BaseException:
@@ -368,6 +369,7 @@ def render_batch(
                 timings=dict(timings),
                 peak_memory_mb=peak.mb,
                 peak_growth_mb=peak.growth_mb,
+                peak_reserved_mb=peak.reserved_mb,
                 encoded_prompts=encoded,
                 cached_prompts=cached,
             )
@@ -506,6 +508,15 @@ _ENCODERS = {"sd15": _encode_sd15, "sdxl": _encode_sdxl, "flux": _encode_flux}
 # --- VAE decoding, per family (as each pipeline does it after its denoising loop) -----------------------
 
 
+def _offload_after_decode(pipe: Any) -> None:
+    """Model offload: the pipeline call frees its hooks when it returns (`maybe_free_model_hooks`), but we
+    decode after it returns, so accelerate's hook brings the VAE onto the card and nothing takes it off: it
+    would sit there through the next render's encode and denoise. Free the hooks again, as the pipeline's
+    own decode would have."""
+    if getattr(pipe, "_all_hooks", None):
+        pipe.maybe_free_model_hooks()
+
+
 def _decode(pipe: Any, family: str, latents: torch.Tensor, height: int, width: int, device: torch.device):
     vae = pipe.vae
     # With offloading the VAE's weights may sit elsewhere than where it computes.
@@ -564,6 +575,7 @@ class _PeakMemory:
         self.device = device
         self.mb = 0.0
         self.growth_mb = 0.0
+        self.reserved_mb = 0.0
         self._start_allocated = 0
         self._start_rss = 0
         self._peak_rss = 0
@@ -593,6 +605,7 @@ class _PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
             self.mb = peak / 2**20
             self.growth_mb = max(0, peak - self._start_allocated) / 2**20
+            self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / 2**20
             return
         if self._thread is not None:
             self._stop.set()

@@ -32,18 +32,16 @@ from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.jobs import Job
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.devices import Device, device_from_declaration
+from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.planning.profiles import (
     DEFAULT_MARGIN_GIB,
     Profile,
     choose_profile,
     next_rung,
+    next_rung_for_host,
 )
 
 log = logging.getLogger(__name__)
-
-
-class DoesNotFit(RuntimeError):
-    """No profile of the model fits this node's card at this size (the planner's reason attached)."""
 
 
 class RenderWorker:
@@ -74,14 +72,14 @@ class RenderWorker:
         if self.device == "cuda":  # a real card describes itself (Ray sets CUDA_VISIBLE_DEVICES per actor)
             from renderfarm.actors.hardware import probe_device
 
-            self.card: Device = probe_device(0)
+            self.card: Device = probe_device(0, disk_path=self.settings.cache_dir)
             node = {**node, "gpu": self.card.name, "vram_gib": round(self.card.vram_gib, 2),
                     "compute_capability": self.card.cc_text}
         else:
             torch.set_num_threads(self.settings.torch_threads or max(1, (os.cpu_count() or 1)))
             self.card = device_from_declaration(NodeDeclaration(
                 name=name, vram_gib=node["vram_gib"], compute_capability=node.get("compute_capability", "8.6"),
-                gpu=node.get("gpu"),
+                gpu=node.get("gpu"), ram_gib=node.get("ram_gib"),
             ))
         reserve = float(node.get("reserve_gib") or 0.0)
         if reserve:  # a node override: VRAM kept free for something else; the planner never sees it
@@ -92,8 +90,12 @@ class RenderWorker:
         self.cache = PipelineCache(
             cache_dir=self.settings.cache_dir, device=self.device, max_bytes=int(budget_gib * 2**30)
         )
+        from renderfarm.actors.hardware import host_memory
+
         self.node = {
             **node,
+            # What this machine really has (a simulated node plans against its declared `ram_gib`, if any).
+            "host": host_memory(self.settings.cache_dir),
             "device": self.device,
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
@@ -109,6 +111,7 @@ class RenderWorker:
             "render_seconds": 0.0,
             "last_s_per_step": None,
             "oom_escalations": 0,
+            "host_memory_escalations": 0,  # of those, host RAM (a pinned allocation) rather than VRAM
             "stopped_cancelled": 0,  # renders stopped between two steps because their jobs were cancelled
             "stopped_timeout": 0,  # renders stopped at their time limit
         }
@@ -253,44 +256,45 @@ class RenderWorker:
     def _render_escalating(
         self, entry: ModelEntry, requests: list[Any], should_stop: Any = None
     ) -> tuple[list[Any], Profile | None, float, float, list[str], int]:
-        """Render, walking down the ladder on out-of-memory errors until a rung succeeds or the floor
-        fails too. Returns (results, the profile that rendered, seconds reading weights, seconds placing
-        them on the device, escalations, weight bytes on the device when the render began)."""
+        """Render, walking down the ladder on out-of-memory errors (while loading or rendering) until a rung
+        succeeds or the floor fails too (actors/escalation.py). Returns (results, the profile that rendered,
+        seconds reading weights, seconds placing them on the device, escalations, weight bytes on the device
+        when the render began)."""
+        from renderfarm.actors.escalation import render_escalating
         from renderfarm.actors.loading import pipeline_bytes
-        from renderfarm.actors.pipelines import is_out_of_memory, render_batch
+        from renderfarm.actors.pipelines import render_batch
 
         width, height = requests[0].width, requests[0].height
         images = sum(r.num_images for r in requests)
-        profile = self.profile_for(entry, width, height, images)
-        escalations: list[str] = []
-        load_total = move_total = 0.0
-        while True:
-            pipe, load_s = self.cache.get(entry, profile)
-            if load_s:  # loaded now: placing the weights on the device is its own stage
-                move_total += pipe.renderfarm_info.move_s
-                load_total += load_s - pipe.renderfarm_info.move_s
-            resident = pipeline_bytes(pipe, on=self.device)
-            try:
-                results = render_batch(pipe, entry, requests, should_stop=should_stop)
-                return results, profile, load_total, move_total, escalations, resident
-            except Exception as exc:
-                if not is_out_of_memory(exc) or profile is None:
-                    raise
-                lower = next_rung(entry, self.card, profile, width, height, images)
-                if lower is None:
-                    raise DoesNotFit(
-                        f"out of memory with {profile.name}, the most frugal profile of {entry.name} at "
-                        f"{width}x{height} on {self.name}"
-                    ) from exc
-                step = f"{profile.name} -> {lower.name}"
-                log.warning("node %s: out of memory rendering %s %dx%d: %s", self.name, entry.name, width, height, step)
-                escalations.append(step)
-                self.stats["oom_escalations"] += 1
-                self.escalated[(entry.name, width, height)] = lower
-                if lower.base_name != profile.base_name:
-                    self.cache.evict(entry.name, profile)  # free the heavier rung before loading the next
-                _release_memory()
-                profile = lower
+
+        def stepped(step: str, lower: Profile, host: bool) -> None:
+            self.stats["oom_escalations"] += 1
+            if host:
+                self.stats["host_memory_escalations"] += 1
+            self.escalated[(entry.name, width, height)] = lower
+
+        outcome = render_escalating(
+            self.cache, entry, self.profile_for(entry, width, height, images),
+            render=lambda pipe: render_batch(pipe, entry, requests, should_stop=should_stop),
+            lower_for_vram=lambda p: next_rung(entry, self.card, p, width, height, images),
+            lower_for_host=lambda p: next_rung_for_host(entry, self.card, p, width, height, images),
+            resident_bytes=lambda pipe: pipeline_bytes(pipe, on=self.device),
+            host_room=lambda p: self._host_room(entry, p, width, height, images),
+            on_step=stepped, where=f"node {self.name} at {width}x{height}",
+        )
+        return (outcome.results, outcome.profile, outcome.load_s, outcome.move_s, outcome.escalations,
+                outcome.resident_bytes)
+
+    def _host_room(self, entry: ModelEntry, profile: Profile | None, width: int, height: int, images: int):
+        """On a card whose machine's RAM is known: a test of whether `profile`'s predicted host-memory peak fits
+        beside what the other cached pipelines hold in host memory (the cache evicts until it does)."""
+        budget = self.card.host_budget_gib
+        if self.device != "cuda" or budget is None or profile is None:
+            return None
+        from renderfarm.planning.vram import predict
+
+        need = predict(entry, profile, self.card, width, height, images).host_peak_gib * 2**30
+        return lambda held: held + need <= budget * 2**30
 
     def _measured(
         self, model: str, profile: str, requests: list[Any], result: Any, resident_bytes: int, load_s: float
@@ -301,7 +305,10 @@ class RenderWorker:
         from renderfarm.planning.vram import CONTEXT_GIB
 
         first = requests[0]
-        peak_gib = (resident_bytes + result.peak_growth_mb * 2**20) / 2**30 + CONTEXT_GIB
+        if result.peak_reserved_mb:  # a card: reserved memory, as the planner predicts it (context aside)
+            peak_gib = result.peak_reserved_mb / 1024 + CONTEXT_GIB
+        else:  # a CPU standing in for a card: the weights it holds and the render's growth above them
+            peak_gib = (resident_bytes + result.peak_growth_mb * 2**20) / 2**30 + CONTEXT_GIB
         try:
             self.store.record_measurement(
                 self.name, model, profile, first.width, first.height, sum(r.num_images for r in requests),
@@ -363,13 +370,3 @@ class RenderWorker:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             self._renew()
             self._publish()
-
-
-def _release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

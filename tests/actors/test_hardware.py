@@ -46,16 +46,28 @@ def test_cuda_probe_reads_name_memory_and_compute_capability(monkeypatch):
 def test_probe_device_builds_a_planning_device_from_the_probe(monkeypatch):
     calls = []
     fake = types.ModuleType("renderfarm.planning.devices")
-    fake.device_from_spec = lambda name, vram_gib, compute_capability: calls.append(
-        (name, vram_gib, compute_capability)
+    fake.device_from_spec = lambda name, vram_gib, compute_capability, **host: calls.append(
+        (name, vram_gib, compute_capability, host)
     ) or "device"
     monkeypatch.setitem(sys.modules, "renderfarm.planning.devices", fake)
     _fake_cuda(monkeypatch)
     assert hardware.probe_device(0) == "device"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     hardware.probe_device()
-    assert calls[0] == ("NVIDIA GeForce RTX 3070", 7.88, (8, 6))
+    assert calls[0][:3] == ("NVIDIA GeForce RTX 3070", 7.88, (8, 6))
     assert calls[1][0].startswith("CPU (") and calls[1][2] is None
+    # the machine's RAM comes along: total, and what is available now
+    host = calls[0][3]
+    assert set(host) == {"ram_gib", "ram_available_gib", "disk_free_gib"}
+    assert host["ram_gib"] > 0 and 0 < host["ram_available_gib"] <= host["ram_gib"]
+
+
+def test_host_memory_reports_ram_and_the_disk_where_the_cache_lives(tmp_path):
+    host = hardware.host_memory(tmp_path / "not-yet" / "made")  # an unborn cache folder: its parent's disk
+    assert host["ram_gib"] == pytest.approx(hardware.system_memory_bytes() / 2**30, abs=0.01)
+    assert 0 < host["ram_available_gib"] <= host["ram_gib"]
+    assert host["disk_free_gib"] > 0
+    assert hardware.host_memory()["disk_free_gib"] is None
 
 
 def test_probe_device_with_the_real_planning_module(monkeypatch):

@@ -363,3 +363,23 @@ def test_gguf_file_only_with_a_gguf_profile(tmp_path: Path):
         load_pipeline(entry("tiny-flux"), profile=profile(W.NF4), gguf_file=tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="gguf_file"):
         load_pipeline(entry("tiny-flux"), gguf_file=tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("compute, kept", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_transformers_keeps_t5_wo_unquantized_in_the_compute_dtype_except_fp16(compute, kept):
+    """What planning/vram.component_bytes counts for T5 under nf4: transformers' `_keep_in_fp32_modules`
+    (`wo`) upcasts to fp32 only when the model loads in fp16, and bitsandbytes leaves those modules
+    unquantized. Under bf16 they are bf16 (2 bytes), not fp32: predicting 4 bytes made nf4 T5 1.9 GiB too
+    big and pushed real 8 GB cards to leaf offload. If transformers changes this, the planner must too."""
+    import bitsandbytes as bnb
+    from transformers import T5EncoderModel
+
+    source = ensure_standin(entry("tiny-flux"))
+    t5 = quantize.load_bnb_text_encoder(
+        T5EncoderModel, str(source), "text_encoder_2", WeightsFormat.NF4, compute, torch.device("cpu")
+    )
+    wo = [m for name, m in t5.named_modules() if name.endswith(".wo")]
+    assert wo, "T5 has no `wo` projections any more"
+    assert all(not isinstance(m, bnb.nn.Linear4bit) for m in wo)
+    assert {m.weight.dtype for m in wo} == {kept}
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in t5.modules())  # the rest is 4-bit
