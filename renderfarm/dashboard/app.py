@@ -144,7 +144,12 @@ def node_card(node: dict[str, Any]) -> None:
             f"Loaded: {', '.join(node['loaded']) or 'nothing'}",
             "Profiles: " + (", ".join(f"{m} → {p}" for m, p in node["profiles"].items()) or "none yet"),
             f"Jobs: {node['jobs_done']:,} done, {node['jobs_failed']:,} failed; {node['images']:,} images",
+            f"RAM: planned against {number(node['ram_planned_gib'])} GiB"
+            if node["ram_planned_gib"] is not None else "RAM: not planned against",
         ]
+        if node["ram_total_gib"] is not None:
+            lines[-1] += (f" (machine: {number(node['ram_total_gib'])} GiB, "
+                          f"{number(node['ram_available_gib'])} free at start)")
         if node["source"] == "totals":
             lines.append("Throughput: average over its render time (no recent samples)")
         if node["draining"] and node["drain_reason"]:

@@ -145,6 +145,7 @@ def nodes(
         card = record.get("card") if isinstance(record.get("card"), dict) else {}
         profiles = record.get("profiles") if isinstance(record.get("profiles"), dict) else {}
         loaded = record.get("loaded") if isinstance(record.get("loaded"), list) else []
+        host = record.get("host") if isinstance(record.get("host"), dict) else {}
         simulated = record.get("simulated")
         rows.append({
             "name": record["name"],
@@ -154,6 +155,10 @@ def nodes(
             "device": str(record.get("device") or ""),
             "vram_used_gib": _num(record.get("vram_used_gib")),
             "vram_total_gib": _num(record.get("vram_gib")) or _num(card.get("vram_gib")),
+            # The RAM the node plans against (None: not checked) and what its machine has and had free.
+            "ram_planned_gib": _num(card.get("ram_gib")),
+            "ram_total_gib": _num(host.get("ram_gib")),
+            "ram_available_gib": _num(host.get("ram_available_gib")),
             "profiles": {str(k): str(v) for k, v in profiles.items()},
             "loaded": [str(m) for m in loaded],
             "heartbeat": heartbeat,

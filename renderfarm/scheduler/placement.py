@@ -366,6 +366,10 @@ def why_nothing_fits(
     needed = min(f.needed_gib for f in fits if f is not None)
     if math.isinf(needed):
         return f"{job.describe()}: {fits[0].reason}"
+    # Some card could hold a profile, but not its machine's RAM: say so, not "needs more VRAM".
+    for node, fit in zip(nodes, fits):
+        if fit is not None and node.device is not None and fit.needed_gib <= node.device.vram_gib:
+            return f"{job.describe()} on {node.name}: {fit.reason}"
     return (
         f"{job.describe()} needs at least {needed:.1f} GiB in its most frugal profile; "
         f"the largest node ({largest.name}) has {largest.device.vram_gib:g} GiB"

@@ -51,6 +51,8 @@ NODES = {
         "profiles": {"tiny-sd15": "fp16-resident", "tiny-flux": "fp8-offload"}, "vram_used_gib": 12.5,
         "jobs_done": 30, "jobs_failed": 1, "images": 40, "megapixels": 10.5, "batches": 12,
         "render_seconds": 100.0, "last_s_per_step": 0.05, "oom_escalations": 0,
+        "card": {"name": "NVIDIA GeForce RTX 4090", "vram_gib": 24.0, "ram_gib": 64.0},
+        "host": {"ram_gib": 62.7, "ram_available_gib": 58.1, "disk_free_gib": 120.0},
     },
     "node-b": {
         "gpu": "GeForce RTX 3070", "vram_gib": 8.0, "compute_capability": "8.6", "simulated": True,

@@ -50,6 +50,8 @@ def test_page_shows_the_farm(page, seeded):
     captions = texts(at.caption)
     assert "NVIDIA GeForce RTX 4090 · real (cuda)" in captions and "GeForce RTX 3070 · simulated (cpu)" in captions
     assert "tiny-flux → fp8-offload" in captions
+    assert "RAM: planned against 64.0 GiB (machine: 62.7 GiB, 58.1 free at start)" in captions
+    assert "RAM: not planned against" in captions
     jobs, failures = at.dataframe[0].value, at.dataframe[1].value
     assert len(jobs) == sum(seeded.counts.values())
     assert jobs.set_index("id").loc["q2", "ETA"] == "waiting: no node has room for 4096x4096"

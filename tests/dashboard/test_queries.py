@@ -32,6 +32,8 @@ def test_nodes_state_hardware_and_throughput(seeded):
     a, b, c = rows["node-a"], rows["node-b"], rows["node-c"]
     assert (a["gpu"], a["kind"]) == ("NVIDIA GeForce RTX 4090", "real")
     assert (a["vram_used_gib"], a["vram_total_gib"]) == (12.5, 24.0)
+    assert (a["ram_planned_gib"], a["ram_total_gib"], a["ram_available_gib"]) == (64.0, 62.7, 58.1)
+    assert b["ram_planned_gib"] is None and b["ram_total_gib"] is None
     assert a["profiles"] == {"tiny-sd15": "fp16-resident", "tiny-flux": "fp8-offload"}
     assert a["loaded"] == ["tiny-sd15", "tiny-flux"]
     assert b["kind"] == "simulated" and b["draining"]
