@@ -543,3 +543,47 @@ def test_model_offload_frees_its_hooks_after_our_decode(monkeypatch):
     pipe._all_hooks = ["an accelerate hook"]
     render_batch(pipe, model, [request()])
     assert len(calls) == 2 * during_call + 1
+
+
+def _pinned_bytes() -> int:
+    """Bytes torch's pinned host allocator holds for live tensors now (its own counter)."""
+    return int(torch.cuda.host_memory_stats()["allocated_bytes.current"])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_group_offload_pins_each_streamed_tensor_rounded_up_to_a_power_of_two():
+    """What planning/vram.py's `pinned_factor` models: with CUDA streams diffusers pins a copy of every tensor
+    of every block group (the group of the remaining modules is not streamed), and torch's pinned allocator
+    rounds each allocation up to a power of two."""
+    from tests.bench import bench_module
+
+    pinned_rounding = bench_module("pinned_rounding")
+    model = entry("tiny-flux")
+    before = _pinned_bytes()
+    pipe = load_pipeline(model, device="cuda", profile=profile(W.BF16, _card_compute(), P.GROUP_OFFLOAD))
+    pinned = _pinned_bytes() - before
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    tensors = [t for block in blocks for t in [*block.parameters(), *block.buffers()]]
+    exact = sum(t.numel() * t.element_size() for t in tensors)
+    rounded = sum(pinned_rounding.next_power_of_two(t.numel() * t.element_size()) for t in tensors)
+    assert rounded > exact
+    assert rounded <= pinned <= rounded * 1.05 + 2**20, (pinned, rounded, exact)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_pin_per_step_keeps_only_a_few_blocks_pinned():
+    model = entry("tiny-flux")
+    before = _pinned_bytes()
+    lean = replace(profile(W.BF16, _card_compute(), P.GROUP_OFFLOAD), pin_streamed=False)
+    pipe = load_pipeline(model, device="cuda", profile=lean)
+    assert "pinned per step" in pipe.renderfarm_info.placement
+    assert _pinned_bytes() - before == 0  # nothing pinned at setup
+    with DecoderWatch(pipe) as watch:
+        render_batch(pipe, model, [request(width=64, height=64)])
+    assert watch.finite == [True]
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    largest = max(loading.module_bytes(block) for block in blocks)
+    held = int(torch.cuda.host_memory_stats()["reserved_bytes.current"])
+    assert held <= 4 * 2 * largest + 2**20  # a few blocks' buffers (rounded up), not the model
