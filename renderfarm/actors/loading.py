@@ -182,6 +182,31 @@ def _checked_source(entry: ModelEntry, cache_dir: Path | None) -> str:
     return str(path)
 
 
+@dataclass(frozen=True)
+class LoadTargets:
+    """Where a profile's quantized components load, and which are parked in host memory right after."""
+
+    denoiser_in_host: bool  # loads (and bitsandbytes quantizes) in host memory: it streams from there
+    encoder_in_host: bool
+    park_denoiser: bool  # loads on the card, then moves to host memory before the next component loads
+    park_encoder: bool
+
+
+def load_targets(profile: Profile, on_card: bool) -> LoadTargets:
+    """The loading plan of `profile` on a card (`on_card`) or a CPU (everything in host memory already).
+    planning/vram.py's load stage and host model mirror it (`host_homed`); tests hold the two together."""
+    placement = profile.placement
+    streamed = placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
+    return LoadTargets(
+        denoiser_in_host=on_card and streamed,
+        encoder_in_host=on_card and placement is Placement.LEAF_OFFLOAD,
+        park_denoiser=on_card and placement is Placement.MODEL_OFFLOAD,
+        park_encoder=on_card and placement is not Placement.LEAF_OFFLOAD and (
+            placement is Placement.MODEL_OFFLOAD or profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD
+        ),
+    )
+
+
 def _park(module: torch.nn.Module, host: torch.device) -> None:
     """Move a just-loaded quantized component to host memory before the next one loads, and give its device
     memory back."""
@@ -232,14 +257,10 @@ def _load_with_profile(
     # as soon as it has loaded, so two quantized models are never on the card at once: the load peak is the
     # largest component (planning/vram.py's load stage).
     host = torch.device("cpu")
-    on_card = device.type != "cpu"
-    from_host = on_card and profile.placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
-    denoiser_device = host if from_host else device
-    encoder_device = host if on_card and profile.placement is Placement.LEAF_OFFLOAD else device
-    park_denoiser = on_card and profile.placement is Placement.MODEL_OFFLOAD
-    park_encoder = on_card and profile.placement is not Placement.LEAF_OFFLOAD and (
-        profile.placement is Placement.MODEL_OFFLOAD or profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD
-    )
+    targets = load_targets(profile, on_card=device.type != "cpu")
+    denoiser_device = host if targets.denoiser_in_host else device
+    encoder_device = host if targets.encoder_in_host else device
+    park_denoiser, park_encoder = targets.park_denoiser, targets.park_encoder
 
     components: dict[str, Any] = {}
     try:

@@ -587,3 +587,26 @@ def test_gpu_pin_per_step_keeps_only_a_few_blocks_pinned():
     largest = max(loading.module_bytes(block) for block in blocks)
     held = int(torch.cuda.host_memory_stats()["reserved_bytes.current"])
     assert held <= 4 * 2 * largest + 2**20  # a few blocks' buffers (rounded up), not the model
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "sdxl"])
+def test_the_loader_and_the_planner_agree_on_where_components_live(model):
+    """planning/vram.py predicts host memory and the load stage from `host_homed`; actors/loading.py loads by
+    `load_targets`. On a card they must agree for every rung: a quantized component the planner homes in host
+    memory is loaded there or parked there at once, and one it keeps on the card is neither."""
+    from renderfarm.planning.devices import device_from_spec
+    from renderfarm.planning.profiles import ladder
+    from renderfarm.planning.vram import host_homed
+
+    card = device_from_spec("NVIDIA GeForce RTX 3070", 7.6, "8.6")
+    catalog_entry = entry(model)
+    denoiser = catalog_entry.denoiser.name
+    large = loading.LARGE_TEXT_ENCODER.get(catalog_entry.family.name)
+    for rung in ladder(catalog_entry, card):
+        homed = host_homed(catalog_entry, rung)
+        targets = loading.load_targets(rung, on_card=True)
+        assert (targets.denoiser_in_host or targets.park_denoiser) == (denoiser in homed), rung.name
+        if large:
+            assert (targets.encoder_in_host or targets.park_encoder) == (large in homed), rung.name
+        cpu = loading.load_targets(rung, on_card=False)
+        assert not any(vars(cpu).values()), rung.name  # a CPU loads everything where it computes
