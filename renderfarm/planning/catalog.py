@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -141,6 +141,10 @@ class ModelEntry(BaseModel):
     components: dict[str, Component] = Field(default_factory=dict)  # the family's, with this model's overrides
     gguf_sources: dict[str, str] = Field(default_factory=dict)  # "q8_0" -> local file, URL or org/repo/file
     fp16_vae_source: str | None = None  # a VAE safe in fp16 (madebyollin/sdxl-vae-fp16-fix), used on fp16 cards
+    # The dtype the source's weight files store. Loaded in that dtype they stay memory-mapped (page cache);
+    # loaded in another they are converted into anonymous host memory first. None: not known, counted as
+    # converted (the safe side).
+    checkpoint_dtype: Literal["bf16", "fp16", "fp32"] | None = None
 
     @field_validator("gguf_sources")
     @classmethod

@@ -270,17 +270,28 @@ def _host(
         else:
             plain += sizes[name]
     steady = plain + pinned
-    # Loading: `from_pretrained` materialises in host memory every component it loads itself (16-bit and
-    # fp8 ones at the compute dtype: fp8 storage is cast after loading; GGUF files are read there too);
-    # bitsandbytes components go straight to the card (a streamed 16-bit placement loads them in host).
+    # Loading. `from_pretrained` reads safetensors through a private memory map: a tensor loaded in the dtype
+    # its file stores stays file-backed (page cache, which the kernel evicts as it must) until something copies
+    # it; one loaded in another dtype is converted into anonymous memory, all components at once before
+    # placement moves them (tests/actors pin both). fp8 storage is cast on the host after loading (anonymous,
+    # at fp8 size). GGUF files: counted as read into memory. bitsandbytes components go straight to the card,
+    # except a streamed denoiser, which quantizes in host memory.
     loaded = 0.0
     for name, fmt in formats.items():
+        component = entry.components[name]
         if fmt.is_bnb:
             if placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD) and name == den.name:
                 loaded += sizes[name]
             continue
-        component = entry.components[name]
-        loaded += component_bytes(component, fmt if not fmt.is_fp8 else WeightsFormat(compute.value), compute)
+        if fmt.is_gguf:
+            loaded += sizes[name]
+            continue
+        as_loaded = WeightsFormat(compute.value) if fmt.is_fp8 else fmt  # VAE: its own dtype
+        if entry.checkpoint_dtype != as_loaded.value:
+            # converted into anonymous memory (fp8's cast then replaces it tensor by tensor: no more)
+            loaded += component_bytes(component, as_loaded, compute)
+        elif fmt.is_fp8:  # memory-mapped 16-bit weights, cast into anonymous fp8 copies
+            loaded += sizes[name]
     parked_bnb = sum(sizes[n] for n, f in formats.items() if f.is_bnb and n in home and n != den.name)
     at_load = loaded + parked_bnb
     # Group and leaf offload pin every streamed tensor while its pageable copy still exists (all groups are

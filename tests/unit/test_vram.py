@@ -269,13 +269,28 @@ def test_group_offload_pins_every_streamed_tensor_rounded_to_a_power_of_two(cat)
     rungs = {r.name: r for r in ladder(flux, RTX3070)}
     group = predict(flux, rungs["bf16+te-nf4+group-offload"], RTX3070, 1024, 1024)
     assert group.pinned_gib == pytest.approx(34.7, abs=0.2)  # 22.2 GiB of bf16 blocks
-    # setup: the pageable copy still exists while the pinned one is made
-    assert group.host_peak_gib > group.pinned_gib + 22
+    # Setup: the bf16 files load memory-mapped (page cache) on a bf16 card; on Turing they are converted to
+    # fp16 into anonymous memory, which still exists while the pinned copies are made.
+    quadro = {r.name: r for r in ladder(flux, QUADRO)}["fp16+te-nf4+group-offload"]
+    turing = predict(flux, quadro, QUADRO, 1024, 1024)
+    assert turing.host_peak_gib > turing.pinned_gib + 22 > group.host_peak_gib
     lean = predict(flux, rungs["nf4+group-offload+pin-per-step"], RTX3070, 1024, 1024)
     assert lean.pinned_gib < 1 and lean.host_peak_gib < 12
     resident = predict(flux, rungs["nf4"], RTX3070, 1024, 1024)
     assert resident.pinned_gib == 0 and resident.host_gib == pytest.approx(resident.weights_gib["text_encoder_2"]
                                                                            + resident.weights_gib["text_encoder"])
+
+
+def test_loading_converts_into_host_memory_only_when_the_dtype_changes(cat):
+    flux = cat.get("flux-dev")
+    bf16 = {r.name: r for r in ladder(flux, RTX3070)}["bf16"]
+    fp16 = {r.name: r for r in ladder(flux, QUADRO)}["fp16"]
+    on_ampere = predict(flux, bf16, RTX3070, 1024, 1024)  # bf16 files, bf16 load: memory-mapped
+    on_turing = predict(flux, fp16, QUADRO, 1024, 1024)  # bf16 files, fp16 load: converted, all at once
+    assert on_ampere.host_peak_gib == pytest.approx(on_ampere.host_gib)  # the encoders waiting in host
+    assert on_turing.host_peak_gib > sum(on_turing.weights_gib.values()) - 0.5
+    unknown = flux.model_copy(update={"checkpoint_dtype": None})  # not known: counted as converted
+    assert predict(unknown, bf16, RTX3070, 1024, 1024).host_peak_gib == pytest.approx(on_turing.host_peak_gib, rel=0.1)
 
 
 def test_a_cpu_device_has_no_separate_host_memory(cat):
