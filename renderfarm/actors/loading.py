@@ -155,7 +155,9 @@ def load_pipeline(
         info = PipelineInfo(model=entry.name, profile=None, device=device, placement="resident",
                             move_s=time.perf_counter() - moving)
     else:
-        pipe, info = _load_with_profile(pipeline_cls, entry, source, device, dtype, profile, gguf_file)
+        offload_dir = disk_offload_dir(entry, profile, cache_dir) if profile.placement is Placement.DISK_OFFLOAD \
+            else None
+        pipe, info = _load_with_profile(pipeline_cls, entry, source, device, dtype, profile, gguf_file, offload_dir)
     info.weights_bytes = pipeline_bytes(pipe)
     pipe.renderfarm_info = info
     # Workers log their own progress; tqdm bars in worker logs are noise.
@@ -207,6 +209,21 @@ def load_targets(profile: Profile, on_card: bool) -> LoadTargets:
     )
 
 
+def disk_offload_dir(entry: ModelEntry, profile: Profile, cache_dir: Path | None = None) -> Path:
+    """Where disk offload writes a pipeline's denoiser blocks: under the worker's cache folder, one folder per
+    model and profile, emptied before each load (diffusers reuses any block file it finds there, whoever
+    wrote it)."""
+    import shutil
+
+    from renderfarm.actors.standins import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / "offload" / f"{entry.name}-{profile.base_name}".replace("/", "_")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _park(module: torch.nn.Module, host: torch.device) -> None:
     """Move a just-loaded quantized component to host memory before the next one loads, and give its device
     memory back."""
@@ -231,6 +248,7 @@ def _load_with_profile(
     dtype: torch.dtype | None,
     profile: Profile,
     gguf_file: str | Path | None,
+    offload_dir: Path | None = None,
 ) -> tuple[diffusers.DiffusionPipeline, PipelineInfo]:
     family = entry.family.name
     if family not in DENOISERS:
@@ -317,7 +335,7 @@ def _load_with_profile(
         quantize.add_fp16_clamp(pipe.transformer)
     set_vae_mode(pipe, profile.vae)
     moving = time.perf_counter()
-    placement, offload_encoders = _apply_placement(pipe, family, profile, device, notes)
+    placement, offload_encoders = _apply_placement(pipe, family, profile, device, notes, offload_dir)
     info = PipelineInfo(
         model=entry.name, profile=profile, device=device, placement=placement, notes=notes,
         text_encoders_offloaded=offload_encoders, move_s=time.perf_counter() - moving,
@@ -362,7 +380,8 @@ def set_vae_mode(pipe: Any, mode: VaeMode) -> None:
 
 
 def _apply_placement(
-    pipe: Any, family: str, profile: Profile, device: torch.device, notes: list[str]
+    pipe: Any, family: str, profile: Profile, device: torch.device, notes: list[str],
+    offload_dir: Path | None = None,
 ) -> tuple[str, bool]:
     """Place the components as `profile.placement` says. Returns (what was applied, whether the text
     encoders wait off the GPU and must be moved on for each encode)."""
@@ -377,9 +396,11 @@ def _apply_placement(
         if placement is Placement.MODEL_OFFLOAD:
             notes.append("cpu: model offload needs an accelerator; every component stays resident")
             return "resident", False
-        if placement.streams:
-            applied = _group_offload(pipe, denoiser, encoders, profile, device, use_stream=False)
-            notes.append("cpu: group-offload hooks run without CUDA streams; weights stay in host memory")
+        if placement.streams or placement is Placement.DISK_OFFLOAD:
+            applied = _group_offload(pipe, denoiser, encoders, profile, device, use_stream=False,
+                                     offload_dir=offload_dir)
+            notes.append("cpu: group-offload hooks run without CUDA streams; weights stay in host memory"
+                         if offload_dir is None else "cpu: disk offload reads the blocks back into host memory")
             return applied, False
         return "resident", False
 
@@ -389,7 +410,7 @@ def _apply_placement(
         pipe.enable_model_cpu_offload(device=device)
         return "model-offload", False
 
-    streamed = {denoiser_name} if placement is not Placement.GPU else set()
+    streamed = {denoiser_name} if placement is not Placement.GPU else set()  # (disk offload: read from files)
     if placement is Placement.LEAF_OFFLOAD:
         streamed.update(encoders)  # the floor: no component sits whole on the GPU
     for name, component in pipe.components.items():
@@ -402,6 +423,11 @@ def _apply_placement(
     applied = "resident"
     if placement.streams:
         applied = _group_offload(pipe, denoiser, encoders, profile, device, use_stream=True)
+    elif placement is Placement.DISK_OFFLOAD:
+        # No CUDA streams: with them diffusers pins each block as it reads it, and torch's host cache keeps
+        # ~3 blocks' pinned buffers (~3 GiB for Flux), which is what the machines this rung is for lack.
+        applied = _group_offload(pipe, denoiser, encoders, profile, device, use_stream=False,
+                                 offload_dir=offload_dir)
     return applied, offload_encoders and placement is not Placement.LEAF_OFFLOAD
 
 
@@ -439,6 +465,7 @@ def _group_offload(
     profile: Profile,
     device: torch.device,
     use_stream: bool,
+    offload_dir: Path | None = None,
 ) -> str:
     """Install diffusers' group-offloading hooks. Block level runs ONE block per group: with CUDA streams
     diffusers resets any other `num_blocks_per_group` to 1 (hooks/group_offloading.py; tests/actors pin it),
@@ -457,7 +484,15 @@ def _group_offload(
         streamed += [getattr(pipe, name) for name in encoders]
     for module in streamed:
         _move(module, offload)  # group offloading starts from the offload device
-    if placement is Placement.GROUP_OFFLOAD:
+    if placement is Placement.DISK_OFFLOAD:
+        if offload_dir is None:
+            raise ValueError(f"profile {profile.name!r}: disk offload needs a folder to write its blocks to")
+        denoiser.enable_group_offload(
+            onload_device=device, offload_device=offload, offload_type="block_level",
+            num_blocks_per_group=1, use_stream=False, offload_to_disk_path=str(offload_dir),
+        )
+        applied = f"disk-offload (block_level, 1 block/group read from {offload_dir}, no streams)"
+    elif placement is Placement.GROUP_OFFLOAD:
         denoiser.enable_group_offload(
             onload_device=device, offload_device=offload, offload_type="block_level",
             num_blocks_per_group=1, use_stream=use_stream, **lean,

@@ -42,8 +42,10 @@ class Device:
     # cache), so on an 8 GB card in a 16 GB PC it is as scarce as VRAM.
     ram_gib: float | None = None
     ram_available_gib: float | None = None
-    # Free disk in the worker's cache folder (stand-ins, GGUF files written there, downloaded weights).
+    # Free disk in the worker's cache folder (where disk offload writes a denoiser's blocks), and the rate it
+    # reads large files at.
     disk_free_gib: float | None = None
+    disk_gbps: float = 2.0  # a PCIe 3/4 NVMe SSD; a SATA SSD is ~0.5
 
     def __post_init__(self) -> None:
         if self.vram_gib <= 0:

@@ -101,10 +101,14 @@ class Placement(str, Enum):
     MODEL_OFFLOAD = "model-offload"  # one component on the GPU at a time (Forge "Queue")
     GROUP_OFFLOAD = "group-offload"  # denoiser blocks streamed with CUDA streams (Forge "Async")
     LEAF_OFFLOAD = "leaf-offload"  # every leaf module streamed: the never-OOM floor
+    # Denoiser blocks read from files on disk one at a time (diffusers' offload_to_disk_path, no CUDA streams):
+    # host RAM holds none of its weights. For a machine whose RAM holds neither the weights nor pinned copies.
+    DISK_OFFLOAD = "disk-offload"
 
     @property
     def streams(self) -> bool:
-        """Whether the denoiser is streamed block by block or layer by layer while it computes."""
+        """Whether the denoiser is streamed from host memory, block by block or layer by layer, while it
+        computes (disk offload reads from files instead)."""
         return self in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
 
 
@@ -251,6 +255,9 @@ _TRANSFORMER_LADDER: tuple[tuple, ...] = (
     # For an 8 GB card in a PC whose RAM holds neither 16-bit weights nor pinned copies: nf4 blocks streamed
     # from plain host memory, pinned as they go (the 8 GB card + 16 GB PC rung).
     (WeightsFormat.NF4, _GROUP, WeightsFormat.NF4, _CACHE, False),
+    # For a PC whose RAM cannot hold the denoiser at all (an 8 GB card in an 8 GB PC): its 16-bit blocks are
+    # read from disk for every step. Slow (the whole denoiser crosses the disk each step), but it runs.
+    (_16, Placement.DISK_OFFLOAD, WeightsFormat.NF4, _CACHE),
     (_16, _LEAF, _16, _CACHE),  # the VRAM floor: denoiser and encoders streamed layer by layer
 )
 # UNets are small: 16-bit everywhere but the last offloaded rung. Block-level group offload moves a third
@@ -330,6 +337,7 @@ def unavailable_reason(entry: ModelEntry, profile: Profile, device: Device) -> s
 # --- choosing ---------------------------------------------------------------------------------------
 
 DEFAULT_MARGIN_GIB = 0.5  # kept free on top of the prediction: other processes, driver, estimate error
+DISK_MARGIN_GIB = 2.0  # free disk left beside disk offload's files
 _BUDGET_STEP_GIB = 0.25
 
 
@@ -421,6 +429,11 @@ def _evaluate(
             f"needs {full_pred.host_peak_gib:.2f} GiB of host RAM ({full_pred.pinned_gib:.2f} pinned); "
             f"{host_usable:.2f} usable",
         )
+    if profile.placement is Placement.DISK_OFFLOAD and device.disk_free_gib is not None:
+        need = full_pred.weights_gib[entry.denoiser.name] + DISK_MARGIN_GIB
+        if need > device.disk_free_gib:
+            return Candidate(full, full_pred, False,
+                             f"needs {need:.1f} GiB of free disk for its blocks; {device.disk_free_gib:.1f} free")
     if full_pred.peak_gib <= usable:
         return Candidate(
             full, full_pred, True, f"fits: {full_pred.peak_gib:.2f}{_measured(full_pred)} of {usable:.2f} GiB"

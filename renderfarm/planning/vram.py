@@ -11,6 +11,7 @@ as actors/loading.py applies it:
 - group offload: the denoiser streams block by block, two blocks in flight (with CUDA streams diffusers
   runs one block per group whatever is asked); VAE resident; text encoders moved on to encode.
 - leaf offload: denoiser and encoders stream layer by layer, two layers in flight; VAE resident.
+- disk offload: the denoiser's blocks are read from disk one at a time (counted as two); VAE resident.
 - load: bitsandbytes quantizes on the GPU while loading (one 16-bit layer at a time beside what is already
   there); a component whose home is host memory is loaded onto the card, quantized and parked in host memory
   before the next one loads, so the load peak is the largest such component or the resident set.
@@ -223,7 +224,7 @@ def host_homed(entry: ModelEntry, profile: Profile) -> set[str]:
         home |= encoders
     if placement.streams:
         home.add(entry.denoiser.name)
-    return home
+    return home  # disk offload: the denoiser's home is its files on disk
 
 
 def _load_weights(
@@ -353,6 +354,11 @@ def _seconds_per_step(
     )
     if not device.is_cuda:
         return compute
+    if profile.placement is Placement.DISK_OFFLOAD:
+        # No CUDA streams: every step reads each block from disk and copies it on, one after the other, then
+        # computes (the page cache cannot hold the denoiser on the machines this rung is for).
+        return compute + den_bytes / (device.disk_gbps * 1e9) + den_bytes / (
+            device.pcie_gbps * 1e9 * PAGEABLE_EFFICIENCY)
     efficiency = STREAM_EFFICIENCY.get(profile.placement)
     if efficiency:
         # The whole denoiser crosses PCIe every step; CUDA streams overlap that with compute.

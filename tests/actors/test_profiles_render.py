@@ -610,3 +610,34 @@ def test_the_loader_and_the_planner_agree_on_where_components_live(model):
             assert (targets.encoder_in_host or targets.park_encoder) == (large in homed), rung.name
         cpu = loading.load_targets(rung, on_card=False)
         assert not any(vars(cpu).values()), rung.name  # a CPU loads everything where it computes
+
+
+def test_cpu_disk_offload_reads_each_block_from_its_file_and_renders_the_same(tmp_path, monkeypatch):
+    """Disk offload, the rung for PCs whose RAM cannot hold the denoiser: diffusers writes each block to a
+    safetensors file under the worker's cache folder, keeps only empty placeholders in memory, and reads the
+    block back for every forward. The image matches the resident one exactly."""
+    from diffusers.hooks import group_offloading
+
+    model = entry("tiny-flux")
+    resident = load_pipeline(model, profile=profile(W.FP32, C.FP32))
+    disk = load_pipeline(model, cache_dir=tmp_path, profile=profile(W.FP32, C.FP32, placement=P.DISK_OFFLOAD))
+    assert group_offloading._is_group_offload_enabled(disk.transformer)
+    assert disk.renderfarm_info.placement.startswith("disk-offload (block_level, 1 block/group read from")
+    blocks = len(disk.transformer.transformer_blocks) + len(disk.transformer.single_transformer_blocks)
+    assert len(list((tmp_path / "offload").rglob("*.safetensors"))) >= blocks
+    reads = [0]
+    real = group_offloading.ModuleGroup._onload_from_disk
+
+    def counting(self):
+        reads[0] += 1
+        return real(self)
+
+    monkeypatch.setattr(group_offloading.ModuleGroup, "_onload_from_disk", counting)
+    [expected] = render_batch(resident, model, [request()])
+    [got] = render_batch(disk, model, [request()])
+    assert reads[0] >= blocks
+    assert np.array_equal(pixels(got.images[0]), pixels(expected.images[0]))
+    # a second load starts from an empty folder: files another load left are never read back
+    again = load_pipeline(model, cache_dir=tmp_path, profile=profile(W.FP32, C.FP32, placement=P.DISK_OFFLOAD))
+    [third] = render_batch(again, model, [request()])
+    assert np.array_equal(pixels(third.images[0]), pixels(expected.images[0]))

@@ -304,3 +304,21 @@ def test_host_budget_keeps_room_for_the_os_and_what_was_free(cat):
     assert busy.host_budget_gib == pytest.approx(6 - HOST_RUNTIME_GIB)
     with pytest.raises(ValueError, match="ram_gib must be positive"):
         device_from_spec("x", 8, "8.6", ram_gib=-1.0)
+
+
+def test_an_8_gb_card_in_an_8_gb_pc_reads_the_denoiser_from_disk(cat):
+    card = device_from_spec("NVIDIA GeForce RTX 3070", 7.6, "8.6", ram_gib=8.0, disk_free_gib=200.0)
+    choice = choose_profile(cat.get("flux-dev"), card, 1024, 1024)
+    assert choice.chosen.name == "bf16+te-nf4+disk-offload"
+    pred = choice.chosen_candidate.prediction
+    assert pred.host_peak_gib <= card.host_budget_gib and pred.pinned_gib == 0
+    # far slower than streaming from RAM: the whole denoiser crosses the disk every step
+    richer = choose_profile(cat.get("flux-dev"), replace(card, ram_gib=32.0), 1024, 1024)
+    assert pred.seconds_per_step > 2 * richer.chosen_candidate.prediction.seconds_per_step
+    full_disk = replace(card, disk_free_gib=10.0)
+    refused = choose_profile(cat.get("flux-dev"), full_disk, 1024, 1024)
+    disk = next(c for c in refused.candidates if c.profile.name.startswith("bf16+te-nf4+disk-offload"))
+    assert not disk.fits and "free disk" in disk.reason
+    # on Turing the bf16 files are converted to fp16 in host memory at load: not for an 8 GB PC
+    turing = device_from_spec("NVIDIA GeForce RTX 2080 Ti", 10.7, "7.5", ram_gib=8.0)
+    assert choose_profile(cat.get("flux-dev"), turing, 1024, 1024).chosen is None
