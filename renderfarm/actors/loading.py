@@ -103,6 +103,7 @@ class PipelineInfo:
     text_encoders_offloaded: bool = False
     embedding_cache: EmbeddingCache | None = None  # set by the PipelineCache that holds the pipeline
     move_s: float = 0.0  # seconds spent placing the components on the device at load
+    offload_dir: Path | None = None  # disk offload: where the denoiser's block files are (removed on eviction)
     encoder_moves_s: float = 0.0  # running total of cache-and-offload moves (encoders on and off per encode)
 
     @property
@@ -338,7 +339,7 @@ def _load_with_profile(
     placement, offload_encoders = _apply_placement(pipe, family, profile, device, notes, offload_dir)
     info = PipelineInfo(
         model=entry.name, profile=profile, device=device, placement=placement, notes=notes,
-        text_encoders_offloaded=offload_encoders, move_s=time.perf_counter() - moving,
+        text_encoders_offloaded=offload_encoders, move_s=time.perf_counter() - moving, offload_dir=offload_dir,
     )
     for note in notes:
         log.info("%s [%s]: %s", entry.name, profile.name, note)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -173,8 +174,12 @@ class PipelineCache:
         pipe = self._pipelines.pop(key)
         self._bytes.pop(key, None)
         self.embedding_cache.drop(key)
-        del pipe
+        info = pipeline_info(pipe)
+        offload_dir = info.offload_dir if info is not None else None
+        del pipe, info
         gc.collect()
+        if offload_dir is not None:  # disk offload's block files: the size of the denoiser
+            shutil.rmtree(offload_dir, ignore_errors=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -641,3 +641,14 @@ def test_cpu_disk_offload_reads_each_block_from_its_file_and_renders_the_same(tm
     again = load_pipeline(model, cache_dir=tmp_path, profile=profile(W.FP32, C.FP32, placement=P.DISK_OFFLOAD))
     [third] = render_batch(again, model, [request()])
     assert np.array_equal(pixels(third.images[0]), pixels(expected.images[0]))
+
+
+def test_evicting_a_disk_offloaded_pipeline_removes_its_block_files(tmp_path):
+    cache = PipelineCache(cache_dir=tmp_path)
+    model = entry("tiny-flux")
+    pipe, _ = cache.get(model, profile(W.FP32, C.FP32, placement=P.DISK_OFFLOAD))
+    folder = pipe.renderfarm_info.offload_dir
+    assert folder is not None and any(folder.rglob("*.safetensors"))
+    del pipe
+    assert cache.evict("tiny-flux")
+    assert not folder.exists()
