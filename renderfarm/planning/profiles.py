@@ -506,11 +506,10 @@ def choose_profile(
                 f"GiB; {usable:.2f} usable"
             )
             on_card = [c for c in runnable if c.prediction.peak_gib <= usable]
-            if on_card and host_usable is not None:
+            if on_card:
                 lightest = min(on_card, key=lambda c: c.prediction.host_peak_gib)
-                reason = (f"nothing fits: what fits the card's {usable:.2f} GiB needs more host RAM than the "
-                          f"machine has; the lightest, {lightest.profile.name}, needs "
-                          f"{lightest.prediction.host_peak_gib:.2f} GiB; {host_usable:.2f} usable")
+                reason = (f"nothing fits: what fits the card's {usable:.2f} GiB does not fit the machine; the "
+                          f"lightest on host RAM, {lightest.profile.name}, {lightest.reason}")
         else:
             reason = f"nothing fits: {device.name} can run no rung of {entry.name}"
     return ProfileChoice(

@@ -360,19 +360,19 @@ def test_a_record_that_is_not_utf8_is_skipped(store):
 
 
 def test_a_nodes_ram_reaches_submit_time_rejection(redis_url, redis_client):
-    """Host memory through the real store: a node that reports an 8 GB card in an 8 GB PC cannot take Flux-dev
-    at 1024 (nothing that fits the card fits its RAM), and the error says so; the same card with 32 GB of RAM
-    takes it."""
+    """Host memory through the real store: a node that reports an 8 GB card in an 8 GB PC with 10 GB of free
+    disk cannot take Flux-dev at 1024 (nothing that fits the card fits its RAM, and disk offload's files do
+    not fit its disk), and the error says so; the same card with 32 GB of RAM takes it."""
     catalog = default_catalog()
     client = FarmClient(redis_url, catalog=catalog, key_prefix="rq-ram")
     store = client.store
-    poor = device_from_spec("NVIDIA GeForce RTX 3070", 7.6, "8.6", ram_gib=8.0)
+    poor = device_from_spec("NVIDIA GeForce RTX 3070", 7.6, "8.6", ram_gib=8.0, disk_free_gib=10.0)
     store.register_node("pc-8g-ram", node_record(poor))
     job = spec(model="flux-dev", width=1024, height=1024, steps=28)
     with pytest.raises(SpecError) as info:
         client.submit_batch([job], job_ids=["ram-1"])
     message = str(info.value)
-    assert "host RAM" in message and "pc-8g-ram" in message, message
+    assert "does not fit the machine" in message and "free disk" in message and "pc-8g-ram" in message, message
     assert store.state("ram-1") is None
     store.register_node("pc-32g-ram", node_record(device_from_spec("NVIDIA GeForce RTX 3070", 7.6, "8.6",
                                                                    ram_gib=32.0)))
