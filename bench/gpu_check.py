@@ -153,10 +153,6 @@ class CudaChecks(gp.CudaBackend):
             raise SystemExit("gpu_check: no CUDA device here; run with --cpu-smoke for the CPU stand-in")
         super().__init__()
 
-    def device_bytes(self) -> int:
-        free, total = self.torch.cuda.mem_get_info(0)
-        return total - free
-
     def card_bytes(self, used: int, baseline: int) -> int:
         return used  # the card is ours alone: what it has in use, context included, is what a card must hold
 

@@ -103,14 +103,13 @@ class CudaBackend:
         torch.nn.functional.conv2d(a[None, None], a[None, None, :3, :3]).sum().item()
         del a
         self.context_gib = self.outside_torch_gib()
-        self.baseline_used = self.used_bytes()  # context, libraries and other processes: not a render's
+        self.baseline_used = self.device_bytes()  # context, libraries and other processes: not a render's
 
     def outside_torch_gib(self) -> float:
         """Device memory in use that torch's allocator does not hold: the CUDA context, library kernels."""
         torch = self.torch
         torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info(0)
-        return max(0.0, (total - free - torch.cuda.memory_reserved(0)) / GIB)
+        return max(0.0, (self.device_bytes() - torch.cuda.memory_reserved(0)) / GIB)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -148,7 +147,8 @@ class CudaBackend:
             "rss_growth_gib": None,
         }
 
-    def used_bytes(self) -> int:
+    def device_bytes(self) -> int:
+        """Device memory in use as the driver reports it (total - free), context and other processes included."""
         free, total = self.torch.cuda.mem_get_info(0)
         return total - free
 
@@ -183,7 +183,7 @@ class DriverPeak:
 
     def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, self.backend.used_bytes())
+            self.peak = max(self.peak, self.backend.device_bytes())
             if self._stop.wait(self.INTERVAL_S):
                 return
 
@@ -194,7 +194,7 @@ class DriverPeak:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.backend.used_bytes())
+        self.peak = max(self.peak, self.backend.device_bytes())
 
     @property
     def footprint_gib(self) -> float:

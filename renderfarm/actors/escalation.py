@@ -119,8 +119,7 @@ def render_escalating(
         host = False
         failure = ""
         try:
-            room = host_room(profile)
-            pipe, load_s = cache.get(entry, profile, host_room=room) if room else cache.get(entry, profile)
+            pipe, load_s = cache.get(entry, profile, host_room=host_room(profile))
             info = getattr(pipe, "renderfarm_info", None)
             if load_s:  # loaded now: placing the weights on the device is its own stage
                 move_s = getattr(info, "move_s", 0.0)

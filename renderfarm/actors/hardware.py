@@ -60,15 +60,16 @@ def probe_cpu() -> DeviceProbe:
     )
 
 
-def probe_device(index: int = 0, disk_path: str | os.PathLike | None = None) -> Any:
-    """The device this process renders on, as a `renderfarm.planning.devices.Device`, with the machine's RAM
-    (total, and available now) and the free disk at `disk_path` (the worker's cache folder)."""
+def probe_device(index: int = 0, host: dict[str, float | None] | None = None) -> Any:
+    """The device this process renders on, as a `renderfarm.planning.devices.Device`, with the machine's host
+    memory (`host`, as `host_memory()` reads it; read now when not given)."""
     from renderfarm.planning.devices import (
         device_from_spec,  # planning stays importable without torch
     )
 
     found = probe(index)
-    return device_from_spec(found.name, found.memory_gib, found.compute_capability, **host_memory(disk_path))
+    host = host_memory() if host is None else host
+    return device_from_spec(found.name, found.memory_gib, found.compute_capability, **host)
 
 
 def host_memory(disk_path: str | os.PathLike | None = None) -> dict[str, float | None]:

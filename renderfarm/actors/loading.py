@@ -199,9 +199,8 @@ def load_targets(profile: Profile, on_card: bool) -> LoadTargets:
     """The loading plan of `profile` on a card (`on_card`) or a CPU (everything in host memory already).
     planning/vram.py's load stage and host model mirror it (`host_homed`); tests hold the two together."""
     placement = profile.placement
-    streamed = placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD)
     return LoadTargets(
-        denoiser_in_host=on_card and streamed,
+        denoiser_in_host=on_card and placement.streams,
         encoder_in_host=on_card and placement is Placement.LEAF_OFFLOAD,
         park_denoiser=on_card and placement is Placement.MODEL_OFFLOAD,
         park_encoder=on_card and placement is not Placement.LEAF_OFFLOAD and (

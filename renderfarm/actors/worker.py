@@ -25,6 +25,7 @@ import time
 import traceback
 from typing import Any
 
+from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect
 from renderfarm.cluster.store import Store
@@ -32,7 +33,6 @@ from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.jobs import Job
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.devices import Device, device_from_declaration
-from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.planning.profiles import (
     DEFAULT_MARGIN_GIB,
     Profile,
@@ -68,11 +68,14 @@ class RenderWorker:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
+        from renderfarm.actors.hardware import host_memory, probe_device
+        from renderfarm.actors.standins import default_cache_dir
+
+        # What this machine has; the free disk where disk offload writes its blocks (the cache folder).
+        host = host_memory(self.settings.cache_dir or default_cache_dir())
         self.device = "cuda" if node.get("simulated") is False and torch.cuda.is_available() else "cpu"
         if self.device == "cuda":  # a real card describes itself (Ray sets CUDA_VISIBLE_DEVICES per actor)
-            from renderfarm.actors.hardware import probe_device
-
-            self.card: Device = probe_device(0, disk_path=self.settings.cache_dir)
+            self.card: Device = probe_device(0, host=host)
             node = {**node, "gpu": self.card.name, "vram_gib": round(self.card.vram_gib, 2),
                     "compute_capability": self.card.cc_text}
         else:
@@ -90,12 +93,10 @@ class RenderWorker:
         self.cache = PipelineCache(
             cache_dir=self.settings.cache_dir, device=self.device, max_bytes=int(budget_gib * 2**30)
         )
-        from renderfarm.actors.hardware import host_memory
-
         self.node = {
             **node,
             # What this machine really has (a simulated node plans against its declared `ram_gib`, if any).
-            "host": host_memory(self.settings.cache_dir),
+            "host": host,
             "device": self.device,
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
@@ -293,8 +294,11 @@ class RenderWorker:
             return None
         from renderfarm.planning.vram import predict
 
-        need = predict(entry, profile, self.card, width, height, images).host_peak_gib * 2**30
-        return lambda held: held + need <= budget * 2**30
+        def room(held: int) -> bool:  # asked only when the cache has to load the rung
+            need = predict(entry, profile, self.card, width, height, images).host_peak_gib
+            return held / 2**30 + need <= budget
+
+        return room
 
     def _measured(
         self, model: str, profile: str, requests: list[Any], result: Any, resident_bytes: int, load_s: float

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # planning.vram imports this module; choose_profile imports vram when it runs
     from renderfarm.planning.catalog import ModelEntry
@@ -241,7 +241,15 @@ _RESIDENT, _CACHE = TextEncoderPolicy.RESIDENT, TextEncoderPolicy.CACHE_AND_OFFL
 # larger than nf4 and slower to dequantize: nf4 with model offload beats them on every CUDA card. They
 # stay usable as explicit profiles (the catalog lists their files).
 # A quantized T5 is nf4 (bitsandbytes keeps its fp32 `wo`; fp8 storage would run it in fp16 on Turing).
-_TRANSFORMER_LADDER: tuple[tuple, ...] = (
+class _Rung(NamedTuple):
+    weights: WeightsFormat
+    placement: Placement
+    text_encoder_weights: WeightsFormat
+    text_encoders: TextEncoderPolicy
+    pin_streamed: bool = True
+
+
+_TRANSFORMER_LADDER: tuple[_Rung, ...] = tuple(_Rung(*row) for row in (
     (_16, _GPU, _16, _RESIDENT),
     (_16, _GPU, _16, _CACHE),
     (WeightsFormat.FP8_E4M3FN, _GPU, _16, _CACHE),
@@ -259,16 +267,16 @@ _TRANSFORMER_LADDER: tuple[tuple, ...] = (
     # read from disk for every step. Slow (the whole denoiser crosses the disk each step), but it runs.
     (_16, Placement.DISK_OFFLOAD, WeightsFormat.NF4, _CACHE),
     (_16, _LEAF, _16, _CACHE),  # the VRAM floor: denoiser and encoders streamed layer by layer
-)
+))
 # UNets are small: 16-bit everywhere but the last offloaded rung. Block-level group offload moves a third
 # of an SDXL UNet at a time, so leaf offload is the floor.
-_UNET_LADDER: tuple[tuple, ...] = (
+_UNET_LADDER: tuple[_Rung, ...] = tuple(_Rung(*row) for row in (
     (_16, _GPU, _16, _RESIDENT),
     (_16, _GPU, _16, _CACHE),
     (_16, _MODEL, _16, _CACHE),
     (WeightsFormat.FP8_E4M3FN, _MODEL, _16, _CACHE),
     (_16, _LEAF, _16, _CACHE),
-)
+))
 
 
 def profile_name(
@@ -300,9 +308,8 @@ def ladder(entry: ModelEntry, device: Device) -> list[Profile]:
     compute = compute_dtype_for(device)
     rungs = _TRANSFORMER_LADDER if entry.denoiser.name == "transformer" else _UNET_LADDER
     profiles = []
-    for weights, placement, te_weights, te_policy, *pin in rungs:
+    for weights, placement, te_weights, te_policy, pin_streamed in rungs:
         weights, te_weights = stored_format(weights, compute), stored_format(te_weights, compute)
-        pin_streamed = pin[0] if pin else True
         profiles.append(
             Profile(
                 name=profile_name(weights, placement, te_weights, te_policy, pin_streamed=pin_streamed),
@@ -338,7 +345,6 @@ def unavailable_reason(entry: ModelEntry, profile: Profile, device: Device) -> s
 
 DEFAULT_MARGIN_GIB = 0.5  # kept free on top of the prediction: other processes, driver, estimate error
 DISK_MARGIN_GIB = 2.0  # free disk left beside disk offload's files
-_BUDGET_STEP_GIB = 0.25
 
 
 @dataclass(frozen=True)

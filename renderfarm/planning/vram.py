@@ -19,9 +19,9 @@ as actors/loading.py applies it:
 Host memory is predicted beside VRAM (`Prediction.host_gib`, `host_peak_gib`): plain copies in host memory
 for what waits there (model offload, encoders under cache-and-offload), pinned copies of everything streamed
 with CUDA streams (diffusers pins a copy of every streamed tensor; torch's pinned allocator rounds each one
-up to a power of two: `Component.pinned_factor`), and the setup transients: `from_pretrained` materialises
-every component it loads in host memory before placement moves it, and group offload pins its copies while
-the pageable ones still exist.
+up to a power of two: `Component.pinned_factor`), and the setup transients: `from_pretrained` converts into
+host memory every component it loads in a dtype other than its files' (`ModelEntry.checkpoint_dtype`; in
+their own dtype they stay memory-mapped), and group offload pins its copies while the originals still exist.
 
 What the prediction means: `peak_gib` is the memory the device must have: torch's peak *reserved* memory
 (`torch.cuda.max_memory_reserved`, allocator fragmentation included) plus the CUDA context, which torch does
@@ -281,7 +281,7 @@ def _host(
     for name, fmt in formats.items():
         component = entry.components[name]
         if fmt.is_bnb:
-            if placement in (Placement.GROUP_OFFLOAD, Placement.LEAF_OFFLOAD) and name == den.name:
+            if placement.streams and name == den.name:
                 loaded += sizes[name]
             continue
         if fmt.is_gguf:

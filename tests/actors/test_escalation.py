@@ -43,7 +43,7 @@ class Cache:
         self.alive_at_load: list[list[str]] = []  # rungs whose weights were still alive when each load began
         self.refs: dict[str, weakref.ref] = {}
 
-    def get(self, entry, rung):
+    def get(self, entry, rung, host_room=None):
         gc.collect()
         self.alive_at_load.append(sorted(n for n, ref in self.refs.items() if ref() is not None))
         self.loads.append(rung.name)

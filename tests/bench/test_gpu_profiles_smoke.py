@@ -174,7 +174,7 @@ def test_gpu_backend_budget_arithmetic_without_a_gpu():
 
     # the driver-level watch: the process's footprint is the peak used less the baseline, plus its context
     fake_used = iter([10 * 2**30, 14 * 2**30, 12 * 2**30])
-    backend.used_bytes = lambda: next(fake_used, 12 * 2**30)
+    backend.device_bytes = lambda: next(fake_used, 12 * 2**30)
     backend.baseline_used = 9 * 2**30
     with backend.watch() as watch:
         pass
