@@ -19,6 +19,7 @@ from typing import Any
 
 from renderfarm.cluster.processes import write_private
 from renderfarm.config import ConfigError, Settings, load_nodes
+from renderfarm.errors import CliError, UsageError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -26,10 +27,6 @@ FARM_FILE = "farm.json"
 DEFAULT_PLAN_CC = "8.6"  # `plan` without --gpu or --compute-capability: an Ampere card  # written by `up` in its data dir so other commands find its Redis
 
 log = logging.getLogger("renderfarm")
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 1."""
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -752,10 +749,6 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------------------
-
-
-class UsageError(Exception):
-    """A command line argparse cannot read (unknown flag, extra argument, missing value)."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -24,10 +24,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from renderfarm.cluster import auth
-from renderfarm.cluster.auth import AuthError
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect, redact
-from renderfarm.cluster.store import JobNotFound, Store
+from renderfarm.cluster.store import Store
+from renderfarm.errors import AuthError, SpecError
 from renderfarm.jobs import (
     SEED_MAX,
     IllegalTransition,
@@ -41,10 +41,6 @@ from renderfarm.planning.catalog import Catalog, UnknownModelError, default_cata
 
 MAX_BATCH_JOBS = 10_000
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-class SpecError(ValueError):
-    """One or more job specs are invalid; nothing was enqueued. The message names each field."""
 
 
 @dataclass

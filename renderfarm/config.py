@@ -17,13 +17,11 @@ from pydantic import (
     model_validator,
 )
 
+from renderfarm.errors import ConfigError
+
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_NODES_FILE = PACKAGE_CONFIGS / "nodes.example.yaml"
 ENV_PREFIX = "RENDERFARM_"
-
-
-class ConfigError(ValueError):
-    """A settings or nodes file is unreadable or invalid; the message names the file and field."""
 
 
 def _describe(exc: ValidationError) -> str:

@@ -29,14 +29,11 @@ from renderfarm.config import (
     load_nodes,
     with_farm_wide,
 )
+from renderfarm.errors import FarmError
 
 log = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT = 180.0  # importing torch + diffusers in a fresh process on 2 busy cores
-
-
-class FarmError(RuntimeError):
-    pass
 
 
 REDIS_PASSWORD_FILE = "redis_password"
@@ -361,7 +358,6 @@ class Farm(_Started):
         import ray
 
         ray.kill(self._workers[name], no_restart=True)
-
 
 
 class WorkerNode(_Started):

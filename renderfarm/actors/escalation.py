@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from renderfarm.errors import DoesNotFit
+
 log = logging.getLogger(__name__)
 
 _OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "can't allocate memory")
@@ -82,10 +84,6 @@ class Outcome:
     move_s: float = 0.0  # placing them on the device
     escalations: list[str] = field(default_factory=list)
     resident_bytes: int = 0  # weight bytes on the device when the render began
-
-
-class DoesNotFit(RuntimeError):
-    """No profile of the model fits this node at this size (the planner's reason attached)."""
 
 
 def release_memory() -> None:

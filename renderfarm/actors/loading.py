@@ -33,6 +33,7 @@ from renderfarm.actors import quantize
 from renderfarm.actors.embeddings import EmbeddingCache
 from renderfarm.actors.quantize import DENOISERS, torch_dtype
 from renderfarm.actors.standins import ensure_standin
+from renderfarm.errors import ModelSourceError
 from renderfarm.planning.catalog import ModelEntry
 from renderfarm.planning.profiles import (
     Placement,
@@ -57,10 +58,6 @@ log = logging.getLogger(__name__)
 TEXT_ENCODERS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
                  "flux": ("text_encoder", "text_encoder_2")}
 LARGE_TEXT_ENCODER = {"flux": "text_encoder_2"}
-
-
-class ModelSourceError(OSError):
-    """A model's weights could not be found or read at its source."""
 
 
 def resolve_source(entry: ModelEntry, cache_dir: Path | None = None) -> str:

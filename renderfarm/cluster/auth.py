@@ -42,6 +42,7 @@ from typing import Any
 import redis
 
 from renderfarm.cluster.keys import Keys
+from renderfarm.errors import AuthError
 
 __all__ = [
     "Access",
@@ -64,10 +65,6 @@ MIN_REVOKE_PREFIX = 6
 MAX_LABEL = 200
 TEAM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as JobSpec.team
 _HEX = re.compile(r"[0-9a-f]+")
-
-
-class AuthError(PermissionError):
-    """The farm is in token mode and this token may not do this (or there is no valid token)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from redis.connection import UnixDomainSocketConnection, parse_url
 from redis.retry import Retry
 
 from renderfarm.cluster.processes import free_port, tail_lines, write_private
+from renderfarm.errors import InsecureRedis, RedisUnavailable
 
 __all__ = [
     "EmbeddedRedis",
@@ -54,33 +55,6 @@ __all__ = [
 _LOOPBACK = "127.0.0.1"
 _LOG_FILE = "redis.log"
 _AUTH_CONF = "redis-auth.conf"
-
-
-class RedisUnavailable(RuntimeError):
-    """Redis could not be reached (or refused us) at `url`.
-
-    The message names the URL with any password replaced by `***`.
-    """
-
-    def __init__(self, url: str, reason: str) -> None:
-        self.url = redact(url)
-        self.reason = _scrub(reason, url)
-        super().__init__(f"Redis unavailable at {self.url}: {self.reason}")
-
-
-class InsecureRedis(RedisUnavailable):
-    """Refused: a Redis that is not on loopback lets in clients that bring no password.
-
-    Anyone who reaches such a server can read every prompt and image and change every job, so the farm
-    does not use it. The message names the redacted URL and how to protect the server.
-    """
-
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__(url, reason)
-        self.args = (f"refusing the Redis at {self.url}: {self.reason}",)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 _PROTECT_HINT = (
@@ -151,7 +125,7 @@ def _require_protected(url: str, socket_timeout: float) -> None:
     options = parse_url(url)
     if not _has_credentials(options):
         raise InsecureRedis(
-            url,
+            redact(url),
             f"it is not on loopback and answered without a password: anyone who reaches {_where(options)} "
             f"can read and change every job. Fix: {_PROTECT_HINT}",
         )
@@ -170,7 +144,7 @@ def _require_protected(url: str, socket_timeout: float) -> None:
         anonymous.close()
         pool.disconnect()
     raise InsecureRedis(
-        url,
+        redact(url),
         f"it is not on loopback and also answers clients that send no password, so the password in the URL "
         f"protects nothing: anyone who reaches {_where(options)} can read and change every job. Fix: "
         f"{_PROTECT_HINT}",
@@ -280,7 +254,7 @@ def connect(
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if isinstance(exc, redis.AuthenticationError) and not _password_of(url):
             reason += " (the server wants a password: redis://:PASSWORD@host:port/db)"
-        raise RedisUnavailable(url, reason) from None
+        raise RedisUnavailable(redact(url), _scrub(reason, url)) from None
     if not allow_open and not is_local_url(url):
         try:
             _require_protected(url, socket_timeout)

@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from renderfarm.cluster.keys import Keys
+from renderfarm.errors import CorruptRecord, JobNotFound
 from renderfarm.jobs import (
     IllegalTransition,
     Job,
@@ -233,15 +234,6 @@ end
 return redis.call('INCR', KEYS[3])
 """
 MEASURE_ALPHA = 0.3
-
-
-class CorruptRecord(ValueError):
-    """A record in Redis that does not parse: named, never guessed at."""
-
-
-class JobNotFound(KeyError):
-    def __str__(self) -> str:
-        return f"no job {self.args[0]!r}"
 
 
 def queue_score(priority: int, created_at: float) -> float:

@@ -16,7 +16,8 @@ import time
 from itertools import pairwise
 from typing import Any
 
-from renderfarm.cluster.store import CorruptRecord, JobNotFound, Store
+from renderfarm.cluster.store import Store
+from renderfarm.errors import CorruptRecord, JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobState
 
 HOUR = 3600.0

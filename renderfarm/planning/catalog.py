@@ -25,14 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from renderfarm.errors import UnknownModelError
+
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parent.parent / "configs" / "models.yaml"
-
-
-class UnknownModelError(ValueError):
-    def __init__(self, name: str, known: list[str]):
-        self.name = name
-        self.known = known
-        super().__init__(f"unknown model {name!r}; known models: {', '.join(known)}")
 
 
 class Role(str, Enum):

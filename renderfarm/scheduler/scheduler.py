@@ -32,8 +32,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_server import connect
-from renderfarm.cluster.store import CorruptRecord, Store
+from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
+from renderfarm.errors import CorruptRecord
 from renderfarm.jobs import Job, JobState
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.devices import Device, device_from_record

@@ -1,0 +1,97 @@
+"""Every error a user of renderfarm is meant to read, in one place (rq's `exceptions.py` is the model).
+
+Each derives from `RenderfarmError`, which the CLI prints as one line (`renderfarm CMD: error: ...`)
+and the API will turn into a 4xx; anything else that escapes is a bug and keeps its traceback. Each also
+keeps the builtin base it had before (`ValueError`, `OSError`, ...), so callers that catch those still do.
+
+Errors that never reach a user (a lease another node still holds, a render interrupted by a cancel)
+stay beside the code that raises and handles them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError", "CliError", "ConfigError", "CorruptRecord", "DoesNotFit", "FarmError", "InsecureRedis",
+    "JobNotFound", "ModelSourceError", "RedisUnavailable", "RenderfarmError", "SpecError", "UnknownModelError",
+    "UsageError", "WaitTimeout",
+]
+
+
+class RenderfarmError(Exception):
+    """A user-facing error: its message names what is wrong (the field, the file, the URL) and why."""
+
+
+class UsageError(RenderfarmError):
+    """A command line argparse cannot read (unknown flag, extra argument, missing value)."""
+
+
+class CliError(RenderfarmError):
+    """A command cannot do what was asked (no farm found, an unreadable file named on the command line)."""
+
+
+class ConfigError(RenderfarmError, ValueError):
+    """A settings or nodes file is unreadable or invalid; the message names the file and field."""
+
+
+class SpecError(RenderfarmError, ValueError):
+    """A job spec was refused at submit; the message names the job and the field. Nothing was enqueued."""
+
+
+class UnknownModelError(RenderfarmError, ValueError):
+    """A model name the catalog does not know; the message lists the ones it does."""
+
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        super().__init__(f"unknown model {name!r}; known models: {', '.join(known)}")
+
+
+class AuthError(RenderfarmError, PermissionError):
+    """The farm is in token mode and this token may not do this (or there is no valid token)."""
+
+
+class FarmError(RenderfarmError, RuntimeError):
+    """A farm could not start or run (its Redis, its Ray, its nodes)."""
+
+
+class RedisUnavailable(RenderfarmError, RuntimeError):
+    """Redis could not be reached (or refused us) at `url`. The message names the URL with any password
+    replaced by `***`; `redact` and `scrub` do that (they live in cluster/redis_server.py, which raises this)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(f"Redis unavailable at {url}: {reason}")
+
+
+class InsecureRedis(RedisUnavailable):
+    """Refused: a Redis that is not on loopback lets in clients that bring no password.
+
+    Anyone who reaches such a server can read every prompt and image and change every job, so the farm
+    does not use it. The message names the redacted URL and how to protect the server.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(url, reason)
+        self.args = (f"refusing the Redis at {url}: {reason}",)
+
+
+class JobNotFound(RenderfarmError, KeyError):
+    """No job with this id (never submitted, or its record expired)."""
+
+    def __str__(self) -> str:
+        return f"no such job: {self.args[0]}"
+
+
+class CorruptRecord(RenderfarmError, ValueError):
+    """A record in Redis that does not parse: named, never guessed at."""
+
+
+class WaitTimeout(RenderfarmError, TimeoutError):
+    """Waiting for jobs took longer than the caller allowed; the jobs themselves go on."""
+
+
+class ModelSourceError(RenderfarmError, OSError):
+    """A model's weights are absent or unreadable on a node: the job's fault, never the node's."""
+
+
+class DoesNotFit(RenderfarmError, RuntimeError):
+    """No profile of the ladder fits this job on this node (VRAM or host memory)."""
