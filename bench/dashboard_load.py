@@ -106,7 +106,7 @@ class _RecordedTransitions:
 def shared_png() -> bytes:
     from PIL import Image
 
-    from renderfarm.actors.infotext import a1111_parameters, png_bytes
+    from renderfarm.infotext import a1111_parameters, png_bytes
 
     parameters = a1111_parameters(
         prompt="a lighthouse on a cliff at dusk, volumetric light", negative_prompt="blurry, low quality",

@@ -2,7 +2,7 @@
 
 Imported only inside worker processes: it imports torch and diffusers at module level. Building a pipeline
 for a (model, profile) is actors/loading.py; the prompt-embedding cache is actors/embeddings.py; the
-A1111 infotext written into each PNG is actors/infotext.py.
+A1111 infotext written into each PNG is renderfarm/infotext.py.
 
 A batch is rendered in ONE pipeline call, with its stages measured separately: text encoding (we call
 the pipeline's `encode_prompt` ourselves and pass the embeddings in; an `EmbeddingCache` keeps each
@@ -33,7 +33,6 @@ import torch
 
 from renderfarm.actors.embeddings import EmbeddingCache, EmbeddingKey
 from renderfarm.actors.escalation import is_out_of_memory as _is_out_of_memory
-from renderfarm.actors.infotext import a1111_parameters, png_bytes, sampler_info
 from renderfarm.actors.loading import (
     PipelineInfo,
     get_module_execution_device,
@@ -44,6 +43,7 @@ from renderfarm.actors.loading import (
     set_vae_mode,
     text_encoders_on,
 )
+from renderfarm.infotext import a1111_parameters, png_bytes, sampler_info
 from renderfarm.planning.catalog import ModelEntry
 from renderfarm.planning.profiles import Profile
 

@@ -276,7 +276,7 @@ def image_parameters(png: bytes) -> dict[str, str] | None:
     None when it carries none or is not an image."""
     from PIL import Image
 
-    from renderfarm.actors.infotext import (
+    from renderfarm.infotext import (
         parse_a1111_parameters,  # torch-free: text and PIL only
     )
 

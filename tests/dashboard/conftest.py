@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from renderfarm.actors.infotext import a1111_parameters, png_bytes
+from renderfarm.infotext import a1111_parameters, png_bytes
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.jobs import Job, JobSpec, JobState

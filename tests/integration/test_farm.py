@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from renderfarm.actors.infotext import parse_a1111_parameters
+from renderfarm.infotext import parse_a1111_parameters
 from renderfarm.client import FarmClient, SpecError
 from renderfarm.jobs import JobState
 from renderfarm.planning.catalog import Catalog

@@ -79,7 +79,7 @@ def _version() -> str:
         return version("renderfarm")
     except PackageNotFoundError:
         # Running from a source tree that is not installed: read the version from pyproject.toml.
-        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         match = pyproject.is_file() and re.search(
             r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), flags=re.MULTILINE
         )
