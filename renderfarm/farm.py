@@ -216,19 +216,7 @@ class Farm(_Started):
         from renderfarm.scheduler.scheduler import Scheduler
 
         data_dir = self.settings.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if self.settings.redis_url:
-            connect(self.settings.redis_url).close()  # fail early, naming the URL
-            self.redis_url = self.settings.redis_url
-        elif self.head:  # other machines reach it: bound to the advertised address, with a password
-            self._embedded = EmbeddedRedis(data_dir / "redis", host=self.advertise_ip or "127.0.0.1",
-                                           password=_secret(data_dir / REDIS_PASSWORD_FILE, env="REDIS_PASSWORD"))
-            self.redis_url = self._embedded.start()
-        else:
-            self._embedded = EmbeddedRedis(data_dir / "redis")
-            self.redis_url = self._embedded.start()
-        log.info("redis: %s", redact(self.redis_url))
-        Store(connect(self.redis_url), Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
+        self._start_redis()  # makes data_dir
 
         nodes = node_plan(self.declared, self.settings) if self.local_workers else []
         if self.ray_address:
@@ -253,6 +241,23 @@ class Farm(_Started):
             .remote(self.redis_url, self.settings.model_dump(mode="json"), infos, self.key_prefix, autostart=True)
         )
         ray.get(self._scheduler.stats.remote(), timeout=ACTOR_START_TIMEOUT)  # constructed: recovery done
+
+    def _start_redis(self) -> None:
+        """Check the Redis the settings name, or start the embedded one; publish the farm-wide settings there."""
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.redis_url:
+            connect(self.settings.redis_url).close()  # fail early, naming the URL
+            self.redis_url = self.settings.redis_url
+        elif self.head:  # other machines reach it: bound to the advertised address, with a password
+            self._embedded = EmbeddedRedis(data_dir / "redis", host=self.advertise_ip or "127.0.0.1",
+                                           password=_secret(data_dir / REDIS_PASSWORD_FILE, env="REDIS_PASSWORD"))
+            self.redis_url = self._embedded.start()
+        else:
+            self._embedded = EmbeddedRedis(data_dir / "redis")
+            self.redis_url = self._embedded.start()
+        log.info("redis: %s", redact(self.redis_url))
+        Store(connect(self.redis_url), Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
 
     @property
     def ray_token(self) -> str | None:
