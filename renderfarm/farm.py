@@ -203,6 +203,7 @@ class Farm(_Started):
         self.redis_url: str | None = None
         self.nodes: list[dict[str, Any]] = []
         self._embedded: EmbeddedRedis | None = None
+        self._redis_password: str | None = None  # a head's, once its Redis started
         self._ray: Any = None  # cluster.ray_cluster.RayCluster once started
         self._workers: dict[str, Any] = {}
         self._scheduler: Any = None
@@ -249,15 +250,24 @@ class Farm(_Started):
         if self.settings.redis_url:
             connect(self.settings.redis_url).close()  # fail early, naming the URL
             self.redis_url = self.settings.redis_url
-        elif self.head:  # other machines reach it: bound to the advertised address, with a password
-            self._embedded = EmbeddedRedis(data_dir / "redis", host=self.advertise_ip or "127.0.0.1",
-                                           password=_secret(data_dir / REDIS_PASSWORD_FILE, env="REDIS_PASSWORD"))
-            self.redis_url = self._embedded.start()
         else:
-            self._embedded = EmbeddedRedis(data_dir / "redis")
+            self._embedded = self._embedded_redis()
             self.redis_url = self._embedded.start()
         log.info("redis: %s", redact(self.redis_url))
         Store(connect(self.redis_url), Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
+
+    def _embedded_redis(self, port: int | None = None) -> EmbeddedRedis:
+        """This farm's embedded redis-server, not started: `start()` and `crash_redis()` both make it here, so a
+        restarted one has the same address, password and data directory. On a head other machines reach it:
+        bound to `advertise_ip` (127.0.0.1 without one), with the password kept in the data directory (read
+        once per farm); otherwise on loopback without a password. `port=None`: a free one."""
+        data_dir = self.settings.data_dir / "redis"
+        if not self.head:
+            return EmbeddedRedis(data_dir, port=port)
+        if self._redis_password is None:
+            self._redis_password = _secret(self.settings.data_dir / REDIS_PASSWORD_FILE, env="REDIS_PASSWORD")
+        return EmbeddedRedis(data_dir, port=port, host=self.advertise_ip or "127.0.0.1",
+                             password=self._redis_password)
 
     @property
     def ray_token(self) -> str | None:
@@ -344,17 +354,16 @@ class Farm(_Started):
 
     def crash_redis(self, down_seconds: float = 1.0) -> float:
         """SIGKILL the embedded redis-server (no shutdown, no final fsync), wait `down_seconds`, and start it
-        again on the same port and data directory, from its append-only file (chaos tests); returns how long
-        Redis was unreachable."""
+        again as it was (same address and port, same password, same data directory) from its append-only file
+        (chaos tests); returns how long Redis was unreachable."""
         if self._embedded is None or self._embedded.pid is None:
             raise FarmError("this farm uses a Redis it was given: it cannot crash it")
         old = self._embedded
-        port = old.port
         crashed = time.monotonic()
         os.kill(old.pid, signal.SIGKILL)
         old.stop()  # reaps the dead process
         time.sleep(down_seconds)
-        self._embedded = EmbeddedRedis(old.data_dir, port=port)
+        self._embedded = self._embedded_redis(port=old.port)
         self._embedded.start()
         return time.monotonic() - crashed
 
