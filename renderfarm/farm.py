@@ -254,7 +254,8 @@ class Farm(_Started):
             self._embedded = self._embedded_redis()
             self.redis_url = self._embedded.start()
         log.info("redis: %s", redact(self.redis_url))
-        Store(connect(self.redis_url), Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
+        with connect(self.redis_url) as client:
+            Store(client, Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
 
     def _embedded_redis(self, port: int | None = None) -> EmbeddedRedis:
         """This farm's embedded redis-server, not started: `start()` and `crash_redis()` both make it here, so a
@@ -413,7 +414,8 @@ class WorkerNode(_Started):
 
         # Fails early, naming the URL (and refusing an open remote Redis); the head's farm-wide settings
         # (leases, time limits, retries, heartbeats) win over this machine's own.
-        published = Store(connect(self.redis_url), Keys(self.key_prefix)).published_settings()
+        with connect(self.redis_url) as client:
+            published = Store(client, Keys(self.key_prefix)).published_settings()
         self.settings = with_farm_wide(self.settings, published)
         plan = node_plan(self.declared, self.settings)
         self._ray = RayCluster.join_node(

@@ -11,12 +11,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from renderfarm import farm as farm_module
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.processes import is_alive
-from renderfarm.cluster.redis_server import connect
+from renderfarm.cluster.redis_server import EmbeddedRedis, connect
 from renderfarm.cluster.store import Store
 from renderfarm.config import Settings, farm_wide
-from renderfarm.farm import REDIS_PASSWORD_FILE, Farm
+from renderfarm.farm import REDIS_PASSWORD_FILE, Farm, WorkerNode
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +89,42 @@ def test_a_farm_started_without_head_restarts_on_loopback_without_password(tmp_p
             assert Store(client, Keys("rf")).published_settings() == farm_wide(farm.settings)
     finally:
         farm.stop()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def kept_clients(monkeypatch: pytest.MonkeyPatch) -> list[redis.Redis]:
+    """Every client farm.py opens, kept alive here: only an explicit close() ends its connection then (CPython
+    also closes a client when its last reference goes, which would hide a missing close())."""
+    opened: list[redis.Redis] = []
+
+    def connect_and_keep(url: str, **kwargs) -> redis.Redis:
+        client = connect(url, **kwargs)
+        opened.append(client)
+        return client
+
+    monkeypatch.setattr(farm_module, "connect", connect_and_keep)
+    return opened
+
+
+def test_the_farm_closes_the_connections_it_opens_for_one_call(
+    tmp_path: Path, kept_clients: list[redis.Redis], monkeypatch: pytest.MonkeyPatch
+):
+    def stop_after_settings(*_: object) -> None:
+        raise _Stop  # WorkerNode.start has read the published settings: stop before Ray
+
+    monkeypatch.setattr(farm_module, "node_plan", stop_after_settings)
+    with EmbeddedRedis(tmp_path / "redis") as server, connect(server.url) as probe:
+        before = len(probe.client_list())
+        settings = Settings(data_dir=tmp_path / "farm", redis_url=server.url)
+        farm = Farm(settings)
+        for _ in range(3):
+            farm._start_redis()  # checks the given Redis, publishes the farm-wide settings
+        for _ in range(3):
+            with pytest.raises(_Stop):
+                WorkerNode(settings, "127.0.0.1:1", server.url, ray_token="t").start()
+        assert len(kept_clients) == 9
+        assert len(probe.client_list()) == before, [c["addr"] for c in probe.client_list()]
