@@ -1,5 +1,9 @@
-"""Bring a farm up and down: Redis (embedded or given), Ray (private or joined), one RenderWorker per
-GPU (or per declared node on a machine without GPUs), and the scheduler actor.
+"""Bring a farm up and down.
+
+`Farm` (the head, `renderfarm up`): Redis (embedded, or the one the settings name), Ray (a private cluster, or
+one it joins as a driver), one RenderWorker per local GPU (or per declared node on a machine without GPUs;
+none with `local_workers=False`), and the scheduler actor. `WorkerNode` (`renderfarm worker`): this
+machine's workers in a farm whose head runs elsewhere.
 
     with Farm(Settings.load()) as farm:
         client = farm.client()
@@ -186,9 +190,10 @@ class Farm(_Started):
         ray_port: int | None = None,
         local_workers: bool = True,
     ):
-        """`head`: other machines join this farm (`WorkerNode`): an embedded Redis is bound to `advertise_ip`
-        with a password (REDIS_PASSWORD, else generated), and Ray's token (RAY_AUTH_TOKEN, else generated) is
-        kept in the data directory (0600), so a restarted head keeps both.
+        """`head`: other machines join this farm (`WorkerNode`): the embedded Redis (when the settings name no
+        Redis) is bound to `advertise_ip` (127.0.0.1 without one) with a password, and a private Ray cluster
+        gets a token. Each is REDIS_PASSWORD / RAY_AUTH_TOKEN when set, else the one kept in the data directory
+        (0600) by an earlier start, else a new random one, and is kept there, so a restarted head keeps both.
         `local_workers=False`: a head without GPUs of its own."""
         self.head = head
         self.advertise_ip = advertise_ip
@@ -211,7 +216,7 @@ class Farm(_Started):
     # --- lifecycle ------------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        import ray  # imported here, not at module level: `renderfarm plan` and the client need no Ray
+        import ray  # imported here, not at module level: importing this module (the CLI does) loads no Ray
 
         from renderfarm.cluster.ray_cluster import RayCluster
         from renderfarm.scheduler.scheduler import Scheduler
@@ -323,17 +328,6 @@ class Farm(_Started):
 
         return ray.get(self._scheduler.stats.remote(), timeout=10)
 
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """Block until nothing is queued or in flight (for tests and the demo)."""
-        client = self.client()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            counts = client.store.counts()
-            if counts["queued"] + counts["leased"] + counts["running"] == 0:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"farm still busy after {timeout} s")
-
     def kill_scheduler(self) -> None:
         """Kill the scheduler's process abruptly; Ray starts a new one, which recovers from Redis (chaos tests)."""
         import ray
@@ -367,12 +361,6 @@ class Farm(_Started):
         self._embedded = self._embedded_redis(port=old.port)
         self._embedded.start()
         return time.monotonic() - crashed
-
-    def kill_worker(self, name: str) -> None:
-        """Kill a worker's process abruptly (tests: the scheduler must recover its jobs)."""
-        import ray
-
-        ray.kill(self._workers[name], no_restart=True)
 
 
 class WorkerNode(_Started):
