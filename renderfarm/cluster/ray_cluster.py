@@ -44,6 +44,10 @@ from renderfarm.cluster.ray_processes import (
 
 __all__ = ["RayCluster", "RayNode", "gpu_count"]
 
+# The one Ray namespace of every driver of a farm: the scheduler (started by the head's driver) finds the
+# workers of `renderfarm worker` drivers by actor name, and Ray looks names up within a namespace only.
+NAMESPACE = "renderfarm"
+
 
 @dataclass(frozen=True)
 class RayNode:
@@ -102,7 +106,6 @@ class RayCluster:
         object_store_memory: int | None = None,
         node_ip_address: str | None = None,
         auth_token: str | None = None,
-        namespace: str = "renderfarm",
         log_to_driver: bool = True,
         timeout: float = 60.0,
         port: int | None = None,
@@ -132,7 +135,7 @@ class RayCluster:
         )
         try:
             cluster.address = wait_for_head(head, temp_dir, timeout)
-            cluster._connect(namespace=namespace, log_to_driver=log_to_driver, timeout=timeout)
+            cluster._connect(log_to_driver=log_to_driver, timeout=timeout)
         except BaseException:
             cluster._owns_temp_dir = False  # keep the logs of a failed start
             cluster.stop()
@@ -145,7 +148,6 @@ class RayCluster:
         address: str,
         *,
         auth_token: str | None = None,
-        namespace: str = "renderfarm",
         log_to_driver: bool = True,
         timeout: float = 30.0,
     ) -> RayCluster:
@@ -163,7 +165,7 @@ class RayCluster:
             raise ValueError(f"expected host:port for a Ray GCS, got {address!r}")
         cluster = cls(address, auth_token=auth_token)
         try:
-            cluster._connect(namespace=namespace, log_to_driver=log_to_driver, timeout=timeout)
+            cluster._connect(log_to_driver=log_to_driver, timeout=timeout)
         except BaseException:
             cluster.stop()
             raise
@@ -179,7 +181,6 @@ class RayCluster:
         num_gpus: int | None = None,
         resources: dict[str, float] | None = None,
         labels: dict[str, str] | None = None,
-        namespace: str = "renderfarm",
         log_to_driver: bool = True,
         timeout: float = 60.0,
     ) -> RayCluster:
@@ -206,7 +207,7 @@ class RayCluster:
             started = time.monotonic()
             log = temp_dir / NODE_LOG
             wait_for_node(process, log, address, timeout, since=started)
-            cluster._connect(namespace=namespace, log_to_driver=log_to_driver, timeout=timeout)
+            cluster._connect(log_to_driver=log_to_driver, timeout=timeout)
             wanted = set(resources or ())
             while wanted and not any(n.alive and wanted <= set(n.resources) for n in cluster.nodes()):
                 if process.poll() is not None or time.monotonic() > started + timeout:
@@ -219,13 +220,13 @@ class RayCluster:
         return cluster
 
     # -- driver connection --------------------------------------------------------
-    def _connect(self, *, namespace: str, log_to_driver: bool, timeout: float) -> None:
+    def _connect(self, *, log_to_driver: bool, timeout: float) -> None:
         host, _, port = self.address.rpartition(":")
         wait_for_port(host, int(port), timeout)
         self._driver_auth.apply()
         try:
             # Explicit address: never RAY_ADDRESS, never a stale ray_current_cluster.
-            ray.init(address=self.address, namespace=namespace, log_to_driver=log_to_driver)
+            ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         except ConnectionError as exc:
             if ray.is_initialized():
                 ray.shutdown()
