@@ -49,12 +49,12 @@ class ChaosResult:
         return asdict(self)
 
 
-def chaos_settings(data_dir: Path, **overrides: Any):
+def chaos_settings(data_dir: Path):
     from renderfarm.config import Settings
 
     # Short leases and heartbeats: a dead holder's jobs come back within seconds, not the default 30 s.
     return Settings(data_dir=data_dir, lease_seconds=4.0, heartbeat_seconds=0.5, max_attempts=5, max_batch=4,
-                    eta_seconds=1.0, **overrides)
+                    eta_seconds=1.0)
 
 
 def chaos_nodes():
@@ -77,7 +77,6 @@ def run_scenario(
     data_dir: Path | None = None,
     timeout: float = 300.0,
     say: Callable[[str], None] = lambda _: None,
-    **settings: Any,
 ) -> ChaosResult:
     """Start a farm, submit `jobs` jobs, inject `scenario`'s fault mid-render, wait for the batch, count."""
     from renderfarm.farm import Farm
@@ -86,7 +85,7 @@ def run_scenario(
         raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
     with tempfile.TemporaryDirectory(prefix=f"rf-chaos-{scenario}-") as tmp:
         base = Path(data_dir) if data_dir else Path(tmp)
-        farm = Farm(chaos_settings(base / scenario, **settings), chaos_nodes(), warm_models=["tiny-sd15"],
+        farm = Farm(chaos_settings(base / scenario), chaos_nodes(), warm_models=["tiny-sd15"],
                     log_to_driver=False)
         with farm:
             client = farm.client()
