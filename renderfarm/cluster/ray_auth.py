@@ -6,14 +6,15 @@ turns it on when `RAY_AUTH_MODE` is unset *and* a token exists (~/.ray/auth_toke
 `ray start --address` with an explicit address never turns it on by itself. So whether a second process can
 talk to the head depends on files in the home directory: InvalidAuthToken, or a driver that hangs ~20 s.
 
-We therefore never leave `RAY_AUTH_MODE` unset. A private cluster uses token mode with a fresh random token
-(rather than `RAY_AUTH_MODE=disabled`): the GCS listens on every interface (Ray rewrites 127.0.0.1 to the
-node's IP), so "disabled" would let anyone on the network run code on the farm. The token lives in
-`<temp_dir>/auth_token` (mode 0600); every `ray start` we launch (the head, an added node, this machine
-joining as a node) runs with `daemon_env()`: `RAY_AUTH_MODE=token` + `RAY_AUTH_TOKEN_PATH`. Our driver
-runs with `driver_env()`: `RAY_AUTH_MODE=token` + `RAY_AUTH_TOKEN`, set in this process's environment by
-`DriverAuth.apply()` and restored by `DriverAuth.restore()`. A private cluster neither reads nor writes
-~/.ray. Another process joins with `join_env()` exported (or `RayCluster.join(address, auth_token=...)`).
+We therefore never leave `RAY_AUTH_MODE` unset. A private cluster uses token mode, with a fresh random
+token unless it is given one (rather than `RAY_AUTH_MODE=disabled`): the GCS listens on every interface
+(Ray rewrites 127.0.0.1 to the node's IP), so "disabled" would let anyone on the network run code on the
+farm. The token lives in `<temp_dir>/auth_token` (mode 0600); every `ray start` we launch (the head, an
+added node, this machine joining as a node) runs with `daemon_env()`: `RAY_AUTH_MODE=token` +
+`RAY_AUTH_TOKEN_PATH`. Our driver runs with `driver_env()` (given the token: `RAY_AUTH_MODE=token` +
+`RAY_AUTH_TOKEN`), set in this process's environment by `DriverAuth.apply()` and put back by
+`DriverAuth.restore()`. A private cluster neither reads nor writes ~/.ray. Another process joins with
+`join_env()` exported, or with `RayCluster.join(address, auth_token=...)`.
 """
 
 from __future__ import annotations
