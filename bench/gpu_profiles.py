@@ -396,10 +396,10 @@ def prepare_source(entry: Any, family: str | None, needs_gguf: bool, backend: An
         import diffusers
         import torch
 
+        from renderfarm.actors.families import DENOISERS, denoiser_class
         from renderfarm.actors.loading import (
             _DTYPE_KWARG,  # `dtype` or `torch_dtype`, as this diffusers reads
         )
-        from renderfarm.actors.quantize import DENOISERS, denoiser_class
 
         denoiser = getattr(diffusers, denoiser_class(family)).from_pretrained(
             folder, subfolder=DENOISERS[family], **{_DTYPE_KWARG: torch.bfloat16}).to(backend.torch_device)

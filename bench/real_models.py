@@ -17,7 +17,7 @@ embedding tables have their real size.
 
 `write_real_folder` saves the pipeline as a diffusers folder (what `load_pipeline` reads, so every profile
 loads through the same code a node runs) and, when asked, the denoiser as a GGUF Q8_0 file.
-`write_q8_0_gguf` writes the same file as `renderfarm.actors.quantize.write_gguf` but quantizes with torch
+`write_q8_0_gguf` writes the same file as `renderfarm.actors.gguf_standins.write_gguf` but quantizes with torch
 on the weights' device, tensor by tensor: the `gguf` package's numpy quantizer needs ~6 minutes of one CPU
 core for Flux's transformer.
 """
@@ -248,7 +248,7 @@ def write_real_folder(family: str, folder: Path, device: str | torch.device, ggu
     say(f"saved to {folder} in {saved - built:.1f} s")
     gguf_path = None
     if gguf_q8_0:
-        from renderfarm.actors.quantize import DENOISERS
+        from renderfarm.actors.families import DENOISERS
 
         gguf_path = write_q8_0_gguf(getattr(pipe, DENOISERS[family]), folder / "gguf" / "q8_0.gguf", family)
         say(f"wrote {gguf_path} in {time.perf_counter() - saved:.1f} s")
@@ -300,22 +300,22 @@ def q8_0_bytes(tensor: torch.Tensor, rows_per_chunk: int = 4096) -> Any:
 
 
 def write_q8_0_gguf(model: torch.nn.Module, path: Path, family: str) -> Path:
-    """The file `renderfarm.actors.quantize.write_gguf(model, path, GGUF_Q8_0, family)` writes (diffusers
+    """The file `renderfarm.actors.gguf_standins.write_gguf(model, path, GGUF_Q8_0, family)` writes (diffusers
     key names; Linear weights in Q8_0, everything else F32, the same tensors kept precise), quantized with
     torch where the weights are. Atomic: temp file + rename."""
     import gguf
 
-    from renderfarm.actors import quantize
+    from renderfarm.actors import gguf_standins
     from renderfarm.planning.profiles import WeightsFormat
 
     weights = WeightsFormat.GGUF_Q8_0
-    qtype = quantize.gguf_qtype(weights)
-    quantizable = quantize._quantizable(model)  # the rule write_gguf applies
-    writer = quantize.gguf_writer(family, "diffusers", weights)  # the metadata write_gguf writes
+    qtype = gguf_standins.gguf_qtype(weights)
+    quantizable = gguf_standins._quantizable(model)  # the rule write_gguf applies
+    writer = gguf_standins.gguf_writer(family, "diffusers", weights)  # the metadata write_gguf writes
     f32 = gguf.GGMLQuantizationType.F32
     for name, tensor in model.state_dict().items():
         if name in quantizable and tensor.shape[-1] % Q8_0_BLOCK == 0:
             writer.add_tensor(name, q8_0_bytes(tensor), raw_dtype=qtype)
         else:
             writer.add_tensor(name, tensor.detach().float().cpu().numpy(), raw_dtype=f32)
-    return quantize.commit_gguf(writer, path)
+    return gguf_standins.commit_gguf(writer, path)

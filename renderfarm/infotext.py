@@ -57,21 +57,6 @@ def schedule_type(scheduler: Any) -> str:
     return "Normal"
 
 
-def sampler_info(pipe: Any, family: str, guidance: float) -> dict[str, Any]:
-    """The sampler fields of `a1111_parameters` (sampler, schedule type, CFG scales) for `pipe`."""
-    info: dict[str, Any] = {
-        "sampler": sampler_name(pipe.scheduler),
-        "schedule_type": schedule_type(pipe.scheduler),
-        "cfg_scale": guidance,
-    }
-    if family == "flux":
-        # Forge's convention for guidance-distilled Flux: no CFG pass (scale 1), guidance as an input.
-        info["cfg_scale"] = 1.0
-        if pipe.transformer.config.guidance_embeds:
-            info["distilled_cfg_scale"] = guidance
-    return info
-
-
 def _version() -> str:
     try:
         from importlib.metadata import PackageNotFoundError, version

@@ -31,7 +31,9 @@ import torch
 
 from renderfarm.actors import quantize
 from renderfarm.actors.embeddings import EmbeddingCache
-from renderfarm.actors.quantize import DENOISERS, torch_dtype
+from renderfarm.actors.families import Family, family_for, get_module_execution_device
+from renderfarm.actors.gguf_standins import ensure_standin_gguf
+from renderfarm.actors.quantize import torch_dtype
 from renderfarm.actors.standins import ensure_standin
 from renderfarm.errors import ModelSourceError
 from renderfarm.planning.catalog import ModelEntry
@@ -43,21 +45,7 @@ from renderfarm.planning.profiles import (
     WeightsFormat,
 )
 
-try:
-    from diffusers.utils.torch_utils import get_module_execution_device
-except ImportError:  # older diffusers: no offload-aware lookup, the weights' device is the answer
-
-    def get_module_execution_device(module: torch.nn.Module) -> torch.device:
-        return next(module.parameters()).device
-
-
 log = logging.getLogger(__name__)
-
-# The text encoders of each family, and the one whose weights format a profile sets (T5: 4.8B parameters
-# in FLUX.1; the CLIP encoders are small and always run in the compute dtype).
-TEXT_ENCODERS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
-                 "flux": ("text_encoder", "text_encoder_2")}
-LARGE_TEXT_ENCODER = {"flux": "text_encoder_2"}
 
 
 def resolve_source(entry: ModelEntry, cache_dir: Path | None = None) -> str:
@@ -247,23 +235,21 @@ def _load_with_profile(
     gguf_file: str | Path | None,
     offload_dir: Path | None = None,
 ) -> tuple[diffusers.DiffusionPipeline, PipelineInfo]:
-    family = entry.family.name
-    if family not in DENOISERS:
-        raise ValueError(f"load_pipeline does not know the components of family {family!r} ({entry.name})")
+    family = family_for(entry)
     compute = torch_dtype(profile.compute_dtype)
     if dtype is not None and dtype != compute:
         raise ValueError(f"dtype={dtype} contradicts profile {profile.name!r}, which computes in {compute}")
-    if profile.fp16_clamp and family != "flux":
+    if profile.fp16_clamp and not family.fp16_clamp:
         raise ValueError(
-            f"profile {profile.name!r}: fp16_clamp guards Flux activations; {entry.name} is {family}"
+            f"profile {profile.name!r}: fp16_clamp guards Flux activations; {entry.name} is {family.name}"
         )
     weights = profile.weights
     if gguf_file is not None and not weights.is_gguf:
         raise ValueError(f"gguf_file given, but profile {profile.name!r} stores weights as {weights.value}")
     text_weights = text_encoder_weights(profile)
-    large_encoder = LARGE_TEXT_ENCODER.get(family)
-    denoiser_name = DENOISERS[family]
-    denoiser_cls = getattr(diffusers, quantize.denoiser_class(family))
+    large_encoder = family.large_text_encoder
+    denoiser_name = family.denoiser
+    denoiser_cls = getattr(diffusers, family.denoiser_class)
     notes: list[str] = []
     # bitsandbytes quantizes while loading, on the device it loads onto. Quantized weights load straight onto
     # the device, except what group/leaf offload streams from host memory: that loads into host memory, so
@@ -301,18 +287,18 @@ def _load_with_profile(
             if gguf_file is not None:
                 path = str(gguf_file)
             elif entry.standin:
-                path = str(quantize.ensure_standin_gguf(entry, weights, Path(source)))
+                path = str(ensure_standin_gguf(entry, weights, Path(source)))
             else:
                 path = quantize.gguf_source(entry, weights)
             components[denoiser_name] = quantize.load_gguf_denoiser(
-                denoiser_cls, path, source, denoiser_name, compute, denoiser_device, family, weights
+                denoiser_cls, path, source, denoiser_name, compute, denoiser_device, family.name, weights
             )
         vae_dtype = torch_dtype(profile.vae_dtype or profile.compute_dtype)
         fp16_vae = getattr(entry, "fp16_vae_source", None)
         if vae_dtype == torch.float16 and fp16_vae:
             # A VAE fine-tuned to stay finite in fp16 (SDXL: madebyollin/sdxl-vae-fp16-fix); without one the
             # family's VAE decodes in fp32 where its config says it must (`force_upcast`, see
-            # pipelines._decode).
+            # families.SDXL.decode).
             components["vae"] = diffusers.AutoencoderKL.from_pretrained(fp16_vae, **{_DTYPE_KWARG: vae_dtype})
         elif vae_dtype != compute:
             # Loaded at its own dtype, not cast from the compute dtype (an fp32 VAE from bf16 weights would
@@ -329,7 +315,7 @@ def _load_with_profile(
     if large_encoder and text_weights is not None and text_weights.is_fp8:
         quantize.enable_fp8_storage(getattr(pipe, large_encoder), text_weights, compute)
     if profile.fp16_clamp:
-        quantize.add_fp16_clamp(pipe.transformer)
+        quantize.add_fp16_clamp(getattr(pipe, denoiser_name))
     set_vae_mode(pipe, profile.vae)
     moving = time.perf_counter()
     placement, offload_encoders = _apply_placement(pipe, family, profile, device, notes, offload_dir)
@@ -377,15 +363,15 @@ def set_vae_mode(pipe: Any, mode: VaeMode) -> None:
 
 
 def _apply_placement(
-    pipe: Any, family: str, profile: Profile, device: torch.device, notes: list[str],
+    pipe: Any, family: Family, profile: Profile, device: torch.device, notes: list[str],
     offload_dir: Path | None = None,
 ) -> tuple[str, bool]:
     """Place the components as `profile.placement` says. Returns (what was applied, whether the text
     encoders wait off the GPU and must be moved on for each encode)."""
     placement = profile.placement
-    denoiser_name = DENOISERS[family]
+    denoiser_name = family.denoiser
     denoiser = getattr(pipe, denoiser_name)
-    encoders = [name for name in TEXT_ENCODERS[family] if getattr(pipe, name, None) is not None]
+    encoders = [name for name in family.text_encoders if getattr(pipe, name, None) is not None]
     offload_encoders = profile.text_encoders is TextEncoderPolicy.CACHE_AND_OFFLOAD
 
     if device.type == "cpu":
@@ -435,13 +421,13 @@ def _move(module: torch.nn.Module, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def text_encoders_on(
-    pipe: Any, family: str, info: PipelineInfo | None, device: torch.device
+    pipe: Any, family: Family, info: PipelineInfo | None, device: torch.device
 ) -> Iterator[None]:
     """Cache-and-offload: the text encoders wait in host memory and come to the device for one encode."""
     if info is None or not info.text_encoders_offloaded:
         yield
         return
-    encoders = [getattr(pipe, n) for n in TEXT_ENCODERS[family] if getattr(pipe, n, None) is not None]
+    encoders = [getattr(pipe, n) for n in family.text_encoders if getattr(pipe, n, None) is not None]
     try:
         moving = time.perf_counter()
         for encoder in encoders:

@@ -7,8 +7,9 @@ A1111 infotext written into each PNG is renderfarm/infotext.py.
 A batch is rendered in ONE pipeline call, with its stages measured separately: text encoding (we call
 the pipeline's `encode_prompt` ourselves and pass the embeddings in; an `EmbeddingCache` keeps each
 prompt's embeddings, so a prompt is encoded once per model and profile), denoising (`output_type="latent"`,
-per-step times from `callback_on_step_end`), and VAE decoding (done here, per family, as the pipelines
-do it). Image i of a job is drawn from its own generator seeded with `seed + i` (the AUTOMATIC1111
+per-step times from `callback_on_step_end`), and VAE decoding (done here, as each family's pipeline does
+it). What differs between families (encoding, guidance, decoding, the call's own arguments) is a method of
+the model's `Family` (actors/families.py); `render_batch` itself never branches on a family. Image i of a job is drawn from its own generator seeded with `seed + i` (the AUTOMATIC1111
 convention), so a job renders the same image alone or inside any batch.
 
 Out-of-memory errors propagate to the caller, recognisable with `is_out_of_memory`; a failed render leaves
@@ -33,9 +34,9 @@ import torch
 
 from renderfarm.actors.embeddings import EmbeddingCache, EmbeddingKey
 from renderfarm.actors.escalation import is_out_of_memory as _is_out_of_memory
+from renderfarm.actors.families import Family, family_for
 from renderfarm.actors.loading import (
     PipelineInfo,
-    get_module_execution_device,
     load_pipeline,
     pipeline_bytes,
     pipeline_info,
@@ -43,7 +44,8 @@ from renderfarm.actors.loading import (
     set_vae_mode,
     text_encoders_on,
 )
-from renderfarm.infotext import a1111_parameters, png_bytes, sampler_info
+from renderfarm.actors.peak_memory import PeakMemory
+from renderfarm.infotext import a1111_parameters, png_bytes
 from renderfarm.planning.catalog import ModelEntry
 from renderfarm.planning.profiles import Profile
 
@@ -265,21 +267,19 @@ def render_batch(
     Any exception (out-of-memory included, see `is_out_of_memory`) propagates after the pipeline has been put
     back in a usable state.
     """
+    # 1. Check inputs.
     _check_batch(entry, requests)
+    family = family_for(entry)
     info = pipeline_info(pipe)
     if embedding_cache is None and info is not None:
         embedding_cache = info.embedding_cache
-    family = entry.family.name
-    if family not in _ENCODERS:
-        raise ValueError(f"render_batch does not know how to render family {family!r} ({entry.name})")
     first = requests[0]
     width, height, steps, guidance = first.width, first.height, first.steps, first.guidance
     device = pipe._execution_device
-    counts = [request.num_images for request in requests]
     seeds = [[request.seed + i for i in range(request.num_images)] for request in requests]
     # One generator per image: the image depends on its own seed only, never on its batch neighbours.
     generators = [torch.Generator(device).manual_seed(seed) for job_seeds in seeds for seed in job_seeds]
-    do_cfg = _does_cfg(pipe, family, guidance)
+    do_cfg = family.does_cfg(pipe, guidance)
 
     step_ends: list[float] = []
 
@@ -294,20 +294,18 @@ def render_batch(
     total_start = time.perf_counter()
     moves_before = info.encoder_moves_s if info is not None else 0.0
     try:
-        with _PeakMemory(device) as peak, torch.no_grad():
+        with PeakMemory(device) as peak, torch.no_grad():
+            # 2. Prompt embeddings, one row per image.
             embeddings, encoded, cached = _embeddings(
-                pipe, entry, requests, do_cfg, device, info, embedding_cache
+                pipe, family, entry, requests, do_cfg, device, info, embedding_cache
             )
-            # Each job's prompt is encoded once; every image of the job gets its own copy.
-            repeats = torch.tensor(counts, device=device)
-            embeddings = {name: rows.repeat_interleave(repeats, dim=0) for name, rows in embeddings.items()}
             _synchronize(device)
             denoise_start = time.perf_counter()
 
-            extra = {"max_sequence_length": _t5_max_length(pipe)} if family == "flux" else {}
+            # 3. Denoise: the whole batch in one pipeline call, which stops at the latents.
             latents = pipe(
                 **embeddings,
-                **extra,
+                **family.call_arguments(pipe),
                 height=height,
                 width=width,
                 num_inference_steps=steps,
@@ -320,7 +318,8 @@ def render_batch(
             _synchronize(device)
             decode_start = time.perf_counter()
 
-            images = _decode(pipe, family, latents, height=height, width=width, device=device)
+            # 4. Decode, as the family's pipeline does after its denoising loop.
+            images = family.decode(pipe, latents, height=height, width=width, device=device)
             _offload_after_decode(pipe)
             _synchronize(device)
             decode_end = time.perf_counter()
@@ -328,6 +327,7 @@ def render_batch(
         _recover_after_failure(pipe, device)
         raise
 
+    # 5. Package the results: PNGs carrying their infotext, the batch's stage times shared by every job.
     denoise_s = decode_start - denoise_start
     if len(step_ends) >= 2:
         # Steady state: leaves out the pipeline's set-up before the first step.
@@ -343,8 +343,7 @@ def render_batch(
         # Cache-and-offload: text encoders moved to the device and back for this batch's encode.
         "move_s": (info.encoder_moves_s - moves_before) if info is not None else 0.0,
     }
-
-    infotext = sampler_info(pipe, family, guidance)
+    infotext = family.infotext_fields(pipe, guidance)
     results: list[RenderResult] = []
     offset = 0
     for request, job_seeds in zip(requests, seeds):
@@ -407,6 +406,7 @@ def _check_batch(entry: ModelEntry, requests: list[RenderRequest]) -> None:
 
 def _embeddings(
     pipe: Any,
+    family: Family,
     entry: ModelEntry,
     requests: list[RenderRequest],
     do_cfg: bool,
@@ -414,9 +414,8 @@ def _embeddings(
     info: PipelineInfo | None,
     cache: EmbeddingCache | None,
 ) -> tuple[dict[str, torch.Tensor], int, int]:
-    """The prompt embeddings of `requests`, one row per request, on `device`; also how many distinct prompts
+    """The prompt embeddings of `requests`, one row per image, on `device`; also how many distinct prompts
     were encoded now and how many came from `cache`. Missing prompts are encoded together in one call."""
-    family = entry.family.name
     owner = info.key if info is not None else (entry.name, None)
     # Without CFG the negative prompt plays no part: it must not split the cache.
     keys = [(owner, r.prompt, r.negative_prompt if do_cfg else "", do_cfg) for r in requests]
@@ -428,7 +427,7 @@ def _embeddings(
     missing = [key for key in dict.fromkeys(keys) if key not in rows]
     if missing:
         with text_encoders_on(pipe, family, info, device):
-            encoded = _ENCODERS[family](
+            encoded = family.encode(
                 pipe,
                 prompts=[key[1] for key in missing],
                 negative_prompts=[key[2] for key in missing],
@@ -439,78 +438,19 @@ def _embeddings(
             rows[key] = {name: tensor[index : index + 1] for name, tensor in encoded.items()}
             if cache is not None:
                 cache.put(key, rows[key])
-    names = rows[keys[0]].keys()
-    embeddings = {name: torch.cat([rows[key][name].to(device) for key in keys]) for name in names}
+    # Each job's prompt is encoded once; every image of the job gets its own copy.
+    repeats = torch.tensor([request.num_images for request in requests], device=device)
+    embeddings = {
+        name: torch.cat([rows[key][name].to(device) for key in keys]).repeat_interleave(repeats, dim=0)
+        for name in rows[keys[0]]
+    }
     return embeddings, len(missing), len(rows) - len(missing)
-
-
-def _does_cfg(pipe: Any, family: str, guidance: float) -> bool:
-    # The SD pipelines' own rule: guidance <= 1, or a guidance-embedding UNet (LCM), means one pass.
-    if family == "flux":
-        return False
-    return guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-
-
-def _t5_max_length(pipe: Any) -> int:
-    # Flux pads prompts to this many T5 tokens; 512 is the pipeline's ceiling (FLUX.1-dev's length).
-    return min(512, int(pipe.tokenizer_2.model_max_length))
 
 
 def _synchronize(device: torch.device) -> None:
     # Stage times on CUDA are only true once the queued kernels have run.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# --- text encoding, per family ------------------------------------------------------------------------
-
-
-def _encode_sd15(pipe, prompts, negative_prompts, do_cfg, device) -> dict[str, torch.Tensor]:
-    prompt_embeds, negative_embeds = pipe.encode_prompt(
-        prompts, device, 1, do_cfg, negative_prompt=negative_prompts if do_cfg else None
-    )
-    embeddings = {"prompt_embeds": prompt_embeds}
-    if do_cfg:
-        embeddings["negative_prompt_embeds"] = negative_embeds
-    return embeddings
-
-
-def _encode_sdxl(pipe, prompts, negative_prompts, do_cfg, device) -> dict[str, torch.Tensor]:
-    prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompts,
-        device=device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=do_cfg,
-        negative_prompt=negative_prompts if do_cfg else None,
-    )
-    embeddings = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-    if do_cfg:
-        if pipe.config.force_zeros_for_empty_prompt:
-            # SDXL's convention for "no negative prompt" is a zero embedding, not the encoded "";
-            # decided per job so a job renders the same alone and in a batch.
-            empty = torch.tensor([not text for text in negative_prompts], device=negative_embeds.device)
-            negative_embeds = torch.where(empty[:, None, None], 0.0, negative_embeds)
-            negative_pooled = torch.where(empty[:, None], 0.0, negative_pooled)
-        embeddings["negative_prompt_embeds"] = negative_embeds
-        embeddings["negative_pooled_prompt_embeds"] = negative_pooled
-    return embeddings
-
-
-def _encode_flux(pipe, prompts, negative_prompts, do_cfg, device) -> dict[str, torch.Tensor]:
-    prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
-        prompt=prompts,
-        prompt_2=None,
-        device=device,
-        num_images_per_prompt=1,
-        max_sequence_length=_t5_max_length(pipe),
-    )
-    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-
-
-_ENCODERS = {"sd15": _encode_sd15, "sdxl": _encode_sdxl, "flux": _encode_flux}
-
-
-# --- VAE decoding, per family (as each pipeline does it after its denoising loop) -----------------------
 
 
 def _offload_after_decode(pipe: Any) -> None:
@@ -520,118 +460,3 @@ def _offload_after_decode(pipe: Any) -> None:
     own decode would have."""
     if getattr(pipe, "_all_hooks", None):
         pipe.maybe_free_model_hooks()
-
-
-def _decode(pipe: Any, family: str, latents: torch.Tensor, height: int, width: int, device: torch.device):
-    vae = pipe.vae
-    # With offloading the VAE's weights may sit elsewhere than where it computes.
-    vae_device = get_module_execution_device(vae)
-    do_denormalize = None
-    if family == "flux":
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(latents.to(vae_device, vae.dtype), return_dict=False)[0]
-    elif family == "sdxl":
-        # The SDXL VAE overflows in float16: the pipeline decodes in float32 when the config says so.
-        needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
-        if needs_upcasting:
-            vae.to(dtype=torch.float32)
-        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-        if mean is not None and std is not None:
-            channels = latents.shape[1]
-            mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        try:
-            image = vae.decode(latents.to(vae_device, vae.dtype), return_dict=False)[0]
-        finally:  # also after an out-of-memory error: the next render expects the VAE as it was
-            if needs_upcasting:
-                vae.to(dtype=torch.float16)
-        if getattr(pipe, "watermark", None) is not None:
-            image = pipe.watermark.apply_watermark(image)
-    else:
-        latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents.to(vae_device, vae.dtype), return_dict=False)[0]
-        # A real SD 1.5 folder ships a safety checker; the pipeline runs it, so we do too.
-        image, has_nsfw = pipe.run_safety_checker(image, device, latents.dtype)
-        if has_nsfw is not None:
-            do_denormalize = [not flagged for flagged in has_nsfw]
-    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=do_denormalize)
-
-
-# --- peak memory ------------------------------------------------------------------------------------------
-
-
-class _PeakMemory:
-    """Peak memory of a render, in MiB.
-
-    CUDA: `max_memory_allocated` after resetting the peak (`growth_mb`: less what was allocated at the start,
-    the other pipelines held on the card among it). CPU: the growth of the resident set's high-water
-    mark over the resident set at the start. Linux resets the mark when "5" is written to
-    /proc/self/clear_refs, so no sampling is needed; a sampling thread is only the fallback (a thread
-    waking every few milliseconds measurably slows small renders on a 2-core machine). 0.0 without /proc.
-    """
-
-    INTERVAL_S = 0.01
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mb = 0.0
-        self.growth_mb = 0.0
-        self.reserved_mb = 0.0
-        self._start_allocated = 0
-        self._start_rss = 0
-        self._peak_rss = 0
-        self._hwm_reset = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start_allocated = torch.cuda.memory_allocated(self.device)
-            return self
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._hwm_reset = True
-        except OSError:
-            self._hwm_reset = False
-        self._start_rss = self._peak_rss = _status_kib("VmRSS") * 1024
-        if not self._hwm_reset and self._start_rss:
-            self._thread = threading.Thread(target=self._sample, name="renderfarm-peak-rss", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-            self.mb = peak / 2**20
-            self.growth_mb = max(0, peak - self._start_allocated) / 2**20
-            self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / 2**20
-            return
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        if self._hwm_reset:
-            self._peak_rss = max(self._peak_rss, _status_kib("VmHWM") * 1024)
-        self._peak_rss = max(self._peak_rss, _status_kib("VmRSS") * 1024)
-        self.mb = self.growth_mb = max(0, self._peak_rss - self._start_rss) / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.INTERVAL_S):
-            self._peak_rss = max(self._peak_rss, _status_kib("VmRSS") * 1024)
-
-
-def _status_kib(field: str) -> int:
-    """A `VmRSS`/`VmHWM` line of /proc/self/status in KiB; 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0

@@ -12,8 +12,8 @@ The one place this module steps around a library is `bnb_without_gpu_check` (rea
 refuses bitsandbytes when no CUDA device exists, although bitsandbytes quantizes and runs 4-bit layers on
 CPU. On a CUDA machine nothing is bypassed.
 
-Stand-ins have no published GGUF files, so `ensure_standin_gguf` writes them with the `gguf` package, with
-diffusers key names or with the original (Black Forest Labs) Flux key names that community Flux GGUFs use.
+Stand-ins have no published GGUF files: actors/gguf_standins.py writes them. What differs per family (the
+denoiser's name and class, a GGUF file's key names) is its `Family` (actors/families.py).
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from renderfarm.actors.families import family_named
 from renderfarm.planning.catalog import ModelEntry
 from renderfarm.planning.profiles import ComputeDtype, WeightsFormat
 
@@ -50,10 +48,6 @@ FP8_STORAGE: dict[WeightsFormat, torch.dtype] = {
 
 # The finite range of float16: the Flux activation clamp maps +-inf onto it (and NaN onto 0).
 FP16_MAX = 65504.0
-
-# Which component is the denoiser, per family.
-DENOISERS = {"flux": "transformer", "sdxl": "unet", "sd15": "unet"}
-
 
 def torch_dtype(dtype: ComputeDtype) -> torch.dtype:
     return TORCH_DTYPES[dtype]
@@ -214,205 +208,6 @@ def bnb_linear_count(module: torch.nn.Module) -> int:
     )
 
 
-# --- GGUF: writing ---------------------------------------------------------------------------------------
-
-# Top-level modules kept in F32 in a GGUF file, as the community converters (city96's ComfyUI-GGUF) keep
-# them: the embedders and the final layer are small and the most sensitive to rounding.
-_KEEP_PRECISE = {
-    "time_text_embed", "context_embedder", "x_embedder", "norm_out", "proj_out",  # Flux (diffusers names)
-    "time_embedding", "add_embedding", "conv_in", "conv_out", "conv_norm_out",  # UNets
-}
-# `general.architecture` as ComfyUI-GGUF writes it.
-_GGUF_ARCH = {"flux": "flux", "sdxl": "sdxl", "sd15": "sd1"}
-
-KEY_NAMES = ("diffusers", "bfl")
-
-
-def gguf_qtype(weights: WeightsFormat):
-    """The `gguf.GGMLQuantizationType` of a GGUF weights format."""
-    import gguf
-
-    if not weights.is_gguf:
-        raise ValueError(f"{weights.value} is not a GGUF weights format")
-    return gguf.GGMLQuantizationType[weights.gguf_type]
-
-
-def _quantizable(model: torch.nn.Module) -> set[str]:
-    """Names of the weights a GGUF file quantizes: linear layers whose rows split into whole blocks."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in _KEEP_PRECISE:
-            names.add(f"{name}.weight")
-    return names
-
-
-def write_gguf(
-    model: torch.nn.Module,
-    path: Path,
-    weights: WeightsFormat,
-    family: str,
-    key_names: str = "diffusers",
-) -> Path:
-    """Write `model`'s weights to a GGUF file at `path`, atomically (temp file + rename).
-
-    Linear weights get the format's quantization type; everything else (biases, norms, convolutions, the
-    embedders and final layer) is stored F32, as community converters do. `key_names="bfl"` writes a Flux
-    transformer under the original Black Forest Labs names (`double_blocks.N.img_attn.qkv.weight`, fused
-    q/k/v, ...), the layout of community Flux GGUFs; diffusers converts them when loading.
-    """
-    import gguf
-
-    if key_names not in KEY_NAMES:
-        raise ValueError(f"key_names must be one of {KEY_NAMES}, got {key_names!r}")
-    if key_names == "bfl" and family != "flux":
-        raise ValueError(f"original (BFL) key names exist only for Flux transformers, not {family}")
-    qtype = gguf_qtype(weights)
-    block_size = gguf.GGML_QUANT_SIZES[qtype][0]
-    quantizable = _quantizable(model)
-    arrays = {name: tensor.detach().float().cpu().numpy() for name, tensor in model.state_dict().items()}
-    f32 = gguf.GGMLQuantizationType.F32
-    types = {
-        name: qtype if name in quantizable and array.shape[-1] % block_size == 0 else f32
-        for name, array in arrays.items()
-    }
-    if key_names == "bfl":
-        arrays, types = flux_diffusers_to_bfl(arrays, types)
-
-    writer = gguf_writer(family, key_names, weights)
-    for name, array in arrays.items():
-        writer.add_tensor(name, gguf.quants.quantize(array, types[name]), raw_dtype=types[name])
-    return commit_gguf(writer, path)
-
-
-def gguf_writer(family: str, key_names: str, weights: WeightsFormat):
-    """A GGUFWriter carrying the metadata our loader reads back (architecture, key names, weights format)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(path=None, arch=_GGUF_ARCH.get(family, family))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string("renderfarm.key_names", key_names)
-    writer.add_string("renderfarm.weights", weights.value)
-    return writer
-
-
-def commit_gguf(writer, path: str | Path) -> Path:
-    """Write `writer`'s header, metadata and tensors to `path` atomically: a temp file beside it, renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer.write_header_to_file(path=Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def flux_diffusers_to_bfl(arrays: dict[str, np.ndarray], types: dict[str, Any]) -> tuple[dict, dict]:
-    """Rename a diffusers Flux transformer state dict to the original BFL names (the inverse of diffusers'
-    `convert_flux_transformer_checkpoint_to_diffusers`): fuses q/k/v (and the single blocks' MLP input) into
-    one matrix and swaps the final norm's (scale, shift) halves back to BFL's (shift, scale)."""
-    src = dict(arrays)
-    out: dict[str, np.ndarray] = {}
-    out_types: dict[str, Any] = {}
-
-    def move(old: str, new: str) -> None:
-        out[new] = src.pop(old)
-        out_types[new] = types[old]
-
-    def fuse(olds: list[str], new: str) -> None:
-        kinds = {types[old] for old in olds}
-        if len(kinds) != 1:
-            raise ValueError(f"cannot fuse {olds} of different quantization types {kinds}")
-        out[new] = np.concatenate([src.pop(old) for old in olds], axis=0)
-        out_types[new] = kinds.pop()
-
-    simple = {
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-        "context_embedder": "txt_in",
-        "x_embedder": "img_in",
-        "proj_out": "final_layer.linear",
-    }
-    for old, new in simple.items():
-        for kind in ("weight", "bias"):
-            if f"{old}.{kind}" in src:
-                move(f"{old}.{kind}", f"{new}.{kind}")
-    for kind in ("weight", "bias"):
-        shift_scale = np.concatenate(np.split(src.pop(f"norm_out.linear.{kind}"), 2, axis=0)[::-1], axis=0)
-        out[f"final_layer.adaLN_modulation.1.{kind}"] = shift_scale
-        out_types[f"final_layer.adaLN_modulation.1.{kind}"] = types[f"norm_out.linear.{kind}"]
-
-    blocks = sorted({int(key.split(".")[1]) for key in src if key.startswith("transformer_blocks.")})
-    for i in blocks:
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for kind in ("weight", "bias"):
-            move(f"{d}norm1.linear.{kind}", f"{b}img_mod.lin.{kind}")
-            move(f"{d}norm1_context.linear.{kind}", f"{b}txt_mod.lin.{kind}")
-            fuse([f"{d}attn.to_{x}.{kind}" for x in "qkv"], f"{b}img_attn.qkv.{kind}")
-            fuse([f"{d}attn.add_{x}_proj.{kind}" for x in "qkv"], f"{b}txt_attn.qkv.{kind}")
-            move(f"{d}attn.to_out.0.{kind}", f"{b}img_attn.proj.{kind}")
-            move(f"{d}attn.to_add_out.{kind}", f"{b}txt_attn.proj.{kind}")
-            move(f"{d}ff.net.0.proj.{kind}", f"{b}img_mlp.0.{kind}")
-            move(f"{d}ff.net.2.{kind}", f"{b}img_mlp.2.{kind}")
-            move(f"{d}ff_context.net.0.proj.{kind}", f"{b}txt_mlp.0.{kind}")
-            move(f"{d}ff_context.net.2.{kind}", f"{b}txt_mlp.2.{kind}")
-        move(f"{d}attn.norm_q.weight", f"{b}img_attn.norm.query_norm.scale")
-        move(f"{d}attn.norm_k.weight", f"{b}img_attn.norm.key_norm.scale")
-        move(f"{d}attn.norm_added_q.weight", f"{b}txt_attn.norm.query_norm.scale")
-        move(f"{d}attn.norm_added_k.weight", f"{b}txt_attn.norm.key_norm.scale")
-
-    singles = sorted({int(key.split(".")[1]) for key in src if key.startswith("single_transformer_blocks.")})
-    for i in singles:
-        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for kind in ("weight", "bias"):
-            move(f"{d}norm.linear.{kind}", f"{b}modulation.lin.{kind}")
-            fuse([f"{d}attn.to_{x}.{kind}" for x in "qkv"] + [f"{d}proj_mlp.{kind}"], f"{b}linear1.{kind}")
-            move(f"{d}proj_out.{kind}", f"{b}linear2.{kind}")
-        move(f"{d}attn.norm_q.weight", f"{b}norm.query_norm.scale")
-        move(f"{d}attn.norm_k.weight", f"{b}norm.key_norm.scale")
-
-    if src:
-        raise ValueError(f"no BFL name for these Flux transformer weights: {sorted(src)}")
-    return out, out_types
-
-
-def standin_gguf_path(folder: Path, weights: WeightsFormat, key_names: str = "diffusers") -> Path:
-    suffix = "" if key_names == "diffusers" else f"-{key_names}"
-    return Path(folder) / "gguf" / f"{weights.gguf_type.lower()}{suffix}.gguf"
-
-
-def ensure_standin_gguf(
-    entry: ModelEntry, weights: WeightsFormat, folder: Path, key_names: str = "diffusers"
-) -> Path:
-    """The GGUF file of a stand-in's denoiser in `weights` format, written next to the stand-in on first use
-    (`<stand-in folder>/gguf/q8_0.gguf`, or `q8_0-bfl.gguf` with BFL key names). Atomic, like the stand-in."""
-    import diffusers
-
-    path = standin_gguf_path(folder, weights, key_names)
-    if path.is_file():
-        return path
-    family = entry.family.name
-    subfolder = DENOISERS[family]
-    model_cls = getattr(diffusers, denoiser_class(family))
-    model = model_cls.from_pretrained(folder, subfolder=subfolder)
-    return write_gguf(model, path, weights, family, key_names=key_names)
-
-
-def denoiser_class(family: str) -> str:
-    """The diffusers class name of a family's denoiser."""
-    return "FluxTransformer2DModel" if family == "flux" else "UNet2DConditionModel"
-
-
 # --- GGUF: loading ----------------------------------------------------------------------------------------
 
 HF_URL = "https://huggingface.co/"
@@ -446,52 +241,6 @@ def _as_single_file_location(value: str) -> str:
     return expanded
 
 
-def is_bfl_flux(checkpoint: dict[str, Any]) -> bool:
-    return any(key.removeprefix("model.diffusion_model.").startswith("double_blocks.") for key in checkpoint)
-
-
-# The width diffusers' Flux converter assumes (diffusers 0.42: `inner_dim = 3072`, `mlp_ratio = 4.0`).
-_FLUX1_INNER_DIM = 3072
-_FLUX_MLP_RATIO = 4.0
-
-
-def convert_bfl_flux(checkpoint: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """Convert a Flux transformer checkpoint with original (BFL) names to diffusers names, with diffusers'
-    own converter (`convert_flux_transformer_checkpoint_to_diffusers`).
-
-    That converter hard-codes FLUX.1's width when it splits each single block's fused `linear1` into q, k, v
-    and the MLP input (inner_dim 3072). For a checkpoint of another width (our stand-ins), the split is done
-    here at the config's width first, and the converter gets zero-column placeholders of FLUX.1's shape for
-    those two tensors; every other rename, fused-q/k/v split and scale/shift swap is diffusers' code. At
-    FLUX.1's width nothing is pre-split. GGUF tensors keep their quantization type through the splits.
-    """
-    from diffusers.loaders.single_file_utils import (
-        convert_flux_transformer_checkpoint_to_diffusers,
-    )
-
-    checkpoint = {key.removeprefix("model.diffusion_model."): value for key, value in checkpoint.items()}
-    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    presplit: dict[str, Any] = {}
-    if inner != _FLUX1_INNER_DIM:
-        sizes = (inner, inner, inner, int(inner * _FLUX_MLP_RATIO))
-        placeholder_rows = 3 * _FLUX1_INNER_DIM + int(_FLUX1_INNER_DIM * _FLUX_MLP_RATIO)
-        for key in [k for k in checkpoint if re.fullmatch(r"single_blocks\.\d+\.linear1\.(weight|bias)", k)]:
-            _, index, _, kind = key.split(".")
-            tensor = checkpoint[key]
-            if tensor.shape[0] != sum(sizes):
-                raise ValueError(f"{key} has {tensor.shape[0]} rows; the config's width needs {sum(sizes)}")
-            prefix = f"single_transformer_blocks.{index}."
-            q, k, v, mlp = torch.split(tensor, sizes, dim=0)
-            presplit.update({
-                f"{prefix}attn.to_q.{kind}": q, f"{prefix}attn.to_k.{kind}": k,
-                f"{prefix}attn.to_v.{kind}": v, f"{prefix}proj_mlp.{kind}": mlp,
-            })
-            checkpoint[key] = torch.empty((placeholder_rows, 0))
-    converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
-    converted.update(presplit)
-    return converted
-
-
 def load_gguf_denoiser(
     model_cls: type,
     gguf_file: str,
@@ -517,10 +266,9 @@ def load_gguf_denoiser(
             f"{weights.value}: the {family} denoiser ({model_cls.__name__}) cannot load a GGUF file through "
             "diffusers' single-file loader"
         )
-    checkpoint = load_single_file_checkpoint(gguf_file)
-    if family == "flux" and is_bfl_flux(checkpoint):
-        config = model_cls.load_config(config_source, subfolder=subfolder)
-        checkpoint = convert_bfl_flux(checkpoint, config)
+    checkpoint = family_named(family).from_gguf_checkpoint(
+        load_single_file_checkpoint(gguf_file), model_cls, config_source, subfolder
+    )
     return model_cls.from_single_file(
         checkpoint,
         quantization_config=GGUFQuantizationConfig(compute_dtype=compute_dtype),

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from renderfarm.infotext import a1111_parameters, parse_a1111_parameters
 from renderfarm.actors.loading import ModelSourceError, load_pipeline, resolve_source
 from renderfarm.actors.pipelines import PipelineCache, RenderRequest, render_batch
+from renderfarm.infotext import a1111_parameters, parse_a1111_parameters
 from renderfarm.planning.catalog import default_catalog
 
 STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux"]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from renderfarm.actors import loading, quantize
 from renderfarm.actors.embeddings import EmbeddingCache
+from renderfarm.actors.families import family_for
 from renderfarm.actors.loading import (
     load_pipeline,
     pipeline_bytes,
@@ -601,7 +602,7 @@ def test_the_loader_and_the_planner_agree_on_where_components_live(model):
     card = device_from_spec("NVIDIA GeForce RTX 3070", 7.6, "8.6")
     catalog_entry = entry(model)
     denoiser = catalog_entry.denoiser.name
-    large = loading.LARGE_TEXT_ENCODER.get(catalog_entry.family.name)
+    large = family_for(catalog_entry).large_text_encoder
     for rung in ladder(catalog_entry, card):
         homed = host_homed(catalog_entry, rung)
         targets = loading.load_targets(rung, on_card=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from renderfarm.actors import quantize
+from renderfarm.actors import gguf_standins, quantize
 from renderfarm.actors.loading import load_pipeline
 from renderfarm.actors.pipelines import RenderRequest, render_batch
 from renderfarm.actors.standins import ensure_standin
@@ -168,7 +168,7 @@ def test_gguf_flux_written_with_the_gguf_package_loads_and_renders(weights):
     pipe = load_pipeline(model, profile=profile(weights))
     folder = ensure_standin(model)
     written = folder / "gguf" / f"{weights.gguf_type.lower()}.gguf"
-    assert quantize.standin_gguf_path(folder, weights) == written and written.is_file()
+    assert gguf_standins.standin_gguf_path(folder, weights) == written and written.is_file()
     to_q = pipe.transformer.transformer_blocks[0].attn.to_q
     assert isinstance(to_q, GGUFLinear) and to_q.compute_dtype == torch.bfloat16
     assert to_q.weight.quant_type.name == weights.gguf_type
@@ -185,7 +185,7 @@ def test_gguf_with_original_flux_key_names_converts_to_the_same_weights(tmp_path
 
     model = entry("tiny-flux")
     folder = ensure_standin(model)
-    bfl_file = quantize.ensure_standin_gguf(model, W.GGUF_Q4_0, folder, key_names="bfl")
+    bfl_file = gguf_standins.ensure_standin_gguf(model, W.GGUF_Q4_0, folder, key_names="bfl")
     assert bfl_file.name == "q4_0-bfl.gguf"
     names = {tensor.name for tensor in gguf.GGUFReader(str(bfl_file)).tensors}
     assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight",
@@ -216,9 +216,9 @@ def test_gguf_unets_load_through_diffusers_single_file_path(name):
 def test_standin_gguf_is_written_once_atomically():
     model = entry("tiny-flux")
     folder = ensure_standin(model)
-    path = quantize.ensure_standin_gguf(model, W.GGUF_Q8_0, folder)
+    path = gguf_standins.ensure_standin_gguf(model, W.GGUF_Q8_0, folder)
     stamp = path.stat().st_mtime_ns
-    assert quantize.ensure_standin_gguf(model, W.GGUF_Q8_0, folder) == path
+    assert gguf_standins.ensure_standin_gguf(model, W.GGUF_Q8_0, folder) == path
     assert path.stat().st_mtime_ns == stamp
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -227,7 +227,7 @@ def test_bfl_names_exist_only_for_flux(tmp_path):
     folder = ensure_standin(entry("tiny-sd15"))
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     with pytest.raises(ValueError, match="only for Flux"):
-        quantize.write_gguf(unet, tmp_path / "x.gguf", W.GGUF_Q8_0, "sd15", key_names="bfl")
+        gguf_standins.write_gguf(unet, tmp_path / "x.gguf", W.GGUF_Q8_0, "sd15", key_names="bfl")
     assert not list(tmp_path.iterdir())
 
 
@@ -327,7 +327,7 @@ def test_quantized_formats_agree_with_full_precision_roughly():
     folder = ensure_standin(model)
     reference = diffusers.FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     q8 = quantize.load_gguf_denoiser(
-        diffusers.FluxTransformer2DModel, str(quantize.ensure_standin_gguf(model, W.GGUF_Q8_0, folder)),
+        diffusers.FluxTransformer2DModel, str(gguf_standins.ensure_standin_gguf(model, W.GGUF_Q8_0, folder)),
         str(folder), "transformer", torch.float32, torch.device("cpu"), "flux", W.GGUF_Q8_0,
     )
     generator = torch.Generator().manual_seed(0)
@@ -355,7 +355,7 @@ def test_formats_that_are_not_theirs_are_refused():
     with pytest.raises(ValueError, match="not a bitsandbytes"):
         quantize.bnb_quant_type(W.FP8_E4M3FN)
     with pytest.raises(ValueError, match="not a GGUF"):
-        quantize.gguf_qtype(W.BF16)
+        gguf_standins.gguf_qtype(W.BF16)
 
 
 def test_gguf_file_only_with_a_gguf_profile(tmp_path: Path):

@@ -112,7 +112,7 @@ def test_real_architectures_have_the_catalogs_parameter_counts():
 
 def test_torch_q8_0_writer_writes_the_file_write_gguf_writes(tmp_path):
     real_models = bench_module("real_models")
-    from renderfarm.actors.quantize import write_gguf
+    from renderfarm.actors.gguf_standins import write_gguf
     from renderfarm.actors.standins import build_standin
     from renderfarm.planning.profiles import WeightsFormat
 

@@ -15,9 +15,9 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from renderfarm.infotext import a1111_parameters, png_bytes
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
+from renderfarm.infotext import a1111_parameters, png_bytes
 from renderfarm.jobs import Job, JobSpec, JobState
 
 HOUR = 3600.0

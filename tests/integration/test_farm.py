@@ -5,8 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from renderfarm.infotext import parse_a1111_parameters
 from renderfarm.client import FarmClient, SpecError
+from renderfarm.infotext import parse_a1111_parameters
 from renderfarm.jobs import JobState
 from renderfarm.planning.catalog import Catalog
 
