@@ -161,9 +161,7 @@ def _count(client, scenario, ids, in_flight, recovery_s, total_s, detail) -> Cha
     failed = [j for j in found.values() if j.state is JobState.FAILED]
     lost = len(ids) - len([j for j in found.values() if j.state.terminal])
     done_events = Counter(
-        fields[b"job"].decode()
-        for _, fields in store.redis.xrange(store.keys.events)
-        if fields.get(b"state") == b"done" and fields.get(b"job", b"").decode() in found
+        e.job for e in store.events(from_start=True).drain() if e.state is JobState.DONE and e.job in found
     )
     bad_results = {j.id for j in done if len(store.result_images(j.id)) != j.spec.num_images}
     duplicates = {i for i, n in done_events.items() if n > 1} | bad_results

@@ -19,15 +19,16 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from renderfarm.cluster import auth
 from renderfarm.cluster.keys import Keys
-from renderfarm.cluster.redis_server import connect, redact
+from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store import Store
-from renderfarm.errors import AuthError, SpecError
+from renderfarm.errors import AuthError, JobNotFound, ResultUnavailable, SpecError, SpecFileError, WaitTimeout
 from renderfarm.jobs import (
     SEED_MAX,
     IllegalTransition,
@@ -36,8 +37,11 @@ from renderfarm.jobs import (
     JobState,
     describe_validation_error,
     new_job_id,
+    shown,
 )
 from renderfarm.planning.catalog import Catalog, UnknownModelError, default_catalog
+from renderfarm.planning.measured import snapshot
+from renderfarm.specfile import read_spec_file
 
 MAX_BATCH_JOBS = 10_000
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -56,10 +60,12 @@ class Result:
 
 class FarmClient:
     def __init__(
-        self, url: str, *, catalog: Catalog | None = None, key_prefix: str = "rf", token: str | None = None
+        self, redis: str | RedisSettings, *, catalog: Catalog | None = None, key_prefix: str = "rf",
+        token: str | None = None,
     ):
-        self.url = url
-        self.store = Store(connect(url), Keys(key_prefix))
+        """`redis`: the farm's Redis, as a URL or RedisSettings (connected and checked here)."""
+        self.redis_settings = RedisSettings.from_url(redis)
+        self.store = Store(self.redis_settings.client(), Keys(key_prefix))
         self.catalog = catalog or default_catalog()
         # The team token (cluster/auth.py); checked on every call, so a revoked token stops working at once.
         self._token = token if token is not None else (os.environ.get("RENDERFARM_TOKEN") or None)
@@ -95,6 +101,29 @@ class FarmClient:
     def submit(self, spec: JobSpec | dict[str, Any], job_id: str | None = None) -> str:
         return self.submit_batch([spec], job_ids=[job_id] if job_id else None)[0]
 
+    def submit_file(self, path: str | Path, *, batch_id: str | None = None) -> list[str]:
+        """Submit every spec of a job spec file (a JSON list, or JSON Lines: renderfarm/specfile.py) as one
+        batch. Every spec is checked first; any problem raises SpecFileError naming the path and the spec
+        (`jobs[3] (line 5): width: ...`), and then nothing was enqueued."""
+        entries = read_spec_file(path)
+        if not entries:
+            raise SpecFileError(f"{path}: the file holds no job specs")
+        if len(entries) > MAX_BATCH_JOBS:
+            raise SpecFileError(f"{path}: {len(entries)} job specs; at most {MAX_BATCH_JOBS} per batch")
+        errors, valid = [], []
+        for where, item in entries:
+            try:
+                valid.append(self.validate(item, where=where))
+            except SpecError as exc:
+                errors.append(str(exc))
+        if errors:
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise SpecFileError(f"{path}: " + "; ".join(errors[:5]) + more + "; nothing was enqueued")
+        try:
+            return self.submit_batch(valid, batch_id=batch_id)
+        except SpecError as exc:  # e.g. no registered node can run one of them
+            raise SpecFileError(f"{path}: {exc}") from None
+
     def submit_batch(
         self,
         specs: Sequence[JobSpec | dict[str, Any]],
@@ -113,8 +142,7 @@ class FarmClient:
             if not isinstance(value, str):
                 return f"{name}: expected a string, got {type(value).__name__}"
             if not JOB_ID_PATTERN.fullmatch(value):
-                shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
-                return f"{name}: {shown} must be 1..64 letters, digits, '-' or '_'"
+                return f"{name}: {shown(value)} must be 1..64 letters, digits, '-' or '_'"
             return None
 
         if isinstance(specs, (Mapping, JobSpec)):
@@ -183,7 +211,7 @@ class FarmClient:
         ]
         if not nodes:
             return []
-        measured, _ = self.store.measurements()  # what nodes measured raises the estimates, never lowers them
+        measured, _ = snapshot(self.store.calibration_records())  # what nodes measured raises the estimates, never lowers them
         errors = []
         for i, spec in enumerate(specs):
             if not self.catalog.get(spec.model).components:
@@ -236,9 +264,7 @@ class FarmClient:
         remaining = set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         granted = self.access()
-        redis, stream = self.store.redis, self.store.keys.events
-        last = redis.xrevrange(stream, count=1)
-        cursor = last[0][0] if last else b"0-0"
+        events = self.store.events()  # from now: what finished before is read from the records below
         for job in self.jobs(sorted(remaining)):
             if job.state.terminal:
                 remaining.discard(job.id)
@@ -246,15 +272,8 @@ class FarmClient:
         while remaining:
             wait = poll if deadline is None else min(poll, deadline - time.monotonic())
             if wait <= 0:
-                raise TimeoutError(f"{len(remaining)} of the jobs did not finish within {timeout} s")
-            entries = redis.xread({stream: cursor}, count=1000, block=max(1, int(wait * 1000)))
-            finished = set()
-            for _, messages in entries or []:
-                for message_id, fields in messages:
-                    cursor = message_id
-                    job_id = fields.get(b"job", b"").decode()
-                    if job_id in remaining and JobState(fields[b"state"].decode()).terminal:
-                        finished.add(job_id)
+                raise WaitTimeout(f"{len(remaining)} of the jobs did not finish within {timeout} s")
+            finished = {e.job for e in events.read(wait) if e.job in remaining and e.state and e.state.terminal}
             for job_id in sorted(finished):
                 job = self._mine(self.store.get(job_id), granted)
                 if job.state.terminal:  # a failed job may already be back in the queue by an operator
@@ -272,10 +291,10 @@ class FarmClient:
 
         job = self.job(job_id)
         if job.state is not JobState.DONE:
-            raise ValueError(f"job {job_id} is {job.state.value}, not done" + (f": {job.error}" if job.error else ""))
+            raise ResultUnavailable(f"job {job_id} is {job.state.value}, not done" + (f": {job.error}" if job.error else ""))
         png = self.store.result_images(job_id)
         if not png and job.images:
-            raise ValueError(f"job {job_id}: its images have expired (a result is kept result_ttl_seconds "
+            raise ResultUnavailable(f"job {job_id}: its images have expired (a result is kept result_ttl_seconds "
                              "after its job finishes)")
         images = []
         for data in png:
@@ -340,5 +359,5 @@ class FarmClient:
 
     def status(self) -> dict[str, Any]:
         self.access()  # in token mode the overview needs a valid token too
-        return {"redis": redact(self.url), "counts": self.store.counts(), "nodes": self.store.nodes(),
+        return {"redis": self.redis_settings.redacted, "counts": self.store.counts(), "nodes": self.store.nodes(),
                 "counters": self.store.counters(), "quarantined": self.store.quarantined()}

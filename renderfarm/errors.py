@@ -12,7 +12,8 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError", "CliError", "ConfigError", "CorruptRecord", "DoesNotFit", "FarmError", "InsecureRedis",
-    "JobNotFound", "ModelSourceError", "RedisUnavailable", "RenderfarmError", "SpecError", "UnknownModelError",
+    "JobNotFound", "ModelSourceError", "RedisUnavailable", "RenderfarmError", "ResultUnavailable", "SpecError",
+    "SpecFileError", "UnknownModelError",
     "UsageError", "WaitTimeout",
 ]
 
@@ -35,6 +36,14 @@ class ConfigError(RenderfarmError, ValueError):
 
 class SpecError(RenderfarmError, ValueError):
     """A job spec was refused at submit; the message names the job and the field. Nothing was enqueued."""
+
+
+class SpecFileError(SpecError):
+    """A job spec file could not be read, or one of its specs was refused. The message starts with the path."""
+
+
+class ResultUnavailable(RenderfarmError, ValueError):
+    """A job's images cannot be had: it is not done, or its result expired."""
 
 
 class UnknownModelError(RenderfarmError, ValueError):

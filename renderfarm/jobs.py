@@ -162,9 +162,9 @@ class JobSpec(BaseModel):
             if problem := text_problem(tag):
                 raise ValueError(f"tag {i} {problem}")
             if not 1 <= len(tag) <= MAX_TAG_CHARS or not tag.strip():
-                raise ValueError(f"tag {i} {_short(tag)} must be 1..{MAX_TAG_CHARS} characters, not blank")
+                raise ValueError(f"tag {i} {shown(tag)} must be 1..{MAX_TAG_CHARS} characters, not blank")
             if any(unicodedata.category(ch) == "Cc" for ch in tag):
-                raise ValueError(f"tag {i} {_short(tag)} contains a control character")
+                raise ValueError(f"tag {i} {shown(tag)} contains a control character")
         return value
 
     @field_validator("model")
@@ -201,7 +201,7 @@ class JobSpec(BaseModel):
         return (self.model, self.width, self.height, self.steps, self.guidance)
 
 
-def _short(value: str, limit: int = 40) -> str:
+def shown(value: str, limit: int = 40) -> str:
     """`value` quoted and cut short, with non-printable characters (newlines, RTL marks) escaped."""
     return repr(value[:limit]) + ("..." if len(value) > limit else "")
 
@@ -209,7 +209,7 @@ def _short(value: str, limit: int = 40) -> str:
 def _loc_part(part: int | str) -> str:
     text = str(part)
     # An unknown field's name is user input: keep the line short, on one line and readable.
-    return text if len(text) <= 40 and text.isprintable() and text.strip() == text and text else _short(text)
+    return text if len(text) <= 40 and text.isprintable() and text.strip() == text and text else shown(text)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

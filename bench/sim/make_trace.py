@@ -1,7 +1,7 @@
-"""Write bench/sim/trace.jsonl: 500 mixed Flux / SDXL / SD 1.5 jobs, 512 to 2048 px, arriving over ~10 minutes.
+"""Write renderfarm/configs/sim/trace.jsonl: 500 mixed Flux / SDXL / SD 1.5 jobs, 512 to 2048 px, arriving over ~10 minutes.
 
 Run once and commit the output (seeded: the same file every time):
-    python bench/sim/make_trace.py [--jobs 500] [--seed 7] [--out bench/sim/trace.jsonl]
+    python bench/sim/make_trace.py [--jobs 500] [--seed 7] [--out renderfarm/configs/sim/trace.jsonl]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "trace.jsonl")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "renderfarm" / "configs" / "sim" / "trace.jsonl")
     args = parser.parse_args()
     lines = [json.dumps(job, separators=(",", ":")) for job in make_trace(args.jobs, args.seed)]
     args.out.write_text("\n".join(lines) + "\n")

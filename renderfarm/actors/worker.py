@@ -27,7 +27,6 @@ from typing import Any
 
 from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.cluster.keys import Keys
-from renderfarm.cluster.redis_server import connect
 from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.jobs import Job
@@ -55,7 +54,7 @@ class RenderWorker:
     ):
         self.name = name
         self.settings = Settings.model_validate(settings)
-        self.store = Store(connect(redis_url), Keys(key_prefix))
+        self.store = Store.open(redis_url, Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
 
         import diffusers

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from renderfarm.jobs import JobState
 
 DEFAULT_PREFIX = "rf"
+CALIB_BUCKET_PX = 64  # calibration sizes round up to a multiple of this to form a bucket
+CALIB_SEP = "|"  # joins calibration field parts; model, profile and node names never contain it (checked)
 
 # One sorted set per state: "what is queued / running / done" is one cheap query, and a state change
 # moves the id from one index to the next in the same transaction as the hash write.
@@ -118,3 +120,30 @@ class Keys:
 
     def all_indexes(self) -> list[str]:
         return [self.index(state) for state in JobState]
+
+
+# --- fields of the calibration hashes (Keys.calib_peaks, Keys.calib_speeds) ----------------------------
+
+
+def size_bucket(width: int, height: int) -> str:
+    """The size bucket of `width` x `height`: each side rounded up to a multiple of CALIB_BUCKET_PX."""
+    up = lambda v: -(-int(v) // CALIB_BUCKET_PX) * CALIB_BUCKET_PX  # noqa: E731
+    return f"{up(width)}x{up(height)}"
+
+
+def _join(*parts: object) -> str:
+    text = [str(p) for p in parts]
+    for part in text:
+        if CALIB_SEP in part:
+            raise ValueError(f"{part!r} cannot be part of a calibration key: it contains {CALIB_SEP!r}")
+    return CALIB_SEP.join(text)
+
+
+def peak_field(model: str, profile: str, width: int, height: int, batch: int) -> str:
+    """The field of a measured peak in the farm's peak hash: a floor per (model, profile, size bucket, batch)."""
+    return _join(model, profile, size_bucket(width, height), batch)
+
+
+def speed_field(node: str, model: str, width: int, height: int, batch: int) -> str:
+    """The field of a node's measured speed in the farm's speed hash (exact size: speed is not a floor)."""
+    return _join(node, model, f"{width}x{height}", batch)

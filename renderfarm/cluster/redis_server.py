@@ -38,7 +38,7 @@ from redis.connection import UnixDomainSocketConnection, parse_url
 from redis.retry import Retry
 
 from renderfarm.cluster.processes import free_port, tail_lines, write_private
-from renderfarm.errors import InsecureRedis, RedisUnavailable
+from renderfarm.errors import ConfigError, InsecureRedis, RedisUnavailable
 
 __all__ = [
     "EmbeddedRedis",
@@ -222,7 +222,8 @@ def find_redis_server() -> str:
 
 
 def connect(
-    url: str, *, decode_responses: bool = False, socket_timeout: float = 5.0, allow_open: bool = False
+    url: str, *, decode_responses: bool = False, socket_timeout: float = 5.0, allow_open: bool = False,
+    retry: Retry | None = None,
 ) -> redis.Redis:
     """Open a client for `url` and PING it.
 
@@ -230,11 +231,12 @@ def connect(
     `redis://:password@...`, `redis://user:password@...`, `rediss://` (TLS; CA file
     as `?ssl_ca_certs=/path/ca.crt`), `unix:///path/redis.sock`.
     Raises `RedisUnavailable` (naming the redacted URL) when the server cannot be
-    reached or refuses our credentials; `ValueError` for a malformed URL.
+    reached or refuses our credentials; `ConfigError` (a ValueError) for a malformed URL.
 
     A server that is not on loopback (`is_local_url`) must require a password:
     `InsecureRedis` when the URL carries none or when a second connection without
-    it is let in anyway. `allow_open=True` skips that check (tests only).
+    it is let in anyway. `allow_open=True` skips that check (tests only). `retry`: the client's policy for
+    a lost connection (redis-py's default when None); RedisSettings.client() passes the farm's.
     """
     try:
         client = redis.Redis.from_url(
@@ -242,9 +244,10 @@ def connect(
             decode_responses=decode_responses,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
+            **({"retry": retry} if retry is not None else {}),
         )
     except ValueError as exc:
-        raise ValueError(f"invalid Redis URL {redact(url)}: {_scrub(str(exc), url)}") from None
+        raise ConfigError(f"invalid Redis URL {redact(url)}: {_scrub(str(exc), url)}") from None
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError) as exc:

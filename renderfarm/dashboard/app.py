@@ -25,10 +25,12 @@ import streamlit as st
 
 from renderfarm.cluster import auth
 from renderfarm.cluster.keys import DEFAULT_PREFIX, Keys
-from renderfarm.cluster.redis_server import RedisUnavailable, connect, redact
+from renderfarm.cluster.redis_server import redact
+from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store import Store
 from renderfarm.config import ConfigError, Settings
 from renderfarm.dashboard import queries
+from renderfarm.errors import RedisUnavailable
 from renderfarm.jobs import JobState
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -70,7 +72,7 @@ def page_settings() -> dict[str, Any]:
 @st.cache_resource(show_spinner=False)
 def open_store(url: str, prefix: str) -> Store:
     """One Redis client per URL and prefix for every session (a failed connect is not cached: retried)."""
-    return Store(connect(url, socket_timeout=2.0), Keys(prefix))
+    return Store.open(RedisSettings.from_url(url, socket_timeout=2.0), Keys(prefix))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

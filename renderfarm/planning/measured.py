@@ -1,9 +1,9 @@
 """Online calibration: what the nodes measured, as floors under the planner's predictions.
 
 After every batch a worker reports the peak it measured for (model, profile, size bucket, batch) and the
-seconds per step it took on that node. The records live in Redis (cluster/store.py writes and reads them as
-JSON) and survive restarts; this module is the pure side: keys, buckets and the rules that turn records into
-numbers the planner uses.
+seconds per step it took on that node. The records live in Redis under the field names
+cluster/keys.py builds (`peak_field`, `speed_field`) and survive restarts; this module is the pure side: the
+rules that turn records into numbers the planner uses.
 
 - Peaks are floors. A profile's estimate is never below the highest peak measured for it at this size bucket
   and a batch no larger than this one, plus `MEASURED_MARGIN_GIB`. Peaks only grow with the batch and the
@@ -19,33 +19,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from renderfarm.cluster.keys import CALIB_SEP, size_bucket
+
 MEASURED_MARGIN_GIB = 0.25  # above a measured peak: the same job can allocate a little differently next time
-BUCKET_PX = 64  # sizes round up to a multiple of this to form a bucket
-SEP = "|"  # joins key parts; model, profile and node names never contain it (checked when keys are built)
-
-
-def bucket(width: int, height: int) -> str:
-    """The size bucket of `width` x `height`: each side rounded up to a multiple of BUCKET_PX."""
-    up = lambda v: -(-int(v) // BUCKET_PX) * BUCKET_PX  # noqa: E731
-    return f"{up(width)}x{up(height)}"
-
-
-def _join(*parts: object) -> str:
-    text = [str(p) for p in parts]
-    for part in text:
-        if SEP in part:
-            raise ValueError(f"{part!r} cannot be part of a calibration key: it contains {SEP!r}")
-    return SEP.join(text)
-
-
-def peak_field(model: str, profile: str, width: int, height: int, batch: int) -> str:
-    """The field of a measured peak in the farm's peak hash."""
-    return _join(model, profile, bucket(width, height), batch)
-
-
-def speed_field(node: str, model: str, width: int, height: int, batch: int) -> str:
-    """The field of a node's measured speed in the farm's speed hash (exact size: speed is not a floor)."""
-    return _join(node, model, f"{width}x{height}", batch)
 
 
 def _finite(value: object, name: str) -> float:
@@ -79,7 +55,7 @@ class Measurements:
         by_bucket: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
         for key, record in peaks:
             try:
-                model, profile, size, batch = key.split(SEP)
+                model, profile, size, batch = key.split(CALIB_SEP)
                 gib = _finite(record["peak_gib"], "peak_gib")
                 per = by_bucket.setdefault((model, size), {}).setdefault(profile, {})
                 per[int(batch)] = max(gib, per.get(int(batch), 0.0))
@@ -90,7 +66,7 @@ class Measurements:
         loads: dict[tuple[str, str], float] = {}
         for key, record in speeds:
             try:
-                node, model, size, batch = key.split(SEP)
+                node, model, size, batch = key.split(CALIB_SEP)
                 width, height = (int(v) for v in size.split("x"))
                 per_step = _finite(record["s_per_step"], "s_per_step")
                 speed_map[(node, model, size, int(batch))] = per_step
@@ -120,7 +96,7 @@ class Measurements:
     def floors(self, model: str, width: int, height: int, batch: int) -> dict[str, float]:
         """profile -> floor for every profile of `model` measured at this bucket and batch."""
         out = {}
-        for profile, measured in self.peaks.get((model, bucket(width, height)), {}).items():
+        for profile, measured in self.peaks.get((model, size_bucket(width, height)), {}).items():
             peaks = [gib for b, gib in measured if b <= batch]
             if peaks:
                 out[profile] = max(peaks) + MEASURED_MARGIN_GIB
@@ -145,3 +121,10 @@ class Measurements:
 
 
 EMPTY = Measurements()
+
+
+def snapshot(records: tuple[Iterable, Iterable, list[str]]) -> tuple[Measurements, list[str]]:
+    """A Measurements snapshot of `Store.calibration_records()`, and one line per record that did not parse."""
+    peaks, speeds, bad = records
+    measured, unparsed = Measurements.from_records(peaks, speeds)
+    return measured, [*bad, *unparsed]

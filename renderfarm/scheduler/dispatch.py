@@ -16,7 +16,7 @@ from typing import Any
 
 from renderfarm.jobs import Job, JobState
 from renderfarm.planning.catalog import Catalog
-from renderfarm.planning.measured import EMPTY, Measurements
+from renderfarm.planning.measured import EMPTY, Measurements, snapshot
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.managers import SchedulerState
 from renderfarm.scheduler.placement import NodeView, PendingJob, Plan, plan_dispatch
@@ -104,7 +104,7 @@ class DispatchManager:
         version = self.state.store.measurements_version()
         if version == self._measured_version:
             return
-        self.measured, bad = self.state.store.measurements()
+        self.measured, bad = snapshot(self.state.store.calibration_records())
         for line in bad:
             log.error("calibration record skipped: %s", line)
         self._measured_version = version

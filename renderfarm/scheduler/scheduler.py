@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 from renderfarm.cluster.keys import Keys
-from renderfarm.cluster.redis_server import connect
 from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
 from renderfarm.errors import CorruptRecord
@@ -57,20 +56,14 @@ IDLE_WAKE_SECONDS = 0.5  # longest sleep; bounds how late `stop()` is noticed
 
 class _EventStream:
     """The farm's event stream, read only to wake up when something changed (a submit, a cancel, a job
-    finishing). The only place the scheduler reads it: Store's EventCursor is to replace this."""
+    finishing): the scheduler's one use of the Store's EventCursor."""
 
     def __init__(self, store: Store):
-        self.store = store
-        last = store.redis.xrevrange(store.keys.events, count=1)
-        self.cursor = last[0][0] if last else b"0-0"
+        self.cursor = store.events()
 
     def wait(self, timeout: float) -> bool:
         """Block up to `timeout` for new events; whether any came."""
-        entries = self.store.redis.xread({self.store.keys.events: self.cursor}, count=1000,
-                                         block=int(timeout * 1000))
-        for _, messages in entries or []:
-            self.cursor = messages[-1][0]
-        return bool(entries)
+        return bool(self.cursor.read(timeout))
 
 
 class Scheduler:
@@ -83,7 +76,7 @@ class Scheduler:
         autostart: bool = False,
     ):
         self.settings = Settings.model_validate(settings)
-        self.store = Store(connect(redis_url), Keys(key_prefix))
+        self.store = Store.open(redis_url, Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
         self.workers = WorkerTable({name: worker_from_info(name, WorkerHandle(handle), info)
                                     for name, (handle, info) in workers.items()})

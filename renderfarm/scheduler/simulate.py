@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from renderfarm.errors import ConfigError
 from renderfarm.planning.devices import Device, device_from_spec
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.placement import (
@@ -54,9 +55,10 @@ from renderfarm.scheduler.placement import (
     why_nothing_fits,
 )
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench" / "sim"
-DEFAULT_CLUSTER = BENCH_DIR / "cluster.yaml"
-DEFAULT_TRACE = BENCH_DIR / "trace.jsonl"
+# Package data, so an installed wheel simulates too; bench/sim/make_trace.py writes the trace.
+SIM_DATA = Path(__file__).resolve().parents[1] / "configs" / "sim"
+DEFAULT_CLUSTER = SIM_DATA / "cluster.yaml"
+DEFAULT_TRACE = SIM_DATA / "trace.jsonl"
 OOM_FRACTION = 0.3  # of the run, lost before the out-of-memory error
 MAX_PIXELS_PER_GIB = 2**20 / 6  # AI Horde-style limit: 8 GiB -> 1.33 Mpx, 24 GiB -> 4 Mpx (2048 x 2048)
 POLICIES = ("renderfarm", "least-busy", "max-pixels-fifo")
@@ -78,9 +80,12 @@ class TraceJob:
 
 def load_cluster(path: str | Path | None = None) -> list[SimNode]:
     path = Path(path) if path else DEFAULT_CLUSTER
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the cluster file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
-        raise ValueError(f"{path}: expected `nodes:` with a list of nodes")
+        raise ConfigError(f"{path}: expected `nodes:` with a list of nodes")
     nodes = []
     for i, raw in enumerate(data["nodes"]):
         try:
@@ -88,16 +93,23 @@ def load_cluster(path: str | Path | None = None) -> list[SimNode]:
             cc = str(raw["compute_capability"])
             count = int(raw.get("count", 1))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: node {i}: needs name, vram_gib, compute_capability ({exc})") from exc
-        device = device_from_spec(str(raw.get("gpu") or name), vram, cc)
+            raise ConfigError(f"{path}: node {i}: needs name, vram_gib, compute_capability ({exc})") from exc
+        try:
+            device = device_from_spec(str(raw.get("gpu") or name), vram, cc)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: node {i}: {exc}") from None
         nodes.extend(SimNode(f"{name}-{k}" if count > 1 else name, device) for k in range(count))
     return nodes
 
 
 def load_trace(path: str | Path | None = None) -> list[TraceJob]:
     path = Path(path) if path else DEFAULT_TRACE
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the trace ({exc})") from None
     jobs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -108,7 +120,7 @@ def load_trace(path: str | Path | None = None) -> list[TraceJob]:
             )
             jobs.append(TraceJob(len(jobs), float(raw["submit_s"]), shape))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}:{n}: bad job ({exc})") from exc
+            raise ConfigError(f"{path}:{n}: bad job ({exc})") from exc
     jobs.sort(key=lambda j: (j.submit_s, j.index))
     return jobs
 
@@ -395,5 +407,6 @@ def simulate(
 
 
 def run_sim(trace_path: str | Path | None = None, cluster_path: str | Path | None = None) -> dict[str, Any]:
-    """Simulate every policy over a trace (default bench/sim/trace.jsonl) on a cluster (bench/sim/cluster.yaml)."""
+    """Simulate every policy over a trace (default: the shipped configs/sim/trace.jsonl) on a cluster
+    (configs/sim/cluster.yaml)."""
     return simulate(load_cluster(cluster_path), load_trace(trace_path))

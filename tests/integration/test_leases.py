@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from renderfarm.cluster.store import CorruptRecord
+from renderfarm.errors import CorruptRecord
 from renderfarm.jobs import Job, JobSpec, JobState
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,9 @@ from renderfarm.cluster.redis_server import EmbeddedRedis, connect
 from renderfarm.cluster.store import Store
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.devices import device_from_spec
-from renderfarm.planning.measured import MEASURED_MARGIN_GIB, peak_field
+from renderfarm.cluster.keys import peak_field
+from renderfarm.planning.measured import MEASURED_MARGIN_GIB
+from renderfarm.planning.measured import snapshot as measured_snapshot
 from renderfarm.planning.profiles import VaeMode, ladder
 
 pytestmark = pytest.mark.integration
@@ -127,7 +129,7 @@ def test_measurements_keep_max_peak_blend_speed_skip_garbage_and_survive_restart
         assert speed["s_per_step"] == pytest.approx(1.3) and speed["load_s"] == pytest.approx(3.4)
         assert store.redis.hlen(store.keys.calib_speeds) == 1  # n2 measured nothing
 
-        snapshot, bad = store.measurements()
+        snapshot, bad = measured_snapshot(store.calibration_records())
         assert bad == []
         assert snapshot.floors("tiny-sd15", 64, 64, 1) == {"bf16": pytest.approx(3.0 + MEASURED_MARGIN_GIB)}
         assert snapshot.floors("tiny-sd15", 64, 64, 4) == {"bf16": pytest.approx(3.0 + MEASURED_MARGIN_GIB)}
@@ -142,7 +144,7 @@ def test_measurements_keep_max_peak_blend_speed_skip_garbage_and_survive_restart
             "tiny-sd15|fp8|64x64|2": json.dumps({"peak_gib": "lots"}),
         })
         store.redis.hset(store.keys.calib_speeds, "n9|tiny-sd15|64x64|1", "{broken")
-        snapshot, bad = store.measurements()
+        snapshot, bad = measured_snapshot(store.calibration_records())
         assert len(bad) == 4, bad
         assert sum("bf16+vae-tiled" in line for line in bad) == 1
         assert sum("bf16+model-offload" in line for line in bad) == 1
@@ -163,7 +165,7 @@ def test_measurements_keep_max_peak_blend_speed_skip_garbage_and_survive_restart
         url = server.start()
         store = Store(connect(url), Keys("rq2"))
         assert store.measurements_version() == version
-        snapshot, bad = store.measurements()
+        snapshot, bad = measured_snapshot(store.calibration_records())
         assert len(bad) == 3  # the three still malformed
         assert snapshot.floors("tiny-sd15", 64, 64, 1) == {
             "bf16": pytest.approx(3.0 + MEASURED_MARGIN_GIB), "bf16+vae-tiled": pytest.approx(1.5 + MEASURED_MARGIN_GIB),
@@ -198,7 +200,7 @@ def test_measured_peaks_make_submit_reject_what_fits_nowhere(redis_url, redis_cl
     assert len(names) == 2 * len(profiles)
     for name in sorted(names):
         store.record_measurement("small-8g", model, name, size, size, 1, peak_gib=30.0, s_per_step=None)
-    snapshot, bad = store.measurements()
+    snapshot, bad = measured_snapshot(store.calibration_records())
     assert bad == [] and set(snapshot.floors(model, size, size, 1)) == names
 
     with pytest.raises(SpecError) as info:
@@ -353,7 +355,7 @@ def test_fair_share_usage_survives_restart_and_corruption_is_ignored(
 def test_a_record_that_is_not_utf8_is_skipped(store):
     store.record_measurement("n1", "tiny-sd15", "bf16", 64, 64, 1, peak_gib=3.0, s_per_step=None)
     store.redis.hset(store.keys.calib_peaks, "tiny-sd15|fp8|64x64|1", b"\xff")
-    snapshot, bad = store.measurements()
+    snapshot, bad = measured_snapshot(store.calibration_records())
     assert len(bad) == 1 and snapshot.floors("tiny-sd15", 64, 64, 1) == {"bf16": 3.0 + MEASURED_MARGIN_GIB}
     store.redis.hset(store.keys.etas, "j-bad", b"\xff")
     assert store.etas(["j-bad"]) == {}

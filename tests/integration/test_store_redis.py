@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from renderfarm.cluster.store import JobNotFound, Store
+from renderfarm.cluster.store import Store
+from renderfarm.errors import JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobSpec, JobState
 
 pytestmark = pytest.mark.integration
@@ -84,7 +85,7 @@ def test_every_state_change_is_on_the_event_stream(store):
     store.lease("j0", "n1", 600)
     store.start("j0", "n1", 600)
     store.fail("j0", "boom", node="n1")
-    states = [f[b"state"].decode() for _, f in store.redis.xrange(store.keys.events) if f[b"job"] == b"j0"]
+    states = [e.state.value for e in store.events(from_start=True).drain() if e.job == "j0"]
     assert states == ["queued", "leased", "running", "failed"]
 
 
@@ -93,3 +94,88 @@ def test_refuses_a_decoding_client(redis_url):
 
     with pytest.raises(ValueError, match="decode_responses=False"):
         Store(redis.Redis.from_url(redis_url, decode_responses=True))
+
+
+def test_event_cursor_follows_from_now_and_survives_a_malformed_entry(store):
+    store.submit(make_jobs(1), "b")
+    cursor = store.events()  # from now: the submit above is behind it
+    assert cursor.read() == []
+    store.redis.xadd(store.keys.events, {"job": "j0", "ts": "x"})  # no state: written by hand or by a bug
+    store.lease("j0", "n1", 600)
+    events = cursor.read(block_s=1.0)
+    assert [(e.job, e.state) for e in events] == [("j0", None), ("j0", JobState.LEASED)]
+    assert events[0].ts is None and events[1].node == "n1"
+    assert cursor.read(block_s=0.05) == []  # nothing new: waits, then returns empty
+    assert [e.state for e in store.events(from_start=True).drain()] == [JobState.QUEUED, None, JobState.LEASED]
+
+
+class _LosesOneEvalReply:
+    """A redis-py connection whose first EVALSHA reply is lost after Redis ran the script (the connection
+    drops on the way back), as on a flaky network: redis-py's retry then sends the same script again."""
+
+    armed = False
+
+
+def _reply_losing_client(redis_url):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    class Connection(redis.Connection):
+        def send_command(self, *args, **kwargs):
+            self._evalsha = bool(args) and str(args[0]).upper() == "EVALSHA"
+            return super().send_command(*args, **kwargs)
+
+        def read_response(self, *args, **kwargs):
+            reply = super().read_response(*args, **kwargs)
+            if getattr(self, "_evalsha", False) and _LosesOneEvalReply.armed:
+                _LosesOneEvalReply.armed = False
+                self.disconnect()
+                raise redis.ConnectionError("reply lost on the way back (test)")
+            return reply
+
+    return redis.Redis.from_url(redis_url, connection_class=Connection, retry=Retry(NoBackoff(), 3))
+
+
+@pytest.mark.parametrize("move", ["lease", "start", "complete", "cancel"])
+def test_a_state_change_whose_reply_is_lost_is_not_reported_as_refused(redis_client, redis_url, move):
+    client = _reply_losing_client(redis_url)
+    try:
+        store = Store(client)
+        store.submit(make_jobs(1), "b")
+        if move in ("start", "complete"):
+            assert store.lease("j0", "n1", 600)
+        if move == "complete":
+            assert store.start("j0", "n1", 600)
+        _LosesOneEvalReply.armed = True
+        if move == "lease":
+            assert store.lease("j0", "n1", 600) is True
+        elif move == "start":
+            assert store.start("j0", "n1", 600) is True
+        elif move == "complete":
+            assert store.complete("j0", "n1", [b"png"], {}, None, 60) is True
+            assert store.counters().get("late_results", 0) == 0
+        else:
+            assert store.cancel("j0") is JobState.QUEUED  # the state it left, as the first run saw it
+        assert _LosesOneEvalReply.armed is False  # the reply really was lost, and the script ran again
+        job = store.get("j0")
+        assert job.attempts == (0 if move == "cancel" else 1)  # the re-run applied nothing twice
+        states = [e.state for e in store.events(from_start=True).drain() if e.job == "j0"]
+        assert len(states) == len(set(states))  # one event per move
+    finally:
+        client.close()
+
+
+def test_the_store_leaves_its_clients_retry_policy_alone(redis_url):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    mine = Retry(NoBackoff(), 2)
+    client = redis.Redis.from_url(redis_url, retry=mine)
+    try:
+        Store(client)
+        assert client.get_connection_kwargs()["retry"] is not None
+        assert client.get_connection_kwargs()["retry"].get_retries() == 2
+    finally:
+        client.close()

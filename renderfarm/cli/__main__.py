@@ -1,0 +1,5 @@
+import sys
+
+from renderfarm.cli import main
+
+sys.exit(main())

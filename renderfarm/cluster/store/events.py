@@ -1,0 +1,77 @@
+"""The farm's event stream: one entry per job state change, written by the same Lua script as the change.
+
+`EventCursor` is the one way to follow it (the client waiting for its jobs, the scheduler waking on a
+submit, the chaos bench counting what happened): it remembers where it is, blocks for at most the time
+asked, and turns each entry into an `Event`. An entry that does not parse (no state, an unknown state) is
+an `Event` with `state=None`, never an exception: one malformed entry must not stop a waiting client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from renderfarm.jobs import JobState
+
+__all__ = ["Event", "EventCursor"]
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str  # the stream entry's id ("<ms>-<seq>")
+    job: str
+    state: JobState | None  # None for an entry that does not parse
+    node: str
+    ts: float | None
+
+
+def _event(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
+    def get(name: str) -> str:
+        return fields.get(name.encode(), b"").decode(errors="replace")
+
+    try:
+        state = JobState(get("state"))
+    except ValueError:
+        state = None
+    try:
+        ts = float(get("ts"))
+    except ValueError:
+        ts = None
+    return Event(entry_id.decode(), get("job"), state, get("node"), ts)
+
+
+class EventCursor:
+    """A position in the event stream. `from_start=False` (the default) follows only what happens after
+    the cursor was made; `from_start=True` reads the whole (capped) stream first."""
+
+    def __init__(self, client: redis.Redis, stream: str, *, from_start: bool = False):
+        self._redis, self._stream = client, stream
+        if from_start:
+            self._position = b"0-0"
+        else:
+            last = client.xrevrange(stream, count=1)
+            self._position = last[0][0] if last else b"0-0"
+
+    @property
+    def position(self) -> str:
+        return self._position.decode() if isinstance(self._position, bytes) else str(self._position)
+
+    def read(self, block_s: float | None = None, count: int = 1000) -> list[Event]:
+        """The next events (at most `count`), waiting up to `block_s` seconds for one when there are none
+        (None or 0: do not wait)."""
+        block = None if not block_s or block_s <= 0 else max(1, int(block_s * 1000))
+        replies = self._redis.xread({self._stream: self._position}, count=count, block=block)
+        events = []
+        for _, entries in replies or []:
+            for entry_id, fields in entries:
+                self._position = entry_id
+                events.append(_event(entry_id, fields))
+        return events
+
+    def drain(self, count: int = 1000) -> list[Event]:
+        """Every event from here to the end of the stream, without waiting."""
+        out: list[Event] = []
+        while batch := self.read(None, count):
+            out += batch
+        return out

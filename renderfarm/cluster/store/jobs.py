@@ -1,0 +1,294 @@
+"""Jobs: submit, read, and every state change (one checked Lua script, idempotent by operation token)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+
+from renderfarm.cluster.keys import Keys
+from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, quarantine_reason, text
+from renderfarm.errors import CorruptRecord, JobNotFound
+from renderfarm.jobs import IllegalTransition, Job, JobState, sources_of
+
+log = logging.getLogger(__name__)
+
+EVENTS_MAXLEN = 100_000
+STATES = list(JobState)
+
+
+class LeaseLive(RuntimeError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"job {job_id}: its lease has not expired")
+
+
+class OwnershipLost(RuntimeError):
+    def __init__(self, job_id: str, node: str):
+        self.job_id, self.node = job_id, node
+        super().__init__(f"job {job_id} is no longer held by node {node!r}")
+
+
+class JobRecords:
+    """The job half of the Store (jobs.py); `Store` supplies `redis`, `keys` and the registered scripts."""
+
+    redis: redis.Redis
+    keys: Keys
+
+    def submit(self, jobs: Sequence[Job], batch_id: str) -> list[bool]:
+        """Enqueue `jobs` as one batch in one transaction; True per job that was new, False if it existed."""
+        if not jobs:
+            return []
+        keys = [self.keys.pending, self.keys.events, self.keys.batch(batch_id), self.keys.queues]
+        args: list[Any] = [EVENTS_MAXLEN, repr(time.time())]
+        for job in jobs:
+            fields = job_to_hash(job.model_copy(update={"batch_id": batch_id}))
+            fields["queue"] = self.keys.queue(job.spec.team, job.spec.priority)
+            keys.append(self.keys.job(job.id))
+            args += [job.id, fields["score"], json.dumps(fields)]
+        return [bool(flag) for flag in self._submit(keys=keys, args=args)]
+
+    def get(self, job_id: str) -> Job:
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            reason = self.redis.hget(self.keys.quarantine, job_id)
+            if reason is not None:
+                raise CorruptRecord(f"job {job_id!r} is quarantined: {quarantine_reason(reason)}")
+            raise JobNotFound(job_id)
+        return job_from_hash(raw)
+
+    def get_many(self, job_ids: Iterable[str], quarantine: bool = False) -> list[Job | None]:
+        """The jobs, None for each that does not exist. A record that does not parse raises CorruptRecord,
+        or with `quarantine`, is quarantined (see `quarantine`) and comes back as None."""
+        ids = list(job_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.keys.job(job_id))
+        out: list[Job | None] = []
+        for job_id, raw in zip(ids, pipe.execute()):
+            try:
+                out.append(job_from_hash(raw) if raw else None)
+            except CorruptRecord as exc:
+                if not quarantine:
+                    raise
+                self.quarantine(job_id, str(exc))
+                out.append(None)
+        return out
+
+    def state(self, job_id: str) -> JobState | None:
+        raw = self.redis.hget(self.keys.job(job_id), "state")
+        return JobState(raw.decode()) if raw else None
+
+    def pending_ids(self, limit: int = 1000) -> list[str]:
+        return [m.decode() for m in self.redis.zrange(self.keys.pending, 0, limit - 1)]
+
+    def ids_in(self, state: JobState, limit: int = 1000, newest_first: bool = False) -> list[str]:
+        index = self.keys.index(state)
+        fetch = self.redis.zrevrange if newest_first else self.redis.zrange
+        return [m.decode() for m in fetch(index, 0, limit - 1)]
+
+    def counts(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for state in STATES:
+            pipe.zcard(self.keys.index(state))
+        return {state.value: n for state, n in zip(STATES, pipe.execute())}
+
+    def batch_ids(self, batch_id: str) -> list[str]:
+        return sorted(m.decode() for m in self.redis.smembers(self.keys.batch(batch_id)))
+
+    def result_images(self, job_id: str) -> list[bytes]:
+        raw = self.redis.hgetall(self.keys.result(job_id))
+        return [raw[k] for k in sorted(raw, key=lambda k: int(k))]
+
+    def position(self, job_id: str) -> int | None:
+        """0-based place in the pending queue, None when not queued."""
+        return self.redis.zrank(self.keys.pending, job_id)
+
+    def queue_heads(self, per_queue: int) -> list[str]:
+        """The oldest `per_queue` jobs of every (team, priority) queue: what fair share and aging choose
+        from, however long any one team's queue is."""
+        queues = sorted(self.redis.smembers(self.keys.queues))
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrange(queue, 0, per_queue - 1)
+        return [m.decode() for heads in pipe.execute() for m in heads]
+
+    def transition(
+        self,
+        job_id: str,
+        target: JobState,
+        *,
+        allowed_from: Iterable[JobState] | None = None,
+        expect_node: str | None = None,
+        score: float | str | None = None,
+        fields: dict[str, Any] | None = None,
+        add_attempt: bool = False,
+        images: Sequence[bytes] = (),
+        result_ttl: int = 7 * 24 * 3600,
+        expired_only: bool = False,
+        op: str | None = None,
+    ) -> JobState:
+        """Move `job_id` to `target` atomically; returns the state it left.
+
+        `score` is the job's score in its new index; a string "+N" means N seconds after Redis's clock (lease
+        deadlines). With `expired_only`, the move happens only if the job's deadline in its current index
+        has passed (a lease reaped at the same moment as it was renewed stays with its holder).
+        Idempotent: each call carries an operation token (`op`, a fresh one by default), so a script that
+        redis-py re-sends after a lost reply answers what its first run did (scripts/transition.lua).
+        Raises JobNotFound, IllegalTransition (the move is not legal from the current state, or not one
+        of `allowed_from`), OwnershipLost (the job is no longer held by `expect_node`), or LeaseLive.
+        """
+        legal = sources_of(target)
+        if allowed_from is not None:
+            legal &= frozenset(allowed_from)
+        args: list[Any] = [
+            job_id,
+            "," + ",".join(s.value for s in legal) + ",",
+            target.value,
+            "" if score is None else score if isinstance(score, str) else repr(score),
+            expect_node or "",
+            repr(time.time()),
+            json.dumps({k: text(v) for k, v in (fields or {}).items()}),
+            "1" if add_attempt else "0",
+            EVENTS_MAXLEN,
+            ",".join(s.value for s in STATES),
+            str(result_ttl),
+            "1" if expired_only else "0",
+            op or uuid.uuid4().hex,
+            *images,
+        ]
+        keys = [
+            self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
+            self.keys.queues,
+        ]
+        status, current = (part.decode() for part in self._transition(keys=keys, args=args))
+        if status == "missing":
+            raise JobNotFound(job_id)
+        if status == "state":
+            raise IllegalTransition(job_id, current, target)
+        if status == "node":
+            raise OwnershipLost(job_id, expect_node or "")
+        if status == "live":
+            raise LeaseLive(job_id)
+        return JobState(current)
+
+    def lease(self, job_id: str, node: str, lease_seconds: float) -> bool:
+        """queued -> leased to `node` for `lease_seconds` (renewed by whoever holds it, see `renew`);
+        False if someone else got there first (cancelled, leased)."""
+        try:
+            self.transition(
+                job_id, JobState.LEASED, score=f"+{float(lease_seconds)!r}", add_attempt=True,
+                fields={"node": node, "error": "", "run_deadline": ""},
+            )
+        except (IllegalTransition, JobNotFound):
+            return False
+        return True
+
+    def start(self, job_id: str, node: str, lease_seconds: float) -> bool:
+        """leased -> running on `node`; False when the job is no longer this node's (cancelled, requeued)."""
+        try:
+            self.transition(
+                job_id, JobState.RUNNING, expect_node=node, score=f"+{float(lease_seconds)!r}",
+                fields={"started_at": time.time(), "run_deadline": ""},
+            )
+        except (IllegalTransition, JobNotFound, OwnershipLost):
+            return False
+        return True
+
+    def renew(
+        self, job_ids: Sequence[str], node: str, lease_seconds: float, timeout_seconds: float | None = None
+    ) -> list[bool]:
+        """Extend the leases `node` holds on `job_ids` to `lease_seconds` from now (Redis's clock); a running
+        job's lease never goes past `timeout_seconds` after its first renewal while running. True per job
+        still held by `node`; False for one that was cancelled, requeued or finished meanwhile."""
+        if not job_ids:
+            return []
+        keys = [self.keys.index(JobState.LEASED), self.keys.index(JobState.RUNNING),
+                *(self.keys.job(j) for j in job_ids)]
+        args = [node, repr(float(lease_seconds)), "" if timeout_seconds is None else repr(float(timeout_seconds))]
+        return [bool(flag) for flag in self._renew(keys=keys, args=args)]
+
+    def expired(self, limit: int = 1000) -> list[str]:
+        """Leased or running jobs whose lease deadline has passed by Redis's clock (nobody renewed them)."""
+        keys = [self.keys.index(JobState.LEASED), self.keys.index(JobState.RUNNING)]
+        return [m.decode() for m in self._expired(keys=keys, args=[limit])]
+
+    def complete(
+        self,
+        job_id: str,
+        node: str,
+        images: Sequence[bytes],
+        timings: dict[str, float],
+        peak_memory_mb: float | None,
+        result_ttl: int,
+        profile: str | None = None,
+        escalations: Sequence[str] = (),
+    ) -> bool:
+        """running -> done with its images, exactly once; False (result discarded, and counted: `cancelled`
+        results apart from `late_results`) when the job was cancelled, requeued or handed to another node
+        meanwhile, e.g. because this node's lease expired."""
+        now = time.time()
+        try:
+            self.transition(
+                job_id, JobState.DONE, expect_node=node, score=now, images=images, result_ttl=result_ttl,
+                fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb,
+                        "profile": profile, "escalations": json.dumps(list(escalations))},
+            )
+        except IllegalTransition as exc:
+            self.count("results_after_cancel" if exc.current is JobState.CANCELLED else "late_results")
+            return False
+        except (JobNotFound, OwnershipLost):
+            self.count("late_results")
+            return False
+        return True
+
+    def fail(self, job_id: str, error: str, node: str | None = None, *, expired_only: bool = False) -> bool:
+        now = time.time()
+        try:
+            self.transition(
+                job_id, JobState.FAILED, expect_node=node, score=now, expired_only=expired_only,
+                fields={"finished_at": now, "error": error[:2000]},
+            )
+        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive):
+            return False
+        return True
+
+    def requeue(
+        self, job_id: str, error: str, node: str | None = None, *,
+        allowed_from: Iterable[JobState] | None = None, expired_only: bool = False,
+    ) -> bool:
+        """Back to the queue at its original place (retry): from leased/running, or failed by hand."""
+        try:
+            self.transition(
+                job_id, JobState.QUEUED, expect_node=node, allowed_from=allowed_from, expired_only=expired_only,
+                fields={"error": error[:2000], "node": "", "finished_at": "", "run_deadline": ""},
+            )
+        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive):
+            return False
+        return True
+
+    def cancel(self, job_id: str) -> JobState:
+        """Cancel from any non-terminal state; returns the state it left. A rendering job's node sees it at
+        its next lease renewal and stops the render; a result that arrives anyway is discarded by `complete`."""
+        now = time.time()
+        return self.transition(job_id, JobState.CANCELLED, score=now, fields={"finished_at": now})
+
+    def quarantine(self, job_id: str, reason: str) -> None:
+        """Take `job_id` out of circulation because its record is malformed (or missing behind an index
+        entry): off every index and queue, its hash kept aside for a human, the reason recorded."""
+        log.error("job %s quarantined: %s", job_id, reason)
+        self._quarantine(
+            keys=[self.keys.job(job_id), self.keys.quarantined(job_id), self.keys.quarantine,
+                  self.keys.metrics("counters"), *self.keys.all_indexes(), self.keys.queues],
+            args=[job_id, json.dumps({"reason": reason[:2000], "at": time.time()})],
+        )
+
+    def quarantined(self) -> dict[str, str]:
+        """Quarantined job id -> why."""
+        return {job_id.decode(errors="replace"): quarantine_reason(raw)
+                for job_id, raw in self.redis.hgetall(self.keys.quarantine).items()}

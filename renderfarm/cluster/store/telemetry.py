@@ -1,0 +1,134 @@
+"""What the farm measures and publishes: ETAs, fair-share usage, dashboard samples, online calibration,
+counters."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from renderfarm.cluster.keys import Keys, peak_field, speed_field
+from renderfarm.errors import CorruptRecord
+from renderfarm.jobs import JobState
+
+SAMPLES_MAXLEN = 4320  # 6 hours of samples at one per 5 s
+MEASURE_ALPHA = 0.3  # weight of a new speed or load time in its moving average
+
+
+class Telemetry:
+    """The measuring half of the Store; `Store` supplies `redis`, `keys` and the registered scripts."""
+
+    redis: redis.Redis
+    keys: Keys
+
+    def write_etas(self, etas: dict[str, dict[str, Any]], ttl_seconds: int = 300) -> None:
+        """Replace the published ETAs (job id -> JSON) in one step; they expire if no scheduler renews them."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.etas)
+            if etas:
+                pipe.hset(self.keys.etas, mapping={k: json.dumps(v) for k, v in etas.items()})
+                pipe.expire(self.keys.etas, ttl_seconds)
+            pipe.execute()
+
+    def etas(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The published ETA of each of `job_ids` that has one (a record that does not parse is skipped)."""
+        if not job_ids:
+            return {}
+        out = {}
+        for job_id, raw in zip(job_ids, self.redis.hmget(self.keys.etas, list(job_ids))):
+            if raw is None:
+                continue
+            try:
+                value = json.loads(raw)
+            except ValueError:  # not JSON, or not UTF-8
+                continue
+            if isinstance(value, dict):
+                out[job_id] = value
+        return out
+
+    def read_fair_share(self) -> dict[str, Any] | None:
+        raw = self.redis.get(self.keys.fair_share)
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise CorruptRecord(f"{self.keys.fair_share} does not parse: {exc}") from None
+        if not isinstance(value, dict):
+            raise CorruptRecord(f"{self.keys.fair_share} is not a JSON object")
+        return value
+
+    def write_fair_share(self, state: dict[str, Any]) -> None:
+        self.redis.set(self.keys.fair_share, json.dumps(state))
+
+    def record_sample(self, sample: dict[str, Any], maxlen: int = SAMPLES_MAXLEN) -> None:
+        """Append one sample ({"t": epoch, "counts": {state: n}, "nodes": {name: {...totals}}}), keeping about
+        the last `maxlen`."""
+        self.redis.xadd(self.keys.samples, {"json": json.dumps(sample)}, maxlen=maxlen, approximate=True)
+
+    def samples(self, count: int = 720) -> list[dict[str, Any]]:
+        """The last `count` samples, oldest first; an entry that does not parse is skipped."""
+        out = []
+        for _, fields in reversed(self.redis.xrevrange(self.keys.samples, count=count)):
+            try:
+                value = json.loads(fields.get(b"json", b""))
+            except ValueError:
+                continue
+            if isinstance(value, dict) and isinstance(value.get("t"), (int, float)):
+                out.append(value)
+        return out
+
+    def finished_since(self, state: JobState, since: float) -> int:
+        """How many jobs reached terminal `state` at or after `since` (epoch seconds)."""
+        return int(self.redis.zcount(self.keys.index(state), since, "+inf"))
+
+    def record_measurement(
+        self, node: str, model: str, profile: str, width: int, height: int, batch: int,
+        peak_gib: float | None, s_per_step: float | None, load_s: float | None = None,
+    ) -> None:
+        """What `node` measured rendering `batch` images of `model` at `width` x `height` with `profile`: the
+        peak (kept as the highest seen for model, profile, size bucket and batch), the seconds per step and,
+        when it loaded the model for this batch, the load time (both a moving average per node)."""
+        self._measure(
+            keys=[self.keys.calib_peaks, self.keys.calib_speeds, self.keys.calib_version],
+            args=[
+                peak_field(model, profile, width, height, batch), "" if peak_gib is None else repr(float(peak_gib)),
+                speed_field(node, model, width, height, batch),
+                "" if s_per_step is None else repr(float(s_per_step)),
+                "" if load_s is None else repr(float(load_s)),
+                repr(time.time()), node, profile, repr(MEASURE_ALPHA),
+            ],
+        )
+
+    def measurements_version(self) -> int:
+        return int(self.redis.get(self.keys.calib_version) or 0)
+
+    def calibration_records(self) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], list[str]]:
+        """(peak records, speed records, one line per record that did not parse) as (field, JSON value):
+        `planning.measured.Measurements.from_records` turns them into numbers. A malformed record is
+        skipped and reported, so it cannot stop planning."""
+        bad: list[str] = []
+
+        def records(key: str) -> list[tuple[str, Any]]:
+            out = []
+            for field_name, raw in self.redis.hgetall(key).items():
+                name = field_name.decode(errors="replace")
+                try:
+                    value = json.loads(raw)
+                except ValueError as exc:  # not JSON, or not UTF-8
+                    bad.append(f"{key} {name!r}: {exc}")
+                    continue
+                out.append((name, value))
+            return out
+
+        return records(self.keys.calib_peaks), records(self.keys.calib_speeds), bad
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to the farm-wide counter `name` (late results, expired leases, quarantined records...)."""
+        self.redis.hincrby(self.keys.metrics("counters"), name, n)
+
+    def counters(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.metrics("counters")).items()}
