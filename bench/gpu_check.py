@@ -576,7 +576,7 @@ def render_watched(session: Session, pipe: Any, size: int, watch: Watch) -> Any:
 
 
 def step_budget(session: Session, step: Step) -> None:
-    from renderfarm.planning.profiles import choose_profile
+    from renderfarm.planning.choose import choose_profile
     from renderfarm.planning.vram import predict
 
     size, card, backend = session.settings["size"], session.card, session.backend

@@ -292,7 +292,8 @@ def _full_vae():
 def plan(models: list[str], sizes: list[int], budgets: list[float], backend: Any, catalog: Any,
          stands_in_for: dict[str, str]) -> tuple[list[Row], dict[str, list[Measurement]], list[dict], dict]:
     """Every grid cell's choice and fitting candidates, as rows over deduplicated measurements."""
-    from renderfarm.planning.profiles import choose_profile, ladder
+    from renderfarm.planning.choose import choose_profile
+    from renderfarm.planning.profiles import ladder
     from renderfarm.planning.vram import predict
 
     rows: list[Row] = []

@@ -30,8 +30,8 @@ def run(jobs: int, max_batch: int, rounds: int, quiet: bool) -> dict:
     from renderfarm.config import NodeDeclaration, Settings
     from renderfarm.farm import Farm
     from renderfarm.planning.catalog import default_catalog
+    from renderfarm.planning.choose import choose_profile
     from renderfarm.planning.devices import device_from_declaration
-    from renderfarm.planning.profiles import choose_profile
 
     threads = os.cpu_count() or 1
     specs = [

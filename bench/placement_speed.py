@@ -22,14 +22,9 @@ import random
 import time
 
 from renderfarm.planning.devices import device_from_spec
+from renderfarm.planning.fit import JobShape, NodeView
 from renderfarm.scheduler.fairness import FairShare, Queued
-from renderfarm.scheduler.placement import (
-    JobShape,
-    NodeIndex,
-    NodeView,
-    PendingJob,
-    plan_dispatch,
-)
+from renderfarm.scheduler.placement import NodeIndex, PendingJob, plan_dispatch
 
 CARDS = [
     device_from_spec("Quadro RTX 6000", 24, "7.5"),

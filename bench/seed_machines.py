@@ -12,8 +12,8 @@ import argparse
 import json
 
 from renderfarm.planning.catalog import default_catalog
+from renderfarm.planning.choose import choose_profile
 from renderfarm.planning.devices import device_from_spec
-from renderfarm.planning.profiles import choose_profile
 
 # (label, card name, VRAM GiB as the card reports it, compute capability, RAM GiB). An "8 GB" GeForce card
 # reports ~7.6-7.8 GiB to CUDA; 7.6 is the conservative end.

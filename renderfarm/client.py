@@ -40,6 +40,8 @@ from renderfarm.jobs import (
     shown,
 )
 from renderfarm.planning.catalog import Catalog, UnknownModelError, default_catalog
+from renderfarm.planning.devices import device_from_record
+from renderfarm.planning.fit import JobShape, NodeView, why_nothing_fits
 from renderfarm.planning.measured import snapshot
 from renderfarm.specfile import read_spec_file
 
@@ -203,9 +205,6 @@ class FarmClient:
     def _fits_nowhere(self, specs: Sequence[JobSpec]) -> list[str]:
         """One error per spec that no registered node can run in any profile (the planner's reason).
         With no node registered yet, nothing can be judged and everything is accepted."""
-        from renderfarm.planning.devices import device_from_record
-        from renderfarm.scheduler.placement import JobShape, NodeView, why_nothing_fits
-
         nodes = [
             NodeView(n["name"], device) for n in self.store.nodes() if (device := device_from_record(n)) is not None
         ]

@@ -31,14 +31,9 @@ from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.jobs import Job
 from renderfarm.planning.catalog import ModelEntry, default_catalog
+from renderfarm.planning.choose import DEFAULT_MARGIN_GIB, choose_profile, next_rung, next_rung_for_host
 from renderfarm.planning.devices import Device, device_from_declaration
-from renderfarm.planning.profiles import (
-    DEFAULT_MARGIN_GIB,
-    Profile,
-    choose_profile,
-    next_rung,
-    next_rung_for_host,
-)
+from renderfarm.planning.profiles import Profile
 
 log = logging.getLogger(__name__)
 

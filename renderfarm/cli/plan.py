@@ -34,9 +34,8 @@ DEFAULT_PLAN_CC = "8.6"  # `plan` without --gpu or --compute-capability: an Ampe
 def cmd_plan(args: argparse.Namespace) -> int:
     """What a node with this card would choose for a job, and why: pure planning, no farm needed."""
     from renderfarm.planning.catalog import default_catalog
+    from renderfarm.planning.choose import choose_profile, plan_report
     from renderfarm.planning.devices import device_from_spec, known_card
-    from renderfarm.planning.profiles import choose_profile
-    from renderfarm.planning.vram import plan_report
 
     settings = settings_from(args)
     entry = default_catalog(settings.models_file).get(args.model)

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from renderfarm.planning.profiles import (
-    ComputeDtype,
-    Placement,
-    Profile,
-    TextEncoderPolicy,
-    WeightsFormat,
-)
+from renderfarm.planning.profiles import ComputeDtype, Placement, Profile, TextEncoderPolicy, WeightsFormat
 
 MODEL, WIDTH, HEIGHT = "flux-dev", 1024, 1024
 DEVICE = ("NVIDIA H100 80GB HBM3", 80, "9.0")  # device_from_spec arguments

@@ -40,20 +40,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from renderfarm.planning.catalog import Component, ModelEntry
 from renderfarm.planning.devices import Device
 from renderfarm.planning.profiles import (
     BYTES_PER_PARAM,
-    DEFAULT_MARGIN_GIB,
     ComputeDtype,
     Placement,
     Profile,
     TextEncoderPolicy,
     VaeMode,
     WeightsFormat,
-    choose_profile,
     component_formats,
 )
 
@@ -427,45 +424,3 @@ def predict(
         host_peak_gib=host_peak / GIB,
         seconds_per_job_overhead=_seconds_per_job_overhead(entry, profile, device, sizes),
     )
-
-
-def plan_report(
-    entry: ModelEntry, device: Device, width: int, height: int, batch: int = 1,
-    margin_gib: float = DEFAULT_MARGIN_GIB,
-    steps: int | None = None,
-) -> dict[str, Any]:
-    """What `renderfarm plan` prints as JSON: the device, the chosen profile and every candidate."""
-    choice = choose_profile(entry, device, width, height, batch, margin_gib, steps=steps)
-    return {
-        "model": entry.name,
-        "device": device.as_dict(),
-        "size": [width, height],
-        "batch": batch,
-        "margin_gib": margin_gib,
-        "steps": choice.steps,
-        "host_usable_gib": round(device.host_budget_gib, 2) if device.host_budget_gib is not None else None,
-        "chosen": choice.chosen.name if choice.chosen else None,
-        "reason": choice.reason,
-        "candidates": [
-            {
-                "name": c.profile.name,
-                "weights": c.profile.weights.value,
-                "text_encoder_weights": (c.profile.text_encoder_weights or c.profile.weights).value,
-                "compute_dtype": c.profile.compute_dtype.value,
-                "placement": c.profile.placement.value,
-                "vae": c.profile.vae.value,
-                "vae_dtype": (c.profile.vae_dtype or c.profile.compute_dtype).value,
-                "predicted_peak_gib": round(c.prediction.peak_gib, 2),
-                "peak_stage": c.prediction.peak_stage.value,
-                "stage_peaks_gib": {k.value: round(v, 2) for k, v in c.prediction.stage_peaks_gib.items()},
-                "host_gib": round(c.prediction.host_gib, 2),
-                "host_peak_gib": round(c.prediction.host_peak_gib, 2),
-                "pinned_gib": round(c.prediction.pinned_gib, 2),
-                "seconds_per_step": round(c.prediction.seconds_per_step, 3),
-                "seconds_per_job": round(c.prediction.seconds_per_job(choice.steps), 2),
-                "fits": c.fits,
-                "reason": c.reason,
-            }
-            for c in choice.candidates
-        ],
-    }

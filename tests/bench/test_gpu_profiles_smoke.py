@@ -31,8 +31,8 @@ def run_bench(*args: str, timeout: float) -> dict:
 def test_cpu_smoke_measures_every_fitting_profile_and_writes_the_table(tmp_path):
     from renderfarm.config import NodeDeclaration
     from renderfarm.planning.catalog import default_catalog
+    from renderfarm.planning.choose import choose_profile
     from renderfarm.planning.devices import device_from_declaration
-    from renderfarm.planning.profiles import choose_profile
 
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nwritten by hand, kept\n")

@@ -8,14 +8,8 @@ import pytest
 import renderfarm.cluster.ray_cluster as ray_cluster
 from renderfarm.config import ConfigError, NodeDeclaration, Settings, load_nodes
 from renderfarm.farm import FarmError, card_labels, node_plan
-from renderfarm.scheduler.placement import (
-    JobShape,
-    NodeView,
-    PendingJob,
-    pick,
-    plan_dispatch,
-    why_nothing_fits,
-)
+from renderfarm.planning.fit import JobShape, NodeView, why_nothing_fits
+from renderfarm.scheduler.placement import PendingJob, pick, plan_dispatch
 
 
 def job(i, model="m", images=1):

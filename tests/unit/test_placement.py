@@ -4,21 +4,9 @@ import re
 import pytest
 
 from renderfarm.planning.devices import Device
+from renderfarm.planning.fit import JobShape, NodeView, fit_on, largest_batch, why_nothing_fits
 from renderfarm.planning.measured import Measurements
-from renderfarm.scheduler.placement import (
-    Decision,
-    JobShape,
-    NodeIndex,
-    NodeView,
-    PendingJob,
-    best_of,
-    filter_nodes,
-    fit_on,
-    largest_batch,
-    pick,
-    plan_dispatch,
-    why_nothing_fits,
-)
+from renderfarm.scheduler.placement import Decision, NodeIndex, PendingJob, best_of, filter_nodes, pick, plan_dispatch
 from tests.unit.cards import QUADRO, RTX3070, RTX4090
 
 

@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 
 from renderfarm.planning.catalog import default_catalog
+from renderfarm.planning.choose import choose_profile, next_rung, next_rung_for_host
 from renderfarm.planning.devices import KNOWN_CARDS, device_from_spec
 from renderfarm.planning.profiles import (
     ComputeDtype,
@@ -11,13 +12,10 @@ from renderfarm.planning.profiles import (
     TextEncoderPolicy,
     VaeMode,
     WeightsFormat,
-    choose_profile,
     component_formats,
     compute_dtype_for,
     fp16_clamp_for,
     ladder,
-    next_rung,
-    next_rung_for_host,
     stored_format,
     unavailable_reason,
     vae_dtype_for,

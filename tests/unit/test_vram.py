@@ -7,23 +7,10 @@ import pytest
 
 from renderfarm.planning.calibration import PUBLISHED, reference_profile
 from renderfarm.planning.catalog import default_catalog
+from renderfarm.planning.choose import plan_report
 from renderfarm.planning.devices import device_from_spec
-from renderfarm.planning.profiles import (
-    ComputeDtype,
-    Placement,
-    VaeMode,
-    WeightsFormat,
-    ladder,
-    unavailable_reason,
-)
-from renderfarm.planning.vram import (
-    CONTEXT_GIB,
-    GIB,
-    Stage,
-    component_bytes,
-    plan_report,
-    predict,
-)
+from renderfarm.planning.profiles import ComputeDtype, Placement, VaeMode, WeightsFormat, ladder, unavailable_reason
+from renderfarm.planning.vram import CONTEXT_GIB, GIB, Stage, component_bytes, predict
 from tests.unit.cards import CPU, H100, L40S, QUADRO, RTX3070
 
 

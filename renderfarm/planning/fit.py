@@ -1,0 +1,156 @@
+"""What fits where: planning's verdict for a job shape on a device or a set of nodes, with no Ray and no Redis.
+
+The client asks `why_nothing_fits` at submit (a job no node can run is refused with the reason); the
+scheduler's placement (scheduler/placement.py) filters and scores nodes with `fit_for`; `largest_batch` says
+how many images fit one pipeline call. Every verdict comes from `choose_profile` over the VRAM and host
+model, with the peaks that nodes measured (planning/measured.py) as floors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from renderfarm.planning.catalog import Catalog, default_catalog
+from renderfarm.planning.choose import choose_profile
+from renderfarm.planning.devices import Device
+from renderfarm.planning.measured import EMPTY, Measurements
+
+__all__ = ["Fit", "JobShape", "NodeView", "fit_for", "fit_on", "largest_batch", "plannable", "why_nothing_fits"]
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What placement needs of a job: the model, the size, the steps and the images in one call."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    num_images: int = 1
+
+    def describe(self) -> str:
+        return f"{self.model} at {self.width}x{self.height}, batch {self.num_images}"
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    device: Device | None  # None: a node that reported no card (nothing can be planned on it)
+    loaded_models: frozenset[str] = frozenset()
+    backlog_s: float = 0.0  # estimated seconds of work already sent to the node and not finished
+    slots: int = 0  # batches it can take now (live planning); 0: it takes work only when one frees up
+    forbidden: frozenset[str] = frozenset()  # models never sent here (a node override)
+    max_batch: int | None = None  # most images in one pipeline call here (a node override)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What planning predicts for one (model, size, batch) on one kind of device."""
+
+    fits: bool
+    profile: str | None  # the chosen profile; None when nothing fits
+    peak_gib: float  # the chosen profile's peak; when nothing fits, the most frugal profile's
+    needed_gib: float  # VRAM the most frugal runnable profile needs, margin included (inf: none runnable)
+    seconds_per_step: float  # the chosen profile's (when nothing fits: the most frugal one's)
+    weights_gib: float  # the chosen profile's weights as stored: what a load moves
+    usable_gib: float
+    reason: str
+
+
+@lru_cache(maxsize=65536)
+def fit_on(
+    model: str, width: int, height: int, batch: int, device: Device, catalog: Catalog | None = None,
+    measured: Measurements = EMPTY,
+) -> Fit:
+    """Planning's verdict for `batch` images of `model` at `width` x `height` on `device` (cached), with the
+    models of `catalog` (default: the packaged one) and the peaks nodes measured (`measured`, a snapshot)."""
+    try:
+        entry = (catalog or default_catalog()).get(model)
+        floors = measured.floors(model, width, height, batch) if measured else None
+        choice = choose_profile(entry, device, width, height, batch, floors=floors)
+    except ValueError as exc:  # unknown model, size not allowed for the model
+        return Fit(False, None, math.inf, math.inf, math.inf, 0.0, 0.0, str(exc))
+    runnable = [c for c in choice.candidates if not c.reason.startswith("unavailable")]
+    frugal = min(runnable, key=lambda c: c.prediction.peak_gib) if runnable else None
+    needed = frugal.prediction.peak_gib + choice.margin_gib if frugal else math.inf
+    chosen = choice.chosen_candidate
+    used = chosen or frugal
+    return Fit(
+        fits=chosen is not None,
+        profile=chosen.profile.name if chosen else None,
+        peak_gib=used.prediction.peak_gib if used else math.inf,
+        needed_gib=needed,
+        seconds_per_step=used.prediction.seconds_per_step if used else math.inf,
+        weights_gib=sum(used.prediction.weights_gib.values()) if used else 0.0,
+        usable_gib=choice.usable_gib,
+        reason=choice.reason,
+    )
+
+
+def plannable(model: str, catalog: Catalog | None = None) -> bool:
+    """Whether the catalog carries component data for `model` (without it nothing can be predicted: its
+    nodes just try, and only measurements inform the estimates)."""
+    try:
+        return bool((catalog or default_catalog()).get(model).components)
+    except ValueError:
+        return False
+
+
+def fit_for(
+    job: JobShape, node: NodeView, catalog: Catalog | None = None, measured: Measurements = EMPTY
+) -> Fit | None:
+    """Planning's verdict for `job` on `node`; None when it cannot be judged (no card, or no component data):
+    such a job is assumed to fit."""
+    if node.device is None or not plannable(job.model, catalog):
+        return None
+    return fit_on(job.model, job.width, job.height, job.num_images, node.device, catalog, measured)
+
+
+def why_nothing_fits(
+    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None, measured: Measurements = EMPTY
+) -> str | None:
+    """None when `job` fits some node (or fit cannot be judged on one); else one line naming what it needs
+    and the largest node."""
+    allowed = [n for n in nodes if job.model not in n.forbidden]
+    if not allowed:
+        return f"{job.describe()}: {job.model} is forbidden on every node" if nodes else \
+            f"{job.describe()}: there are no nodes"
+    nodes = allowed
+    fits = [fit_for(job, n, catalog, measured) for n in nodes]
+    if any(f is None or f.fits for f in fits):
+        return None
+    largest = max(nodes, key=lambda n: n.device.vram_gib if n.device else 0.0)
+    needed = min(f.needed_gib for f in fits if f is not None)
+    if math.isinf(needed):
+        return f"{job.describe()}: {fits[0].reason}"
+    # Some card could hold a profile, but not its machine's RAM: say so, not "needs more VRAM".
+    for node, fit in zip(nodes, fits):
+        if fit is not None and node.device is not None and fit.needed_gib <= node.device.vram_gib:
+            return f"{job.describe()} on {node.name}: {fit.reason}"
+    return (
+        f"{job.describe()} needs at least {needed:.1f} GiB in its most frugal profile; "
+        f"the largest node ({largest.name}) has {largest.device.vram_gib:g} GiB"
+    )
+
+
+def largest_batch(
+    model: str, width: int, height: int, node: NodeView | Device, limit: int = 64, catalog: Catalog | None = None,
+    measured: Measurements = EMPTY,
+) -> int:
+    """The most images of `model` at `width` x `height` predicted to fit in one call on `node` (0: not
+    even one), at most `limit`. Peaks (predicted and measured floors alike) grow with the batch, so a binary
+    search suffices."""
+    device = node.device if isinstance(node, NodeView) else node
+    if not fit_on(model, width, height, 1, device, catalog, measured).fits:
+        return 0
+    low, high = 1, limit  # low fits; find the largest that does
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fit_on(model, width, height, mid, device, catalog, measured).fits:
+            low = mid
+        else:
+            high = mid - 1
+    return low
