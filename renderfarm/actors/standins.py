@@ -42,8 +42,6 @@ VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 CLIP_MAX_LENGTH = 77  # the real CLIP context, so prompt truncation behaves as it does on real models
 T5_MAX_LENGTH = 64  # Flux pads prompts to the T5 tokenizer's length: keep the joint attention short
 
-FAMILIES = ("sd15", "sdxl", "flux")
-
 
 def default_cache_dir() -> Path:
     """`$RENDERFARM_CACHE_DIR` if set, else `~/.cache/renderfarm/models`."""
@@ -121,7 +119,7 @@ def build_standin(family: str, seed: int = STANDIN_SEED) -> DiffusionPipeline:
 
     builders = {"sd15": _build_sd15, "sdxl": _build_sdxl, "flux": _build_flux}
     if family not in builders:
-        raise ValueError(f"no stand-in recipe for family {family!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"no stand-in recipe for family {family!r}; known: {', '.join(builders)}")
     # fork_rng: building a stand-in must not disturb the caller's random state.
     with torch.random.fork_rng(devices=[]):
         return builders[family](seed)
