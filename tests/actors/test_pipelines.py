@@ -241,3 +241,21 @@ def test_a1111_parameters_without_negative_prompt():
     assert parsed["prompt"] == "a cat" and parsed["negative_prompt"] == ""
     assert parsed["Distilled CFG Scale"] == "3.5"
     assert "Schedule type" not in parsed
+
+
+def test_infotext_version_falls_back_to_the_source_trees_pyproject(monkeypatch):
+    # A source tree that is not installed has no package metadata: the version comes from the pyproject.toml
+    # at the repository root, which must still be found now that infotext.py sits one folder higher.
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    from renderfarm import infotext
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    expected = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, flags=re.MULTILINE).group(1)
+    assert infotext._version() == expected != "unknown"
