@@ -58,12 +58,9 @@ def chaos_settings(data_dir: Path):
 
 
 def chaos_nodes():
-    from renderfarm.config import NodeDeclaration
+    from renderfarm.config import two_card_nodes
 
-    return [
-        NodeDeclaration(name="big", vram_gib=24, compute_capability="7.5", gpu="Quadro RTX 6000"),
-        NodeDeclaration(name=VICTIM_NODE, vram_gib=8, compute_capability="8.6", gpu="GeForce RTX 3070"),
-    ]
+    return two_card_nodes(big="big", small=VICTIM_NODE)
 
 
 def chaos_specs(jobs: int) -> list[dict[str, Any]]:

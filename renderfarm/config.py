@@ -47,7 +47,7 @@ class Settings(BaseModel):
     data_dir: Path = Path("~/.local/share/renderfarm")  # embedded Redis AOF, Ray temp, logs
     cache_dir: Path | None = None  # stand-in models; None: ~/.cache/renderfarm/models
     models_file: Path | None = None  # None: the packaged configs/models.yaml
-    nodes_file: Path | None = None  # simulated nodes when no GPU is present
+    nodes_file: Path | None = None  # nodes YAML: simulated nodes (no GPU here), or overrides per GPU
     max_attempts: int = Field(default=3, ge=1, le=100)
     # A leased job is held for this long past the last renewal: the scheduler renews the leases of batches it
     # has sent, the node those it renders, every `heartbeat_seconds`. A dead holder's jobs return to the queue
@@ -80,8 +80,6 @@ class Settings(BaseModel):
     eta_seconds: float = Field(default=2.0, gt=0)  # how often the scheduler republishes ETAs and positions
     sample_seconds: float = Field(default=5.0, gt=0)  # how often it samples queue depth and node totals
     dead_after_seconds: float = Field(default=15.0, gt=0)  # a node silent this long is shown dead
-    # The dashboard's write actions (cancel, retry, drain) appear only when this is set and entered.
-    dashboard_token: str | None = Field(default=None, min_length=8)
 
     def job_timeout_s(self, steps: int, width: int, height: int, images: int) -> float:
         """Seconds a batch of `images` images at `width` x `height` with `steps` steps may render."""
@@ -169,6 +167,15 @@ class NodeDeclaration(BaseModel):
     @classmethod
     def _cc_as_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) else value
+
+
+def two_card_nodes(big: str = "quadro-24g", small: str = "rtx-8g") -> list[NodeDeclaration]:
+    """The farm the demo, the chaos bench and the tests simulate (the seed studio's room): a 24 GiB Turing
+    Quadro beside an 8 GiB Ampere RTX."""
+    return [
+        NodeDeclaration(name=big, gpu="Quadro RTX 6000", vram_gib=24, compute_capability="7.5"),
+        NodeDeclaration(name=small, gpu="GeForce RTX 3070", vram_gib=8, compute_capability="8.6"),
+    ]
 
 
 def load_nodes(path: str | Path | None = None) -> list[NodeDeclaration]:

@@ -71,7 +71,7 @@ def models_file(tmp_path_factory) -> Path:
 def farm(tmp_path_factory, models_file):
     """A farm with two simulated heterogeneous nodes, shared by the tests of one module (Ray allows one
     driver per process, so farms run one after another)."""
-    from renderfarm.config import NodeDeclaration, Settings
+    from renderfarm.config import Settings, two_card_nodes
     from renderfarm.farm import Farm
 
     settings = Settings(
@@ -81,11 +81,7 @@ def farm(tmp_path_factory, models_file):
         max_batch=4,
         lease_seconds=60,
     )
-    nodes = [
-        NodeDeclaration(name="big", vram_gib=24, compute_capability="7.5", gpu="Quadro RTX 6000"),
-        NodeDeclaration(name="small", vram_gib=8, compute_capability="8.6", gpu="GeForce RTX 3070"),
-    ]
-    farm = Farm(settings, nodes, warm_models=["tiny-sd15"])
+    farm = Farm(settings, two_card_nodes(big="big", small="small"), warm_models=["tiny-sd15"])
     farm.start()
     try:
         yield farm

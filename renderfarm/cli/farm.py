@@ -25,7 +25,7 @@ from renderfarm.cli.common import (
     stop_on_signals,
 )
 from renderfarm.cluster.processes import write_private
-from renderfarm.config import Settings, load_nodes
+from renderfarm.config import Settings, load_nodes, two_card_nodes
 from renderfarm.errors import CliError
 
 
@@ -168,15 +168,11 @@ def demo_specs(count: int) -> list[dict[str, Any]]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from renderfarm.config import NodeDeclaration
     from renderfarm.farm import Farm
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo renders stand-ins only
     started = time.monotonic()
-    nodes = load_nodes(args.nodes) if args.nodes else [
-        NodeDeclaration(name="quadro-24g", gpu="Quadro RTX 6000", vram_gib=24, compute_capability="7.5"),
-        NodeDeclaration(name="rtx-8g", gpu="GeForce RTX 3070", vram_gib=8, compute_capability="8.6"),
-    ]
+    nodes = load_nodes(args.nodes) if args.nodes else two_card_nodes()
     with tempfile.TemporaryDirectory(prefix="rf-demo-") as tmp:
         settings = Settings.load(args.config, redis_url=args.redis, data_dir=Path(tmp))
         log.info("starting a local farm with %d simulated nodes", len(nodes))

@@ -1,6 +1,6 @@
 """Ray's token authentication, set explicitly for every process of a farm's Ray cluster.
 
-Ray 2.60 decides per process whether to use token auth (see shared/NOTES.md): `ray start --head`
+Ray 2.60 decides per process whether to use token auth (read in its source; tests/cluster pin it): `ray start --head`
 turns it on when `RAY_AUTH_MODE` is unset *and* a token exists (~/.ray/auth_token, `RAY_AUTH_TOKEN`,
 `RAY_AUTH_TOKEN_PATH`); a plain local `ray.init()` turns it on and writes ~/.ray/auth_token; but a driver or
 `ray start --address` with an explicit address never turns it on by itself. So whether a second process can

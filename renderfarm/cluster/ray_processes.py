@@ -2,7 +2,7 @@
 a head) in the cluster's own temp dir, wait until it is up, and find and end every process it started.
 
 This module never imports `ray` (it runs Ray's CLI in a child process). It is shaped by stale addresses
-(see shared/NOTES.md): a killed cluster leaves `<temp>/ray_current_cluster`, and a bare `ray.init()` may try
+(seen with Ray 2.60): a killed cluster leaves `<temp>/ray_current_cluster`, and a bare `ray.init()` may try
 to reach that dead address (or whatever `RAY_ADDRESS` says). So every private cluster gets its own short temp
 dir (`/tmp/rfray-XXXXXXXX`, short because Ray's unix socket paths must stay under ~107 characters), its
 processes are started with an explicit `--temp-dir` and explicit ports, and `RAY_ADDRESS` is removed from

@@ -35,7 +35,7 @@ from renderfarm.jobs import JobState
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 REFRESH_S = 2
-MIN_TOKEN = 8  # as Settings.dashboard_token
+MIN_TOKEN = 8  # RENDERFARM_DASHBOARD_TOKEN, environment only (never in a settings file others may read)
 ALL = "all"
 STATE_COLORS = {"idle": "green", "busy": "blue", "draining": "orange", "dead": "red", "stopped": "gray"}
 UNREACHABLE = (RedisUnavailable, redis.ConnectionError, redis.TimeoutError, OSError)

@@ -1,6 +1,7 @@
 """Published measurements the VRAM model is calibrated against, and the profiles that reproduce them.
 
-diffusers' quantization benchmarks for Flux.1-dev, 1024x1024, batch 1, on an H100 80 GB (shared/NOTES.md):
+diffusers' quantization benchmarks for Flux.1-dev, 1024x1024, batch 1, on an H100 80 GB (quoted with
+its source in renderfarm/configs/published_figures.yaml):
 "loaded" is memory allocated after loading, "peak" is `max_memory_reserved`, in GiB. Those runs moved the
 whole pipeline to cuda, so the text encoders stayed on the GPU in bf16 (TextEncoderPolicy.RESIDENT), except
 the nf4 run, which quantized T5 to nf4 as well (components_to_quantize = transformer, text_encoder_2).

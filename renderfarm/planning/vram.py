@@ -29,7 +29,7 @@ not count. Reserved is above what a job strictly needs (the allocator frees its 
 raises out-of-memory), so the prediction errs on the safe side.
 
 Calibration (tests/unit/test_vram.py holds it): the diffusers quantization benchmarks of Flux.1-dev at
-1024x1024 on an H100 (published in /work/shared/NOTES.md): loaded sizes for the weights, peak reserved
+1024x1024 on an H100 (quoted with sources in configs/published_figures.yaml): loaded sizes for the weights, peak reserved
 minus loaded (4.5-4.8 GiB, the bf16 VAE decode) for the decode activations, bf16 model offload (23.27 GiB
 with a 22.2 GiB transformer) for the denoiser's activations; the L40S leaf-offload step (1.9 s) for the
 streaming efficiency. UNet and fp16/fp32 decode figures come from diffusers' published SD 1.5 and SDXL

@@ -71,9 +71,8 @@ def test_host_memory_reports_ram_and_the_disk_where_the_cache_lives(tmp_path):
 
 
 def test_probe_device_with_the_real_planning_module(monkeypatch):
-    devices = pytest.importorskip("renderfarm.planning.devices")
-    if not hasattr(devices, "device_from_spec"):
-        pytest.skip("planning.devices has no device_from_spec yet")
+    from renderfarm.planning import devices
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = hardware.probe_device()
     assert isinstance(cpu, devices.Device)

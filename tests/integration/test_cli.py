@@ -1,34 +1,17 @@
 """The `renderfarm` command, run as a user runs it (a subprocess), against real Redis and a real farm."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.helpers import one_json, run_cli
+
 pytestmark = pytest.mark.integration
 
 
-def cli(*args, cwd=None, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RENDERFARM_REDIS_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "renderfarm.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
-        timeout=timeout,
-    )
-
-
-def one_json(proc) -> dict:
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 1, f"--json must print exactly one line, got: {proc.stdout!r} / {proc.stderr[-2000:]}"
-    return json.loads(lines[0])
-
-
 def test_demo_json_renders_and_reports_per_node(tmp_path):
-    proc = cli("demo", "--json", "--jobs", "8", "--out", str(tmp_path / "renders"), cwd=tmp_path)
+    proc = run_cli("demo", "--json", "--jobs", "8", "--out", str(tmp_path / "renders"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = one_json(proc)
     assert out["jobs"] == out["done"] == 8 and out["failed"] == 0 and out["seconds"] > 0
@@ -45,11 +28,11 @@ def test_demo_json_renders_and_reports_per_node(tmp_path):
 
 
 def test_invalid_submit_is_one_clear_line_and_enqueues_nothing(redis_url, store, tmp_path):
-    proc = cli("submit", "a fox", "--model", "tiny-flux", "--size", "72x64", "--redis", redis_url)
+    proc = run_cli("submit", "a fox", "--model", "tiny-flux", "--size", "72x64", "--redis", redis_url)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "width: width=72 must be a multiple of 16" in proc.stderr and "Traceback" not in proc.stderr
-    proc = cli("submit", "a fox", "--model", "sd9", "--redis", redis_url, "--json")
+    proc = run_cli("submit", "a fox", "--model", "sd9", "--redis", redis_url, "--json")
     assert proc.returncode == 1
     out = one_json(proc)
     assert out["ok"] is False and "known models" in out["error"]
@@ -57,47 +40,47 @@ def test_invalid_submit_is_one_clear_line_and_enqueues_nothing(redis_url, store,
 
 
 def test_unreachable_redis_names_the_url():
-    proc = cli("status", "--redis", "redis://:hunter2@127.0.0.1:1/0")
+    proc = run_cli("status", "--redis", "redis://:hunter2@127.0.0.1:1/0")
     assert proc.returncode == 1
     assert "127.0.0.1:1" in proc.stderr and "hunter2" not in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_no_farm_found_says_how_to_start_one(tmp_path):
-    proc = cli("status", "--data-dir", str(tmp_path))
+    proc = run_cli("status", "--data-dir", str(tmp_path))
     assert proc.returncode == 1 and "renderfarm up" in proc.stderr
 
 
 def test_submit_status_cancel_against_a_farm(farm, tmp_path):
     url = farm.redis_url
-    proc = cli("submit", "a lighthouse", "--model", "tiny-sd15", "--size", "64x64", "--steps", "2",
+    proc = run_cli("submit", "a lighthouse", "--model", "tiny-sd15", "--size", "64x64", "--steps", "2",
                "--count", "2", "--seed", "5", "--out", str(tmp_path), "--redis", url, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = one_json(proc)
     assert out["done"] == 2 and len(out["images"]) == 2
     assert all(Path(p).exists() for p in out["images"])
 
-    proc = cli("status", *out["jobs"], "--redis", url, "--json")
+    proc = run_cli("status", *out["jobs"], "--redis", url, "--json")
     rows = one_json(proc)["jobs"]
     assert [r["state"] for r in rows] == ["done", "done"]
     assert all(r["timings"]["denoise_s_per_step"] > 0 for r in rows)
 
-    proc = cli("submit", "slow", "--model", "tiny-sd15", "--size", "512x512", "--steps", "50", "--count", "6",
+    proc = run_cli("submit", "slow", "--model", "tiny-sd15", "--size", "512x512", "--steps", "50", "--count", "6",
                "--redis", url, "--no-wait", "--json")
     ids = one_json(proc)["jobs"]
-    proc = cli("cancel", *ids, "--redis", url, "--json")
+    proc = run_cli("cancel", *ids, "--redis", url, "--json")
     outcome = one_json(proc)["jobs"]
     assert set(outcome) == set(ids)
     assert all(v.startswith(("cancelled", "not cancelled: already done")) for v in outcome.values())
 
-    proc = cli("status", "--redis", url, "--json")
+    proc = run_cli("status", "--redis", url, "--json")
     status = one_json(proc)
     assert {n["name"] for n in status["nodes"]} == {"big", "small"}
     assert status["counts"]["cancelled"] >= 1
 
 
 def test_demo_with_an_existing_redis_leaves_its_state_there(redis_url, store, tmp_path):
-    proc = cli("demo", "--json", "--jobs", "4", "--redis", redis_url, "--out", str(tmp_path), cwd=tmp_path)
+    proc = run_cli("demo", "--json", "--jobs", "4", "--redis", redis_url, "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert one_json(proc)["done"] == 4
     assert store.counts()["done"] == 4

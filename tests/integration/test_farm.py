@@ -9,6 +9,7 @@ from renderfarm.client import FarmClient, SpecError
 from renderfarm.infotext import parse_a1111_parameters
 from renderfarm.jobs import JobState
 from renderfarm.planning.catalog import Catalog
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -167,20 +168,17 @@ def test_nodes_record_what_they_measure_and_the_scheduler_learns_it(client, farm
 
 
 def test_a_draining_node_takes_nothing_new_until_undrained(client, farm):
-    import time
-
     from renderfarm.cli import main
 
     assert main(["drain", "small", "--redis", farm.redis_url, "--json"]) == 0
     try:
-        time.sleep(farm.settings.eta_seconds + 0.5)  # the scheduler re-reads node records at that cadence
-        assert farm.scheduler_stats()["workers"]["small"]["draining"] is True
+        # The scheduler re-reads node records every eta_seconds.
+        wait_until(lambda: farm.scheduler_stats()["workers"]["small"]["draining"] is True, 30, "the drain")
         finished = client.wait(client.submit_batch(specs(6)), timeout=300)
         assert {job.node for job in finished} == {"big"}
     finally:
         assert main(["drain", "small", "--undo", "--redis", farm.redis_url, "--json"]) == 0
-    time.sleep(farm.settings.eta_seconds + 0.5)
-    assert farm.scheduler_stats()["workers"]["small"]["draining"] is False
+    wait_until(lambda: farm.scheduler_stats()["workers"]["small"]["draining"] is False, 30, "the undrain")
     assert main(["drain", "nobody", "--redis", farm.redis_url, "--json"]) == 1
 
 

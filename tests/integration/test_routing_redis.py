@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from renderfarm.client import FarmClient, SpecError
-from renderfarm.cluster.keys import Keys
+from renderfarm.cluster.keys import Keys, peak_field
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect
 from renderfarm.cluster.store import Store
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.devices import device_from_spec
-from renderfarm.cluster.keys import peak_field
 from renderfarm.planning.measured import MEASURED_MARGIN_GIB
 from renderfarm.planning.measured import snapshot as measured_snapshot
 from renderfarm.planning.profiles import VaeMode, ladder
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -238,14 +235,6 @@ def make_scheduler(redis_url, settings, prefix):
     return sched
 
 
-def cli(*args, timeout=60):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RENDERFARM_REDIS_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "renderfarm.cli", *args], capture_output=True, text=True, env=env, timeout=timeout,
-    )
-
-
 def test_scheduler_publishes_fair_positions_and_etas(redis_url, redis_client, models_file, tmp_path):
     # The CLI reads the default prefix, so this test writes there and flushes what it wrote at the end.
     prefix = "rf"
@@ -284,7 +273,7 @@ def test_scheduler_publishes_fair_positions_and_etas(redis_url, redis_client, mo
 
         # `renderfarm status JOB --json` shows the published place and ETA.
         probe = b_ids[0]
-        proc = cli("status", probe, "--json", "--redis", redis_url)
+        proc = run_cli("status", probe, "--json", "--redis", redis_url)
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines = proc.stdout.splitlines()
         assert len(lines) == 1, proc.stdout

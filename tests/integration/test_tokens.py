@@ -6,9 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from renderfarm.cluster.auth import AuthError
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
+from tests.helpers import one_json, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -183,57 +181,41 @@ def test_revoked_token_stops_at_once(redis_url, tokens, redis_client):
 # --- the CLI ----------------------------------------------------------------------------------------------------
 
 
-def cli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RENDERFARM_REDIS_URL", None)
-    env.pop("RENDERFARM_TOKEN", None)
-    if token:
-        env["RENDERFARM_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "renderfarm.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
-
-
-def one_json(proc: subprocess.CompletedProcess[str]) -> dict:
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 1, (proc.stdout, proc.stderr[-2000:])
-    return json.loads(lines[0])
-
-
 def test_cli_tokens(redis_url, redis_client):
-    proc = cli("token", "create", "design", "--redis", redis_url)
+    proc = run_cli("token", "create", "design", "--redis", redis_url)
     assert proc.returncode == 1 and "first token must be an admin token" in proc.stderr
 
-    proc = cli("token", "create", "ops", "--admin", "--label", "operator", "--redis", redis_url)
+    proc = run_cli("token", "create", "ops", "--admin", "--label", "operator", "--redis", redis_url)
     assert proc.returncode == 0, proc.stderr
     admin = proc.stdout.strip()  # the token alone on stdout, a note on stderr
     assert auth.lookup(redis_client, KEYS, admin).admin and "shown only now" in proc.stderr
 
-    proc = cli("token", "create", "design", "--redis", redis_url, "--json")
+    proc = run_cli("token", "create", "design", "--redis", redis_url, "--json")
     assert proc.returncode == 1 and "admin token" in one_json(proc)["error"]
-    out = one_json(cli("token", "create", "design", "--redis", redis_url, "--json", "--token", admin))
+    out = one_json(run_cli("token", "create", "design", "--redis", redis_url, "--json", "--token", admin))
     design = out["token"]
     assert out["team"] == "design" and out["admin"] is False and len(out["digest"]) == 12
 
-    proc = cli("token", "list", "--redis", redis_url, "--json", token=admin)
+    proc = run_cli("token", "list", "--redis", redis_url, "--json", token=admin)
     listed = one_json(proc)
     assert [(r["team"], r["admin"]) for r in listed["tokens"]] == [("ops", True), ("design", False)]
     assert admin not in proc.stdout and design not in proc.stdout
-    assert cli("token", "list", "--redis", redis_url, token=design).returncode == 1
+    assert run_cli("token", "list", "--redis", redis_url, token=design).returncode == 1
 
     job_id = FarmClient(redis_url, token=admin).submit({**SPEC, "team": "research"})
-    proc = cli("status", "--redis", redis_url)
+    proc = run_cli("status", "--redis", redis_url)
     assert proc.returncode == 1 and "requires a team token" in proc.stderr and "Traceback" not in proc.stderr
-    assert cli("status", "--redis", redis_url, token=design).returncode == 0
-    proc = cli("status", job_id, "--redis", redis_url, token=design)
+    assert run_cli("status", "--redis", redis_url, token=design).returncode == 0
+    proc = run_cli("status", job_id, "--redis", redis_url, token=design)
     assert proc.returncode == 1 and "belongs to team 'research'" in proc.stderr
-    out = one_json(cli("cancel", job_id, "--redis", redis_url, "--json", "--token", design))
+    out = one_json(run_cli("cancel", job_id, "--redis", redis_url, "--json", "--token", design))
     assert out["jobs"] == {job_id: "not cancelled: belongs to team research"}
-    proc = cli("drain", "node-a", "--redis", redis_url, token=design)
+    proc = run_cli("drain", "node-a", "--redis", redis_url, token=design)
     assert proc.returncode == 1 and "needs an admin token" in proc.stderr
 
-    out = one_json(cli("token", "revoke", listed["tokens"][1]["digest"], "--redis", redis_url, "--json", token=admin))
+    out = one_json(run_cli("token", "revoke", listed["tokens"][1]["digest"], "--redis", redis_url, "--json", token=admin))
     assert out["revoked"]["team"] == "design" and out["token_mode"] is True
-    proc = cli("status", "--redis", redis_url, token=design)
+    proc = run_cli("status", "--redis", redis_url, token=design)
     assert proc.returncode == 1 and "not valid" in proc.stderr
 
 

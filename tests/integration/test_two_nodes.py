@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from renderfarm.client import FarmClient
-from renderfarm.config import NodeDeclaration, Settings
+from renderfarm.config import Settings, two_card_nodes
 from renderfarm.farm import Farm, node_resource
 from renderfarm.jobs import JobState
 from renderfarm.planning.catalog import default_catalog
@@ -25,8 +25,7 @@ from renderfarm.planning.profiles import VaeMode, ladder
 
 pytestmark = pytest.mark.integration
 
-BIG = NodeDeclaration(name="big", vram_gib=24, compute_capability="7.5", gpu="Quadro RTX 6000")
-SMALL = NodeDeclaration(name="small", vram_gib=8, compute_capability="8.6", gpu="GeForce RTX 3070")
+BIG, SMALL = two_card_nodes(big="big", small="small")
 FAST = {"heartbeat_seconds": 0.5, "lease_seconds": 5.0, "eta_seconds": 0.5, "max_batch": 4}
 
 

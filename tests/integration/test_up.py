@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from renderfarm.cluster.processes import all_pids, read_proc
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,5 @@ def test_up_serves_submit_and_stops_cleanly_on_ctrl_c(tmp_path):
             raise
     assert up.returncode == 0, up.stderr.read()[-2000:]
     assert not (data_dir / "farm.json").exists()
-    time.sleep(1)
-    assert not Path(f"/proc/{info['redis_pid']}").exists(), "redis-server left running"
+    wait_until(lambda: not Path(f"/proc/{info['redis_pid']}").exists(), 10, "redis-server to exit")
     assert not _pids_mentioning(info["ray_temp_dir"]), "Ray processes left running"

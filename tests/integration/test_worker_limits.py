@@ -12,6 +12,7 @@ import pytest
 from renderfarm.actors.worker import RenderWorker
 from renderfarm.config import Settings
 from renderfarm.jobs import Job, JobSpec, JobState
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -56,9 +57,10 @@ def test_a_cancel_stops_a_render_in_progress_and_the_lease_is_renewed_meanwhile(
         while store.state(job_id) is not JobState.RUNNING and time.monotonic() < deadline:
             time.sleep(0.01)
         first = store.redis.zscore(store.keys.index(JobState.RUNNING), job_id)
-        time.sleep(0.5)  # several heartbeats: the running lease (1 s) moves forward
+        # A heartbeat moves the running lease (1 s) forward, and it does not expire mid-render.
+        wait_until(lambda: (store.redis.zscore(store.keys.index(JobState.RUNNING), job_id) or 0) > first, 10,
+                   "a lease renewal")
         assert store.state(job_id) is JobState.RUNNING, "a renewed lease does not expire mid-render"
-        assert store.redis.zscore(store.keys.index(JobState.RUNNING), job_id) > first
         store.cancel(job_id)
         thread.join(timeout=60)
     finally:

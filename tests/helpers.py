@@ -1,0 +1,44 @@
+"""What several test modules share: running the `renderfarm` command in a child process, reading its --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args: str, cwd=None, token: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m renderfarm.cli ARGS` in a child process, offline, with no farm URL or team token inherited
+    from the environment (a test passes --redis and `token` itself)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RENDERFARM_REDIS_URL", None)
+    env.pop("RENDERFARM_TOKEN", None)
+    if token:
+        env["RENDERFARM_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "renderfarm.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
+        timeout=timeout,
+    )
+
+
+def one_json(proc: subprocess.CompletedProcess[str]) -> dict:
+    """The one JSON object a --json command prints on stdout (anything else there fails the test)."""
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, f"--json must print exactly one line, got: {proc.stdout!r} / {proc.stderr[-2000:]}"
+    return json.loads(lines[0])
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy (returned), or fail naming `what` after `timeout` s:
+    a test waits for the event it needs, never for a fixed time that is too short on a busy machine."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(interval)
