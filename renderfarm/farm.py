@@ -79,7 +79,7 @@ def card_labels(nodes: list[dict[str, Any]]) -> dict[str, str]:
 def node_plan(declared: list[NodeDeclaration] | None, settings: Settings) -> list[dict[str, Any]]:
     """One worker per local GPU (with the overrides of a declared entry of its name); without GPUs, one
     simulated worker per declared node."""
-    from renderfarm.cluster.ray_cluster import gpu_count
+    from renderfarm.cluster.gpus import gpu_count
 
     gpus = gpu_count()
     if gpus and not any(d.vram_gib is not None for d in declared or ()):

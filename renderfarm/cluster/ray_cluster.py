@@ -5,7 +5,6 @@ what was started. Ray allows one driver per process, so one RayCluster is connec
 This module imports no actor code and no torch: it only owns the Ray runtime. Its two traps live in their own
 modules: the `ray start` processes, their private temp dir and explicit addresses in `ray_processes`
 (stale addresses), and the RAY_AUTH_* variables of every process in `ray_auth` (token authentication).
-`gpu_count` (this process's GPUs, `gpus`) is re-exported here for the callers that import it from here.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from typing import Any
 import ray
 
 from renderfarm.cluster import ray_auth
-from renderfarm.cluster.gpus import gpu_count
 from renderfarm.cluster.ray_processes import (
     HEAD_LOG,
     NODE_LOG,
@@ -42,7 +40,7 @@ from renderfarm.cluster.ray_processes import (
     write_token,
 )
 
-__all__ = ["RayCluster", "RayNode", "gpu_count"]
+__all__ = ["RayCluster", "RayNode"]
 
 # The one Ray namespace of every driver of a farm: the scheduler (started by the head's driver) finds the
 # workers of `renderfarm worker` drivers by actor name, and Ray looks names up within a namespace only.

@@ -244,7 +244,6 @@ def connect(
             decode_responses=decode_responses,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            **({"retry": retry} if retry is not None else {}),
         )
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL {redact(url)}: {_scrub(str(exc), url)}") from None
@@ -264,6 +263,8 @@ def connect(
         except BaseException:
             client.close()
             raise
+    if retry is not None:  # only now: an unreachable server is reported at once, not after the retries
+        client.set_retry(retry)
     return client
 
 

@@ -13,7 +13,7 @@ A discrete-event simulation, deterministic for a given cluster and trace (no clo
 - a job that fits no node of the cluster is rejected up front (every policy), and reported.
 
 Policies:
-- `renderfarm`: the live scheduler's round (scheduler.py): on every arrival and every finished job, the
+- `renderfarm`: the live scheduler's round (scheduler/dispatch.py): on every arrival and every finished job, the
   queue in fair order (fairness.FairShare) goes through placement.plan_dispatch, with each node's backlog in
   seconds as the scheduler estimates it and WORKER_QUEUE_DEPTH batches per node at most; a job waits for
   its best node when that node is full. One job per batch (no coalescing), so that the lower bound, which

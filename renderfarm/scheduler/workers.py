@@ -19,7 +19,6 @@ from renderfarm.planning.devices import Device, device_from_record
 class Worker:
     name: str
     handle: Any  # handle.WorkerHandle (None in tests that never call a worker)
-    vram_gib: float
     loaded: set[str]
     device: Device | None = None  # its card, for fit checks
     alive: bool = True
@@ -49,7 +48,7 @@ def worker_from_info(name: str, handle: Any, info: dict[str, Any]) -> Worker:
     forbid = info.get("forbid_models")
     max_batch = info.get("max_batch")
     return Worker(
-        name, handle, float(info.get("vram_gib") or 0), set(info.get("loaded") or []), device_from_record(info),
+        name, handle, set(info.get("loaded") or []), device_from_record(info),
         pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
         forbidden=frozenset(m for m in forbid if isinstance(m, str)) if isinstance(forbid, list) else frozenset(),
         max_batch=max_batch if isinstance(max_batch, int) and max_batch >= 1 else None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from renderfarm.cluster import gpus, ray_cluster
+from renderfarm.cluster import gpus
 from renderfarm.cluster.gpus import gpu_count
 
 
@@ -35,9 +35,3 @@ def test_gpu_count_falls_back_to_nvidia_smi(tmp_path: Path, monkeypatch: pytest.
     assert gpu_count() == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert gpu_count() == 1
-
-
-def test_ray_cluster_re_exports_gpu_count() -> None:
-    # farm.node_plan imports it from ray_cluster (where tests/unit/test_node_overrides.py replaces it).
-    assert ray_cluster.gpu_count is gpu_count
-

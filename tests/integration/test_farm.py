@@ -9,6 +9,7 @@ from renderfarm.client import FarmClient, SpecError
 from renderfarm.infotext import parse_a1111_parameters
 from renderfarm.jobs import JobState
 from renderfarm.planning.catalog import Catalog
+from renderfarm.planning.measured import snapshot
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
@@ -153,7 +154,7 @@ def test_nodes_record_what_they_measure_and_the_scheduler_learns_it(client, farm
     bucket, batch) and a measured speed (per node) in Redis, and the scheduler reads them back."""
     ids = client.submit_batch(specs(6, width=64))
     finished = client.wait(ids, timeout=300)
-    measured, bad = client.store.measurements()
+    measured, bad = snapshot(client.store.calibration_records())
     assert bad == []
     for job in finished:
         batch = int(job.timings["batch_size"])  # jobs of one image each here

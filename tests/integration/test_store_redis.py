@@ -179,3 +179,23 @@ def test_the_store_leaves_its_clients_retry_policy_alone(redis_url):
         assert client.get_connection_kwargs()["retry"].get_retries() == 2
     finally:
         client.close()
+
+
+def test_settings_give_a_client_the_farm_retry_policy_after_it_connects(redis_url):
+    """RedisSettings.client(): an unreachable server is reported at once (the PING is not retried), and a
+    connected client rides out a restart (its commands are retried)."""
+    import time
+
+    from renderfarm.cluster.redis_settings import RETRY_ATTEMPTS, RedisSettings
+    from renderfarm.cluster.processes import free_port
+    from renderfarm.errors import RedisUnavailable
+
+    client = RedisSettings.from_url(redis_url).client()
+    try:
+        assert client.get_connection_kwargs()["retry"].get_retries() == RETRY_ATTEMPTS
+    finally:
+        client.close()
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable):
+        RedisSettings.from_url(f"redis://127.0.0.1:{free_port()}/0").client()
+    assert time.monotonic() - started < 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import renderfarm.cluster.ray_cluster as ray_cluster
+import renderfarm.cluster.gpus as gpus
 from renderfarm.config import ConfigError, NodeDeclaration, Settings, load_nodes
 from renderfarm.farm import FarmError, card_labels, node_plan
 from renderfarm.planning.fit import JobShape, NodeView, why_nothing_fits
@@ -49,7 +49,7 @@ def test_declarations_validate_overrides(tmp_path):
 
 
 def test_node_plan_gives_local_gpus_the_overrides_of_their_entry(monkeypatch):
-    monkeypatch.setattr(ray_cluster, "gpu_count", lambda: 2)
+    monkeypatch.setattr(gpus, "gpu_count", lambda: 2)
     monkeypatch.setattr("socket.gethostname", lambda: "render07.studio")
     overrides = [NodeDeclaration(name="render07-gpu1", reserve_gib=2, forbid_models=("flux-dev",), max_batch=2)]
     plan = node_plan(overrides, Settings())
@@ -59,7 +59,7 @@ def test_node_plan_gives_local_gpus_the_overrides_of_their_entry(monkeypatch):
 
 
 def test_node_plan_on_a_cpu_machine_needs_declared_cards(monkeypatch):
-    monkeypatch.setattr(ray_cluster, "gpu_count", lambda: 0)
+    monkeypatch.setattr(gpus, "gpu_count", lambda: 0)
     with pytest.raises(FarmError, match="node x: a simulated node needs vram_gib"):
         node_plan([NodeDeclaration(name="x")], Settings())
     plan = node_plan([NodeDeclaration(name="x", vram_gib=8, gpu="GeForce RTX 3070")], Settings())
