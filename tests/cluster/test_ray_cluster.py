@@ -7,12 +7,10 @@ the class-scoped cluster is stopped before the tests after the class start their
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,15 +58,6 @@ def _assert_nothing_left(temp_dir: Path) -> None:
 @ray.remote(num_cpus=1)
 def _add_one(x: int) -> int:
     return x + 1
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="rfray-t-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="class")
