@@ -5,12 +5,13 @@ second node's process mid-render sends its jobs to the head."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -22,6 +23,7 @@ from renderfarm.jobs import JobState
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.devices import device_from_declaration
 from renderfarm.planning.profiles import VaeMode, ladder
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +47,6 @@ def measured_peak(store, model: str, size: int, gib: float) -> None:
         store.record_measurement("big", model, name, size, size, 1, peak_gib=gib, s_per_step=None)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_head(tmp_path):
     settings = Settings(data_dir=tmp_path / "head", **FAST)
     with Farm(settings, [BIG], head=True, warm_models=["tiny-sd15"], log_to_driver=False) as farm:
@@ -68,6 +60,7 @@ def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_TOKEN": farm.ray_token}
         env.pop("RAY_ADDRESS", None)
         log = open(tmp_path / "worker.log", "wb")
+        ray_dirs_before = set(glob.glob("/tmp/rfray-*"))
         worker = subprocess.Popen(
             [sys.executable, "-m", "renderfarm.cli", "worker", "--address", farm.ray_address_in_use,
              "--redis", farm.redis_url, "--nodes", str(nodes_file), "--data-dir", str(tmp_path / "w"), "--json",
@@ -80,7 +73,7 @@ def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_
             joined = json.loads(line)
             assert joined["ok"] and [n["name"] for n in joined["nodes"]] == ["small"]
             # The scheduler adopts it from its Redis record: no restart of anything.
-            wait_for(lambda: farm.scheduler_stats()["workers"].get("small", {}).get("alive"), 60, "small to join")
+            wait_until(lambda: farm.scheduler_stats()["workers"].get("small", {}).get("alive"), 60, "small to join")
             # The second Ray node advertises its card.
             ray_node = next(n for n in farm._ray.nodes() if n.alive and node_resource("small") in n.resources)
             assert ray_node.labels["renderfarm.io/vram-gib"] == "8"
@@ -102,9 +95,9 @@ def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_
             # Kill the second machine's process while it renders: its jobs finish on the head. (The head is
             # drained while the batch is sent, so the second node surely holds some of it.)
             client.store.set_draining("big", True)
-            wait_for(lambda: farm.scheduler_stats()["workers"]["big"]["draining"], 30, "big to drain")
+            wait_until(lambda: farm.scheduler_stats()["workers"]["big"]["draining"], 30, "big to drain")
             slow = client.submit_batch([job(100 + i, 128, steps=30) for i in range(16)])
-            victims = wait_for(lambda: [j.id for j in client.jobs(slow)
+            victims = wait_until(lambda: [j.id for j in client.jobs(slow)
                                         if j.state is JobState.RUNNING and j.node == "small"], 120,
                                "a job running on small")
             client.store.set_draining("big", False)
@@ -113,9 +106,13 @@ def test_a_joined_machine_takes_work_by_fit_and_its_death_sends_its_jobs_to_the_
             done = {j.id: j for j in client.wait(slow, timeout=300)}
             assert all(j.state is JobState.DONE for j in done.values())
             assert all(done[i].node == "big" and done[i].attempts >= 2 for i in victims)
-            wait_for(lambda: farm.scheduler_stats()["workers"]["small"]["alive"] is False, 60, "small marked dead")
+            wait_until(lambda: farm.scheduler_stats()["workers"]["small"]["alive"] is False, 60, "small marked dead")
         finally:
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait(timeout=30)
             log.close()
+            # A machine killed outright cannot remove its Ray temp dir (its processes died with it): the
+            # test does, as an operator would.
+            for leftover in set(glob.glob("/tmp/rfray-*")) - ray_dirs_before - {farm.ray_temp_dir}:
+                shutil.rmtree(leftover, ignore_errors=True)
