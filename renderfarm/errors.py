@@ -13,7 +13,7 @@ from __future__ import annotations
 __all__ = [
     "AuthError", "CliError", "ConfigError", "CorruptRecord", "DoesNotFit", "FarmError", "InsecureRedis",
     "JobNotFound", "ModelSourceError", "RedisUnavailable", "RenderfarmError", "ResultUnavailable", "SpecError",
-    "SpecFileError", "UnknownModelError",
+    "SpecFileError", "UnknownModelError", "UnsupportedFamily",
     "UsageError", "WaitTimeout",
 ]
 
@@ -100,6 +100,11 @@ class WaitTimeout(RenderfarmError, TimeoutError):
 
 class ModelSourceError(RenderfarmError, OSError):
     """A model's weights are absent or unreadable on a node: the job's fault, never the node's."""
+
+
+class UnsupportedFamily(RenderfarmError, ValueError):
+    """No worker renders this model's family (the catalog may list a family for planning only): the job's
+    fault, never the node's."""
 
 
 class DoesNotFit(RenderfarmError, RuntimeError):

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from renderfarm.errors import UnsupportedFamily
 from renderfarm.infotext import sampler_name, schedule_type
 from renderfarm.planning.catalog import ModelEntry
 
@@ -266,8 +267,8 @@ def family_named(name: str) -> Family:
 def family_for(entry: ModelEntry) -> Family:
     """The family a catalog model renders with."""
     family = FAMILIES.get(entry.family.name)
-    if family is None:
-        raise ValueError(
+    if family is None:  # a job fault (renderfarm/faults.py): no node renders it
+        raise UnsupportedFamily(
             f"model {entry.name!r}: the workers do not know how to render family {entry.family.name!r} "
             f"(known: {', '.join(FAMILIES)})"
         )

@@ -35,7 +35,7 @@ from renderfarm.actors.families import Family, family_for, get_module_execution_
 from renderfarm.actors.gguf_standins import ensure_standin_gguf
 from renderfarm.actors.quantize import torch_dtype
 from renderfarm.actors.standins import ensure_standin
-from renderfarm.errors import ModelSourceError
+from renderfarm.errors import ModelSourceError, UnsupportedFamily
 from renderfarm.planning.catalog import ModelEntry
 from renderfarm.planning.profiles import (
     Placement,
@@ -55,6 +55,34 @@ def resolve_source(entry: ModelEntry, cache_dir: Path | None = None) -> str:
     if not entry.source:
         raise ModelSourceError(f"model {entry.name!r} has no source in the catalog")
     return entry.source
+
+
+def why_unloadable(entry: ModelEntry, cache_dir: Path | None = None) -> str | None:
+    """Why this node cannot load `entry`, None when it can as far as a look tells: no worker renders its
+    family, or its weights are not here (a local folder missing, a hub id absent from the local cache while the
+    hub is offline). Cheap: builds no stand-in, downloads nothing, loads nothing."""
+    try:
+        family_for(entry)
+    except UnsupportedFamily as exc:
+        return f"family not supported: {exc}"
+    if getattr(diffusers, entry.family.pipeline, None) is None:
+        return f"family not supported: diffusers {diffusers.__version__} has no {entry.family.pipeline}"
+    if entry.standin:
+        return None
+    if not entry.source:
+        return f"weights not found on this node: model {entry.name!r} has no source in the catalog"
+    if _is_local(entry.source):
+        try:
+            _checked_source(entry, cache_dir)
+        except ModelSourceError as exc:
+            return f"weights not found on this node: {exc}"
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(entry.source, "model_index.json"), str):
+        return (f"weights not found on this node: {entry.source!r} is not in its Hugging Face cache and the hub "
+                "is offline (HF_HUB_OFFLINE)")
+    return None
 
 
 def _dtype_kwarg() -> str:
@@ -124,7 +152,7 @@ def load_pipeline(
     """
     pipeline_cls = getattr(diffusers, entry.family.pipeline, None)
     if pipeline_cls is None:
-        raise ValueError(
+        raise UnsupportedFamily(
             f"model {entry.name!r}: diffusers {diffusers.__version__} has no pipeline class "
             f"{entry.family.pipeline!r}"
         )

@@ -29,6 +29,7 @@ from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
+from renderfarm.faults import Fault, classify
 from renderfarm.jobs import Job
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.choose import DEFAULT_MARGIN_GIB, choose_profile, next_rung, next_rung_for_host
@@ -63,6 +64,7 @@ class RenderWorker:
         transformers.utils.logging.disable_progress_bar()
 
         from renderfarm.actors.hardware import host_memory, probe_device
+        from renderfarm.actors.loading import why_unloadable
         from renderfarm.actors.standins import default_cache_dir
 
         # What this machine has; the free disk where disk offload writes its blocks (the cache folder).
@@ -97,6 +99,12 @@ class RenderWorker:
             "card": self.card.as_dict(),
             "farm_settings": farm_wide(self.settings),  # what it renews leases and times renders with
         }
+        # Which models of the catalog this node can load, and why not the others: the client refuses at
+        # submit a model no node can load (client.py), rather than letting each node fail it in turn.
+        entries = [self.catalog.get(model) for model in self.catalog.names()]
+        unloadable = {e.name: why for e in entries if (why := why_unloadable(e, self.settings.cache_dir))}
+        self.node["loadable"] = [e.name for e in entries if e.name not in unloadable]
+        self.node["unloadable"] = unloadable
         self.stats: dict[str, Any] = {
             "jobs_done": 0,
             "jobs_failed": 0,
@@ -150,7 +158,19 @@ class RenderWorker:
         return choice.chosen
 
     def render(self, job_ids: list[str]) -> dict[str, Any]:
-        """Render leased, compatible jobs in one pipeline call. Returns {"done", "lost", "errors"}."""
+        """Render leased, compatible jobs in one pipeline call. Returns {"done", "lost", "errors"} and, when
+        there are errors, "fault": whose fault they are (renderfarm/faults.py), which the scheduler acts on."""
+        try:
+            return self._render(job_ids)
+        except Exception as exc:  # Redis lost while starting or completing the jobs: nobody's fault
+            if classify(exc) is not Fault.OUTAGE:
+                raise
+            log.error("node %s: batch %s: Redis unreachable: %s", self.name, job_ids, exc)
+            self._holding, self.state = [], "idle"
+            return {"done": [], "lost": [], "errors": dict.fromkeys(job_ids, f"{type(exc).__name__}: {exc}"),
+                    "fault": Fault.OUTAGE.value}
+
+    def _render(self, job_ids: list[str]) -> dict[str, Any]:
         from renderfarm.actors.pipelines import RenderInterrupted, RenderRequest
 
         summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
@@ -207,16 +227,22 @@ class RenderWorker:
             else:
                 log.error("node %s: batch %s %s", self.name, job_ids, exc)
                 summary["errors"] = {job.id: str(exc) for job in jobs}
+                summary["fault"] = Fault.NODE.value
                 self.stats["jobs_failed"] += len(jobs)
                 self.stats["stopped_timeout"] += 1
                 self.store.count("timeouts", len(jobs))
             self.state = "idle"
             self._publish()
             return summary
-        except Exception as exc:  # a broken model or render: report, let the scheduler retry or fail
-            log.exception("node %s: batch %s failed", self.name, job_ids)
+        except Exception as exc:  # a broken model or render: report whose fault, the scheduler retries or fails
+            fault = classify(exc)
+            if fault is Fault.NODE:
+                log.exception("node %s: batch %s failed", self.name, job_ids)
+            else:
+                log.error("node %s: batch %s failed (%s fault): %s", self.name, job_ids, fault.value, exc)
             message = f"{type(exc).__name__}: {exc}"
             summary["errors"] = {job.id: message for job in jobs}
+            summary["fault"] = fault.value
             summary["traceback"] = traceback.format_exc(limit=5)
             self.stats["jobs_failed"] += len(jobs)
             self.state = "idle"

@@ -11,18 +11,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
+
+from renderfarm.faults import Fault, classify
 
 RESULT_TIMEOUT_S = 5.0  # a finished batch's summary is small: longer means the call itself is in trouble
 
 
 @dataclass(frozen=True)
 class BatchOutcome:
-    """How a batch call ended: exactly one field is set."""
+    """How a batch call ended: exactly one of summary, died and error is set (`fault` goes with `error`)."""
 
     summary: dict[str, Any] | None = None  # what the worker returned: {"done": [...], "errors": {job: why}}
     died: str | None = None  # the worker's process died (Ray's words)
     error: str | None = None  # the call failed otherwise ("ExceptionName: message")
+    fault: Fault = Fault.NODE  # whose fault that error is (renderfarm/faults.py)
 
 
 class WorkerHandle:
@@ -53,7 +56,9 @@ class RayCalls:
         """How a finished batch ended."""
         try:
             return BatchOutcome(summary=ray.get(ref, timeout=RESULT_TIMEOUT_S))
+        except ActorUnavailableError as exc:  # unreachable for now, not dead: an outage, nobody's fault
+            return BatchOutcome(error=f"{type(exc).__name__}: {exc}", fault=Fault.OUTAGE)
         except RayActorError as exc:
             return BatchOutcome(died=str(exc))
         except (RayError, GetTimeoutError) as exc:
-            return BatchOutcome(error=f"{type(exc).__name__}: {exc}")
+            return BatchOutcome(error=f"{type(exc).__name__}: {exc}", fault=classify(exc))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
+from renderfarm.faults import Fault, classify
 from renderfarm.jobs import JobState
 from renderfarm.scheduler.workers import Worker, WorkerTable, worker_from_info
 
@@ -48,6 +49,7 @@ class SchedulerState:
     workers: WorkerTable
     counters: dict[str, int]
     inflight: dict[Any, tuple[Worker, tuple[str, ...]]] = field(default_factory=dict)  # batch ref -> (worker, jobs)
+    charged: set[Any] = field(default_factory=set)  # batches in flight already counted as a node fault
 
     def has_room(self, worker: Worker) -> bool:
         return worker.has_room(self.settings.worker_queue_depth)
@@ -55,13 +57,15 @@ class SchedulerState:
     def any_room(self) -> bool:
         return any(self.has_room(w) for w in self.workers.values())
 
-    def retry(self, job_ids: tuple[str, ...], node: str, error: str, expired_only: bool = False) -> int:
-        """Requeue each job that still has attempts left, else fail it for good; how many moved."""
+    def retry(self, job_ids: tuple[str, ...], node: str, error: str, expired_only: bool = False,
+              outage: bool = False) -> int:
+        """Requeue each job that still has attempts left, else fail it for good; how many moved. After an
+        `outage` (renderfarm/faults.py) every job goes back: an unreachable Redis is not the job's fault."""
         moved = 0
         for job, job_id in zip(self.store.get_many(job_ids, quarantine=True), job_ids):
             if job is None or job.state.terminal or job.node != node:
                 continue
-            if job.attempts < self.settings.max_attempts:
+            if outage or job.attempts < self.settings.max_attempts:
                 if self.store.requeue(job_id, error, node=node, expired_only=expired_only):
                     self.counters["retried"] += 1
                     moved += 1
@@ -71,16 +75,30 @@ class SchedulerState:
                 moved += 1
         return moved
 
+    def fail_now(self, job_ids: tuple[str, ...], node: str, error: str) -> int:
+        """Fail each job at once, attempts left or not: a job fault (renderfarm/faults.py), which a retry on
+        another node cannot mend. No node is charged. How many failed."""
+        failed = 0
+        for job_id in job_ids:
+            if self.store.fail(job_id, f"{error} (not retried: the job's fault, not the node's)", node=node):
+                self.counters["failed"] += 1
+                self.counters["job_faults"] = self.counters.get("job_faults", 0) + 1
+                failed += 1
+        return failed
+
     def node_failed(self, worker: Worker, reason: str) -> None:
-        """One more failed batch in a row for `worker`; drain it at `drain_after_failures`."""
+        """One more node fault (a failed batch, counted once however many jobs it held) in a row for
+        `worker`; drain it at `drain_after_failures`, naming each of them."""
         worker.failures += 1
+        worker.fault_reasons = [*worker.fault_reasons, reason][-max(1, self.settings.drain_after_failures):]
         limit = self.settings.drain_after_failures
         if not limit or worker.failures < limit or worker.draining:
             return
-        why = f"drained automatically after {worker.failures} failed batches in a row; last: {reason}"
+        listed = "; ".join(f"{i}) {r[:200]}" for i, r in enumerate(worker.fault_reasons, 1))
+        why = f"drained automatically after {worker.failures} failed batches in a row (node faults): {listed}"
         log.error("node %s %s", worker.name, why)
         worker.draining = True
-        self.store.set_draining(worker.name, True, reason=why[:500])
+        self.store.set_draining(worker.name, True, reason=why[:1000])
         self.counters["auto_drained"] += 1
         # What it holds and has not started goes elsewhere now (it skips those jobs when it reaches them).
         for sent_to, job_ids in list(self.inflight.values()):
@@ -93,11 +111,23 @@ class SchedulerState:
 class LeaseManager:
     """Leases: a job leased to a node holds for `lease_seconds` past its last renewal. Every
     `heartbeat_seconds` this renews the leases of the batches sent (the node renews those it renders) and
-    reaps jobs whose lease expired (their holder died or hung)."""
+    reaps jobs whose lease expired (their holder died or hung).
+
+    An expired lease is a node fault counted once per batch, and only for a job the node had started (it
+    renews those itself; leased ones the scheduler renews, so their expiry is never the node's doing). A lease
+    that expired while this scheduler could not reach Redis (a round failed with an outage, or its Redis calls
+    or the loop stalled) is nobody's fault for `lease_seconds` after contact came back: the job is requeued
+    and no node is charged or made suspect."""
 
     def __init__(self, state: SchedulerState):
         self.state = state
         self.next_due = 0.0
+        self.last_contact: float | None = None  # when a lease round last reached Redis
+        self.outage_at = float("-inf")  # when this scheduler last found Redis unreachable or stalled
+
+    def stall_seconds(self) -> float:
+        """A gap between two lease rounds longer than `heartbeat_seconds` by this much is an outage."""
+        return max(1.0, self.state.settings.lease_seconds / 4)
 
     def recover(self) -> None:
         """Rebuild the view of jobs in flight from Redis. Leased jobs that no node started are put back in the
@@ -131,22 +161,48 @@ class LeaseManager:
         for worker, job_ids in state.inflight.values():
             if worker.alive and not worker.suspect:
                 held.setdefault(worker.name, []).extend(job_ids)
-        for name, job_ids in held.items():
-            store.renew(job_ids, name, settings.lease_seconds)
-        expired = store.expired()
-        for job_id, job in zip(expired, store.get_many(expired, quarantine=True)):
+        try:
+            for name, job_ids in held.items():
+                store.renew(job_ids, name, settings.lease_seconds)
+            expired = store.expired()
+            jobs = store.get_many(expired, quarantine=True)
+        except Exception as exc:
+            if classify(exc) is Fault.OUTAGE:
+                self.outage_at = time.time()
+            raise
+        contact = time.time()
+        if self.last_contact is not None and contact - self.last_contact > settings.heartbeat_seconds + \
+                self.stall_seconds():
+            self.outage_at = contact  # nobody could renew meanwhile, as far as this scheduler can tell
+        self.last_contact = contact
+        in_outage = contact - self.outage_at < settings.lease_seconds
+        state.charged &= set(state.inflight)
+        for job_id, job in zip(expired, jobs):
             if job is None or job.state not in (JobState.LEASED, JobState.RUNNING):
                 continue
             node = job.node or ""
             error = (f"lease expired on node {node}: nothing renewed it for {settings.lease_seconds:g} s"
                      " (the node died, hung or ran past its time limit)")
-            if state.retry((job_id,), node, error, expired_only=True):
-                state.counters["leases_expired"] += 1
-                store.count("leases_expired")
-                worker = state.workers.get(node)
-                if worker is not None:
-                    worker.suspect = True
-                    state.node_failed(worker, error)
+            if in_outage:
+                error = f"lease expired on node {node} while Redis was unreachable (nobody's fault)"
+            if not state.retry((job_id,), node, error, expired_only=True, outage=in_outage):
+                continue
+            state.counters["leases_expired"] += 1
+            store.count("leases_expired")
+            worker = state.workers.get(node)
+            if in_outage:
+                state.counters["leases_expired_in_outage"] = state.counters.get("leases_expired_in_outage", 0) + 1
+                continue
+            if worker is None:
+                continue
+            worker.suspect = True
+            if job.state is not JobState.RUNNING:
+                continue
+            batch = next((ref for ref, (sent_to, ids) in state.inflight.items()
+                          if sent_to is worker and job_id in ids), ("round", node))
+            if batch not in state.charged:  # one hung batch is one node fault, however many jobs it held
+                state.charged.add(batch)
+                state.node_failed(worker, error)
         for worker in state.workers.values():
             if worker.recovered:
                 jobs = store.get_many(sorted(worker.recovered), quarantine=True)
@@ -244,6 +300,8 @@ class BatchResults:
             # The next batch starts now: what is left is the estimate of the batches still sent.
             worker.busy_until = time.time() + sum(worker.estimates.values())
             outcome = self.calls.outcome(ref)
+            charged = ref in state.charged  # its lease expired and was counted already
+            state.charged.discard(ref)
             if outcome.died is not None:
                 worker.alive = False
                 state.counters["worker_deaths"] += 1
@@ -252,14 +310,24 @@ class BatchResults:
                 continue
             summary = outcome.summary
             if summary is None:  # the call failed (its error says how)
-                error = f"node {name}: {outcome.error}"
-                state.retry(job_ids, name, error)
-                state.node_failed(worker, error)
+                self._settle(worker, dict.fromkeys(job_ids, f"node {name}: {outcome.error}"), outcome.fault,
+                             charged)
                 continue
             worker.suspect = False  # it answers
-            for job_id, error in summary["errors"].items():
-                state.retry((job_id,), name, error)
             if summary["errors"]:
-                state.node_failed(worker, next(iter(summary["errors"].values())))
+                self._settle(worker, summary["errors"], Fault.parse(summary.get("fault")), charged)
             elif summary["done"]:
-                worker.failures = 0
+                worker.failures, worker.fault_reasons = 0, []
+
+    def _settle(self, worker: Worker, errors: dict[str, str], fault: Fault, charged: bool) -> None:
+        """A batch that failed, by whose fault (renderfarm/faults.py): the job's fails its jobs at once; the
+        node's retries them and counts one node fault (unless its expired lease was counted already); an
+        outage requeues them and blames nobody."""
+        state = self.state
+        for job_id, error in errors.items():
+            if fault is Fault.JOB:
+                state.fail_now((job_id,), worker.name, error)
+            else:
+                state.retry((job_id,), worker.name, error, outage=fault is Fault.OUTAGE)
+        if fault is Fault.NODE and not charged:
+            state.node_failed(worker, next(iter(errors.values())))

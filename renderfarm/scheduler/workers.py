@@ -24,7 +24,8 @@ class Worker:
     alive: bool = True
     draining: bool = False  # finishes what it holds, takes nothing new (`renderfarm drain`, the dashboard)
     suspect: bool = False  # a lease of its expired (hung?): no new work, no renewals, until a batch returns
-    failures: int = 0  # batches failed in a row
+    failures: int = 0  # batches failed in a row by the node's fault (renderfarm/faults.py)
+    fault_reasons: list[str] = field(default_factory=list)  # why each of those failed, oldest first
     inflight: int = 0  # batches sent and not yet returned
     recovered: set[str] = field(default_factory=set)  # jobs it was rendering when this scheduler started
     pid: int | None = None  # its process: a record with another pid is a new worker of the same name

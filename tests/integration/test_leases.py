@@ -102,8 +102,8 @@ def test_the_scheduler_reaps_expired_leases_and_fails_jobs_out_of_attempts(store
     store.register_node("n1", {"vram_gib": 8})
     sched = make_scheduler(redis_url, tmp_path, models_file, workers=["n1"], max_attempts=2, drain_after_failures=2)
     assert store.lease("once", "n1", -1) and store.start("once", "n1", -1)  # deadlines already past
-    for _ in range(2):  # "last" uses both of its attempts
-        assert store.lease("last", "n1", -1)
+    for _ in range(2):  # "last" uses both of its attempts (n1 started it: its lease was n1's to renew)
+        assert store.lease("last", "n1", -1) and store.start("last", "n1", -1)
         sched._next_maintenance = 0
         sched._maintain()
     once, last = store.get("once"), store.get("last")
