@@ -51,14 +51,20 @@ class JobRecords:
             fields["queue"] = self.keys.queue(job.spec.team, job.spec.priority)
             keys.append(self.keys.job(job.id))
             args += [job.id, fields["score"], json.dumps(fields)]
-        return [bool(flag) for flag in self._submit(keys=keys, args=args)]
+        created = self._submit(keys=keys, args=args)
+        if created and created[0] == b"corrupt":  # checked before any write: nothing was enqueued
+            raise CorruptRecord(f"batch {batch_id!r} not enqueued: {created[1].decode(errors='replace')}")
+        return [bool(flag) for flag in created]
 
     def get(self, job_id: str) -> Job:
-        raw = self.redis.hgetall(self.keys.job(job_id))
+        try:
+            raw = self.redis.hgetall(self.keys.job(job_id))
+        except redis.ResponseError as exc:  # WRONGTYPE: the job's key holds something else than a hash
+            raise CorruptRecord(f"job record {job_id!r} is not a hash: {exc}") from None
         if not raw:
-            reason = self.redis.hget(self.keys.quarantine, job_id)
+            reason = self.quarantine_reason(job_id)
             if reason is not None:
-                raise CorruptRecord(f"job {job_id!r} is quarantined: {quarantine_reason(reason)}")
+                raise CorruptRecord(f"job {job_id!r} is quarantined: {reason}")
             raise JobNotFound(job_id)
         return job_from_hash(raw)
 
@@ -70,8 +76,10 @@ class JobRecords:
         for job_id in ids:
             pipe.hgetall(self.keys.job(job_id))
         out: list[Job | None] = []
-        for job_id, raw in zip(ids, pipe.execute()):
+        for job_id, raw in zip(ids, pipe.execute(raise_on_error=False)):
             try:
+                if isinstance(raw, redis.ResponseError):  # WRONGTYPE: the key holds something else than a hash
+                    raise CorruptRecord(f"job record {job_id!r} is not a hash: {raw}")
                 out.append(job_from_hash(raw) if raw else None)
             except CorruptRecord as exc:
                 if not quarantine:
@@ -141,7 +149,9 @@ class JobRecords:
         Idempotent: each call carries an operation token (`op`, a fresh one by default), so a script that
         redis-py re-sends after a lost reply answers what its first run did (scripts/transition.lua).
         Raises JobNotFound, IllegalTransition (the move is not legal from the current state, or not one
-        of `allowed_from`), OwnershipLost (the job is no longer held by `expect_node`), or LeaseLive.
+        of `allowed_from`), OwnershipLost (the job is no longer held by `expect_node`), LeaseLive, or
+        CorruptRecord: the record cannot be moved as it stands (then it is quarantined, see `quarantine`), or a
+        farm key holds the wrong type. The script checks all that before it writes anything.
         """
         legal = sources_of(target)
         if allowed_from is not None:
@@ -166,9 +176,14 @@ class JobRecords:
             self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
             self.keys.queues,
         ]
-        status, current = (part.decode() for part in self._transition(keys=keys, args=args))
+        status, current = (part.decode(errors="replace") for part in self._transition(keys=keys, args=args))
         if status == "missing":
             raise JobNotFound(job_id)
+        if status == "corrupt":  # the script wrote nothing; taken aside whole, never lost half-way
+            self.quarantine(job_id, f"job record cannot move to {target.value}: {current}")
+            raise CorruptRecord(f"job {job_id!r} is quarantined: its record cannot move to {target.value}: {current}")
+        if status == "badkey":
+            raise CorruptRecord(f"job {job_id!r} not moved to {target.value}: {current}")
         if status == "state":
             raise IllegalTransition(job_id, current, target)
         if status == "node":
@@ -185,7 +200,7 @@ class JobRecords:
                 job_id, JobState.LEASED, score=f"+{float(lease_seconds)!r}", add_attempt=True,
                 fields={"node": node, "error": "", "run_deadline": ""},
             )
-        except (IllegalTransition, JobNotFound):
+        except (IllegalTransition, JobNotFound, CorruptRecord):
             return False
         return True
 
@@ -196,7 +211,7 @@ class JobRecords:
                 job_id, JobState.RUNNING, expect_node=node, score=f"+{float(lease_seconds)!r}",
                 fields={"started_at": time.time(), "run_deadline": ""},
             )
-        except (IllegalTransition, JobNotFound, OwnershipLost):
+        except (IllegalTransition, JobNotFound, OwnershipLost, CorruptRecord):
             return False
         return True
 
@@ -210,8 +225,14 @@ class JobRecords:
             return []
         keys = [self.keys.index(JobState.LEASED), self.keys.index(JobState.RUNNING),
                 *(self.keys.job(j) for j in job_ids)]
-        args = [node, repr(float(lease_seconds)), "" if timeout_seconds is None else repr(float(timeout_seconds))]
-        return [bool(flag) for flag in self._renew(keys=keys, args=args)]
+        args = [node, repr(float(lease_seconds)), "" if timeout_seconds is None else repr(float(timeout_seconds)),
+                *job_ids]
+        flags = self._renew(keys=keys, args=args)
+        for job_id, flag in zip(job_ids, flags):
+            if flag == -1:  # checked before any write: taken aside whole
+                self.quarantine(job_id, "its lease cannot be renewed: the record is not a hash, names another id, "
+                                        "or its run_deadline is not a number")
+        return [flag == 1 for flag in flags]
 
     def expired(self, limit: int = 1000) -> list[str]:
         """Leased or running jobs whose lease deadline has passed by Redis's clock (nobody renewed them)."""
@@ -245,6 +266,8 @@ class JobRecords:
         except (JobNotFound, OwnershipLost):
             self.count("late_results")
             return False
+        except CorruptRecord:  # quarantined (and counted) by `transition`
+            return False
         return True
 
     def fail(self, job_id: str, error: str, node: str | None = None, *, expired_only: bool = False) -> bool:
@@ -254,7 +277,7 @@ class JobRecords:
                 job_id, JobState.FAILED, expect_node=node, score=now, expired_only=expired_only,
                 fields={"finished_at": now, "error": error[:2000]},
             )
-        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive):
+        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive, CorruptRecord):
             return False
         return True
 
@@ -268,7 +291,7 @@ class JobRecords:
                 job_id, JobState.QUEUED, expect_node=node, allowed_from=allowed_from, expired_only=expired_only,
                 fields={"error": error[:2000], "node": "", "finished_at": "", "run_deadline": ""},
             )
-        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive):
+        except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive, CorruptRecord):
             return False
         return True
 
@@ -278,15 +301,23 @@ class JobRecords:
         now = time.time()
         return self.transition(job_id, JobState.CANCELLED, score=now, fields={"finished_at": now})
 
-    def quarantine(self, job_id: str, reason: str) -> None:
+    def quarantine(self, job_id: str, reason: str, *, only_if_missing: bool = False) -> bool:
         """Take `job_id` out of circulation because its record is malformed (or missing behind an index
-        entry): off every index and queue, its hash kept aside for a human, the reason recorded."""
-        log.error("job %s quarantined: %s", job_id, reason)
-        self._quarantine(
+        entry): off every index and queue, its hash kept aside for a human, the reason recorded. With
+        `only_if_missing`, nothing happens (False) if the job's record exists by the time the script runs."""
+        done = bool(self._quarantine(
             keys=[self.keys.job(job_id), self.keys.quarantined(job_id), self.keys.quarantine,
                   self.keys.metrics("counters"), *self.keys.all_indexes(), self.keys.queues],
-            args=[job_id, json.dumps({"reason": reason[:2000], "at": time.time()})],
-        )
+            args=[job_id, json.dumps({"reason": reason[:2000], "at": time.time()}), "1" if only_if_missing else "0"],
+        ))
+        if done:
+            log.error("job %s quarantined: %s", job_id, reason)
+        return done
+
+    def quarantine_reason(self, job_id: str) -> str | None:
+        """Why `job_id` was quarantined; None when it is not."""
+        raw = self.redis.hget(self.keys.quarantine, job_id)
+        return None if raw is None else quarantine_reason(raw)
 
     def quarantined(self) -> dict[str, str]:
         """Quarantined job id -> why."""

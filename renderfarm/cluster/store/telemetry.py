@@ -70,15 +70,20 @@ class Telemetry:
         self.redis.xadd(self.keys.samples, {"json": json.dumps(sample)}, maxlen=maxlen, approximate=True)
 
     def samples(self, count: int = 720) -> list[dict[str, Any]]:
-        """The last `count` samples, oldest first; an entry that does not parse is skipped."""
-        out = []
+        """The last `count` samples, oldest first; an entry that does not parse is skipped (and counted:
+        `malformed_sample`)."""
+        out, skipped = [], 0
         for _, fields in reversed(self.redis.xrevrange(self.keys.samples, count=count)):
             try:
                 value = json.loads(fields.get(b"json", b""))
-            except ValueError:
-                continue
+            except ValueError:  # not JSON, or not UTF-8
+                value = None
             if isinstance(value, dict) and isinstance(value.get("t"), (int, float)):
                 out.append(value)
+            else:
+                skipped += 1
+        if skipped:
+            self.count("malformed_sample", skipped)
         return out
 
     def finished_since(self, state: JobState, since: float) -> int:
@@ -92,7 +97,7 @@ class Telemetry:
         """What `node` measured rendering `batch` images of `model` at `width` x `height` with `profile`: the
         peak (kept as the highest seen for model, profile, size bucket and batch), the seconds per step and,
         when it loaded the model for this batch, the load time (both a moving average per node)."""
-        self._measure(
+        reply = self._measure(
             keys=[self.keys.calib_peaks, self.keys.calib_speeds, self.keys.calib_version],
             args=[
                 peak_field(model, profile, width, height, batch), "" if peak_gib is None else repr(float(peak_gib)),
@@ -102,6 +107,11 @@ class Telemetry:
                 repr(time.time()), node, profile, repr(MEASURE_ALPHA),
             ],
         )
+        if reply[0] == b"corrupt":  # checked before any write: nothing was recorded
+            self.count("malformed_calibration")
+            raise CorruptRecord(f"measurement of {model} on {node} not recorded: {reply[1].decode(errors='replace')}")
+        if reply[2]:  # a stored record that did not parse, replaced by this measurement
+            self.count("malformed_calibration", int(reply[2]))
 
     def measurements_version(self) -> int:
         return int(self.redis.get(self.keys.calib_version) or 0)

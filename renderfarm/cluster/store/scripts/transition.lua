@@ -7,7 +7,10 @@
 --         10 state names csv, 11 result ttl, 12 expired-only ('1': move only if the job's deadline in its
 --         current index has passed by the server's clock), 13 operation token ('' = none),
 --         14.. result blobs
--- Returns {status, current-state}: status is ok | missing | state | node | live.
+-- Returns {status, current-state}: status is ok | missing | state | node | live, or {status, why}: corrupt (the
+-- job's record cannot be moved as it stands: the Store quarantines it) | badkey (a farm key holds the wrong
+-- type: nobody's job is at fault). Redis does not roll a script back, so every check comes before the first
+-- write: a move that fails half-way (an id taken out of one index and never put in the next) loses a job.
 -- Idempotent by operation token: the job's hash keeps the token of the last move applied to it and the
 -- state it left (`op`, `op_from`). redis-py re-sends a script whose reply was lost on the way back; the
 -- re-run then finds its own token and answers what the first run did, instead of "illegal: already leased".
@@ -15,9 +18,22 @@ local function server_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
 end
+local function key_type(key) return redis.call('TYPE', key)['ok'] end
+local function holds(key, want) local t = key_type(key); return t == 'none' or t == want end
+local function integer(text) return not text or string.match(text, '^%-?%d+$') ~= nil end  -- HGET's nil is false
 local jkey = KEYS[1]
+local jtype = key_type(jkey)
+if jtype == 'none' then return {'missing', ''} end
+if jtype ~= 'hash' then return {'corrupt', 'its key holds a ' .. jtype .. ', not a hash'} end
 local state = redis.call('HGET', jkey, 'state')
-if not state then return {'missing', ''} end
+local names = {}
+for name in string.gmatch(ARGV[10], '[^,]+') do names[#names + 1] = name end
+local from_key, to_key
+for i, name in ipairs(names) do
+  if name == state then from_key = KEYS[3 + i] end
+  if name == ARGV[3] then to_key = KEYS[3 + i] end
+end
+if not from_key then return {'corrupt', 'its state ' .. cjson.encode(state or cjson.null) .. ' is not a job state'} end
 if ARGV[13] ~= '' then
   local done = redis.call('HMGET', jkey, 'op', 'op_from')
   if done[1] == ARGV[13] then return {'ok', done[2] or state} end
@@ -27,13 +43,12 @@ if ARGV[5] ~= '' then
   local node = redis.call('HGET', jkey, 'node')
   if node ~= ARGV[5] then return {'node', state} end
 end
-local names = {}
-for name in string.gmatch(ARGV[10], '[^,]+') do names[#names + 1] = name end
-local from_key, to_key
-for i, name in ipairs(names) do
-  if name == state then from_key = KEYS[3 + i] end
-  if name == ARGV[3] then to_key = KEYS[3 + i] end
+-- Everything the writes below rely on, checked while nothing is written yet.
+for _, key in ipairs({from_key, to_key}) do
+  if not holds(key, 'zset') then return {'badkey', key .. ' holds a ' .. key_type(key) .. ', not a sorted set'} end
 end
+if not holds(KEYS[2], 'stream') then return {'badkey', KEYS[2] .. ' holds a ' .. key_type(KEYS[2]) .. ', not a stream'} end
+if not holds(KEYS[#KEYS], 'set') then return {'badkey', KEYS[#KEYS] .. ' is not a set'} end
 if ARGV[12] == '1' then
   local deadline = tonumber(redis.call('ZSCORE', from_key, ARGV[1]))
   if deadline and deadline > server_now() then return {'live', state} end
@@ -41,24 +56,38 @@ end
 local score = ARGV[4]
 if score == '' then
   score = redis.call('HGET', jkey, 'score') or '0'
+  if not tonumber(score) then return {'corrupt', 'its queue score ' .. cjson.encode(score) .. ' is not a number'} end
 elseif string.sub(score, 1, 1) == '+' then
   score = string.format('%.6f', server_now() + tonumber(string.sub(score, 2)))
 end
+local fields = cjson.decode(ARGV[7])
+if ARGV[8] ~= '0' and not integer(redis.call('HGET', jkey, 'attempts')) then
+  return {'corrupt', 'its attempts ' .. cjson.encode(redis.call('HGET', jkey, 'attempts')) .. ' is not an integer'}
+end
+local queue = redis.call('HGET', jkey, 'queue')
+local queue_at
+if queue then
+  if not holds(queue, 'zset') then return {'badkey', queue .. ' holds a ' .. key_type(queue) .. ', not a sorted set'} end
+  if ARGV[3] == 'queued' then
+    queue_at = redis.call('HGET', jkey, 'created_at') or ARGV[6]
+    if not tonumber(queue_at) then return {'corrupt', 'its created_at ' .. cjson.encode(queue_at) .. ' is not a number'} end
+  end
+end
+-- The writes.
 redis.call('ZREM', from_key, ARGV[1])
 redis.call('ZADD', to_key, score, ARGV[1])
-local queue = redis.call('HGET', jkey, 'queue')
 if queue then
   if state == 'queued' then
     redis.call('ZREM', queue, ARGV[1])
     if redis.call('ZCARD', queue) == 0 then redis.call('SREM', KEYS[#KEYS], queue) end
   end
   if ARGV[3] == 'queued' then
-    redis.call('ZADD', queue, redis.call('HGET', jkey, 'created_at') or ARGV[6], ARGV[1])
+    redis.call('ZADD', queue, queue_at, ARGV[1])
     redis.call('SADD', KEYS[#KEYS], queue)
   end
 end
 local flat = {'state', ARGV[3], 'updated_at', ARGV[6], 'op', ARGV[13], 'op_from', state}
-for k, v in pairs(cjson.decode(ARGV[7])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 redis.call('HSET', jkey, unpack(flat))
 if ARGV[8] ~= '0' then redis.call('HINCRBY', jkey, 'attempts', ARGV[8]) end
 if #ARGV >= 14 then
