@@ -47,6 +47,7 @@ from renderfarm.scheduler.managers import (
     SchedulerState,
     update_each,
 )
+from renderfarm.scheduler.reconcile import ReconcileManager
 from renderfarm.scheduler.workers import WorkerTable, worker_from_info
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,12 @@ class Scheduler:
         self.membership = MembershipManager(self.state, calls)
         self.dispatcher = DispatchManager(self.state, self.catalog, self.fair)
         self.sampling = SamplingManager(self.state)
+        self.reconciler = ReconcileManager(self.state)
         self.results = BatchResults(self.state, calls)
         # In this order: membership before dispatch, so a worker that joined can take work in the same round.
         self.steps = {"leases": self.leases.update, "membership": self.membership.update,
-                      "dispatch": self.dispatcher.update, "sampling": self.sampling.update, "wait": self._wait}
+                      "dispatch": self.dispatcher.update, "sampling": self.sampling.update,
+                      "reconcile": self.reconciler.update, "wait": self._wait}
         self.update_failures = dict.fromkeys(self.steps, 0)
         self.leases.recover()
         if autostart:  # as a Ray actor restarted after a crash: nobody calls run() again, so it runs itself

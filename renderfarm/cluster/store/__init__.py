@@ -9,8 +9,9 @@ token, so a command that redis-py retries after a lost reply does not report a m
 The Store uses the client it is given as it is: the retry policy that rides out a Redis restart belongs to
 whoever built the client (`RedisSettings.client()`), not to the Store.
 
-One class over four parts, each in its own module: `JobRecords` (jobs.py), `NodeRecords` (nodes.py),
-`Telemetry` (telemetry.py), and `EventCursor` (events.py). They are mixins rather than sub-objects so that
+One class over five parts, each in its own module: `JobRecords` (jobs.py), `NodeRecords` (nodes.py),
+`Telemetry` (telemetry.py), `Reconciler` (reconcile.py: the indexes checked against the job hashes), and
+`EventCursor` (events.py). They are mixins rather than sub-objects so that
 callers keep one `store` and one flat vocabulary (`store.lease`, `store.nodes()`, `store.events()`).
 """
 
@@ -26,21 +27,22 @@ from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, queue_sco
 from renderfarm.cluster.store.events import Event, EventCursor
 from renderfarm.cluster.store.jobs import EVENTS_MAXLEN, JobRecords, LeaseLive, OwnershipLost
 from renderfarm.cluster.store.nodes import NodeRecords
+from renderfarm.cluster.store.reconcile import ReconcileReport, Reconciler
 from renderfarm.cluster.store.telemetry import MEASURE_ALPHA, SAMPLES_MAXLEN, Telemetry
 
 __all__ = [
     "EVENTS_MAXLEN", "MEASURE_ALPHA", "SAMPLES_MAXLEN", "Event", "EventCursor", "LeaseLive", "OwnershipLost",
-    "Store", "job_from_hash", "job_to_hash", "queue_score",
+    "ReconcileReport", "Store", "job_from_hash", "job_to_hash", "queue_score",
 ]
 
-SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure")
+SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile")
 
 
 def script_source(name: str) -> str:
     return resources.files(__package__).joinpath("scripts", f"{name}.lua").read_text()
 
 
-class Store(JobRecords, NodeRecords, Telemetry):
+class Store(JobRecords, NodeRecords, Telemetry, Reconciler):
     """The farm's system of record. One instance per process; thread-safe as redis-py is."""
 
     def __init__(self, client: redis.Redis, keys: Keys | None = None):
