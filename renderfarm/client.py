@@ -28,7 +28,15 @@ from renderfarm.cluster import auth
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store import Store
-from renderfarm.errors import AuthError, JobNotFound, ResultUnavailable, SpecError, SpecFileError, WaitTimeout
+from renderfarm.errors import (
+    AuthError,
+    CorruptRecord,
+    JobNotFound,
+    ResultUnavailable,
+    SpecError,
+    SpecFileError,
+    WaitTimeout,
+)
 from renderfarm.jobs import (
     SEED_MAX,
     IllegalTransition,
@@ -205,12 +213,20 @@ class FarmClient:
     def _fits_nowhere(self, specs: Sequence[JobSpec]) -> list[str]:
         """One error per spec that no registered node can run in any profile (the planner's reason).
         With no node registered yet, nothing can be judged and everything is accepted."""
-        nodes = [
-            NodeView(n["name"], device) for n in self.store.nodes() if (device := device_from_record(n)) is not None
-        ]
+        nodes = []
+        for record in self.store.nodes():
+            try:
+                device = device_from_record(record)
+            except CorruptRecord:  # one bad node record must not refuse every submit: judged without it
+                self.store.count("malformed_node")
+                continue
+            if device is not None:
+                nodes.append(NodeView(record["name"], device))
         if not nodes:
             return []
-        measured, _ = snapshot(self.store.calibration_records())  # what nodes measured raises the estimates, never lowers them
+        measured, bad = snapshot(self.store.calibration_records())  # what nodes measured raises the estimates, never lowers them
+        if bad:
+            self.store.count("malformed_calibration", len(bad))
         errors = []
         for i, spec in enumerate(specs):
             if not self.catalog.get(spec.model).components:
@@ -250,6 +266,8 @@ class FarmClient:
         found = self.store.get_many(ids)
         missing = [i for i, job in zip(ids, found) if job is None]
         if missing:
+            if (why := self.store.quarantine_reason(missing[0])) is not None:
+                raise CorruptRecord(f"job {missing[0]} is quarantined: {why}")
             raise JobNotFound(missing[0])
         return [self._mine(job, granted) for job in found if job is not None]
 

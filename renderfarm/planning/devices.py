@@ -8,12 +8,14 @@ capability alone.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from renderfarm.config import NodeDeclaration
+from renderfarm.errors import CorruptRecord
 
 DeviceKind = Literal["cuda", "cpu"]
 
@@ -249,12 +251,35 @@ def device_from_declaration(node: NodeDeclaration) -> Device:
 
 def device_from_record(record: Mapping[str, Any]) -> Device | None:
     """The card a node reported in its Redis record (the `card` field, `Device.as_dict()`); None when the
-    record carries none."""
+    record carries none. A card that does not describe a device raises CorruptRecord naming the node and the
+    field: whoever reads node records skips that one (and counts it) rather than fail for every node."""
     card = record.get("card")
-    if not isinstance(card, dict):
+    if card is None:
         return None
-    return device_from_spec(
-        card["name"], card["vram_gib"], card.get("compute_capability"),
-        ram_gib=card.get("ram_gib"), ram_available_gib=card.get("ram_available_gib"),
-        disk_free_gib=card.get("disk_free_gib"),
-    )
+
+    def bad(why: str) -> CorruptRecord:
+        return CorruptRecord(f"node {record.get('name')!r}: its card {why}")
+
+    def number(name: str) -> float | None:
+        value = card.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise bad(f"{name}={value!r} is not a positive number")
+        return float(value)
+
+    if not isinstance(card, dict):
+        raise bad(f"is a {type(card).__name__}, not an object")
+    if not isinstance(card.get("name"), str) or not card["name"]:
+        raise bad(f"name={card.get('name')!r} is not a device name")
+    vram_gib = number("vram_gib")
+    if vram_gib is None:
+        raise bad("has no vram_gib")
+    host = {name: number(name) for name in ("ram_gib", "ram_available_gib", "disk_free_gib")}
+    cc = card.get("compute_capability")
+    if cc is not None and not isinstance(cc, str):
+        raise bad(f"compute_capability={cc!r} is not text like '8.6'")
+    try:
+        return device_from_spec(card["name"], vram_gib, cc, **host)
+    except ValueError as exc:  # a compute capability that is not major.minor
+        raise bad(str(exc)) from None

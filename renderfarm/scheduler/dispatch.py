@@ -108,6 +108,8 @@ class DispatchManager:
         self.measured, bad = snapshot(self.state.store.calibration_records())
         for line in bad:
             log.error("calibration record skipped: %s", line)
+        if bad:
+            self.state.store.count("malformed_calibration", len(bad))
         self._measured_version = version
 
     def _publish_etas(self, plan: Plan, now: float, jobs: dict[str, Job]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
+from renderfarm.errors import CorruptRecord
 from renderfarm.faults import Fault, classify
 from renderfarm.jobs import JobState
 from renderfarm.scheduler.workers import Worker, WorkerTable, worker_from_info
@@ -253,7 +254,13 @@ class MembershipManager:
         handle = self.calls.find(record["actor"])
         if handle is None:  # not (or no longer) alive in this Ray namespace
             return
-        self.state.workers.put(worker_from_info(record["name"], handle, record))
+        try:
+            worker = worker_from_info(record["name"], handle, record)
+        except CorruptRecord as exc:  # one bad record must not stop the others' adoption or the round
+            log.error("node %s not adopted: %s", record["name"], exc)
+            self.state.store.count("malformed_node")
+            return
+        self.state.workers.put(worker)
         self.state.counters["joined"] += 1
         log.info("node %s joined the farm", record["name"])
 

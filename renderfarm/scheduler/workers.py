@@ -45,11 +45,14 @@ class Worker:
 
 
 def worker_from_info(name: str, handle: Any, info: dict[str, Any]) -> Worker:
-    """A worker as its ready() info or its node record describes it (card, loaded models, overrides)."""
+    """A worker as its ready() info or its node record describes it (card, loaded models, overrides). A card
+    that does not describe a device raises CorruptRecord (see `device_from_record`)."""
     forbid = info.get("forbid_models")
     max_batch = info.get("max_batch")
+    loaded = info.get("loaded")
     return Worker(
-        name, handle, set(info.get("loaded") or []), device_from_record(info),
+        name, handle, {m for m in loaded if isinstance(m, str)} if isinstance(loaded, list) else set(),
+        device_from_record(info),
         pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
         forbidden=frozenset(m for m in forbid if isinstance(m, str)) if isinstance(forbid, list) else frozenset(),
         max_batch=max_batch if isinstance(max_batch, int) and max_batch >= 1 else None,

@@ -134,3 +134,15 @@ def test_a_node_record_gives_back_its_card():
     card = device_from_spec("Quadro RTX 6000", 24, "7.5")
     assert device_from_record({"name": "n", "card": card.as_dict()}) == card
     assert device_from_record({"name": "n"}) is None
+
+
+@pytest.mark.parametrize("card", [{"vram_gib": 8}, "garbage", [1], {"name": "x", "vram_gib": "8"},
+                                  {"name": "x", "vram_gib": 0}, {"name": "x", "vram_gib": 8, "compute_capability": "8"},
+                                  {"name": "x", "vram_gib": 8, "compute_capability": 8.6},
+                                  {"name": "x", "vram_gib": 8, "ram_gib": "lots"}])
+def test_a_card_that_does_not_describe_a_device_is_named_not_a_key_error(card):
+    from renderfarm.errors import CorruptRecord
+    from renderfarm.planning.devices import device_from_record
+
+    with pytest.raises(CorruptRecord, match="node 'n': its card"):
+        device_from_record({"name": "n", "card": card})

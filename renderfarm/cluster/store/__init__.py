@@ -60,7 +60,7 @@ class Store(JobRecords, NodeRecords, Telemetry, Reconciler):
 
     def events(self, *, from_start: bool = False) -> EventCursor:
         """A cursor on the event stream: what happens from now on, or (`from_start`) everything kept."""
-        return EventCursor(self.redis, self.keys.events, from_start=from_start)
+        return EventCursor(self.redis, self.keys.events, from_start=from_start, counters=self.keys.metrics("counters"))
 
     def close(self) -> None:
         """Close the client's connections (a Store made for one call must not leave them open)."""

@@ -3,7 +3,8 @@
 `EventCursor` is the one way to follow it (the client waiting for its jobs, the scheduler waking on a
 submit, the chaos bench counting what happened): it remembers where it is, blocks for at most the time
 asked, and turns each entry into an `Event`. An entry that does not parse (no state, an unknown state) is
-an `Event` with `state=None`, never an exception: one malformed entry must not stop a waiting client.
+an `Event` with `state=None`, never an exception: one malformed entry must not stop a waiting client. Given a
+counters hash, the cursor counts each such entry it reads there (`malformed_event`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class EventCursor:
     """A position in the event stream. `from_start=False` (the default) follows only what happens after
     the cursor was made; `from_start=True` reads the whole (capped) stream first."""
 
-    def __init__(self, client: redis.Redis, stream: str, *, from_start: bool = False):
-        self._redis, self._stream = client, stream
+    def __init__(self, client: redis.Redis, stream: str, *, from_start: bool = False, counters: str | None = None):
+        self._redis, self._stream, self._counters = client, stream, counters
         if from_start:
             self._position = b"0-0"
         else:
@@ -67,6 +68,9 @@ class EventCursor:
             for entry_id, fields in entries:
                 self._position = entry_id
                 events.append(_event(entry_id, fields))
+        malformed = sum(1 for e in events if e.state is None)
+        if malformed and self._counters:
+            self._redis.hincrby(self._counters, "malformed_event", malformed)
         return events
 
     def drain(self, count: int = 1000) -> list[Event]:

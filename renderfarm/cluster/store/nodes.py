@@ -57,17 +57,25 @@ class NodeRecords:
         self.redis.hset(self.keys.node(name), mapping={k: json.dumps(v) for k, v in info.items()})
 
     def nodes(self) -> list[dict[str, Any]]:
-        names = sorted(m.decode() for m in self.redis.smembers(self.keys.nodes))
+        """Every registered node's record, fields as JSON values (a field that is not JSON as its text, and a
+        key that is not a hash as an empty record), `name` always the registered name. Readers that act on a
+        field check it and skip (and count, `malformed_node`) a record they cannot use: see
+        `planning.devices.device_from_record`."""
+        names = sorted(m.decode(errors="replace") for m in self.redis.smembers(self.keys.nodes))
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(self.keys.node(name))
         out = []
-        for name, raw in zip(names, pipe.execute()):
+        for name, raw in zip(names, pipe.execute(raise_on_error=False)):
             info: dict[str, Any] = {"name": name}
+            if isinstance(raw, redis.ResponseError):  # WRONGTYPE: the node's key is not a hash
+                log.error("node record %s is not a hash: %s", name, raw)
+                raw = {}
             for k, v in raw.items():
                 try:
                     info[k.decode(errors="replace")] = json.loads(v)
                 except ValueError:  # not JSON, or not UTF-8
-                    info[k.decode()] = v.decode(errors="replace")
+                    info[k.decode(errors="replace")] = v.decode(errors="replace")
+            info["name"] = name  # a `name` field in the hash must not make the record speak for another node
             out.append(info)
         return out
