@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+import altair as alt
 import pandas as pd
 import redis
 import streamlit as st
@@ -30,6 +31,7 @@ from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store import Store
 from renderfarm.config import ConfigError, Settings
 from renderfarm.dashboard import queries
+from renderfarm.dashboard.text import md
 from renderfarm.errors import RedisUnavailable
 from renderfarm.jobs import JobState
 
@@ -38,6 +40,8 @@ REFRESH_S = 2
 MIN_TOKEN = 8  # RENDERFARM_DASHBOARD_TOKEN, environment only (never in a settings file others may read)
 ALL = "all"
 STATE_COLORS = {"idle": "green", "busy": "blue", "draining": "orange", "dead": "red", "stopped": "gray"}
+TAKES_WORK = ("idle", "busy")  # a node in any other state (draining, dead, stopped, unknown) takes no new job
+TIME_FORMAT = "%H:%M"  # 24-hour clock: the axis says "time (UTC)" and has no room for AM/PM
 UNREACHABLE = (RedisUnavailable, redis.ConnectionError, redis.TimeoutError, OSError)
 
 
@@ -71,8 +75,12 @@ def page_settings() -> dict[str, Any]:
 
 @st.cache_resource(show_spinner=False)
 def open_store(url: str, prefix: str) -> Store:
-    """One Redis client per URL and prefix for every session (a failed connect is not cached: retried)."""
-    return Store.open(RedisSettings.from_url(url, socket_timeout=2.0), Keys(prefix))
+    """One Redis client per URL and prefix for every session (a failed connect is not cached: retried).
+
+    No retries: the farm's policy (about 30 s of retrying per command, to ride out a Redis restart) would hold
+    every read of a page whose Redis went away for minutes, and the page stays blank meanwhile. The page
+    retries by itself, every REFRESH_S, and says that Redis is unreachable in between."""
+    return Store.open(RedisSettings.from_url(url, socket_timeout=2.0, retry_attempts=0), Keys(prefix))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -102,6 +110,24 @@ def times(rows: list[dict[str, Any]]) -> pd.DatetimeIndex:
     return pd.to_datetime([r["t"] for r in rows], unit="s", utc=True)
 
 
+def time_chart(frame: pd.DataFrame, value: str, series: str, y_label: str,
+               colors: dict[str, str] | None = None) -> alt.Chart:
+    """Lines of `value` over `frame["t"]`, one per `series`, on a 24-hour UTC time axis; `colors` fixes
+    each series' colour (else the theme's palette)."""
+    color = alt.Color(f"{series}:N", title=None, legend=alt.Legend(orient="bottom"))
+    if colors:
+        color = alt.Color(f"{series}:N", title=None, legend=alt.Legend(orient="bottom"),
+                          scale=alt.Scale(domain=list(colors), range=list(colors.values())))
+    return alt.Chart(frame).mark_line().encode(
+        x=alt.X("t:T", title="time (UTC)", scale=alt.Scale(type="utc"),
+                axis=alt.Axis(format=TIME_FORMAT, formatType="utc")),
+        y=alt.Y(f"{value}:Q", title=y_label),
+        color=color,
+        tooltip=[alt.Tooltip("t:T", title="time (UTC)", format=f"{TIME_FORMAT}:%S", formatType="utc"),
+                 alt.Tooltip(f"{series}:N"), alt.Tooltip(f"{value}:Q", format=",.2f")],
+    ).properties(height=200)
+
+
 # --- sections ------------------------------------------------------------------------------------------
 
 
@@ -124,16 +150,30 @@ def queue_section(view: dict[str, Any]) -> None:
     if len(history) < 2:
         st.caption("Queue depth over time appears once the scheduler has written a few samples.")
         return
-    frame = pd.DataFrame(history).drop(columns="t").set_index(times(history))
-    st.line_chart(frame, height=200, x_label="time (UTC)", y_label="jobs")
+    frame = pd.DataFrame(history).assign(t=times(history)).melt(id_vars="t", var_name="state", value_name="jobs")
+    st.altair_chart(time_chart(frame, "jobs", "state", "jobs"), width="stretch")
 
 
-def node_card(node: dict[str, Any]) -> None:
+def progress_text(node: dict[str, Any]) -> str | None:
+    """"rendering JOB step 12/28" (with how many more jobs its batch holds), or None when it renders nothing."""
+    if node["current_job"] is None or node["state"] not in ("busy", "draining"):
+        return None
+    more = f" (+{node['batch_jobs'] - 1} more in its batch)" if node["batch_jobs"] > 1 else ""
+    step = f"step {node['step']}/{node['steps']}" if node["step"] and node["steps"] else "starting"
+    return f"rendering {node['current_job']}{more} {step}"
+
+
+def node_card(node: dict[str, Any], color: str | None = None) -> None:
     with st.container(border=True):
         state = node["state"]
-        st.markdown(f"**{node['name']}** :{STATE_COLORS.get(state, 'gray')}-badge[{state}]")
-        device = f" ({node['device']})" if node["device"] else ""
-        st.caption(f"{node['gpu']} · {node['kind']}{device}")
+        swatch = f':color[■]{{foreground="{color}"}} ' if color else ""  # its colour in the charts
+        st.markdown(f"{swatch}**{md(node['name'])}** :{STATE_COLORS.get(state, 'gray')}-badge[{md(state)}]")
+        device = f" ({md(node['device'])})" if node["device"] else ""
+        st.caption(f"{md(node['gpu'])} · {node['kind']}{device}")
+        rendering = progress_text(node)
+        if rendering:
+            fraction = node["step"] / node["steps"] if node["step"] and node["steps"] else 0.0
+            st.progress(min(1.0, max(0.0, fraction)), text=md(rendering))
         used, total = node["vram_used_gib"], node["vram_total_gib"]
         left, right = st.columns(2)
         left.metric("VRAM (GiB)", f"{number(used)} / {number(total)}")
@@ -143,9 +183,14 @@ def node_card(node: dict[str, Any]) -> None:
         heartbeat = node["heartbeat_age_s"]
         lines = [
             f"Last heartbeat: {'never' if heartbeat is None else duration(heartbeat) + ' ago'}",
-            f"Loaded: {', '.join(node['loaded']) or 'nothing'}",
-            "Profiles: " + (", ".join(f"{m} → {p}" for m, p in node["profiles"].items()) or "none yet"),
-            f"Jobs: {node['jobs_done']:,} done, {node['jobs_failed']:,} failed; {node['images']:,} images",
+            f"Loaded: {md(', '.join(node['loaded'])) or 'nothing'}",
+            "Profiles: " + (", ".join(f"{md(m)} → {md(p)}" for m, p in node["profiles"].items()) or "none yet"),
+            # The same count as the queue's "Failed (1 h)": jobs that failed in the last hour, by the node
+            # they last ran on. The worker's own counters count attempts since it started (a retried attempt
+            # included), which is a different thing.
+            f"Failed (1 h): {node['failed_1h']:,} jobs",
+            f"Since it started: {node['jobs_done']:,} jobs done, {node['jobs_failed']:,} attempts failed; "
+            f"{node['images']:,} images",
             f"RAM: planned against {number(node['ram_planned_gib'])} GiB"
             if node["ram_planned_gib"] is not None else "RAM: not planned against",
         ]
@@ -155,7 +200,7 @@ def node_card(node: dict[str, Any]) -> None:
         if node["source"] == "totals":
             lines.append("Throughput: average over its render time (no recent samples)")
         if node["draining"] and node["drain_reason"]:
-            lines.append(f"Draining: {node['drain_reason']}")
+            lines.append(f"Draining: {md(node['drain_reason'])}")
         st.caption("  \n".join(lines))
 
 
@@ -165,23 +210,24 @@ def nodes_section(view: dict[str, Any]) -> None:
     if not nodes:
         st.info("No nodes registered: the queue waits until a farm starts its workers.")
         return
+    rows = queries.throughput_history(view["samples"])
+    colors = queries.node_colors([n["name"] for n in nodes] + [r["node"] for r in rows])
     columns = st.columns(min(3, len(nodes)))
     for i, node in enumerate(nodes):
         with columns[i % len(columns)]:
-            node_card(node)
+            node_card(node, colors[node["name"]])
     # Two charts for the whole farm, one line per node: a chart costs ~0.1 s to build whatever its data, and
     # one per node would make the page slower than its own refresh on a farm of a dozen nodes.
-    rows = queries.throughput_history(view["samples"])
     if len({r["t"] for r in rows}) >= 2:
         frame = pd.DataFrame({"t": times(rows), "node": [r["node"] for r in rows],
                               "images/min": [r["images_per_min"] for r in rows],
                               "MP/s": [r["mp_per_s"] for r in rows]})
+        shown = {name: colors[name] for name in sorted(set(frame["node"]))}
         left, right = st.columns(2)
         for column, metric in ((left, "images/min"), (right, "MP/s")):
             with column:
-                st.caption(f"Throughput over time: {metric} per node")
-                wide = frame.pivot_table(index="t", columns="node", values=metric, aggfunc="last")
-                st.line_chart(wide, height=200, x_label="time (UTC)", y_label=metric)
+                st.caption(f"Throughput over time: {metric} per node (each point over the minute before it)")
+                st.altair_chart(time_chart(frame, metric, "node", metric, shown), width="stretch")
 
 
 def eta_text(row: dict[str, Any]) -> str:
@@ -251,12 +297,11 @@ def gallery_section(settings: dict[str, Any], view: dict[str, Any]) -> None:
                 st.image(entry["image"], width="stretch")
             else:
                 st.caption("(image expired)")
-            prompt = s.get("prompt", "")
-            st.markdown(f"**{prompt[:80]}{'…' if len(prompt) > 80 else ''}**")
-            details = " · ".join(f"{k} {s[k]}" for k in ("Model", "Size", "Steps", "CFG scale", "Seed", "Sampler")
+            st.markdown(f"**{md(s.get('prompt', ''), limit=81)}**")
+            details = " · ".join(f"{k} {md(s[k])}" for k in ("Model", "Size", "Steps", "CFG scale", "Seed", "Sampler")
                                  if s.get(k))
-            profile = f" ({entry['profile']})" if entry["profile"] else ""
-            st.caption(f"{details}  \njob {entry['id']} on {entry['node'] or '?'}{profile}")
+            profile = f" ({md(entry['profile'])})" if entry["profile"] else ""
+            st.caption(f"{details}  \njob {md(entry['id'])} on {md(entry['node'] or '?')}{profile}")
             if entry["settings"].get("text"):
                 with st.expander("Generation settings"):
                     st.code(entry["settings"]["text"], language=None, wrap_lines=True)
@@ -286,6 +331,20 @@ def selected(key: str) -> str | None:
     return None if value in (None, ALL) else value
 
 
+def no_work_banner(view: dict[str, Any]) -> str | None:
+    """Why no job can start, when no node takes work (every node draining, dead or stopped, or none left);
+    None while one does."""
+    nodes = view["nodes"]
+    if any(n["state"] in TAKES_WORK for n in nodes):
+        return None
+    waiting = view["overview"]["queued"]
+    jobs = f"{waiting:,} queued jobs wait" if waiting else "new jobs will wait"
+    if not nodes:
+        return f"No node takes work: none is registered; {jobs}."
+    states = ", ".join(f"{md(n['name'])} {n['state']}" for n in nodes)
+    return f"No node takes work ({states}): {jobs}."
+
+
 @st.fragment(run_every=REFRESH_S)
 def live(settings: dict[str, Any]) -> None:
     url = redact(settings["url"])
@@ -300,13 +359,13 @@ def live(settings: dict[str, Any]) -> None:
         view = read_view(store, settings, filters)
     except UNREACHABLE as exc:
         reason = exc.reason if isinstance(exc, RedisUnavailable) else f"{type(exc).__name__}: {exc}"
-        st.error(f"Redis unreachable at {url} ({reason}). Retrying every {REFRESH_S} s.")
+        st.error(f"Redis unreachable at {url} ({reason}). Retrying every {REFRESH_S} s.", icon="🚨")
         return
     except ValueError as exc:  # a malformed URL (connect names it redacted)
-        st.error(f"Redis unreachable: {exc}")
+        st.error(f"Redis unreachable: {exc}", icon="🚨")
         return
     except redis.RedisError as exc:
-        st.error(f"Redis at {url} answered with an error: {exc}. Retrying every {REFRESH_S} s.")
+        st.error(f"Redis at {url} answered with an error: {exc}. Retrying every {REFRESH_S} s.", icon="🚨")
         return
     if view["overview"]["total"] == 0 and not view["nodes"]:
         st.info(
@@ -314,6 +373,9 @@ def live(settings: dict[str, Any]) -> None:
             "Start one with `renderfarm up`, then submit with `renderfarm submit`."
         )
         return
+    banner = no_work_banner(view)
+    if banner:
+        st.warning(banner, icon="⚠️")
     queue_section(view)
     nodes_section(view)
     jobs_section(view, filters)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import zlib
 from itertools import pairwise
 from typing import Any
 
@@ -25,6 +26,13 @@ JOB_LIMIT = 50  # job rows read per shown state
 GALLERY_SIZE = 8
 SAMPLE_COUNT = 720  # one hour of samples at the scheduler's default one per 5 s
 STALE_SAMPLES_S = 60.0  # older than this, the latest samples say nothing about "now"
+# A node's totals move only when a batch finishes, so the last two samples (5 s apart) of a busy node often
+# hold the same totals: a node's rate "now" is taken over its samples of the last few minutes instead.
+RATE_WINDOW_S = 300.0
+CHART_WINDOW_S = 60.0  # the throughput chart: each point is the rate over the minute before it
+# Tableau 10: ten hues far apart (Streamlit's default palette pairs a dark and a light shade of each hue).
+NODE_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+                "#9c755f", "#bab0ac")
 PENDING = (JobState.QUEUED, JobState.LEASED, JobState.RUNNING)
 
 
@@ -85,28 +93,44 @@ def node_state(record: dict[str, Any], now: float, dead_after: float) -> str:
     return state if isinstance(state, str) and state else "unknown"
 
 
-def _rates(before: dict[str, Any], after: dict[str, Any], dt: float) -> dict[str, float] | None:
-    """Images per minute and megapixels per second between two samples of one node's totals (a total that
-    went down means the worker restarted: counted from zero)."""
-    images = (_num(before.get("images")), _num(after.get("images")))
-    megapixels = (_num(before.get("megapixels")), _num(after.get("megapixels")))
-    if dt <= 0 or None in images or None in megapixels:
+def _rates(held: list[tuple[float, dict[str, Any]]]) -> dict[str, float] | None:
+    """Images per minute and megapixels per second over samples (t, totals) of one node, oldest first: the
+    sum of the increments between consecutive samples (a total that went down means the worker restarted:
+    counted from zero) over the time they span. None when they span no time or a total does not read."""
+    if len(held) < 2 or held[-1][0] <= held[0][0]:
         return None
-    d_images = images[1] - images[0] if images[1] >= images[0] else images[1]
-    d_mp = megapixels[1] - megapixels[0] if megapixels[1] >= megapixels[0] else megapixels[1]
+    d_images = d_mp = 0.0
+    for (_, before), (_, after) in pairwise(held):
+        images = (_num(before.get("images")), _num(after.get("images")))
+        megapixels = (_num(before.get("megapixels")), _num(after.get("megapixels")))
+        if None in images or None in megapixels:
+            return None
+        d_images += images[1] - images[0] if images[1] >= images[0] else images[1]
+        d_mp += megapixels[1] - megapixels[0] if megapixels[1] >= megapixels[0] else megapixels[1]
+    dt = held[-1][0] - held[0][0]
     return {"images_per_min": d_images / dt * 60.0, "mp_per_s": d_mp / dt}
 
 
+def _held(samples: list[dict[str, Any]], name: str) -> list[tuple[float, dict[str, Any]]]:
+    """(t, totals) of node `name` in every sample that holds it, in order."""
+    out = []
+    for sample in samples:
+        nodes, t = sample.get("nodes"), _num(sample.get("t"))
+        if t is not None and isinstance(nodes, dict) and isinstance(nodes.get(name), dict):
+            out.append((t, nodes[name]))
+    return out
+
+
 def throughput_now(
-    record: dict[str, Any], samples: list[dict[str, Any]], now: float, stale_after: float = STALE_SAMPLES_S
+    record: dict[str, Any], samples: list[dict[str, Any]], now: float, stale_after: float = STALE_SAMPLES_S,
+    window: float = RATE_WINDOW_S,
 ) -> dict[str, Any]:
-    """A node's images/min and MP/s from the last two samples that hold it (when recent), else its totals
-    over its render time; seconds per step as it last measured. "source" says which."""
-    name = record["name"]
-    held = [s for s in samples[-2:] if isinstance(s.get("nodes"), dict) and isinstance(s["nodes"].get(name), dict)]
+    """A node's images/min and MP/s over its samples of the last `window` s (when the latest is recent),
+    else its totals over its render time; seconds per step as it last measured. "source" says which."""
+    held = [(t, totals) for t, totals in _held(samples, record["name"]) if t >= now - window]
     rates = None
-    if len(held) == 2 and now - held[1]["t"] <= stale_after:
-        rates = _rates(held[0]["nodes"][name], held[1]["nodes"][name], held[1]["t"] - held[0]["t"])
+    if held and now - held[-1][0] <= stale_after:
+        rates = _rates(held)
     source = "samples"
     if rates is None:
         source = "totals"
@@ -119,20 +143,35 @@ def throughput_now(
     return {**rates, "s_per_step": _num(record.get("last_s_per_step")), "source": source}
 
 
-def throughput_history(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per node, over time: one row per consecutive pair of samples that both hold the node,
-    {"t", "node", "images_per_min", "mp_per_s"}."""
+def throughput_history(samples: list[dict[str, Any]], window: float = CHART_WINDOW_S) -> list[dict[str, Any]]:
+    """Per node, over time: one row per sample that holds the node after its first, the rate over its samples
+    of the `window` s before: {"t", "node", "images_per_min", "mp_per_s"}."""
+    names = sorted({name for s in samples if isinstance(s.get("nodes"), dict) for name in s["nodes"]})
     rows = []
-    for before, after in pairwise(samples):
-        nodes_before, nodes_after = before.get("nodes"), after.get("nodes")
-        if not isinstance(nodes_before, dict) or not isinstance(nodes_after, dict):
-            continue
-        for name, totals in nodes_after.items():
-            if isinstance(totals, dict) and isinstance(nodes_before.get(name), dict):
-                rates = _rates(nodes_before[name], totals, after["t"] - before["t"])
-                if rates is not None:
-                    rows.append({"t": after["t"], "node": name, **rates})
+    for name in names:
+        held = _held(samples, name)
+        first = 0
+        for last in range(1, len(held)):
+            while held[first][0] < held[last][0] - window and first < last - 1:
+                first += 1
+            rates = _rates(held[first : last + 1])
+            if rates is not None:
+                rows.append({"t": held[last][0], "node": name, **rates})
+    rows.sort(key=lambda r: r["t"])
     return rows
+
+
+def node_colors(names: list[str]) -> dict[str, str]:
+    """A colour per node from a qualitative palette: picked by a stable hash of its name (the same node keeps
+    its colour across refreshes, restarts and other nodes joining), moved on to the next free colour when
+    taken, so up to ten nodes never share one."""
+    colors: dict[str, str] = {}
+    for name in sorted(set(names)):
+        start = zlib.crc32(name.encode()) % len(NODE_PALETTE)
+        taken = set(colors.values())
+        free = [NODE_PALETTE[(start + i) % len(NODE_PALETTE)] for i in range(len(NODE_PALETTE))]
+        colors[name] = next((c for c in free if c not in taken), free[0])
+    return colors
 
 
 def nodes(
@@ -140,6 +179,7 @@ def nodes(
 ) -> list[dict[str, Any]]:
     """One row per registered node: what it is, what it holds, how fast it renders, whether it lives."""
     now = time.time() if now is None else now
+    failed_1h = failed_by_node(store, now - HOUR)
     rows = []
     for record in store.nodes():
         heartbeat = _num(record.get("heartbeat"))
@@ -169,9 +209,35 @@ def nodes(
             "jobs_done": int(_num(record.get("jobs_done")) or 0),
             "jobs_failed": int(_num(record.get("jobs_failed")) or 0),
             "images": int(_num(record.get("images")) or 0),
+            "failed_1h": failed_1h.get(record["name"], 0),
+            **progress(record),
             **throughput_now(record, samples, now),
         })
     return rows
+
+
+def progress(record: dict[str, Any]) -> dict[str, Any]:
+    """What the node renders now, as its worker publishes it between two denoising steps (actors/progress.py):
+    {"current_job" (None when nothing), "batch_jobs", "step", "steps"}."""
+    job, step, steps = record.get("current_job"), _num(record.get("step")), _num(record.get("steps"))
+    if not isinstance(job, str) or not job:
+        return {"current_job": None, "batch_jobs": 0, "step": None, "steps": None}
+    return {"current_job": job, "batch_jobs": int(_num(record.get("batch_jobs")) or 1),
+            "step": None if step is None else int(step), "steps": None if steps is None else int(steps)}
+
+
+def failed_by_node(store: Store, since: float) -> dict[str, int]:
+    """How many jobs failed at or after `since`, per node they last ran on ("" for none): the jobs that the
+    queue's "Failed (1 h)" counts (`Store.finished_since`), so the node cards add up to it."""
+    ids = store.redis.zrangebyscore(store.keys.index(JobState.FAILED), since, "+inf")
+    pipe = store.redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(store.keys.job(job_id.decode()), "node")
+    out: dict[str, int] = {}
+    for node in pipe.execute() if ids else []:
+        name = node.decode(errors="replace") if node else ""
+        out[name] = out.get(name, 0) + 1
+    return out
 
 
 # --- jobs --------------------------------------------------------------------------------------------
@@ -226,6 +292,20 @@ def _row(job: Job, eta: dict[str, Any] | None, now: float) -> dict[str, Any]:
     return row
 
 
+_ACTIVE_ORDER = {JobState.QUEUED.value: 0, JobState.LEASED.value: 1, JobState.RUNNING.value: 2}
+
+
+def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Queued jobs by their place in the queue (those the scheduler placed nowhere after them), then leased,
+    then running, then the finished ones newest first. A stable sort: ties keep the index order."""
+    group = _ACTIVE_ORDER.get(row["state"], 3)
+    if group == 0:
+        return (0, row["position"] is None, row["position"] or 0)
+    if group == 3:
+        return (3, -(row["finished_at"] or 0.0))
+    return (group,)
+
+
 def jobs(
     store: Store,
     state: str | None = None,
@@ -238,7 +318,8 @@ def jobs(
     """The latest `limit` jobs of each shown state (one state, or all), filtered by team, model and node.
 
     Queued jobs carry their place in the queue and ETA (seconds until they should finish) as the scheduler
-    last published them, or why they wait. Returns {"rows", "facets": {"team", "model", "node"} (values seen
+    last published them, or why they wait. Rows come queued jobs first, in queue order, then leased, running,
+    and the finished newest first. Returns {"rows", "facets": {"team", "model", "node"} (values seen
     before filtering: the filters' choices), "skipped" (unreadable records)}.
     """
     now = time.time() if now is None else now
@@ -246,7 +327,7 @@ def jobs(
     ids = [job_id for s in states for job_id in _ids(store, s, limit)]
     found, skipped = load_jobs(store, ids)
     etas = store.etas([job.id for job in found if job.state is JobState.QUEUED])
-    rows = [_row(job, etas.get(job.id), now) for job in found]
+    rows = sorted((_row(job, etas.get(job.id), now) for job in found), key=_table_order)
     facets = {key: sorted({r[key] for r in rows if r[key]}) for key in ("team", "model", "node")}
     wanted = {"team": team, "model": model, "node": node}
     rows = [r for r in rows if all(not value or r[key] == value for key, value in wanted.items())]

@@ -52,6 +52,7 @@ NODES = {
         "jobs_done": 30, "jobs_failed": 1, "images": 40, "megapixels": 10.5, "batches": 12,
         "render_seconds": 100.0, "last_s_per_step": 0.05, "oom_escalations": 0,
         "card": {"name": "NVIDIA GeForce RTX 4090", "vram_gib": 24.0, "ram_gib": 64.0},
+        "current_job": "r0", "batch_jobs": 1, "step": 12, "steps": 28,  # what actors/progress.py publishes
         "host": {"ram_gib": 62.7, "ram_available_gib": 58.1, "disk_free_gib": 120.0},
     },
     "node-b": {
@@ -123,7 +124,7 @@ def seed_farm(store: Store) -> SeededFarm:
         "q2": {"position": None, "node": None, "waiting": "no node has room for 4096x4096", "as_of": now},
     })
 
-    # Samples every 5 s; node-a rendered 6 images (1.5 MP) in the last 5 s: 72 images/min, 0.3 MP/s.
+    # Samples every 5 s; node-a rendered 10 images (2.5 MP) in the last 10 s: 60 images/min, 0.25 MP/s.
     totals = [(30, 8.0), (34, 9.0), (40, 10.5)]
     for k, (images, megapixels) in enumerate(totals):
         t = now - 10 + 5 * k

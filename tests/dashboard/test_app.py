@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from renderfarm.cluster.redis_server import free_port
-from renderfarm.jobs import JobState
+from renderfarm.cluster.keys import Keys
+from renderfarm.cluster.redis_server import EmbeddedRedis, connect, free_port
+from renderfarm.cluster.store import Store
+from renderfarm.jobs import Job, JobSpec, JobState
+from tests.dashboard.conftest import png
 
 pytestmark = pytest.mark.integration
 
@@ -34,20 +40,38 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
+def unescape(markdown: str) -> str:
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
+def node_cards(at: AppTest) -> dict[str, str]:
+    """Node name -> the markdown of its card's title line (its colour swatch, name and state badge)."""
+    cards = {}
+    for element in at.markdown:
+        found = re.search(r"\*\*(.+?)\*\* :\w+-badge\[", element.value)
+        if found:
+            cards[unescape(found.group(1))] = element.value
+    return cards
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("vega_lite_chart")]
+
+
 def test_page_shows_the_farm(page, seeded):
     at = page.run()
     assert not at.exception
     assert at.title[0].value == "renderfarm"
     assert [h.value for h in at.header] == ["Queue", "Nodes", "Jobs", "Gallery"]
     assert queue_metrics(at) == {"Queued": "3", "Leased": "1", "Running": "2", "Done (1 h)": "3", "Failed (1 h)": "1"}
-    cards = {md.value.split("**")[1]: md.value for md in at.markdown if md.value.startswith("**node-")}
+    cards = node_cards(at)
     assert set(cards) == {"node-a", "node-b", "node-c"}
     for name, state in seeded.node_states.items():
         assert f"[{state}]" in cards[name], (name, cards[name])
     node_metrics = [(m.label, m.value) for m in at.metric if m.label not in QUEUE_METRICS]
-    assert ("VRAM (GiB)", "12.5 / 24.0") in node_metrics and ("Images / min", "72.0") in node_metrics
-    assert ("MP / s", "0.30") in node_metrics and ("s / step", "0.050") in node_metrics
-    captions = texts(at.caption)
+    assert ("VRAM (GiB)", "12.5 / 24.0") in node_metrics and ("Images / min", "60.0") in node_metrics
+    assert ("MP / s", "0.25") in node_metrics and ("s / step", "0.050") in node_metrics
+    captions = unescape(texts(at.caption))
     assert "NVIDIA GeForce RTX 4090 · real (cuda)" in captions and "GeForce RTX 3070 · simulated (cpu)" in captions
     assert "tiny-flux → fp8-offload" in captions
     assert "RAM: planned against 64.0 GiB (machine: 62.7 GiB, 58.1 free at start)" in captions
@@ -140,4 +164,84 @@ def test_actions_need_the_token(page, monkeypatch, seeded):
     at.selectbox(key="action_node").select("node-a").run()
     at.button(key="action_drain").click().run()
     assert [s.value for s in at.sidebar.success] == ["Node node-a is draining."]
-    assert any(md.value.startswith("**node-a**") and "[draining]" in md.value for md in at.markdown)
+    assert "[draining]" in node_cards(at)["node-a"]
+
+
+def test_redis_going_away_reads_as_a_banner_at_once(monkeypatch, prefix, tmp_path):
+    """Redis stops under an open page: the next run says so within seconds (it was blank while the client
+    retried each read for ~30 s), and the page comes back with Redis."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port())  # one port: it comes back where it was
+    url = server.start()
+    try:
+        Store(connect(url), Keys(prefix)).register_node("n1", {"state": "idle", "vram_gib": 8})
+        monkeypatch.setenv("RENDERFARM_REDIS_URL", url)
+        monkeypatch.setenv("RENDERFARM_KEY_PREFIX", prefix)
+        at = AppTest.from_file(APP, default_timeout=20).run()
+        assert not at.exception and not at.error and "n1" in node_cards(at)
+        server.stop()
+        started = time.monotonic()
+        at.run()
+        assert time.monotonic() - started < 10
+        assert not at.exception
+        assert len(at.error) == 1 and at.error[0].value.startswith("Redis unreachable") and at.error[0].icon
+        assert not at.metric and not at.header, "no stale numbers under the banner"
+        server.start()
+        at.run()
+        assert not at.error and "n1" in node_cards(at)
+    finally:
+        server.stop()
+
+
+def test_banner_when_no_node_takes_work(page, seeded):
+    at = page.run()
+    assert not at.warning, "node-a is busy"
+    seeded.store.set_draining("node-a", True)
+    at.run()
+    assert len(at.warning) == 1
+    banner = unescape(at.warning[0].value)
+    assert banner.startswith("No node takes work") and "node-a draining" in banner and "node-c dead" in banner
+    assert "3 queued jobs wait" in banner
+
+
+def test_charts_use_a_24_hour_clock_and_one_distinct_colour_per_node(page, seeded):
+    at = page.run()
+    specs = charts(at)
+    assert len(specs) == 3, "queue depth, images/min, MP/s"
+    for spec in specs:
+        x = spec["encoding"]["x"]
+        assert x["axis"]["format"] == "%H:%M" and x["scale"]["type"] == "utc", x
+    for spec in specs[1:]:
+        scale = spec["encoding"]["color"]["scale"]
+        assert scale["domain"] == ["node-a", "node-b"]
+        assert len(set(scale["range"])) == 2, "two nodes, two colours"
+        card_colours = {n: re.search(r'foreground="(#[0-9a-f]{6})"', v).group(1) for n, v in node_cards(at).items()}
+        assert dict(zip(scale["domain"], scale["range"])) == {n: card_colours[n] for n in scale["domain"]}
+
+
+def test_user_text_reaches_markdown_escaped(page, seeded):
+    store = seeded.store
+    prompt = "![p](http://evil.example/p.png) [click](https://evil.example) <img src=x> $x^2$ :red[red] www.evil.example"
+    store.submit([Job(id="evil", spec=JobSpec(model="tiny-sd15", prompt=prompt, width=64, height=64, steps=4,
+                                              team="design", seed=5))], "batch-2")
+    assert store.lease("evil", "node-a", 300) and store.start("evil", "node-a", 300)
+    assert store.complete("evil", "node-a", [png(prompt, 5)], {}, 900.0, 3600, profile="fp16-resident")
+    store.set_draining("node-b", True, reason="[see](http://evil.example)")
+    at = page.run()
+    assert not at.exception
+    every = [e.value for e in (*at.markdown, *at.caption)]
+    shown = [v for v in every if "evil" in v]
+    assert len(shown) >= 3, "the prompt, its job id and the drain reason"
+    for value in shown:  # no link, image, HTML, LaTeX, colour directive or autolink left
+        for drawn in ("](", "![", ":red[", "http://", "https://", "www.evil"):
+            assert drawn not in value, (drawn, value)
+        assert not re.search(r"(?<!\\)[<$]", value), value
+    assert any(unescape(v).startswith("**![p](http://evil.example/p.png) [click]") for v in shown)
+    assert "Draining: [see](http://evil.example)" in unescape("\n".join(shown))
+
+
+def test_a_node_card_shows_the_job_it_renders_and_its_step(page, seeded):
+    at = page.run()
+    bars = at.get("progress")
+    assert len(bars) == 1, "node-a renders; node-b and node-c do not"
+    assert unescape(bars[0].proto.text) == "rendering r0 step 12/28"
+    assert bars[0].proto.value == int(100 * 12 / 28)

@@ -37,10 +37,10 @@ def test_nodes_state_hardware_and_throughput(seeded):
     assert a["profiles"] == {"tiny-sd15": "fp16-resident", "tiny-flux": "fp8-offload"}
     assert a["loaded"] == ["tiny-sd15", "tiny-flux"]
     assert b["kind"] == "simulated" and b["draining"]
-    # now: from the last two samples (6 images, 1.5 MP in 5 s)
+    # now: over its samples of the last few minutes (10 images, 2.5 MP in 10 s)
     assert a["source"] == "samples"
-    assert a["images_per_min"] == pytest.approx(72.0)
-    assert a["mp_per_s"] == pytest.approx(0.3)
+    assert a["images_per_min"] == pytest.approx(60.0)
+    assert a["mp_per_s"] == pytest.approx(0.25)
     assert a["s_per_step"] == 0.05
     assert b["images_per_min"] == 0.0
     # node-c is in no sample: its totals over its render time (8 images, 2 MP in 16 s)
@@ -63,7 +63,7 @@ def test_throughput_over_time_and_stale_samples(seeded):
     samples = seeded.store.samples()
     rows = queries.throughput_history(samples)
     node_a = [r for r in rows if r["node"] == "node-a"]
-    assert [round(r["images_per_min"]) for r in node_a] == [48, 72]
+    assert [round(r["images_per_min"]) for r in node_a] == [48, 60]  # each over the minute before it
     assert {r["node"] for r in rows} == {"node-a", "node-b"}
     # samples from a scheduler that stopped long ago say nothing about now: totals instead
     record = {"name": "node-a", "images": 40, "megapixels": 10.5, "render_seconds": 100.0}
@@ -73,6 +73,50 @@ def test_throughput_over_time_and_stale_samples(seeded):
     restarted = [{"t": 0, "nodes": {"n": {"images": 50, "megapixels": 5}}},
                  {"t": 10, "nodes": {"n": {"images": 2, "megapixels": 0.5}}}]
     assert queries.throughput_history(restarted)[0]["images_per_min"] == pytest.approx(12.0)
+
+
+def busy_samples(now: float) -> list[dict]:
+    """A node busy for two minutes, sampled every 5 s: its totals move only when a batch of 4 images (1 MP)
+    finishes, every 30 s, the last time 10 s ago."""
+    samples = []
+    for k in range(25):
+        t = now - 120 + 5 * k
+        batches = (k + 2) // 6  # batches end at t = now - 100, -70, -40, -10
+        samples.append({"t": t, "nodes": {"busy": {"images": 4 * batches, "megapixels": 1.0 * batches}}})
+    return samples
+
+
+def test_a_busy_node_between_two_batches_shows_its_rate_over_the_window():
+    now = 1_000_000.0
+    samples = busy_samples(now)
+    last, before = samples[-1]["nodes"]["busy"], samples[-2]["nodes"]["busy"]
+    assert last == before, "the last two samples fall inside one batch: an instant rate would read 0.0"
+    record = {"name": "busy", "images": 16, "megapixels": 4.0, "render_seconds": 120.0}
+    rates = queries.throughput_now(record, samples, now)
+    assert rates["source"] == "samples"
+    # 4 batches (16 images, 4 MP) finished between its first sample (now - 120) and its last (now)
+    assert rates["images_per_min"] == pytest.approx(8.0)
+    assert rates["mp_per_s"] == pytest.approx(4.0 / 120)
+    # the chart's points are rates over the minute before each: none of the last ones reads 0
+    points = [r["images_per_min"] for r in queries.throughput_history(samples) if r["t"] >= now - 60]
+    assert points and min(points) > 0
+    # samples older than the window do not count
+    old = [{"t": now - 900, "nodes": {"busy": {"images": 0, "megapixels": 0.0}}}] + samples
+    assert queries.throughput_now(record, old, now)["images_per_min"] == pytest.approx(8.0)
+
+
+def test_node_colours_are_distinct_and_stable_per_name():
+    names = [f"node-{i}" for i in range(10)]
+    colors = queries.node_colors(names)
+    assert len(set(colors.values())) == 10 and set(colors.values()) == set(queries.NODE_PALETTE)
+    assert queries.node_colors(list(reversed(names))) == colors, "the order nodes are listed in does not matter"
+    # A node keeps its colour as nodes join and leave (only one that lands on a colour already taken moves on):
+    # each colour is picked from the name, never from a node's place in the list.
+    for i in range(1, 10):
+        assert all(queries.node_colors(names[: i + 1])[n] == colors[n] for n in names[:i])
+    assert queries.node_colors(["quadro-24g", "rtx-8g"])["quadro-24g"] == queries.node_colors(["quadro-24g"])["quadro-24g"]
+    two = queries.node_colors(["quadro-24g", "rtx-8g"])  # the browser test's farm: they hash to one colour
+    assert two["quadro-24g"] != two["rtx-8g"]
 
 
 def test_jobs_all_states_with_filters(seeded):
@@ -102,6 +146,44 @@ def test_queued_jobs_carry_position_and_eta(seeded):
     assert (q0["position"], q1["position"], q2["position"]) == (0, 1, None)
     assert q0["eta_s"] == pytest.approx(25) and q1["eta_s"] == pytest.approx(45)
     assert q2["eta_s"] is None and q2["waiting"] == "no node has room for 4096x4096"
+
+
+def test_the_table_follows_the_queue_then_running_then_the_latest_finished(seeded):
+    store, now = seeded.store, seeded.now
+    # The scheduler's order, not the ids' (jobs of one batch share their queue score: the index sorts them by id).
+    store.write_etas({
+        "q2": {"position": 0, "node": "node-a", "start": now + 5, "finish": now + 25, "as_of": now},
+        "q1": {"position": 1, "node": "node-a", "start": now + 25, "finish": now + 45, "as_of": now},
+        "q0": {"position": None, "node": None, "waiting": "no node has room", "as_of": now},
+    })
+    rows = queries.jobs(store, now=now)["rows"]
+    assert [r["id"] for r in rows[:6]] == ["q2", "q1", "q0", "l0", "r1", "r0"]
+    finished = rows[6:]
+    assert {r["state"] for r in finished} == {"done", "failed", "cancelled"}
+    times = [r["finished_at"] for r in finished]
+    assert times == sorted(times, reverse=True), "the finished ones newest first, whatever their state"
+    assert [r["id"] for r in finished][-2:] == ["f1", "d3"] or [r["id"] for r in finished][-2:] == ["d3", "f1"]
+    assert [r["id"] for r in queries.jobs(store, state="queued", now=now)["rows"]] == ["q2", "q1", "q0"]
+
+
+def test_failed_in_the_last_hour_adds_up_over_the_node_cards(seeded):
+    store = seeded.store
+    overview = queries.overview(store, seeded.now)
+    rows = {n["name"]: n for n in queries.nodes(store, store.samples(), 15, seeded.now)}
+    # f0 failed on node-a a moment ago; f1 on node-c two hours ago (the workers' own counters say 1 and 1)
+    assert {name: n["failed_1h"] for name, n in rows.items()} == {"node-a": 1, "node-b": 0, "node-c": 0}
+    assert sum(n["failed_1h"] for n in rows.values()) == overview["failed_1h"] == 1
+    assert queries.failed_by_node(store, seeded.now - 3 * 3600) == {"node-a": 1, "node-c": 1}
+
+
+def test_a_node_shows_the_job_it_renders_and_its_step(seeded):
+    rows = {n["name"]: n for n in queries.nodes(seeded.store, [], 15)}
+    assert {k: rows["node-a"][k] for k in ("current_job", "batch_jobs", "step", "steps")} == {
+        "current_job": "r0", "batch_jobs": 1, "step": 12, "steps": 28}
+    assert rows["node-b"]["current_job"] is None and rows["node-b"]["step"] is None
+    assert queries.progress({"current_job": None, "step": 3}) == {
+        "current_job": None, "batch_jobs": 0, "step": None, "steps": None}
+    assert queries.progress({"current_job": "j", "step": "x", "steps": [2]})["step"] is None
 
 
 def test_failures_with_reasons(seeded):
