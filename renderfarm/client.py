@@ -182,7 +182,7 @@ class FarmClient:
             except SpecError as exc:
                 errors.append(str(exc))
         if not errors:
-            errors = self._fits_nowhere(valid)
+            errors = self._unrenderable(valid) or self._fits_nowhere(valid)
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
@@ -209,6 +209,30 @@ class FarmClient:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
         return out
+
+    def _unrenderable(self, specs: Sequence[JobSpec]) -> list[str]:
+        """One error per spec whose model no worker renders (a family the catalog lists for planning only),
+        or that no registered node can load: each node reports in its record what it cannot load and why
+        (actors/worker.py). A node that reports nothing, or does not know the model, might load it; with no
+        node registered yet, only the catalog's word counts."""
+        reports = []
+        for record in self.store.nodes():
+            unloadable = record.get("unloadable") if isinstance(record, dict) else None
+            if not isinstance(unloadable, dict):
+                return self._planning_only(specs)  # a node that might load anything: no refusal by nodes
+            reports.append((str(record.get("name")), unloadable))
+        errors = self._planning_only(specs)
+        for i, spec in enumerate(specs if not errors else ()):
+            whys = {name: unloadable.get(spec.model) for name, unloadable in reports}
+            if whys and all(isinstance(why, str) for why in whys.values()):
+                reasons = "; ".join(f"{name}: {why}" for name, why in sorted(whys.items()))
+                errors.append(f"jobs[{i}]: model: no node of this farm can load {spec.model!r} ({reasons})")
+        return errors
+
+    def _planning_only(self, specs: Sequence[JobSpec]) -> list[str]:
+        return [f"jobs[{i}]: model: {spec.model!r} (family {family.name}) is listed for planning only: no "
+                "worker renders it yet" for i, spec in enumerate(specs)
+                if (family := self.catalog.get(spec.model).family).planning_only]
 
     def _fits_nowhere(self, specs: Sequence[JobSpec]) -> list[str]:
         """One error per spec that no registered node can run in any profile (the planner's reason).

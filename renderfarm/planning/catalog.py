@@ -112,6 +112,8 @@ class Family(BaseModel):
     text_tokens: int = Field(default=77, gt=0)  # prompt tokens (a transformer attends over them jointly)
     fp16_clamp: bool = False  # activations overflow fp16: clamp them when computing in fp16 (Flux)
     vae_force_upcast: bool = False  # the VAE overflows in fp16 (SDXL's original VAE): decode in fp32
+    # Listed so the planner can size its models, but no worker renders it: a submit is refused (client.py).
+    planning_only: bool = False
 
     def __hash__(self) -> int:  # frozen models stay hashable despite their dict fields
         return hash(self.name)
