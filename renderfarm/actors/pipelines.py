@@ -256,11 +256,13 @@ def render_batch(
     requests: list[RenderRequest],
     embedding_cache: EmbeddingCache | None = None,
     should_stop: Callable[[], str | None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[RenderResult]:
     """Render `requests` (same size, steps and guidance) in one pipeline call; one result per request.
 
     `should_stop` is asked after every denoising step; when it returns a reason (the jobs were cancelled,
-    the render ran past its time) the render stops there with RenderInterrupted.
+    the render ran past its time) the render stops there with RenderInterrupted. `on_step(step, steps)` is
+    called after every denoising step too (the worker publishes it: actors/progress.py); it must not block.
 
     Prompt embeddings come from `embedding_cache`, or when it is None from the cache of the PipelineCache
     that loaded `pipe` (if any): a prompt already encoded for this model and profile is not encoded again.
@@ -286,6 +288,8 @@ def render_batch(
     def on_step_end(_pipe, _step, _timestep, _callback_kwargs):
         _synchronize(device)
         step_ends.append(time.perf_counter())
+        if on_step is not None:
+            on_step(min(_step + 1, steps), steps)
         reason = should_stop() if should_stop is not None else None
         if reason:
             raise RenderInterrupted(reason)

@@ -26,6 +26,7 @@ import traceback
 from typing import Any
 
 from renderfarm.actors.escalation import DoesNotFit
+from renderfarm.actors.progress import StepProgress
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
@@ -125,6 +126,7 @@ class RenderWorker:
         self._timeout_s: float | None = None
         self._all_gone = False  # set by a renewal that found none of them held any more
         self._stop = threading.Event()
+        self.progress = StepProgress(self.store, name)  # the batch's job and step, for the dashboard
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
@@ -199,6 +201,7 @@ class RenderWorker:
 
         self.state = "busy"
         self._publish()
+        self.progress.start([job.id for job in jobs], spec.steps)
         started = time.perf_counter()
         try:
             entry = self.catalog.get(jobs[0].spec.model)
@@ -250,6 +253,7 @@ class RenderWorker:
             return summary
         finally:
             self._holding = []  # rendered, stopped or failed: the heartbeat renews nothing more
+            self.progress.clear()
 
         profile_name = profile.name if profile else "as-loaded"
         self._measured(entry.name, profile_name, requests, results[0], resident, load_s + move_s)
@@ -296,7 +300,8 @@ class RenderWorker:
 
         outcome = render_escalating(
             self.cache, entry, self.profile_for(entry, width, height, images),
-            render=lambda pipe: render_batch(pipe, entry, requests, should_stop=should_stop),
+            render=lambda pipe: render_batch(pipe, entry, requests, should_stop=should_stop,
+                                             on_step=self.progress.step),
             lower_for_vram=lambda p: next_rung(entry, self.card, p, width, height, images),
             lower_for_host=lambda p: next_rung_for_host(entry, self.card, p, width, height, images),
             resident_bytes=lambda pipe: pipeline_bytes(pipe, on=self.device),
