@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from renderfarm.cluster.store import Store
@@ -62,10 +62,7 @@ class StepProgress:
     def close(self, timeout: float = 5.0) -> None:
         """Wait (up to `timeout` s) for the writes queued so far, then stop the writer thread."""
         if self._pending is not None:
-            try:
-                self._pending.result(timeout=timeout)
-            except Exception:  # logged by _write; a timeout leaves it to finish on its own
-                pass
+            wait([self._pending], timeout=timeout)  # _write never raises; one still running finishes on its own
         self._writer.shutdown(wait=False)
 
     def _submit(self, fields: dict[str, Any]) -> None:

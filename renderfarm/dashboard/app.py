@@ -189,8 +189,8 @@ def node_card(node: dict[str, Any], color: str | None = None) -> None:
             # they last ran on. The worker's own counters count attempts since it started (a retried attempt
             # included), which is a different thing.
             f"Failed (1 h): {node['failed_1h']:,} jobs",
-            f"Since it started: {node['jobs_done']:,} jobs done, {node['jobs_failed']:,} attempts failed; "
-            f"{node['images']:,} images",
+            (f"Since it started: {node['jobs_done']:,} jobs done, {node['jobs_failed']:,} attempts failed; "
+             f"{node['images']:,} images"),
             f"RAM: planned against {number(node['ram_planned_gib'])} GiB"
             if node["ram_planned_gib"] is not None else "RAM: not planned against",
         ]
