@@ -49,14 +49,15 @@ class JobState(str, Enum):
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
 # Every legal move. `leased -> queued` and `running -> queued` are retries (worker died, lease expired,
-# recoverable error); `failed -> queued` is an explicit retry by an operator.
+# recoverable error); `failed -> queued` and `cancelled -> queued` are explicit retries by an operator
+# (`renderfarm retry`). Done is final.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.LEASED, JobState.CANCELLED}),
     JobState.LEASED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED, JobState.CANCELLED}),
     JobState.DONE: frozenset(),
     JobState.FAILED: frozenset({JobState.QUEUED}),
-    JobState.CANCELLED: frozenset(),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
 
 

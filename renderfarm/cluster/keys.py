@@ -110,6 +110,12 @@ class Keys:
         return self._key("settings")
 
     @property
+    def farm(self) -> str:
+        """The farm's marker (JSON {id, created, started}), written by the head when it starts: a client told
+        the wrong database number finds no marker there and says so, instead of showing an empty farm."""
+        return self._key("farm")
+
+    @property
     def quarantine(self) -> str:
         """Quarantined job id -> JSON {reason, at}: records that did not parse, taken out of circulation."""
         return self._key("quarantine")

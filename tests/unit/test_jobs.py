@@ -68,16 +68,17 @@ def test_sizes_checked_without_catalog_too():
         JobSpec(model="anything", prompt="x", width=65)
 
 
-def test_transition_table_covers_every_state_and_terminals_are_final():
+def test_transition_table_covers_every_state_and_done_is_final():
     assert set(TRANSITIONS) == set(JobState)
-    for state in (JobState.DONE, JobState.CANCELLED):
-        assert state.terminal and TRANSITIONS[state] == frozenset()
+    assert JobState.DONE.terminal and TRANSITIONS[JobState.DONE] == frozenset()
+    # failed and cancelled jobs leave only by an operator's retry
+    assert TRANSITIONS[JobState.FAILED] == TRANSITIONS[JobState.CANCELLED] == {JobState.QUEUED}
     assert sources_of(JobState.LEASED) == {JobState.QUEUED}
 
 
 @pytest.mark.parametrize(
     "current, target",
-    [("queued", "done"), ("queued", "running"), ("done", "queued"), ("cancelled", "queued"), ("done", "failed")],
+    [("queued", "done"), ("queued", "running"), ("done", "queued"), ("cancelled", "leased"), ("done", "failed")],
 )
 def test_illegal_transitions_raise(current, target):
     with pytest.raises(IllegalTransition, match=f"{current} -> {target}"):

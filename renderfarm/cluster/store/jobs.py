@@ -95,10 +95,10 @@ class JobRecords:
     def pending_ids(self, limit: int = 1000) -> list[str]:
         return [m.decode() for m in self.redis.zrange(self.keys.pending, 0, limit - 1)]
 
-    def ids_in(self, state: JobState, limit: int = 1000, newest_first: bool = False) -> list[str]:
+    def ids_in(self, state: JobState, limit: int = 1000, newest_first: bool = False, offset: int = 0) -> list[str]:
         index = self.keys.index(state)
         fetch = self.redis.zrevrange if newest_first else self.redis.zrange
-        return [m.decode() for m in fetch(index, 0, limit - 1)]
+        return [m.decode() for m in fetch(index, offset, offset + limit - 1)]
 
     def counts(self) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
@@ -285,7 +285,10 @@ class JobRecords:
         self, job_id: str, error: str, node: str | None = None, *,
         allowed_from: Iterable[JobState] | None = None, expired_only: bool = False,
     ) -> bool:
-        """Back to the queue at its original place (retry): from leased/running, or failed by hand."""
+        """Back to the queue at its original place (retry): from leased/running, or failed by hand. Never
+        from cancelled unless `allowed_from` says so: a cancel that races a node's failure stays a cancel."""
+        if allowed_from is None:
+            allowed_from = (JobState.LEASED, JobState.RUNNING, JobState.FAILED)
         try:
             self.transition(
                 job_id, JobState.QUEUED, expect_node=node, allowed_from=allowed_from, expired_only=expired_only,
@@ -294,6 +297,15 @@ class JobRecords:
         except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive, CorruptRecord):
             return False
         return True
+
+    def retry(self, job_id: str) -> JobState:
+        """failed or cancelled -> queued, at its original place, by an operator: a fresh set of attempts, no
+        node, no error. Returns the state it left; raises JobNotFound, IllegalTransition (any other state)
+        or CorruptRecord (see `transition`)."""
+        return self.transition(
+            job_id, JobState.QUEUED, allowed_from={JobState.FAILED, JobState.CANCELLED},
+            fields={"attempts": 0, "error": "", "node": "", "started_at": "", "finished_at": "", "run_deadline": ""},
+        )
 
     def cancel(self, job_id: str) -> JobState:
         """Cancel from any non-terminal state; returns the state it left. A rendering job's node sees it at

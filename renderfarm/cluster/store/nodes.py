@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -31,6 +32,59 @@ class NodeRecords:
 
     def publish_settings(self, values: dict[str, Any]) -> None:
         self.redis.set(self.keys.settings, json.dumps(values))
+
+    def mark_farm(self) -> dict[str, Any]:
+        """Write the farm's marker (Keys.farm): its id and creation time are kept from the first start, the
+        start time is this one's. Returns the marker."""
+        now = time.time()
+        marker = self.farm_marker() or {"id": uuid.uuid4().hex[:12], "created": now}
+        marker = {**marker, "started": now}
+        self.redis.set(self.keys.farm, json.dumps(marker))
+        return marker
+
+    def farm_marker(self) -> dict[str, Any] | None:
+        """The farm's marker; None when no farm has started on this database. A marker that does not parse
+        still says a farm is here (logged, returned as {})."""
+        raw = self.redis.get(self.keys.farm)
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            log.error("%s does not parse: %s", self.keys.farm, exc)
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def holds_farm_records(self) -> bool:
+        """Whether this database holds any job, node or token record (a farm from before the marker existed,
+        or one written by a tool), as opposed to an empty database."""
+        keys = [self.keys.nodes, self.keys.tokens, self.keys.settings, *self.keys.all_indexes()]
+        return bool(self.redis.exists(*keys))
+
+    def farm_databases(self) -> list[int]:
+        """The other databases of this server that hold a farm marker, so that a client given the wrong
+        database number can name the right one; [] when the server does not say (INFO or SELECT refused)."""
+        pool = self.redis.connection_pool
+        here = int(pool.connection_kwargs.get("db") or 0)
+        try:
+            keyspace = self.redis.info("keyspace")
+        except redis.RedisError:
+            return []
+        found = []
+        for name in keyspace:
+            if not (str(name).startswith("db") and str(name)[2:].isdigit()) or int(str(name)[2:]) == here:
+                continue
+            db = int(str(name)[2:])
+            other = redis.Redis(connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class, **{**pool.connection_kwargs, "db": db}))
+            try:
+                if other.exists(self.keys.farm):
+                    found.append(db)
+            except redis.RedisError:
+                pass
+            finally:
+                other.close()
+        return found
 
     def published_settings(self) -> dict[str, Any]:
         """What the head published ({} when nothing, or something that does not parse: logged)."""
