@@ -32,6 +32,7 @@ from renderfarm.errors import (
     AuthError,
     CorruptRecord,
     JobNotFound,
+    NoFarm,
     ResultUnavailable,
     SpecError,
     SpecFileError,
@@ -54,6 +55,8 @@ from renderfarm.planning.measured import snapshot
 from renderfarm.specfile import read_spec_file
 
 MAX_BATCH_JOBS = 10_000
+LIST_SCAN_MAX = 100_000  # `list_jobs` reads at most this many records per state index
+LIST_PAGE = 500
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -344,7 +347,102 @@ class FarmClient:
             images.append(image)
         return Result(job=job, images=images, png=png)
 
+    def list_jobs(
+        self, *, state: JobState | str | None = None, team: str | None = None, batch: str | None = None,
+        tag: str | None = None, model: str | None = None, node: str | None = None, limit: int = 50,
+    ) -> list[Job]:
+        """The newest jobs (by submit time) that match every filter given, at most `limit`. A team token sees
+        its own team's jobs only (naming another team is an AuthError). Records that do not parse are skipped
+        (the scheduler quarantines them). Terminal states are read newest first and at most LIST_SCAN_MAX
+        records per state, so a filter that matches nothing in a huge history stops there."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        granted = self.access()
+        if granted.team is not None:
+            if team is not None and team != granted.team:
+                raise AuthError(f"team {team!r}: this token is for team {granted.team!r}")
+            team = granted.team
+        states = [JobState(state)] if state is not None else list(JobState)
+
+        def wanted(job: Job) -> bool:
+            return (job.state in states and (team is None or job.spec.team == team)
+                    and (batch is None or job.batch_id == batch) and (tag is None or tag in job.spec.tags)
+                    and (model is None or job.spec.model == model) and (node is None or job.node == node))
+
+        if batch is not None:
+            found = [job for job in self._readable(self.store.batch_ids(batch)) if wanted(job)]
+        else:
+            found = []
+            for listed in states:
+                found += self._newest_in(listed, wanted, limit)
+        found.sort(key=lambda job: (job.created_at, job.id), reverse=True)
+        return found[:limit]
+
+    def _newest_in(self, state: JobState, wanted: Any, limit: int) -> list[Job]:
+        """Matching jobs of one state index. A terminal index is scored by finish time: read newest first and
+        stop at `limit` matches. The others are read whole (a queue is scored by priority, not age)."""
+        found: list[Job] = []
+        for offset in range(0, LIST_SCAN_MAX, LIST_PAGE):
+            ids = self.store.ids_in(state, limit=LIST_PAGE, newest_first=True, offset=offset)
+            found += [job for job in self._readable(ids) if wanted(job)]
+            if len(ids) < LIST_PAGE or (state.terminal and len(found) >= limit):
+                break
+        return found
+
+    def _readable(self, job_ids: Sequence[str]) -> list[Job]:
+        """The jobs of `job_ids` that exist and parse."""
+        try:
+            found = self.store.get_many(job_ids)
+        except CorruptRecord:
+            found = []
+            for job_id in job_ids:
+                try:
+                    found += self.store.get_many([job_id])
+                except CorruptRecord:
+                    continue
+        return [job for job in found if job is not None]
+
     # --- control and overview -------------------------------------------------------------------------
+
+    def check_farm(self, *, empty_ok: bool = False) -> dict[str, Any] | None:
+        """The farm's marker (written by the head when it starts: id, created, started), or NoFarm saying
+        why there is none: another database of this server holds a farm (a wrong database number in the
+        URL), or, unless `empty_ok`, the database is empty. A database that holds farm records but no marker
+        (written by a tool or a test, or by a farm from before the marker) passes, as None."""
+        marker = self.store.farm_marker()
+        if marker is not None:
+            return marker
+        url = self.redis_settings.redacted
+        elsewhere = self.store.farm_databases()
+        if elsewhere:
+            here = int(self.store.redis.connection_pool.connection_kwargs.get("db") or 0)
+            there = ", ".join(str(db) for db in elsewhere)
+            raise NoFarm(f"no farm at {url}: database {here} holds none, but database {there} of this server "
+                         "does: wrong database number?")
+        if self.store.holds_farm_records() or empty_ok:
+            return None
+        raise NoFarm(f"no farm at {url}: nothing has started a farm on this database (wrong database number "
+                     "or URL? start one with `renderfarm up`)")
+
+    def retry(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """Put each failed or cancelled job back in the queue at its original place, with a fresh set of
+        attempts; returns per id what happened (a team token retries its own team's jobs only)."""
+        granted = self.access()
+        out = {}
+        for job_id in job_ids:
+            try:
+                if granted.team is not None and (team := self.store.get(job_id).spec.team) != granted.team:
+                    out[job_id] = f"not retried: belongs to team {team}"
+                    continue
+                out[job_id] = f"queued (was {self.store.retry(job_id).value})"
+            except IllegalTransition as exc:
+                out[job_id] = f"not retried: it is {exc.current.value} (only failed or cancelled jobs are retried)"
+            except JobNotFound:
+                out[job_id] = "not retried: no such job"
+            except CorruptRecord as exc:
+                out[job_id] = f"not retried: {exc}"
+        return out
+
 
     def cancel(self, job_ids: Iterable[str]) -> dict[str, str]:
         """Cancel each job; returns per id the state it left, or why it could not be cancelled (a team

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError", "CliError", "ConfigError", "CorruptRecord", "DoesNotFit", "FarmError", "InsecureRedis",
-    "JobNotFound", "ModelSourceError", "RedisUnavailable", "RenderfarmError", "ResultUnavailable", "SpecError",
+    "JobNotFound", "ModelSourceError", "NoFarm", "RedisUnavailable", "RenderfarmError", "ResultUnavailable", "SpecError",
     "SpecFileError", "UnknownModelError", "UnsupportedFamily",
     "UsageError", "WaitTimeout",
 ]
@@ -60,6 +60,11 @@ class AuthError(RenderfarmError, PermissionError):
 
 class FarmError(RenderfarmError, RuntimeError):
     """A farm could not start or run (its Redis, its Ray, its nodes)."""
+
+
+class NoFarm(RenderfarmError, LookupError):
+    """No farm has started on the Redis database a command was given (no farm marker there): most often a
+    wrong database number in the URL. The message names the URL and, when it can, the database that holds one."""
 
 
 class RedisUnavailable(RenderfarmError, RuntimeError):

@@ -261,6 +261,7 @@ class Farm(_Started):
         log.info("redis: %s", redact(self.redis_url))
         with connect(self.redis_url) as client:
             Store(client, Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
+            Store(client, Keys(self.key_prefix)).mark_farm()  # a client given the wrong database finds no marker
 
     def _embedded_redis(self, port: int | None = None) -> EmbeddedRedis:
         """This farm's embedded redis-server, not started: `start()` and `crash_redis()` both make it here, so a

@@ -2,9 +2,11 @@
 progress go to stderr) and --debug (tracebacks and debug logs).
 
 One module per command group, each registering its own subcommands beside its code: `farm` (up, worker,
-demo, dashboard), `jobs` (submit, status, cancel, drain), `tokens`, `plan`, `bench`. A user-facing error
-(`RenderfarmError`, renderfarm/errors.py) is one `renderfarm CMD: error: ...` line and exit code 1; any
-other exception is a bug and keeps its traceback.
+demo, dashboard), `jobs` (submit, status, jobs, cancel, retry, drain), `tokens`, `plan`, `bench`. A
+user-facing error (`RenderfarmError`, renderfarm/errors.py) is one `renderfarm CMD: error: ...` line and exit
+code 1; any other exception is a bug and keeps its traceback. Exit codes: cli/common.py (EXIT_*).
+
+A reader that stops reading early (`renderfarm status | head -1`) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -12,10 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from renderfarm.cli import bench, farm, jobs, plan, tokens
-from renderfarm.cli.common import EXIT_ERROR, EXIT_USAGE, emit, parent_parsers
+from renderfarm.cli.common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    emit,
+    parent_parsers,
+)
 from renderfarm.errors import RenderfarmError, UsageError
 
 __all__ = ["build_parser", "main"]
@@ -31,9 +40,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("renderfarm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common, with_redis = parent_parsers()
     parser = _Parser(prog="renderfarm", description="A render farm for diffusion models.")
+    parser.add_argument("--version", action="version", version=f"renderfarm {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         group.register(sub, common, with_redis)
@@ -59,9 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and not args.debug:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone away is caught below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader closed the pipe (`| head -1`): the usual Python recipe, so that the interpreter's own
+        # flush at exit writes to nowhere instead of printing a second error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except RenderfarmError as exc:
         if args.debug:
             raise

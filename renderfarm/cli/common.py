@@ -17,8 +17,13 @@ from renderfarm.config import Settings
 from renderfarm.errors import CliError, SpecFileError
 from renderfarm.jobs import shown
 
+# Exit codes (README, "Submit and follow"): 0 all went as asked; 1 an error, or jobs that failed or could not
+# be found, cancelled or retried; 2 a command line argparse cannot read; 3 `submit --timeout` expired with jobs
+# still pending; 130 interrupted (Ctrl-C) while waiting.
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_INTERRUPTED = 130
 FARM_FILE = "farm.json"  # written by `up` in its data dir so other commands find its Redis
 
 log = logging.getLogger("renderfarm")
@@ -79,10 +84,15 @@ def resolve_url(args: argparse.Namespace) -> str:
     )
 
 
-def client_from(args: argparse.Namespace):
+def client_from(args: argparse.Namespace, *, empty_ok: bool = True):
+    """A client for the farm the flags name, checked to be a farm (FarmClient.check_farm): a URL whose
+    database number is wrong is refused, naming the database that holds the farm. `empty_ok=False` for
+    commands whose answer from an empty database would mislead (an empty overview, a list of no jobs)."""
     from renderfarm.client import FarmClient
 
-    return FarmClient(resolve_url(args), token=team_token(args))
+    client = FarmClient(resolve_url(args), token=team_token(args))
+    client.check_farm(empty_ok=empty_ok)
+    return client
 
 
 def team_token(args: argparse.Namespace) -> str | None:
@@ -113,7 +123,9 @@ def _save_images(client, job, out: Path) -> list[str]:
 
 
 def follow(client, ids: list[str], out: Path | None, timeout: float | None, quiet: bool) -> dict[str, Any]:
-    """Wait for `ids` with a progress bar on stderr, saving images as they arrive."""
+    """Wait for `ids` with a progress bar on stderr, saving images as they arrive. Returns the jobs `done`
+    and `failed`, the `images` saved, the ids still `pending`, and `stopped`: None when every job finished,
+    else "timeout" (--timeout expired) or "interrupted" (Ctrl-C); the pending jobs stay in the farm."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -122,22 +134,31 @@ def follow(client, ids: list[str], out: Path | None, timeout: float | None, quie
         TimeElapsedColumn,
     )
 
-    done, failed, images = [], [], []
+    from renderfarm.errors import WaitTimeout
+
+    done, failed, images, stopped = [], [], [], None
     progress = Progress(
         TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=stderr_console(), disable=quiet, transient=False,
     )
-    with progress:
-        task = progress.add_task("jobs", total=len(ids))
-        for job in client.as_completed(ids, timeout=timeout):
-            if job.state.value == "done":
-                done.append(job)
-                if out is not None:
-                    images += _save_images(client, job, out)
-            else:
-                failed.append(job)
-            progress.advance(task)
-    return {"done": done, "failed": failed, "images": images}
+    try:
+        with progress:
+            task = progress.add_task("jobs", total=len(ids))
+            for job in client.as_completed(ids, timeout=timeout):
+                if job.state.value == "done":
+                    done.append(job)
+                    if out is not None:
+                        images += _save_images(client, job, out)
+                else:
+                    failed.append(job)
+                progress.advance(task)
+    except WaitTimeout:
+        stopped = "timeout"
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finished = {job.id for job in done + failed}
+    pending = [job_id for job_id in ids if job_id not in finished]
+    return {"done": done, "failed": failed, "images": images, "pending": pending, "stopped": stopped}
 
 
 def stop_on_signals() -> threading.Event:

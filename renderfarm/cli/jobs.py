@@ -1,15 +1,20 @@
 """The job commands: `submit` (prompts, or a spec file, as one batch; waits with a progress bar and saves
-the images), `status` (the farm, or given jobs), `cancel`, and `drain` (a node takes no new work)."""
+the images), `status` (the farm, or given jobs), `jobs` (list them, filtered), `cancel`, `retry` (failed or
+cancelled jobs back in the queue), and `drain` (a node takes no new work)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from renderfarm.cli.common import (
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_TIMEOUT,
     client_from,
     emit,
     flag_float,
@@ -21,7 +26,9 @@ from renderfarm.cli.common import (
 )
 from renderfarm.client import MAX_BATCH_JOBS
 from renderfarm.errors import CliError, SpecFileError
-from renderfarm.jobs import shown
+from renderfarm.jobs import JobState, new_job_id, shown
+
+log = logging.getLogger("renderfarm")
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
@@ -30,7 +37,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     # --json, like any other submit error. A flag left out is None, so --specs can tell what was given.
     submit = sub.add_parser("submit", parents=[common, with_redis], help="submit prompts and save the images")
     submit.add_argument("prompt", nargs="?", help="the prompt (or use --prompts FILE or --specs FILE)")
-    submit.add_argument("--prompts", metavar="FILE", help="a file with one prompt per line")
+    submit.add_argument("--prompts", metavar="FILE",
+                        help="a file with one prompt per line (blank lines and lines starting with # are skipped)")
     submit.add_argument("--specs", metavar="FILE",
                         help="job specs as a JSON list of objects or as JSON Lines, submitted as one batch (all or "
                              "none); takes no other job flags")
@@ -44,6 +52,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     submit.add_argument("--seed", metavar="N")
     submit.add_argument("--priority", metavar="N", help="-100..100 (default 0)")
     submit.add_argument("--team", help="default: default")
+    submit.add_argument("--tag", action="append", metavar="TAG", help="a tag for every job (repeat for more)")
     submit.add_argument("--out", default="renders")
     submit.add_argument("--timeout", metavar="SECONDS", help="default: wait as long as it takes")
     submit.add_argument("--no-wait", action="store_true", help="print the job ids and return")
@@ -53,10 +62,26 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     status.add_argument("jobs", nargs="*")
     status.set_defaults(func=cmd_status)
 
+    jobs = sub.add_parser("jobs", parents=[common, with_redis], help="list jobs, newest first")
+    jobs.add_argument("--state", choices=[s.value for s in JobState])
+    jobs.add_argument("--team")
+    jobs.add_argument("--batch", metavar="ID")
+    jobs.add_argument("--tag")
+    jobs.add_argument("--model")
+    jobs.add_argument("--node")
+    jobs.add_argument("--limit", type=int, default=50, metavar="N", help="at most N jobs (default 50)")
+    jobs.set_defaults(func=cmd_jobs)
+
     cancel = sub.add_parser("cancel", parents=[common, with_redis], help="cancel jobs")
     cancel.add_argument("jobs", nargs="*")
     cancel.add_argument("--batch", help="cancel every job of a batch")
     cancel.set_defaults(func=cmd_cancel)
+
+    retry = sub.add_parser("retry", parents=[common, with_redis],
+                           help="put failed or cancelled jobs back in the queue")
+    retry.add_argument("jobs", nargs="*")
+    retry.add_argument("--batch", help="retry every failed or cancelled job of a batch")
+    retry.set_defaults(func=cmd_retry)
 
     drain = sub.add_parser("drain", parents=[common, with_redis], help="a node finishes its work, takes no more")
     drain.add_argument("node_names", nargs="+", metavar="NODE")
@@ -66,10 +91,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 
 # Flags that describe the jobs: --specs takes all of that from its file, so none of these go with it.
 SUBMIT_SPEC_FLAGS = ("prompt", "prompts", "model", "size", "steps", "guidance", "negative", "count", "images",
-                     "seed", "priority", "team")
+                     "seed", "priority", "team", "tag")
 
 
-def _submit_file(args: argparse.Namespace) -> tuple[Any, list[str]]:
+def _submit_file(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]:
     """Submit a --specs file as one batch (FarmClient.submit_file): every spec is checked first, and any
     error enqueues nothing."""
     mixed = [f"--{name}" if name != "prompt" else "PROMPT" for name in SUBMIT_SPEC_FLAGS
@@ -79,17 +104,18 @@ def _submit_file(args: argparse.Namespace) -> tuple[Any, list[str]]:
                        "(only --no-wait, --out, --timeout, --json and --redis go with --specs)")
     client = client_from(args)
     try:
-        return client, client.submit_file(args.specs)
+        return client, client.submit_file(args.specs, batch_id=batch)
     except SpecFileError as exc:
         raise CliError(f"--specs {exc}") from None
 
 
-def _submit_flags(args: argparse.Namespace) -> tuple[Any, list[str]]:
+def _submit_flags(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]:
     """Submit PROMPT or each line of --prompts, --count times, with the other flags as the job fields."""
     if args.prompts is not None and args.prompt is not None:
         raise CliError("give a PROMPT or --prompts FILE, not both")
     if args.prompts is not None:
-        prompts = [line.strip() for line in read_flag_file("--prompts", args.prompts).splitlines() if line.strip()]
+        lines = (line.strip() for line in read_flag_file("--prompts", args.prompts).splitlines())
+        prompts = [line for line in lines if line and not line.startswith("#")]  # blank lines, comments
         if not prompts:
             raise CliError(f"--prompts {args.prompts}: the file has no prompts")
     elif args.prompt is not None:
@@ -102,7 +128,7 @@ def _submit_flags(args: argparse.Namespace) -> tuple[Any, list[str]]:
                        "submit, and --count must be at least 1")
     fixed = {"model": given(args.model, "tiny-sd15"), "negative_prompt": given(args.negative, ""),
              "priority": given(flag_int("--priority", args.priority), 0), "team": given(args.team, "default"),
-             "num_images": given(flag_int("--images", args.images), 1)}
+             "num_images": given(flag_int("--images", args.images), 1), "tags": args.tag or []}
     # Left out, size, steps and guidance take the model's defaults (FarmClient.validate).
     if args.size is not None:
         try:
@@ -117,7 +143,7 @@ def _submit_flags(args: argparse.Namespace) -> tuple[Any, list[str]]:
     specs = [{**fixed, "prompt": prompt, **({"seed": seed + i} if seed is not None else {})}
              for prompt in prompts for i in range(count)]
     client = client_from(args)
-    return client, client.submit_batch(specs)
+    return client, client.submit_batch(specs, batch_id=batch)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -127,24 +153,47 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise CliError(f"--timeout {args.timeout}: must be more than 0 seconds")
     if "\x00" in args.out:
         raise CliError("--out: the path contains a NUL character")
-    client, ids = _submit_file(args) if args.specs is not None else _submit_flags(args)
+    batch = new_job_id()
+    client, ids = _submit_file(args, batch) if args.specs is not None else _submit_flags(args, batch)
+    log.info("batch %s: %d job(s) queued", batch, len(ids))  # stderr: stdout is for the ids and images
     if args.no_wait:
-        emit(args, {"ok": True, "jobs": ids}, "\n".join(ids))
+        emit(args, {"ok": True, "batch": batch, "jobs": ids}, "\n".join(ids))
         return 0
     outcome = follow(client, ids, Path(args.out), timeout, quiet=args.json)
-    payload = {"ok": not outcome["failed"], "jobs": ids, "done": len(outcome["done"]),
-               "failed": [{"id": j.id, "error": j.error} for j in outcome["failed"]], "images": outcome["images"]}
-    human = "\n".join([*outcome["images"], *(f"failed {j.id}: {j.error}" for j in outcome["failed"])])
+    payload = {"ok": not outcome["failed"] and not outcome["stopped"], "batch": batch, "jobs": ids,
+               "done": len(outcome["done"]), "failed": [{"id": j.id, "error": j.error} for j in outcome["failed"]],
+               "images": outcome["images"], "pending": outcome["pending"]}
+    human = "\n".join([*outcome["images"], *(f"failed {j.id}: {j.error}" for j in outcome["failed"]),
+                       *(f"pending {job_id}" for job_id in outcome["pending"])])
+    if outcome["stopped"]:
+        why = f"timed out after {timeout:g} s" if outcome["stopped"] == "timeout" else "interrupted"
+        payload["error"] = (f"{why}: {len(outcome['pending'])} of {len(ids)} job(s) still pending; they stay in "
+                            f"the farm (follow them with `renderfarm jobs --batch {batch}`, stop them with "
+                            f"`renderfarm cancel --batch {batch}`)")
+        payload[outcome["stopped"]] = True
     emit(args, payload, human)
+    if not args.json and outcome["stopped"]:
+        print(f"renderfarm submit: {payload['error']}", file=sys.stderr)
+    if outcome["stopped"]:
+        return EXIT_TIMEOUT if outcome["stopped"] == "timeout" else EXIT_INTERRUPTED
     return 0 if not outcome["failed"] else EXIT_ERROR
 
 
+def _list_row(job) -> dict[str, Any]:
+    """What `jobs` shows of a job (and `status JOB` too): who asked for what, where it is, and when."""
+    spec = job.spec
+    return {"id": job.id, "state": job.state.value, "team": spec.team, "batch": job.batch_id,
+            "model": spec.model, "size": f"{spec.width}x{spec.height}", "node": job.node, "tags": list(spec.tags),
+            "prompt": spec.prompt, "seed": spec.seed, "priority": spec.priority, "created_at": job.created_at,
+            "started_at": job.started_at, "finished_at": job.finished_at, "error": job.error}
+
+
 def _job_row(client, job) -> dict[str, Any]:
-    row = {"id": job.id, "state": job.state.value, "model": job.spec.model,
-           "size": f"{job.spec.width}x{job.spec.height}", "steps": job.spec.steps, "node": job.node,
-           "attempts": job.attempts, "error": job.error, "timings": job.timings,
-           "peak_memory_mb": job.peak_memory_mb, "images": job.images, "profile": job.profile,
-           "escalations": job.escalations}
+    spec = job.spec
+    row = {**_list_row(job), "negative_prompt": spec.negative_prompt, "steps": spec.steps,
+           "guidance": spec.guidance, "num_images": spec.num_images, "attempts": job.attempts,
+           "timings": job.timings, "peak_memory_mb": job.peak_memory_mb, "images": job.images,
+           "profile": job.profile, "escalations": job.escalations}
     if job.state.value == "queued":
         estimate = client.estimates([job.id]).get(job.id, {})
         row["queue_position"] = estimate.get("position")
@@ -172,20 +221,39 @@ def _stages(row: dict[str, Any]) -> str:
     return (" " + " ".join(parts)) if parts else ""
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    client = client_from(args)
-    if args.jobs:
-        rows = [_job_row(client, job) for job in client.jobs(args.jobs)]
-        human = "\n".join(
-            f"{r['id']}  {r['state']:<9} {r['model']} {r['size']} node={r['node'] or '-'} "
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _job_block(r: dict[str, Any]) -> str:
+    """A job as `status JOB` prints it: the line it always had, then what was asked and when."""
+    head = (f"{r['id']}  {r['state']:<9} {r['model']} {r['size']} node={r['node'] or '-'} "
             f"attempts={r['attempts']}" + _stages(r)
             + (f" position={r['queue_position']}" if r.get("queue_position") is not None else "")
             + (f" eta={r['eta_s']:.1f}s on {r['waits_for']}" if r.get("eta_s") is not None else "")
             + (f" waiting: {r['waiting']}" if r.get("waiting") else "")
-            + (f" error={r['error']}" if r["error"] else "")
-            for r in rows
-        )
-        emit(args, {"ok": True, "jobs": rows}, human)
+            + (f" error={r['error']}" if r["error"] else ""))
+    lines = [head, f"  prompt: {_one_line(r['prompt'], 200)}"]
+    if r["negative_prompt"]:
+        lines.append(f"  negative: {_one_line(r['negative_prompt'], 200)}")
+    lines.append(f"  seed={r['seed']} steps={r['steps']} guidance={r['guidance']:g} images={r['num_images']} "
+                 f"team={r['team']} priority={r['priority']} batch={r['batch'] or '-'} "
+                 f"tags={','.join(r['tags']) or '-'}")
+    lines.append(f"  created {_when(r['created_at'])}  started {_when(r['started_at'])}  "
+                 f"finished {_when(r['finished_at'])}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = client_from(args, empty_ok=bool(args.jobs))  # an empty overview of the wrong database misleads
+    if args.jobs:
+        rows = [_job_row(client, job) for job in client.jobs(args.jobs)]
+        emit(args, {"ok": True, "jobs": rows}, "\n".join(_job_block(r) for r in rows))
         return 0
     status = client.status()
     now = time.time()
@@ -204,16 +272,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    client = client_from(args)
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise CliError(f"--limit {args.limit}: must be at least 1")
+    client = client_from(args, empty_ok=False)  # "no jobs" from the wrong database misleads
+    found = client.list_jobs(state=args.state, team=args.team, batch=args.batch, tag=args.tag, model=args.model,
+                             node=args.node, limit=args.limit)
+    rows = [_list_row(job) for job in found]
+    lines = [f"{'ID':<16}  {'STATE':<9} {'TEAM':<10} {'MODEL':<12} {'SIZE':<9} {'NODE':<10} {'CREATED':<19}  PROMPT"]
+    lines += [f"{r['id']:<16}  {r['state']:<9} {r['team']:<10} {r['model']:<12} {r['size']:<9} "
+              f"{r['node'] or '-':<10} {_when(r['created_at']):<19}  {_one_line(r['prompt'], 50)}" for r in rows]
+    emit(args, {"ok": True, "count": len(rows), "limit": args.limit, "jobs": rows},
+         "\n".join(lines) if rows else "no jobs match")
+    return 0
+
+
+def _named_or_batch(client, args: argparse.Namespace, states: set[str] | None = None) -> list[str]:
+    """The job ids a command names, then those of --batch (only those in `states`, when given)."""
     ids = list(args.jobs)
     if args.batch:
-        ids += client.store.batch_ids(args.batch)
-    if not ids:
+        members = client.store.batch_ids(args.batch)
+        if not members:
+            raise CliError(f"no such batch: {args.batch}")
+        if states is not None:
+            members = [job.id for job in client.jobs(members) if job.state.value in states]
+        ids += [job_id for job_id in members if job_id not in ids]
+    elif not ids:
         raise CliError("give job ids or --batch ID")
-    outcome = client.cancel(ids)
-    emit(args, {"ok": True, "jobs": outcome}, "\n".join(f"{k}  {v}" for k, v in outcome.items()))
-    return 0
+    return ids
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    outcome = client.cancel(_named_or_batch(client, args))
+    # A job already finished needs no cancel; one that is unknown or another team's is an error.
+    refused = {k: v for k, v in outcome.items() if v.startswith("not cancelled") and "already" not in v}
+    emit(args, {"ok": not refused, "jobs": outcome}, "\n".join(f"{k}  {v}" for k, v in outcome.items()))
+    return EXIT_ERROR if refused else 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    ids = _named_or_batch(client, args, states={"failed", "cancelled"})
+    if not ids:  # a batch with nothing to retry
+        emit(args, {"ok": True, "jobs": {}}, f"batch {args.batch}: no failed or cancelled jobs")
+        return 0
+    outcome = client.retry(ids)
+    refused = {k: v for k, v in outcome.items() if v.startswith("not retried")}
+    emit(args, {"ok": not refused, "jobs": outcome}, "\n".join(f"{k}  {v}" for k, v in outcome.items()))
+    return EXIT_ERROR if refused else 0
 
 
 def cmd_drain(args: argparse.Namespace) -> int:

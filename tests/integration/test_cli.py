@@ -85,3 +85,26 @@ def test_demo_with_an_existing_redis_leaves_its_state_there(redis_url, store, tm
     assert one_json(proc)["done"] == 4
     assert store.counts()["done"] == 4
     assert {n["name"] for n in store.nodes()} == {"quadro-24g", "rtx-8g"}
+
+
+def test_follow_a_batch_on_a_farm(farm, tmp_path):
+    """The batch id from submit finds its jobs again; a cancelled job retried renders; the head's farm marker
+    tells a URL with the wrong database number from the farm's."""
+    url = farm.redis_url
+    proc = run_cli("submit", "a harbour", "--model", "tiny-sd15", "--size", "64x64", "--steps", "2", "--count", "2",
+                   "--tag", "harbour", "--out", str(tmp_path), "--redis", url, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = one_json(proc)
+    listed = one_json(run_cli("jobs", "--batch", out["batch"], "--json", "--redis", url))["jobs"]
+    assert sorted(r["id"] for r in listed) == sorted(out["jobs"])
+    assert all(r["state"] == "done" and r["node"] in ("big", "small") and r["tags"] == ["harbour"] for r in listed)
+
+    job_id = one_json(run_cli("submit", "slow", "--model", "tiny-sd15", "--size", "256x256", "--steps", "40",
+                              "--redis", url, "--no-wait", "--json"))["jobs"][0]
+    outcome = one_json(run_cli("cancel", job_id, "--redis", url, "--json"))["jobs"][job_id]
+    if outcome.startswith("cancelled"):  # else it rendered before the cancel reached it
+        assert one_json(run_cli("retry", job_id, "--redis", url, "--json"))["ok"]
+        assert farm.client().wait([job_id], timeout=240)[0].state.value == "done"
+
+    proc = run_cli("status", "--redis", url.rsplit("/", 1)[0] + "/3")
+    assert proc.returncode == 1 and "wrong database number?" in proc.stderr, proc.stderr

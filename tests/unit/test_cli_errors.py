@@ -44,8 +44,17 @@ def test_debug_shows_the_traceback_of_a_user_facing_error_too(monkeypatch):
 def test_every_command_group_registers_its_own_subcommands():
     parser = cli.build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 (argparse has no public way)
-    assert commands == {"up", "worker", "demo", "dashboard", "submit", "status", "cancel", "drain", "plan", "bench",
-                        "token"}
+    assert commands == {"up", "worker", "demo", "dashboard", "submit", "status", "jobs", "cancel", "retry", "drain",
+                        "plan", "bench", "token"}
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"renderfarm {version('renderfarm')}\n"
 
 
 def test_the_simulator_trace_ships_inside_the_package():
