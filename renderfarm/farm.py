@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from renderfarm.cluster.data_dir import DataDirClaim
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.processes import write_private
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect, redact
@@ -34,6 +35,7 @@ from renderfarm.config import (
     with_farm_wide,
 )
 from renderfarm.errors import FarmError
+from renderfarm.jobs import JobState
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,11 @@ def node_plan(declared: list[NodeDeclaration] | None, settings: Settings) -> lis
                      for d in declared or ()}
         return [{"name": f"{host}-gpu{i}", "simulated": False, "gpu_index": i, **overrides.get(f"{host}-gpu{i}", {})}
                 for i in range(gpus)]
-    declared = declared if declared is not None else load_nodes(settings.nodes_file)
+    if declared is None:
+        declared = load_nodes(settings.nodes_file)
+        log.warning("no GPU found on this machine: simulating the nodes of %s on the CPU (%s); pass --nodes FILE "
+                    "to choose them", settings.nodes_file or "the example nodes file",
+                    ", ".join(f"{d.name} {d.vram_gib:g} GiB" for d in declared if d.vram_gib is not None))
     for decl in declared:
         if decl.vram_gib is None:
             raise FarmError(f"node {decl.name}: a simulated node needs vram_gib (this machine has no GPU)")
@@ -108,7 +114,8 @@ def start_workers(
         return {}, []
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // len(nodes))
     worker_settings = settings.model_copy(update={"torch_threads": threads}).model_dump(mode="json")
-    remote_worker = ray.remote(RenderWorker)
+    # `shutdown` runs in its own thread ("control"), so a stop reaches a worker in the middle of a render.
+    remote_worker = ray.remote(concurrency_groups={"control": 1})(RenderWorker)
     handles = {}
     for node in nodes:
         actor = f"{key_prefix}-worker-{node['name']}"
@@ -138,17 +145,44 @@ def warm(workers: dict[str, Any], models: list[str]) -> None:
         ray.get([w.warm.remote(m) for w in workers.values() for m in models], timeout=ACTOR_START_TIMEOUT)
 
 
-def stop_workers(workers: dict[str, Any]) -> None:
-    """Tell each worker to stop (its record says so), then kill its actor."""
+SHUTDOWN_REASON = "interrupted by shutdown of node {node}"
+
+
+def stop_workers(workers: dict[str, Any], redis_url: str | None = None, key_prefix: str = "rf") -> list[str]:
+    """Tell each worker to stop (its record says so), kill its actor, and hand the jobs it held back to the
+    queue at once (with `redis_url`): a clean stop is not a dead node, and its jobs need not wait for their
+    leases to expire. Returns the ids handed back."""
     import ray
 
     for worker in workers.values():
         try:
-            ray.get(worker.shutdown.remote(), timeout=10)
+            ray.get(worker.shutdown.options(concurrency_group="control").remote(), timeout=10)
         except Exception:
             pass
         ray.kill(worker, no_restart=True)
+    names = set(workers)
     workers.clear()
+    if not redis_url or not names:
+        return []
+    try:
+        with connect(redis_url, socket_timeout=2.0) as client:
+            return hand_back(Store(client, Keys(key_prefix)), names)
+    except Exception as exc:  # Redis gone too: the leases expire and the scheduler requeues them then
+        log.warning("could not hand back the jobs of %s: %s", ", ".join(sorted(names)), exc)
+        return []
+
+
+def hand_back(store: Store, nodes: set[str]) -> list[str]:
+    """Put every job leased to or running on `nodes` back in the queue, each with why."""
+    held = [*store.ids_in(JobState.LEASED, limit=100_000), *store.ids_in(JobState.RUNNING, limit=100_000)]
+    back = []
+    for job in store.get_many(held):
+        if job is not None and job.node in nodes and store.requeue(
+                job.id, SHUTDOWN_REASON.format(node=job.node), node=job.node):
+            back.append(job.id)
+    if back:
+        log.info("handed %d job(s) back to the queue: their nodes stopped", len(back))
+    return back
 
 
 class _Started:
@@ -212,6 +246,7 @@ class Farm(_Started):
         self._ray: Any = None  # cluster.ray_cluster.RayCluster once started
         self._workers: dict[str, Any] = {}
         self._scheduler: Any = None
+        self._claim: DataDirClaim | None = None  # the data directory, while this farm runs on it
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -222,9 +257,15 @@ class Farm(_Started):
         from renderfarm.scheduler.scheduler import Scheduler
 
         data_dir = self.settings.data_dir
-        self._start_redis()  # makes data_dir
+        self._claim = DataDirClaim(data_dir)
+        cleaned = self._claim.acquire()  # one farm per data dir; stops what a killed predecessor left running
+        self._start_redis()
+        self._claim.record(redis_pid=self.redis_pid)
 
         nodes = node_plan(self.declared, self.settings) if self.local_workers else []
+        if cleaned and nodes:  # the killed farm's workers were stopped with it: their jobs come back now
+            with connect(self.redis_url) as client:
+                hand_back(Store(client, Keys(self.key_prefix)), {n["name"] for n in nodes})
         if self.ray_address:
             self._ray = RayCluster.join(self.ray_address, log_to_driver=self.log_to_driver)
         else:
@@ -234,11 +275,13 @@ class Farm(_Started):
                 labels=card_labels(nodes) or None, node_ip_address=self.advertise_ip, port=self.ray_port,
                 auth_token=token, log_to_driver=self.log_to_driver)
         log.info("ray: %s", self._ray.address)
+        self._claim.record(ray_temp_dir=self.ray_temp_dir if not self.ray_address else None)
 
         self._workers, self.nodes = start_workers(nodes, self.redis_url, self.settings, self.key_prefix)
         warm(self._workers, self.warm_models)
 
-        infos = {info["name"]: (self._workers[info["name"]], info) for info in self.nodes}
+        # Records only, no actor handles: the scheduler finds each worker by its actor's name (scheduler.py).
+        infos = {info["name"]: (None, info) for info in self.nodes}
         # Restarted by Ray if its process dies; it then rebuilds its view from Redis and runs again by itself.
         # Workers that join later (`renderfarm worker`, another machine) are found through their Redis records.
         self._scheduler = (
@@ -292,13 +335,16 @@ class Farm(_Started):
             except Exception as exc:  # stopping anyway
                 log.warning("scheduler did not stop cleanly: %s", exc)
             self._scheduler = None
-        stop_workers(self._workers)
+        stop_workers(self._workers, self.redis_url, self.key_prefix)
         if self._ray is not None:
             self._ray.stop()
             self._ray = None
         if self._embedded is not None:
             self._embedded.stop()
             self._embedded = None
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
 
     # --- use ----------------------------------------------------------------------------------------
@@ -361,6 +407,8 @@ class Farm(_Started):
         time.sleep(down_seconds)
         self._embedded = self._embedded_redis(port=old.port)
         self._embedded.start()
+        if self._claim is not None:
+            self._claim.record(redis_pid=self.redis_pid)
         return time.monotonic() - crashed
 
 
@@ -419,7 +467,7 @@ class WorkerNode(_Started):
     def stop(self) -> None:
         """Stop this machine's workers and take it out of the Ray cluster; safe to call twice."""
         if self._workers:
-            stop_workers(self._workers)
+            stop_workers(self._workers, self.redis_url, self.key_prefix)
         if self._ray is not None:
             self._ray.stop()
             self._ray = None

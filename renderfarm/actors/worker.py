@@ -195,6 +195,8 @@ class RenderWorker:
         def should_stop() -> str | None:
             if self._all_gone:
                 return "every job of the batch was cancelled or taken back"
+            if self._stop.is_set():  # a clean stop: the farm hands the jobs back (farm.stop_workers)
+                return "the node is shutting down"
             if time.monotonic() > deadline:
                 return f"timed out: the render took longer than its limit of {timeout_s:.4g} s"
             return None
@@ -223,7 +225,7 @@ class RenderWorker:
                 entry, requests, should_stop
             )
         except RenderInterrupted as exc:
-            if self._all_gone:  # cancelled: nothing to retry, nothing failed
+            if self._all_gone or self._stop.is_set():  # cancelled, or shutting down: nothing failed
                 summary["lost"] = [job.id for job in jobs]
                 self.stats["stopped_cancelled"] += 1
                 log.info("node %s: batch %s stopped: %s", self.name, job_ids, exc)

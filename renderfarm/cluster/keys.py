@@ -120,6 +120,16 @@ class Keys:
         """Quarantined job id -> JSON {reason, at}: records that did not parse, taken out of circulation."""
         return self._key("quarantine")
 
+    @property
+    def leader(self) -> str:
+        """Which scheduler dispatches (its owner id, with a TTL it renews): one at a time per farm."""
+        return self._key("leader")
+
+    @property
+    def leader_epoch(self) -> str:
+        """Counts leaderships: each new leader's number, the fencing token of what it writes."""
+        return self._key("leader", "epoch")
+
     def quarantined(self, job_id: str) -> str:
         """Where a quarantined job's hash is kept for a human to look at."""
         return self._key("quarantined", job_id)

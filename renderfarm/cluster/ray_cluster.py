@@ -10,6 +10,7 @@ modules: the `ray start` processes, their private temp dir and explicit addresse
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import subprocess
@@ -224,7 +225,9 @@ class RayCluster:
         self._driver_auth.apply()
         try:
             # Explicit address: never RAY_ADDRESS, never a stale ray_current_cluster.
-            ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=log_to_driver)
+            # Ray's own INFO lines ("Connecting to existing Ray cluster ...") are not the farm's news.
+            ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=log_to_driver,
+                     logging_level=logging.WARNING)
         except ConnectionError as exc:
             if ray.is_initialized():
                 ray.shutdown()

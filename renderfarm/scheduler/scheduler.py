@@ -25,8 +25,11 @@ them), jobs being rendered stay with their node under its lease.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from renderfarm.cluster.keys import Keys
@@ -79,7 +82,7 @@ class Scheduler:
         self.settings = Settings.model_validate(settings)
         self.store = Store.open(redis_url, Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
-        self.workers = WorkerTable({name: worker_from_info(name, WorkerHandle(handle), info)
+        self.workers = WorkerTable({name: worker_from_info(name, _handle(handle, info), info)
                                     for name, (handle, info) in workers.items()})
         self.fair = FairShare(
             self.settings.team_weights, self.settings.fair_share_half_life_s, self.settings.aging_seconds
@@ -105,11 +108,17 @@ class Scheduler:
         self.reconciler = ReconcileManager(self.state)
         self.results = BatchResults(self.state, calls)
         # In this order: membership before dispatch, so a worker that joined can take work in the same round.
-        self.steps = {"leases": self.leases.update, "membership": self.membership.update,
-                      "dispatch": self.dispatcher.update, "sampling": self.sampling.update,
-                      "reconcile": self.reconciler.update, "wait": self._wait}
+        # Only the leader (one scheduler per farm, a lock in Redis) touches leases, workers and the queue; a
+        # second one started against the same Redis waits, and takes over when the lock lapses.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.epoch: int | None = None
+        self._next_lead = 0.0
+        led = self._if_leader
+        self.steps = {"lead": self._lead, "leases": led(self.leases.update), "membership": led(self.membership.update),
+                      "dispatch": led(self.dispatcher.update), "sampling": led(self.sampling.update),
+                      "reconcile": led(self.reconciler.update), "wait": self._wait}
         self.update_failures = dict.fromkeys(self.steps, 0)
-        self.leases.recover()
+        self._lead()  # the leader rebuilds its view of jobs in flight from Redis (leases.recover)
         if autostart:  # as a Ray actor restarted after a crash: nobody calls run() again, so it runs itself
             self.start()
 
@@ -121,7 +130,45 @@ class Scheduler:
             self.counters["loops"] += 1
             if not update_each(self.steps, self.update_failures):
                 self._stop.wait(self.settings.poll_seconds)  # a failing Redis must not make the loop spin
+        if self.epoch is not None:
+            try:
+                self.store.resign(self.owner)  # a clean stop: the next scheduler need not wait for the TTL
+            except Exception as exc:  # Redis gone: the lock lapses by itself
+                log.warning("could not resign the leadership: %s", exc)
+            self.epoch = None
         return dict(self.counters)
+
+    @property
+    def lead_ttl_s(self) -> float:
+        """How long the leadership lasts without renewal: a crashed leader's successor waits this long."""
+        return max(5.0, 3 * self.settings.heartbeat_seconds)
+
+    def _lead(self) -> None:
+        """Take or keep the leadership (renewed twice per heartbeat); on taking it, rebuild the view of jobs
+        in flight from Redis."""
+        now = time.monotonic()
+        if now < self._next_lead:
+            return
+        self._next_lead = now + self.settings.heartbeat_seconds / 2
+        epoch = self.store.lead(self.owner, self.lead_ttl_s)
+        if epoch is not None and self.epoch is None:
+            log.info("scheduler %s leads the farm (epoch %d)", self.owner, epoch)
+            self.leases.recover()
+        elif epoch is None and self.epoch is not None:
+            log.error("scheduler %s lost the leadership to %s: it stops dispatching", self.owner, self.store.leader())
+        elif epoch is None and self.counters.get("follower_rounds", 0) == 0:
+            log.warning("another scheduler (%s) leads this farm: this one waits", self.store.leader())
+        if epoch is None:
+            self.counters["follower_rounds"] = self.counters.get("follower_rounds", 0) + 1
+        self.epoch = epoch
+
+    def _if_leader(self, update):
+        def step() -> None:
+            if self.epoch is not None:
+                update()
+
+        step.__name__ = getattr(update, "__name__", "step")
+        return step
 
     def start(self) -> None:
         """Run the loop in a thread of this process (see `join`)."""
@@ -187,3 +234,14 @@ class Scheduler:
 
     def _queued(self) -> list[Job]:
         return self.dispatcher.queued()
+
+
+def _handle(handle: Any, info: dict[str, Any]) -> WorkerHandle:
+    """A worker given by its record names its actor, and is found by that name: the scheduler actor's
+    constructor arguments carry no actor handles, because Ray keeps such arguments in its object store and
+    a restart after they are gone fails (ray-project/ray#53727; Ray logs an error when it is asked to)."""
+    if handle is None and info.get("actor"):
+        found = RayCalls().find(info["actor"])
+        if found is not None:
+            return found
+    return WorkerHandle(handle)

@@ -39,9 +39,12 @@ class Worker:
         return max(0.0, self.busy_until - now)
 
     def has_room(self, queue_depth: int) -> bool:
-        """Alive, not draining, not suspect, with fewer batches queued than a worker may hold."""
+        """Alive, not draining, with fewer batches queued than a worker may hold. A suspect (a lease of its
+        expired) holding nothing gets one batch as a probe: its answer clears the suspicion, and a node that
+        rejoined after a restart is not left idle forever waiting for a batch nobody sends."""
         held = self.inflight + (1 if self.recovered else 0)
-        return self.alive and not self.draining and not self.suspect and held < queue_depth
+        probe = self.suspect and held == 0
+        return self.alive and not self.draining and (not self.suspect or probe) and held < queue_depth
 
 
 def worker_from_info(name: str, handle: Any, info: dict[str, Any]) -> Worker:

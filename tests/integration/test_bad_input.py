@@ -37,7 +37,7 @@ from renderfarm.planning.catalog import default_catalog
 pytestmark = pytest.mark.integration
 
 CATALOG = default_catalog()
-MODELS = CATALOG.names()
+MODELS = [m for m in CATALOG.names() if not CATALOG.get(m).family.planning_only]  # the others are refused
 FIELDS = set(JobSpec.model_fields)
 
 # Invalid specs (examples) each test must run; together at least 1,000.

@@ -13,6 +13,10 @@ pytestmark = pytest.mark.integration
 def test_demo_json_renders_and_reports_per_node(tmp_path):
     proc = run_cli("demo", "--json", "--jobs", "8", "--out", str(tmp_path / "renders"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # A quiet start: no Ray chatter, no error-level line from Ray's core (an actor handle among the
+    # scheduler's constructor arguments made Ray log one, and risked its restart).
+    assert "Connecting to existing Ray cluster" not in proc.stderr, proc.stderr[-3000:]
+    assert "core_worker.cc" not in proc.stderr and "constructor arguments" not in proc.stderr, proc.stderr[-3000:]
     out = one_json(proc)
     assert out["jobs"] == out["done"] == 8 and out["failed"] == 0 and out["seconds"] > 0
     assert len(out["images"]) == 8

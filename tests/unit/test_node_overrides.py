@@ -66,3 +66,17 @@ def test_node_plan_on_a_cpu_machine_needs_declared_cards(monkeypatch):
     assert plan[0]["simulated"] is True and plan[0]["vram_gib"] == 8
     assert card_labels(plan) == {"renderfarm.io/workers": "1", "renderfarm.io/gpu": "GeForce-RTX-3070",
                                  "renderfarm.io/vram-gib": "8", "renderfarm.io/cc": "8.6"}
+
+
+def test_no_gpu_and_no_nodes_file_says_it_simulates(monkeypatch, caplog):
+    """`up` on a machine without a GPU and without --nodes simulates the example nodes: it says so."""
+    monkeypatch.setattr(gpus, "gpu_count", lambda: 0)
+    with caplog.at_level("WARNING", logger="renderfarm.farm"):
+        plan = node_plan(None, Settings())
+    assert plan and all(n["simulated"] for n in plan)
+    [record] = [r for r in caplog.records if "no GPU found" in r.getMessage()]
+    assert "--nodes" in record.getMessage() and all(n["name"] in record.getMessage() for n in plan)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="renderfarm.farm"):
+        node_plan([NodeDeclaration(name="x", vram_gib=8)], Settings())  # declared: nothing to say
+    assert not [r for r in caplog.records if "no GPU found" in r.getMessage()]

@@ -131,3 +131,19 @@ def test_an_interrupt_is_not_swallowed():
     with pytest.raises(KeyboardInterrupt):
         update_each({"stop": stop, "after": after.update}, {})
     assert after.calls == 0
+
+
+def test_a_suspect_worker_holding_nothing_gets_one_batch_as_a_probe():
+    """After a restart a rejoining node whose old leases expired is suspect; it must not wait forever for a
+    batch that nobody sends (15 jobs queued, both nodes idle)."""
+    from renderfarm.scheduler.workers import Worker
+
+    worker = Worker("n1", None, set(), suspect=True)
+    assert worker.has_room(2), "nothing held: one batch as a probe"
+    worker.inflight = 1
+    assert not worker.has_room(2), "one probe at a time"
+    worker.inflight, worker.recovered = 0, {"j1"}
+    assert not worker.has_room(2), "still holding a recovered job"
+    worker.recovered, worker.suspect = set(), False
+    worker.inflight = 1
+    assert worker.has_room(2)

@@ -26,8 +26,9 @@ from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, queue_score
 from renderfarm.cluster.store.events import Event, EventCursor
 from renderfarm.cluster.store.jobs import EVENTS_MAXLEN, JobRecords, LeaseLive, OwnershipLost
+from renderfarm.cluster.store.leader import Leadership
 from renderfarm.cluster.store.nodes import NodeRecords
-from renderfarm.cluster.store.reconcile import ReconcileReport, Reconciler
+from renderfarm.cluster.store.reconcile import Reconciler, ReconcileReport
 from renderfarm.cluster.store.telemetry import MEASURE_ALPHA, SAMPLES_MAXLEN, Telemetry
 
 __all__ = [
@@ -35,14 +36,14 @@ __all__ = [
     "ReconcileReport", "Store", "job_from_hash", "job_to_hash", "queue_score",
 ]
 
-SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile")
+SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile", "lead")
 
 
 def script_source(name: str) -> str:
     return resources.files(__package__).joinpath("scripts", f"{name}.lua").read_text()
 
 
-class Store(JobRecords, NodeRecords, Telemetry, Reconciler):
+class Store(JobRecords, NodeRecords, Telemetry, Reconciler, Leadership):
     """The farm's system of record. One instance per process; thread-safe as redis-py is."""
 
     def __init__(self, client: redis.Redis, keys: Keys | None = None):
