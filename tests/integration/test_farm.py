@@ -103,14 +103,13 @@ def test_cancel_queued_jobs_and_finished_ones_stay_finished(client, farm):
     assert client.cancel(blockers[:1])[blockers[0]].startswith("not cancelled: already")
 
 
-def test_a_broken_model_is_retried_then_failed_with_its_reason(client, farm):
-    (job_id,) = client.submit_batch([{"model": "broken", "prompt": "x", "width": 64, "height": 64, "steps": 2}])
-    (job,) = client.wait([job_id], timeout=120)
-    assert job.state is JobState.FAILED
-    assert job.attempts == 2  # max_attempts in the fixture
-    assert "broken" in job.error and "after 2 attempts" in job.error
-    with pytest.raises(ValueError, match="failed"):
-        client.result(job_id)
+def test_a_model_whose_weights_no_node_has_is_refused_at_submit(client, farm):
+    """Absent weights are the job's fault, not a node's: once the nodes have said what they can load, such a
+    job is refused with each node's reason (tests/integration/test_job_faults.py has the rest)."""
+    before = client.store.counts()["queued"]
+    with pytest.raises(SpecError, match=r"no node of this farm can load 'broken' \(big: weights not found"):
+        client.submit_batch([{"model": "broken", "prompt": "x", "width": 64, "height": 64, "steps": 2}])
+    assert client.store.counts()["queued"] == before
 
 
 def test_as_completed_yields_each_job_once(client):
