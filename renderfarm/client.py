@@ -427,38 +427,33 @@ class FarmClient:
     def retry(self, job_ids: Iterable[str]) -> dict[str, str]:
         """Put each failed or cancelled job back in the queue at its original place, with a fresh set of
         attempts; returns per id what happened (a team token retries its own team's jobs only)."""
-        granted = self.access()
-        out = {}
-        for job_id in job_ids:
-            try:
-                if granted.team is not None and (team := self.store.get(job_id).spec.team) != granted.team:
-                    out[job_id] = f"not retried: belongs to team {team}"
-                    continue
-                out[job_id] = f"queued (was {self.store.retry(job_id).value})"
-            except IllegalTransition as exc:
-                out[job_id] = f"not retried: it is {exc.current.value} (only failed or cancelled jobs are retried)"
-            except JobNotFound:
-                out[job_id] = "not retried: no such job"
-            except CorruptRecord as exc:
-                out[job_id] = f"not retried: {exc}"
-        return out
-
+        return self._each_own_job(
+            job_ids, "retried", lambda job_id: f"queued (was {self.store.retry(job_id).value})",
+            lambda state: f"it is {state} (only failed or cancelled jobs are retried)")
 
     def cancel(self, job_ids: Iterable[str]) -> dict[str, str]:
         """Cancel each job; returns per id the state it left, or why it could not be cancelled (a team
         token cancels its own team's jobs only)."""
+        return self._each_own_job(
+            job_ids, "cancelled", lambda job_id: f"cancelled (was {self.store.cancel(job_id).value})",
+            lambda state: f"already {state}")
+
+    def _each_own_job(self, job_ids: Iterable[str], verb: str, act, refused) -> dict[str, str]:
+        """`act` on each job this client's token may touch; per id what it returned, or why it was not done."""
         granted = self.access()
         out = {}
         for job_id in job_ids:
             try:
                 if granted.team is not None and (team := self.store.get(job_id).spec.team) != granted.team:
-                    out[job_id] = f"not cancelled: belongs to team {team}"
+                    out[job_id] = f"not {verb}: belongs to team {team}"
                     continue
-                out[job_id] = f"cancelled (was {self.store.cancel(job_id).value})"
+                out[job_id] = act(job_id)
             except IllegalTransition as exc:
-                out[job_id] = f"not cancelled: already {exc.current.value}"
+                out[job_id] = f"not {verb}: {refused(exc.current.value)}"
             except JobNotFound:
-                out[job_id] = "not cancelled: no such job"
+                out[job_id] = f"not {verb}: no such job"
+            except CorruptRecord as exc:
+                out[job_id] = f"not {verb}: {exc}"
         return out
 
     def position(self, job_id: str) -> int | None:
