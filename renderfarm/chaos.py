@@ -7,6 +7,13 @@ Scenarios (`SCENARIOS`):
              jobs leased but not started go back to the queue, jobs being rendered stay with their node.
   redis      redis-server gets SIGKILL (no shutdown, no final flush) and comes back on the same port from its
              append-only file; every process retries its Redis calls meanwhile.
+  stall      the node holding running jobs is frozen (SIGSTOP) past its batch's time limit, then thawed: the
+             leases expire at that limit, the batch is one node fault (not one per job), the other node renders
+             the jobs, and the thawed node's late results are discarded. No node is drained.
+  outage     redis-server is frozen (SIGSTOP) for 3 leases, then thawed: an outage is nobody's fault, so
+             leases that expired meanwhile are requeued without blaming a node. No node is drained.
+  weights    besides the batch, jobs for a model whose weights no node has (queued as if before the nodes
+             reported; a submit now refuses them): each fails once with the reason, no node is drained.
 
 Each run counts, from what Redis holds afterwards: `done`, `lost` (submitted jobs that are missing or never
 reached a terminal state), `duplicates` (jobs with more than one "done" event in the event stream, or with a
@@ -27,7 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("worker", "scheduler", "redis")
+SCENARIOS = ("worker", "scheduler", "redis", "stall", "outage", "weights")
+ABSENT_MODEL = "sdxl"  # the packaged catalog's; offline (HF_HUB_OFFLINE=1, as the chaos bench sets) no node has it
+ABSENT_JOBS = 3
 VICTIM_NODE = "small"  # the worker scenario kills this node's process
 
 
@@ -49,12 +58,15 @@ class ChaosResult:
         return asdict(self)
 
 
-def chaos_settings(data_dir: Path):
+def chaos_settings(data_dir: Path, scenario: str = ""):
     from renderfarm.config import Settings
 
     # Short leases and heartbeats: a dead holder's jobs come back within seconds, not the default 30 s.
+    # While a node renders, its leases are renewed for it; what ends a hung render is its time limit, so the
+    # stall scenario gives each batch 6 s (a healthy one takes 1-2 s here) and freezes the node for longer.
+    limits = {"job_timeout_base_s": 6.0, "job_timeout_s_per_megapixel_step": 0.0} if scenario == "stall" else {}
     return Settings(data_dir=data_dir, lease_seconds=4.0, heartbeat_seconds=0.5, max_attempts=5, max_batch=4,
-                    eta_seconds=1.0)
+                    eta_seconds=1.0, **limits)
 
 
 def chaos_nodes():
@@ -82,7 +94,7 @@ def run_scenario(
         raise ValueError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
     with tempfile.TemporaryDirectory(prefix=f"rf-chaos-{scenario}-") as tmp:
         base = Path(data_dir) if data_dir else Path(tmp)
-        farm = Farm(chaos_settings(base / scenario), chaos_nodes(), warm_models=["tiny-sd15"],
+        farm = Farm(chaos_settings(base / scenario, scenario), chaos_nodes(), warm_models=["tiny-sd15"],
                     log_to_driver=False)
         with farm:
             client = farm.client()
@@ -90,7 +102,9 @@ def run_scenario(
             started = time.monotonic()
             client.submit_batch(chaos_specs(jobs), job_ids=ids)
             say(f"{scenario}: submitted {jobs} jobs")
-            in_flight = _wait_mid_render(client, ids, VICTIM_NODE if scenario == "worker" else None)
+            absent = _enqueue_absent(client) if scenario == "weights" else []
+            victim = VICTIM_NODE if scenario in ("worker", "stall") else None
+            in_flight = _wait_mid_render(client, ids, victim)
             fault_at = time.monotonic()
             detail = _inject(farm, scenario)
             say(f"{scenario}: fault injected with {len(in_flight)} jobs in flight ({detail})")
@@ -98,6 +112,11 @@ def run_scenario(
             total_s = time.monotonic() - started
             farm.wait_scheduler(60)  # a restarted scheduler is back before the farm stops
             result = _count(client, scenario, ids, in_flight, recovery_s, total_s, detail)
+            if absent:
+                _wait_finished(client, absent, [], fault_at, started + timeout)
+                result.detail["absent_weights"] = [
+                    {"state": j.state.value, "attempts": j.attempts, "error": j.error}
+                    for j in client.store.get_many(absent) if j is not None]
     say(f"{scenario}: {result.done}/{result.submitted} done, {result.lost} lost, {result.duplicates} duplicated, "
         f"recovery {result.recovery_s if result.recovery_s is None else round(result.recovery_s, 2)} s")
     return result
@@ -117,7 +136,38 @@ def _wait_mid_render(client, ids: list[str], node: str | None, timeout: float = 
     raise TimeoutError(f"no job started rendering{f' on {node}' if node else ''} within {timeout:.0f} s")
 
 
+def _enqueue_absent(client) -> list[str]:
+    """Jobs for a model no node can load, written to the queue directly: what a submit made before the nodes
+    reported what they can load would have enqueued (a submit now refuses them)."""
+    from renderfarm.jobs import Job, JobSpec
+
+    jobs = [Job(id=f"chaos-absent-{i}", spec=JobSpec(model=ABSENT_MODEL, prompt="absent weights", width=1024,
+                                                     height=1024, steps=4, seed=i, team="chaos"),
+                created_at=time.time()) for i in range(ABSENT_JOBS)]
+    client.store.submit(jobs, "chaos-absent")
+    return [job.id for job in jobs]
+
+
+def _freeze(pid: int, seconds: float) -> None:
+    """SIGSTOP `pid` for `seconds`, then SIGCONT: a process that hangs (or a server that stops answering)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _inject(farm, scenario: str) -> str:
+    lease = farm.settings.lease_seconds
+    if scenario == "stall":
+        pid = next(n["pid"] for n in farm.nodes if n["name"] == VICTIM_NODE)
+        _freeze(pid, 2.5 * lease)
+        return f"node {VICTIM_NODE} (pid {pid}) frozen for {2.5 * lease:g} s"
+    if scenario == "outage":
+        _freeze(farm.redis_pid, 3 * lease)
+        return f"redis-server frozen for {3 * lease:g} s"
+    if scenario == "weights":
+        return f"{ABSENT_JOBS} jobs for {ABSENT_MODEL}, whose weights no node has"
     if scenario == "worker":
         pid = next(n["pid"] for n in farm.nodes if n["name"] == VICTIM_NODE)
         os.kill(pid, signal.SIGKILL)
@@ -168,5 +218,6 @@ def _count(client, scenario, ids, in_flight, recovery_s, total_s, detail) -> Cha
         total_s=round(total_s, 3), in_flight_at_fault=len(in_flight),
         retried=sum(1 for j in found.values() if j.attempts > 1),
         detail={"fault": detail, "counters": store.counters(),
-                "errors": sorted({j.error for j in failed if j.error})[:5]},
+                "errors": sorted({j.error for j in failed if j.error})[:5],
+                "drained": sorted(n["name"] for n in store.nodes() if n.get("draining") is True)},
     )

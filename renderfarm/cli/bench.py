@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 
+from renderfarm.chaos import SCENARIOS  # chaos.py imports no Ray at module level
 from renderfarm.cli.common import EXIT_ERROR, emit, stderr_console
 from renderfarm.errors import CliError
 
@@ -22,10 +23,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     sim.add_argument("--cluster", help="cluster YAML (default: renderfarm/configs/sim/cluster.yaml)")
     sim.set_defaults(func=cmd_bench_sim)
     chaos = bench_sub.add_parser("chaos", parents=[common],
-                                 help="kill a worker, the scheduler, redis-server mid-render; count lost jobs")
+                                 help="kill or freeze a worker, the scheduler, redis-server mid-render; count lost jobs")
     chaos.add_argument("--jobs", type=int, default=50, help="jobs per scenario (default 50)")
-    chaos.add_argument("--scenario", action="append", choices=["worker", "scheduler", "redis"],
-                       help="run only this scenario (repeatable; default all three)")
+    chaos.add_argument("--scenario", action="append", choices=SCENARIOS,
+                       help="run only this scenario (repeatable; default all; renderfarm/chaos.py says what each does)")
     chaos.set_defaults(func=cmd_bench_chaos)
 
 

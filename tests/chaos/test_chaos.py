@@ -18,6 +18,7 @@ def check(result) -> None:
     assert result.in_flight_at_fault > 0, "the fault must land while jobs are in flight"
     assert (result.submitted, result.done, result.failed, result.lost, result.duplicates) == (JOBS, JOBS, 0, 0, 0)
     assert result.recovery_s is not None, "every job in flight at the fault was done again"
+    assert result.detail["drained"] == [], "no scenario here is a reason to drain a node"
 
 
 def test_a_worker_killed_mid_render_loses_no_job(tmp_path):
@@ -59,3 +60,21 @@ def test_a_batch_accepted_just_before_redis_is_killed_survives(tmp_path):
         assert [job.spec.prompt for job in client.jobs(ids)] == [s["prompt"] for s in specs]
     finally:
         server.stop()
+
+
+def test_a_stalled_batch_is_one_node_fault_and_drains_nothing(tmp_path):
+    result = run_scenario("stall", JOBS, data_dir=tmp_path)
+    check(result)
+    assert result.retried >= 1, "the frozen node's jobs ran again elsewhere"
+
+
+def test_a_redis_outage_longer_than_a_lease_blames_nobody(tmp_path):
+    check(run_scenario("outage", JOBS, data_dir=tmp_path))
+
+
+def test_jobs_for_absent_weights_fail_once_and_drain_nothing(tmp_path):
+    result = run_scenario("weights", JOBS, data_dir=tmp_path)
+    check(result)
+    absent = result.detail["absent_weights"]
+    assert len(absent) == 3 and all(j["state"] == "failed" and j["attempts"] == 1 for j in absent), absent
+    assert all("not retried: the job's fault" in j["error"] for j in absent), absent
