@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from renderfarm.cluster.store import Fenced
 from renderfarm.jobs import Job, JobState
 from renderfarm.planning.catalog import Catalog
 from renderfarm.planning.fit import NodeView
@@ -58,14 +59,21 @@ class DispatchManager:
         ]
         nodes = [
             NodeView(w.name, w.device, frozenset(w.loaded), w.backlog(now),
-                     settings.worker_queue_depth - w.inflight if state.has_room(w) else 0,
+                     # a suspect gets one batch, as a probe (workers.Worker.has_room)
+                     (1 if w.suspect else settings.worker_queue_depth - w.inflight) if state.has_room(w) else 0,
                      w.forbidden, w.max_batch)
             for w in state.workers.values() if w.alive and not w.draining
         ]
         plan = plan_dispatch(pending, nodes, settings.max_batch, self.catalog, self.measured, full=eta_due)
         for assignment in plan.assignments:
             worker = state.workers[assignment.worker]
-            leased = tuple(j for j in assignment.job_ids if store.lease(j, worker.name, settings.lease_seconds))
+            try:
+                leased = tuple(j for j in assignment.job_ids
+                               if store.lease(j, worker.name, settings.lease_seconds, fence=state.epoch))
+            except Fenced as exc:  # another scheduler leads now: this one writes no more leases
+                log.error("dispatch stopped: %s", exc)
+                state.counters["fenced"] = state.counters.get("fenced", 0) + 1
+                return
             if not leased:
                 continue
             ref = worker.handle.render(list(leased))

@@ -51,6 +51,7 @@ class SchedulerState:
     counters: dict[str, int]
     inflight: dict[Any, tuple[Worker, tuple[str, ...]]] = field(default_factory=dict)  # batch ref -> (worker, jobs)
     charged: set[Any] = field(default_factory=set)  # batches in flight already counted as a node fault
+    epoch: int | None = None  # this scheduler's leadership (scheduler.py): the fence on every lease it writes
 
     def has_room(self, worker: Worker) -> bool:
         return worker.has_room(self.settings.worker_queue_depth)

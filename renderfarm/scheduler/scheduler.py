@@ -135,7 +135,7 @@ class Scheduler:
                 self.store.resign(self.owner)  # a clean stop: the next scheduler need not wait for the TTL
             except Exception as exc:  # Redis gone: the lock lapses by itself
                 log.warning("could not resign the leadership: %s", exc)
-            self.epoch = None
+            self.epoch = self.state.epoch = None
         return dict(self.counters)
 
     @property
@@ -160,7 +160,7 @@ class Scheduler:
             log.warning("another scheduler (%s) leads this farm: this one waits", self.store.leader())
         if epoch is None:
             self.counters["follower_rounds"] = self.counters.get("follower_rounds", 0) + 1
-        self.epoch = epoch
+        self.epoch = self.state.epoch = epoch
 
     def _if_leader(self, update):
         def step() -> None:

@@ -59,3 +59,21 @@ def test_a_dead_leaders_lock_lapses(store, redis_url, tmp_path, models_file):
     finally:
         second.stop()
         second.join(10)
+
+
+def test_a_lease_written_under_an_old_leadership_is_fenced(store):
+    """A scheduler that lost the lock without noticing (stalled past its TTL) leases nothing: each lease
+    carries its epoch, and the script refuses one that is no longer the farm's."""
+    from renderfarm.cluster.store import Fenced
+
+    store.submit([Job(id=f"j{i}", spec=JobSpec(model="tiny-sd15", prompt="a fox", width=64, height=64))
+                  for i in range(2)], "b")
+    old = store.lead("old", 5)
+    assert store.lease("j0", "n1", 30, fence=old)
+    store.resign("old")
+    new = store.lead("new", 5)
+    assert new == old + 1
+    with pytest.raises(Fenced, match="another scheduler leads"):
+        store.lease("j1", "n1", 30, fence=old)
+    assert store.state("j1").value == "queued", "a fenced lease writes nothing"
+    assert store.lease("j1", "n1", 30, fence=new)

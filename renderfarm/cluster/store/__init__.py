@@ -25,14 +25,14 @@ from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, queue_score
 from renderfarm.cluster.store.events import Event, EventCursor
-from renderfarm.cluster.store.jobs import EVENTS_MAXLEN, JobRecords, LeaseLive, OwnershipLost
+from renderfarm.cluster.store.jobs import EVENTS_MAXLEN, Fenced, JobRecords, LeaseLive, OwnershipLost
 from renderfarm.cluster.store.leader import Leadership
 from renderfarm.cluster.store.nodes import NodeRecords
 from renderfarm.cluster.store.reconcile import Reconciler, ReconcileReport
 from renderfarm.cluster.store.telemetry import MEASURE_ALPHA, SAMPLES_MAXLEN, Telemetry
 
 __all__ = [
-    "EVENTS_MAXLEN", "MEASURE_ALPHA", "SAMPLES_MAXLEN", "Event", "EventCursor", "LeaseLive", "OwnershipLost",
+    "EVENTS_MAXLEN", "MEASURE_ALPHA", "SAMPLES_MAXLEN", "Event", "EventCursor", "Fenced", "LeaseLive", "OwnershipLost",
     "ReconcileReport", "Store", "job_from_hash", "job_to_hash", "queue_score",
 ]
 

@@ -28,6 +28,14 @@ class LeaseLive(RuntimeError):
         super().__init__(f"job {job_id}: its lease has not expired")
 
 
+class Fenced(RuntimeError):
+    """A write made under a leadership epoch that is no longer the farm's: another scheduler leads now."""
+
+    def __init__(self, job_id: str, epoch: int | None):
+        self.job_id, self.epoch = job_id, epoch
+        super().__init__(f"job {job_id}: not written under epoch {epoch}: another scheduler leads the farm now")
+
+
 class OwnershipLost(RuntimeError):
     def __init__(self, job_id: str, node: str):
         self.job_id, self.node = job_id, node
@@ -140,6 +148,7 @@ class JobRecords:
         result_ttl: int = 7 * 24 * 3600,
         expired_only: bool = False,
         op: str | None = None,
+        fence: int | None = None,
     ) -> JobState:
         """Move `job_id` to `target` atomically; returns the state it left.
 
@@ -148,8 +157,8 @@ class JobRecords:
         has passed (a lease reaped at the same moment as it was renewed stays with its holder).
         Idempotent: each call carries an operation token (`op`, a fresh one by default), so a script that
         redis-py re-sends after a lost reply answers what its first run did (scripts/transition.lua).
-        Raises JobNotFound, IllegalTransition (the move is not legal from the current state, or not one
-        of `allowed_from`), OwnershipLost (the job is no longer held by `expect_node`), LeaseLive, or
+        `fence`: see `lease`. Raises Fenced, JobNotFound, IllegalTransition (the move is not legal from the
+        current state, or not one of `allowed_from`), OwnershipLost (the job is no longer held by `expect_node`), LeaseLive, or
         CorruptRecord: the record cannot be moved as it stands (then it is quarantined, see `quarantine`), or a
         farm key holds the wrong type. The script checks all that before it writes anything.
         """
@@ -170,11 +179,12 @@ class JobRecords:
             str(result_ttl),
             "1" if expired_only else "0",
             op or uuid.uuid4().hex,
+            "" if fence is None else str(int(fence)),
             *images,
         ]
         keys = [
             self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
-            self.keys.queues,
+            self.keys.queues, self.keys.leader_epoch,
         ]
         status, current = (part.decode(errors="replace") for part in self._transition(keys=keys, args=args))
         if status == "missing":
@@ -190,15 +200,19 @@ class JobRecords:
             raise OwnershipLost(job_id, expect_node or "")
         if status == "live":
             raise LeaseLive(job_id)
+        if status == "fenced":
+            raise Fenced(job_id, fence)
         return JobState(current)
 
-    def lease(self, job_id: str, node: str, lease_seconds: float) -> bool:
+    def lease(self, job_id: str, node: str, lease_seconds: float, fence: int | None = None) -> bool:
         """queued -> leased to `node` for `lease_seconds` (renewed by whoever holds it, see `renew`);
-        False if someone else got there first (cancelled, leased)."""
+        False if someone else got there first (cancelled, leased). With `fence` (the scheduler's leadership
+        epoch) the lease is refused (Fenced) unless that is still the farm's current leadership: a scheduler
+        that lost the lock without noticing leases nothing."""
         try:
             self.transition(
                 job_id, JobState.LEASED, score=f"+{float(lease_seconds)!r}", add_attempt=True,
-                fields={"node": node, "error": "", "run_deadline": ""},
+                fields={"node": node, "error": "", "run_deadline": ""}, fence=fence,
             )
         except (IllegalTransition, JobNotFound, CorruptRecord):
             return False

@@ -1,13 +1,14 @@
 -- Move one job from its current state to ARGV[3], checking legality and ownership; a job leaving or
 -- re-entering the queue leaves or re-enters its (team, priority) queue too.
---   KEYS: job, events, result, index keys (one per state, in STATES order), queues set
+--   KEYS: job, events, result, index keys (one per state, in STATES order), queues set, leader epoch
 --   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score, '+N' = N seconds
 --         after the server's clock: lease deadlines use Redis's TIME, so nodes' clocks may disagree),
 --         5 expected node ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen,
 --         10 state names csv, 11 result ttl, 12 expired-only ('1': move only if the job's deadline in its
 --         current index has passed by the server's clock), 13 operation token ('' = none),
---         14.. result blobs
--- Returns {status, current-state}: status is ok | missing | state | node | live, or {status, why}: corrupt (the
+--         14 fence ('' = none: else the scheduler's leadership epoch, and the move is refused as `fenced`
+--         unless it is still the farm's current one), 15.. result blobs
+-- Returns {status, current-state}: status is ok | missing | state | node | live | fenced, or {status, why}: corrupt (the
 -- job's record cannot be moved as it stands: the Store quarantines it) | badkey (a farm key holds the wrong
 -- type: nobody's job is at fault). Redis does not roll a script back, so every check comes before the first
 -- write: a move that fails half-way (an id taken out of one index and never put in the next) loses a job.
@@ -28,6 +29,7 @@ if jtype ~= 'hash' then return {'corrupt', 'its key holds a ' .. jtype .. ', not
 local state = redis.call('HGET', jkey, 'state')
 local names = {}
 for name in string.gmatch(ARGV[10], '[^,]+') do names[#names + 1] = name end
+local queues_key, epoch_key = KEYS[4 + #names], KEYS[5 + #names]
 local from_key, to_key
 for i, name in ipairs(names) do
   if name == state then from_key = KEYS[3 + i] end
@@ -48,7 +50,8 @@ for _, key in ipairs({from_key, to_key}) do
   if not holds(key, 'zset') then return {'badkey', key .. ' holds a ' .. key_type(key) .. ', not a sorted set'} end
 end
 if not holds(KEYS[2], 'stream') then return {'badkey', KEYS[2] .. ' holds a ' .. key_type(KEYS[2]) .. ', not a stream'} end
-if not holds(KEYS[#KEYS], 'set') then return {'badkey', KEYS[#KEYS] .. ' is not a set'} end
+if not holds(queues_key, 'set') then return {'badkey', queues_key .. ' is not a set'} end
+if ARGV[14] ~= '' and redis.call('GET', epoch_key) ~= ARGV[14] then return {'fenced', state} end
 if ARGV[12] == '1' then
   local deadline = tonumber(redis.call('ZSCORE', from_key, ARGV[1]))
   if deadline and deadline > server_now() then return {'live', state} end
@@ -79,22 +82,22 @@ redis.call('ZADD', to_key, score, ARGV[1])
 if queue then
   if state == 'queued' then
     redis.call('ZREM', queue, ARGV[1])
-    if redis.call('ZCARD', queue) == 0 then redis.call('SREM', KEYS[#KEYS], queue) end
+    if redis.call('ZCARD', queue) == 0 then redis.call('SREM', queues_key, queue) end
   end
   if ARGV[3] == 'queued' then
     redis.call('ZADD', queue, queue_at, ARGV[1])
-    redis.call('SADD', KEYS[#KEYS], queue)
+    redis.call('SADD', queues_key, queue)
   end
 end
 local flat = {'state', ARGV[3], 'updated_at', ARGV[6], 'op', ARGV[13], 'op_from', state}
 for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 redis.call('HSET', jkey, unpack(flat))
 if ARGV[8] ~= '0' then redis.call('HINCRBY', jkey, 'attempts', ARGV[8]) end
-if #ARGV >= 14 then
+if #ARGV >= 15 then
   redis.call('DEL', KEYS[3])
-  for i = 14, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 14), ARGV[i]) end
+  for i = 15, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 15), ARGV[i]) end
   redis.call('EXPIRE', KEYS[3], ARGV[11])
-  redis.call('HSET', jkey, 'images', tostring(#ARGV - 13))
+  redis.call('HSET', jkey, 'images', tostring(#ARGV - 14))
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3],
            'node', redis.call('HGET', jkey, 'node') or '', 'ts', ARGV[6])
