@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from renderfarm.cluster.store import Store
+from renderfarm.faults import Fault, classify
 
 log = logging.getLogger(__name__)
 
@@ -71,5 +72,6 @@ class StepProgress:
     def _write(self, fields: dict[str, Any]) -> None:
         try:
             self.store.update_node(self.name, **fields)
-        except Exception:  # the dashboard misses a step; the render goes on
-            log.warning("node %s: could not publish its progress", self.name, exc_info=True)
+        except Exception as exc:  # the dashboard misses a step; the render goes on
+            outage = classify(exc) is Fault.OUTAGE  # Redis away: one line, the traceback says nothing more
+            log.warning("node %s: could not publish its progress: %s", self.name, exc, exc_info=not outage)
