@@ -52,7 +52,7 @@ def _secret(path: Path, env: str | None = None) -> str:
     given = os.environ.get(env, "") if env else ""
     if not given and path.exists():
         return path.read_text().strip()
-    value = given or secrets.token_urlsafe(32)
+    value = given or secrets.token_hex(32)  # hex: never starts with '-', so `--ray-token VALUE` reads it
     write_private(path, value)
     return value
 

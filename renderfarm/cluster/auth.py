@@ -1,7 +1,9 @@
 """Team tokens: which team a client speaks for, so that teams sharing a farm see and cancel only their own jobs.
 
 What a token is
-    A random secret (`secrets.token_urlsafe(32)`, 256 bits), shown once when it is created and never again.
+    A random secret (`rft_` + `secrets.token_urlsafe(32)`, 256 bits), shown once when it is created and never
+    again. The prefix names what it is and keeps it from starting with '-', which `--token TOKEN` would take
+    for a flag.
     Redis keeps only its SHA-256 digest, in one hash (`Keys.tokens`, `rf:tokens`): field = hex digest, value =
     JSON `{"team": ..., "admin": bool, "created": epoch seconds, "label": ...}`. JSON only, never pickle.
     Losing a token means revoking it and creating another; nothing can show it again.
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 TOKEN_BYTES = 32
+TOKEN_PREFIX = "rft_"
 DIGEST_SHOWN = 12  # hex characters of a digest that `token list` shows; enough to name one for `revoke`
 MIN_REVOKE_PREFIX = 6
 MAX_LABEL = 200
@@ -193,7 +196,7 @@ def create_token(
     if not admin and not token_mode(client, keys):
         raise AuthError("the first token must be an admin token (--admin): once a token exists, only an admin "
                         "token can create, list or revoke tokens")
-    token = secrets.token_urlsafe(TOKEN_BYTES)
+    token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
     record = TokenRecord(digest=token_digest(token), team=team, admin=admin,
                          created=round(time.time() if now is None else now, 3), label=label)
     value = json.dumps({"team": team, "admin": admin, "created": record.created, "label": label})

@@ -285,3 +285,11 @@ def test_result_ttl_and_expiry(redis_url, redis_client):
         client.result(short_id)
     assert client.job(short_id).state.value == "done"  # the job's record stays; only the images go
     assert client.result(long_id).png == [png()]
+
+
+def test_a_token_never_reads_as_a_flag(redis_client):
+    """A url-safe token starts with '-' one time in 64, and `--token -x...` is then taken for a flag (the CLI
+    test failed that way in CI): every token carries a prefix."""
+    tokens = [auth.create_token(redis_client, KEYS, "ops", admin=True)[0] for _ in range(200)]
+    assert all(t.startswith(auth.TOKEN_PREFIX) for t in tokens) and len(set(tokens)) == 200
+    assert all(auth.lookup(redis_client, KEYS, t).admin for t in tokens[:5])
