@@ -210,7 +210,10 @@ class Scheduler:
         batch finishes or, when some worker is idle, until the farm's event stream shows a change
         (a submit, a cancel, a job finishing)."""
         if not self.state.any_room():
-            self.results.collect(timeout=IDLE_WAKE_SECONDS)  # every worker busy: only a finished batch matters
+            if self.state.inflight:  # every worker busy: only a finished batch matters
+                self.results.collect(timeout=IDLE_WAKE_SECONDS)
+            else:  # no worker can take work and none is rendering (all drained, dead or gone; or a follower):
+                self.events.wait(IDLE_WAKE_SECONDS)  # sleep until something changes, not spin (issue 16)
             return
         # Workers write their jobs' "done" to the same stream, so a finishing batch wakes this too.
         changed = self.events.wait(IDLE_WAKE_SECONDS)
