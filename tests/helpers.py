@@ -42,3 +42,14 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout} s for {what}")
         time.sleep(interval)
+
+
+def rayless_scheduler(redis_url: str, settings: dict, **kwargs):
+    """A real Scheduler on a real Redis with one 8 GiB worker that no round ever calls (its slots are full),
+    so no Ray is needed; a test may drain the worker instead, or change its slots."""
+    from renderfarm.scheduler.scheduler import Scheduler
+
+    sched = Scheduler(redis_url, settings,
+                      workers={"n1": (None, {"vram_gib": 8, "card": None, "state": "idle", "loaded": []})}, **kwargs)
+    sched.workers["n1"].inflight = sched.settings.worker_queue_depth
+    return sched

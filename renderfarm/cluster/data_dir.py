@@ -109,11 +109,11 @@ class DataDirClaim:
             done.append(f"stopped the redis-server (pid {redis_pid}) a killed farm left on {self.data_dir}")
         temp_dir = left.get("ray_temp_dir")
         if isinstance(temp_dir, str) and temp_dir.startswith("/tmp/rfray-"):
-            from renderfarm.cluster.ray_processes import cluster_pids
+            from renderfarm.cluster.ray_processes import cluster_pids, terminate
 
             pids = cluster_pids(Path(temp_dir), set())
             if pids:
-                signal_all(pids, signal.SIGKILL)  # a dead farm's Ray holds no state worth flushing
+                terminate(Path(temp_dir), [], grace=2.0)  # as RayCluster.stop ends its own cluster
                 done.append(f"stopped {len(pids)} Ray process(es) of a killed farm ({temp_dir})")
             shutil.rmtree(temp_dir, ignore_errors=True)
         for line in done:

@@ -58,18 +58,6 @@ log = logging.getLogger(__name__)
 IDLE_WAKE_SECONDS = 0.5  # longest sleep; bounds how late `stop()` is noticed
 
 
-class _EventStream:
-    """The farm's event stream, read only to wake up when something changed (a submit, a cancel, a job
-    finishing): the scheduler's one use of the Store's EventCursor."""
-
-    def __init__(self, store: Store):
-        self.cursor = store.events()
-
-    def wait(self, timeout: float) -> bool:
-        """Block up to `timeout` for new events; whether any came."""
-        return bool(self.cursor.read(timeout))
-
-
 class Scheduler:
     def __init__(
         self,
@@ -96,7 +84,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._result: dict[str, int] | None = None
-        self.events = _EventStream(self.store)
+        # Read only to wake up when something changed (a submit, a cancel, a job finishing).
+        self.events = self.store.events()
         self.counters = {"dispatched": 0, "retried": 0, "failed": 0, "worker_deaths": 0, "loops": 0, "eta_rounds": 0,
                          "leases_expired": 0, "recovered": 0, "auto_drained": 0, "joined": 0}
         self.state = SchedulerState(self.settings, self.store, self.workers, self.counters)
@@ -213,10 +202,10 @@ class Scheduler:
             if self.state.inflight:  # every worker busy: only a finished batch matters
                 self.results.collect(timeout=IDLE_WAKE_SECONDS)
             else:  # no worker can take work and none is rendering (all drained, dead or gone; or a follower):
-                self.events.wait(IDLE_WAKE_SECONDS)  # sleep until something changes, not spin (issue 16)
+                self.events.read(IDLE_WAKE_SECONDS)  # sleep until something changes, not spin (issue 16)
             return
         # Workers write their jobs' "done" to the same stream, so a finishing batch wakes this too.
-        changed = self.events.wait(IDLE_WAKE_SECONDS)
+        changed = bool(self.events.read(IDLE_WAKE_SECONDS))
         self.results.collect(timeout=self.settings.poll_seconds if changed else 0.0)
 
     # --- single steps, for tests that drive a round by hand ---------------------------------------------

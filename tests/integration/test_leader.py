@@ -7,22 +7,15 @@ from __future__ import annotations
 import pytest
 
 from renderfarm.jobs import Job, JobSpec
-from tests.helpers import wait_until
+from tests.helpers import rayless_scheduler, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def _scheduler(redis_url, tmp_path, models_file):
-    from renderfarm.scheduler.scheduler import Scheduler
-
-    sched = Scheduler(
-        redis_url,
-        {"data_dir": str(tmp_path), "models_file": str(models_file), "heartbeat_seconds": 0.2,
-         "eta_seconds": 0.05, "sample_seconds": 0.05, "poll_seconds": 0.02},
-        workers={"n1": (None, {"vram_gib": 8, "card": None, "state": "idle", "loaded": []})},
-    )
-    sched.workers["n1"].inflight = sched.settings.worker_queue_depth  # no free slot: nothing calls Ray
-    return sched
+    return rayless_scheduler(redis_url, {"data_dir": str(tmp_path), "models_file": str(models_file),
+                                         "heartbeat_seconds": 0.2, "eta_seconds": 0.05, "sample_seconds": 0.05,
+                                         "poll_seconds": 0.02})
 
 
 def test_a_second_scheduler_waits_and_takes_over_when_the_leader_stops(store, redis_url, tmp_path, models_file):

@@ -9,19 +9,18 @@ import time
 import pytest
 
 from renderfarm.jobs import Job, JobSpec
-from tests.helpers import wait_until
+from tests.helpers import rayless_scheduler, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def test_no_room_and_nothing_in_flight_sleeps_instead_of_spinning(store, redis_url, tmp_path, models_file):
-    from renderfarm.scheduler.scheduler import IDLE_WAKE_SECONDS, Scheduler
+    from renderfarm.scheduler.scheduler import IDLE_WAKE_SECONDS
 
     store.submit([Job(id=f"j{i}", spec=JobSpec(model="tiny-sd15", prompt="a fox", width=64, height=64))
                   for i in range(100)], "b")
-    sched = Scheduler(redis_url, {"data_dir": str(tmp_path), "models_file": str(models_file)},
-                      workers={"n1": (None, {"vram_gib": 8, "card": None, "state": "idle", "loaded": []})})
-    sched.workers["n1"].draining = True  # no room anywhere, and nothing sent
+    sched = rayless_scheduler(redis_url, {"data_dir": str(tmp_path), "models_file": str(models_file)})
+    sched.workers["n1"].inflight, sched.workers["n1"].draining = 0, True  # no room anywhere, and nothing sent
     sched.start()
     try:
         time.sleep(0.5)

@@ -3,33 +3,19 @@ so a round never calls one): a manager that fails every round costs the others n
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from renderfarm.jobs import Job, JobSpec
+from tests.helpers import rayless_scheduler, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_a_failing_manager_does_not_stop_the_others(store, redis_url, tmp_path, models_file):
-    from renderfarm.scheduler.scheduler import Scheduler
-
     store.submit([Job(id="j", spec=JobSpec(model="tiny-sd15", prompt="a fox", width=64, height=64))], "b")
-    sched = Scheduler(
-        redis_url,
-        {"data_dir": str(tmp_path), "models_file": str(models_file), "heartbeat_seconds": 0.01,
-         "eta_seconds": 0.05, "sample_seconds": 0.05, "poll_seconds": 0.02},
-        workers={"n1": (None, {"vram_gib": 8, "card": None, "state": "idle", "loaded": []})},
-    )
-    sched.workers["n1"].inflight = sched.settings.worker_queue_depth  # no free slot: nothing calls Ray
+    sched = rayless_scheduler(redis_url, {"data_dir": str(tmp_path), "models_file": str(models_file),
+                                          "heartbeat_seconds": 0.01, "eta_seconds": 0.05, "sample_seconds": 0.05,
+                                          "poll_seconds": 0.02})
 
     def redis_refuses(*args, **kwargs):
         raise ConnectionError("reaping failed")
@@ -37,9 +23,9 @@ def test_a_failing_manager_does_not_stop_the_others(store, redis_url, tmp_path, 
     sched.store.expired = redis_refuses  # the lease manager's reaping fails every round
     sched.start()
     try:
-        wait_for(lambda: sched.stats()["update_failures"]["leases"] >= 3, 10, "three failed lease rounds")
-        wait_for(lambda: sched.stats()["eta_rounds"] >= 3, 10, "three ETA rounds meanwhile")
-        wait_for(lambda: len(store.samples()) >= 2, 10, "two samples meanwhile")
+        wait_until(lambda: sched.stats()["update_failures"]["leases"] >= 3, 10, "three failed lease rounds")
+        wait_until(lambda: sched.stats()["eta_rounds"] >= 3, 10, "three ETA rounds meanwhile")
+        wait_until(lambda: len(store.samples()) >= 2, 10, "two samples meanwhile")
     finally:
         sched.stop()
         counters = sched.join(10)
