@@ -6,15 +6,25 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+_RECENT_PORTS: deque[int] = deque(maxlen=512)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that was free a moment ago ("" for every interface)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on `host` that was free a moment ago ("" for every interface), and not one this process
+    handed out recently: the kernel may offer a just-closed port again, and a `ray start` given the same
+    port for two of its components refuses to start."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
+    raise OSError(f"no free port on {host or 'any interface'} that was not handed out already")
 
 
 def write_private(path: Path, text: str) -> None:
