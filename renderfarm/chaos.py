@@ -104,7 +104,9 @@ def run_scenario(
             say(f"{scenario}: submitted {jobs} jobs")
             absent = _enqueue_absent(client) if scenario == "weights" else []
             victim = VICTIM_NODE if scenario in ("worker", "stall") else None
-            in_flight = _wait_mid_render(client, ids, victim)
+            # The stall must land once the batch's time limit is fixed in Redis (its node does that right
+            # after it starts the jobs): the limit is what ends a hung render (see the module docstring).
+            in_flight = _wait_mid_render(client, ids, victim, deadline_fixed=scenario == "stall")
             fault_at = time.monotonic()
             detail = _inject(farm, scenario)
             say(f"{scenario}: fault injected with {len(in_flight)} jobs in flight ({detail})")
@@ -122,14 +124,17 @@ def run_scenario(
     return result
 
 
-def _wait_mid_render(client, ids: list[str], node: str | None, timeout: float = 180.0) -> list[str]:
-    """Block until some job is done and some is running (on `node`, when given); the ids leased or running."""
+def _wait_mid_render(client, ids: list[str], node: str | None, timeout: float = 180.0,
+                     deadline_fixed: bool = False) -> list[str]:
+    """Block until some job is done and some is running (on `node`, when given; with `deadline_fixed`, one
+    whose node has fixed its run deadline); the ids leased or running."""
     from renderfarm.jobs import JobState
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = client.store.get_many(ids)
-        running = [j for j in jobs if j and j.state is JobState.RUNNING and (node is None or j.node == node)]
+        running = [j for j in jobs if j and j.state is JobState.RUNNING and (node is None or j.node == node)
+                   and (not deadline_fixed or client.store.run_deadline(j.id) is not None)]
         if running and any(j and j.state is JobState.DONE for j in jobs):
             return [j.id for j in jobs if j and j.state in (JobState.LEASED, JobState.RUNNING)]
         time.sleep(0.02)

@@ -204,6 +204,14 @@ class JobRecords:
             raise Fenced(job_id, fence)
         return JobState(current)
 
+    def run_deadline(self, job_id: str) -> float | None:
+        """When a running job's lease stops being renewable (Redis's clock), once its node fixed it; else None."""
+        raw = self.redis.hget(self.keys.job(job_id), "run_deadline")
+        try:
+            return float(raw) if raw else None
+        except ValueError:
+            return None
+
     def lease(self, job_id: str, node: str, lease_seconds: float, fence: int | None = None) -> bool:
         """queued -> leased to `node` for `lease_seconds` (renewed by whoever holds it, see `renew`);
         False if someone else got there first (cancelled, leased). With `fence` (the scheduler's leadership
