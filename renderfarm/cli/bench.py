@@ -21,6 +21,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     sim.add_argument("--trace", help="JSONL of job specs with submit_s (default: the trace shipped in "
                      "renderfarm/configs/sim)")
     sim.add_argument("--cluster", help="cluster YAML (default: renderfarm/configs/sim/cluster.yaml)")
+    sim.add_argument("--error", type=float, default=0.3, metavar="E",
+                     help="prediction error: each job's true duration is its predicted one x a factor drawn "
+                     "around 1 (uniform: within +-E; lognormal: sigma E); the policies plan with the prediction, "
+                     "the simulation runs with the truth (default 0.3; 0: exact knowledge)")
+    sim.add_argument("--error-dist", choices=("uniform", "lognormal"), default="uniform",
+                     help="how the true factor is drawn (default uniform)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the true factors (default 0)")
     sim.set_defaults(func=cmd_bench_sim)
     chaos = bench_sub.add_parser("chaos", parents=[common],
                                  help="kill or freeze a worker, the scheduler, redis-server mid-render; count lost jobs")
@@ -32,15 +39,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 
 def cmd_bench_sim(args: argparse.Namespace) -> int:
     """The same placement code against a simulated cluster and a job trace, beside two baselines."""
-    from renderfarm.scheduler.simulate import run_sim
+    from renderfarm.scheduler.simulate import PredictionError, run_sim
 
-    report = run_sim(args.trace, args.cluster)
+    error = PredictionError(args.error, args.error_dist, args.seed)  # ConfigError names a bad --error
+    report = run_sim(args.trace, args.cluster, error)
     if args.json:
         emit(args, {"ok": True, **report})
         return 0
     bound = report["lower_bound_s"]
+    spread = (f"+-{error.spread:.0%} uniform" if error.distribution == "uniform"
+              else f"lognormal sigma {error.spread:g}") if error.spread else "none (exact knowledge)"
     print(f"{report.get('jobs', '?')} jobs on {report.get('nodes', '?')} nodes; lower bound on the makespan "
           f"{bound:.0f} s; rejected up front: {report['rejected']}")
+    print(f"prediction error: {spread}, seed {error.seed} (policies plan with the prediction; jobs run with "
+          "the truth)")
     print(f"  {'policy':<16} {'makespan s':>10} {'x bound':>8} {'p50 wait':>9} {'p95 wait':>9} {'util':>5} "
           f"{'OOMs':>5} {'loads':>6}")
     for name, p in report["policies"].items():

@@ -1,18 +1,25 @@
 """Run the farm's placement code against a simulated cluster and a job trace, next to two baselines.
 
-A discrete-event simulation, deterministic for a given cluster and trace (no clocks, no randomness):
+A discrete-event simulation, deterministic for a given cluster, trace and seed (no clocks):
 - a cluster (YAML): `nodes:` with name, gpu, vram_gib, compute_capability and count (count copies, named
   name-0, name-1, ...); each becomes a planning Device (throughput from the known-card table);
 - a trace (JSONL): job spec fields model, width, height, steps, num_images, and `submit_s`;
-- a node runs one batch (one job, `num_images` images) at a time and holds one model; a job takes
-  steps x the predicted seconds per step of the profile the node picks for it, plus a load (weights over
-  disk and PCIe, placement.load_seconds) when the node holds another model;
+- a node runs one batch (one job, `num_images` images) at a time and holds one model; a job is PREDICTED
+  to take steps x the predicted seconds per step of the profile the node picks for it, plus a load (weights
+  over disk and PCIe, placement.load_seconds) when the node holds another model;
+- prediction error: the truth is drawn around the prediction, one factor per job (seeded, the same for
+  every policy): uniform in [1 - e, 1 + e] (default e = 0.3, +-30%) or lognormal (median 1, sigma e). A job
+  really takes its predicted seconds x its factor on whichever node runs it. Policies plan with the
+  prediction (the renderfarm policy's backlogs are its estimates, corrected as the live scheduler corrects
+  them: when a batch ends, a node's backlog becomes the estimates of what it still holds); the simulation
+  runs with the truth, and the lower bound is computed from the truth. e = 0 is the old exact-knowledge
+  simulation. Memory is not perturbed: what fits is what planning predicts;
 - a job sent where it does not fit (planning predicts no profile fits that node) runs out of memory: it
   costs the load and 30% of its run in the most frugal profile, counts an OOM, and is sent again (never to
   a node where it failed before);
 - a job that fits no node of the cluster is rejected up front (every policy), and reported.
 
-Policies:
+Policies (every one gets the same trace and the same true durations):
 - `renderfarm`: the live scheduler's round (scheduler/dispatch.py): on every arrival and every finished job, the
   queue in fair order (fairness.FairShare) goes through placement.plan_dispatch, with each node's backlog in
   seconds as the scheduler estimates it and WORKER_QUEUE_DEPTH batches per node at most; a job waits for
@@ -26,6 +33,9 @@ The lower bound on the makespan is the largest of: the total work, each job on i
 over the number of nodes (`work_s`); the same weighted by how fast each kind of node is (`capacity_s`, an LP
 dual bound: on a mixed cluster "fastest node / N" pretends every node is the fastest); the longest job on
 its fastest feasible node; the latest submit time plus that job's fastest run. Loads are not counted.
+
+Each policy reports its makespan and its median (p50) and p95 wait (submit to start) side by side: a
+policy that wins the makespan can still make the typical job wait longer.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +66,43 @@ OOM_FRACTION = 0.3  # of the run, lost before the out-of-memory error
 MAX_PIXELS_PER_GIB = 2**20 / 6  # AI Horde-style limit: 8 GiB -> 1.33 Mpx, 24 GiB -> 4 Mpx (2048 x 2048)
 POLICIES = ("renderfarm", "least-busy", "max-pixels-fifo")
 WORKER_QUEUE_DEPTH = 2  # batches a node holds, as config.Settings.worker_queue_depth
+ERROR_DISTRIBUTIONS = ("uniform", "lognormal")
+DEFAULT_ERROR = 0.3  # +-30%: the truth is drawn around the prediction
+
+
+@dataclass(frozen=True)
+class PredictionError:
+    """How far a job's true duration strays from the prediction: one factor per job, seeded.
+
+    uniform: factor in [1 - spread, 1 + spread]; lognormal: exp(N(0, spread)), median 1."""
+
+    spread: float = DEFAULT_ERROR
+    distribution: str = "uniform"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.distribution not in ERROR_DISTRIBUTIONS:
+            raise ConfigError(f"error distribution {self.distribution!r}: expected one of "
+                              f"{', '.join(ERROR_DISTRIBUTIONS)}")
+        if not math.isfinite(self.spread) or self.spread < 0:
+            raise ConfigError(f"error spread {self.spread}: must be a finite number >= 0")
+        if self.distribution == "uniform" and self.spread >= 1:
+            raise ConfigError(f"error spread {self.spread}: a uniform error must stay below 1 (a job cannot "
+                              "take no time or less)")
+
+    def factors(self, jobs: list[TraceJob]) -> dict[int, float]:
+        """Each job's true duration over its predicted one, by job index (drawn in index order)."""
+        rng = random.Random(self.seed)
+        out = {}
+        for job in sorted(jobs, key=lambda j: j.index):
+            if self.distribution == "uniform":
+                out[job.index] = rng.uniform(1 - self.spread, 1 + self.spread)
+            else:
+                out[job.index] = math.exp(rng.gauss(0.0, self.spread))
+        return out
+
+
+EXACT = PredictionError(0.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +179,7 @@ class _Node:
     busy: bool = False
     free_at: float = 0.0  # estimated end of its queued work (push policies)
     tail_model: str | None = None  # the model it will hold once its queue drains
+    estimates: dict[int, float] = field(default_factory=dict)  # job index -> predicted seconds, sent and unfinished
 
 
 @dataclass
@@ -146,12 +195,14 @@ class _Sim:
     """One policy over one trace. Push policies choose a node when a job arrives (or is retried); the pull
     policy lets each idle node take a job from the shared queue."""
 
-    def __init__(self, nodes: list[SimNode], jobs: list[TraceJob], policy: str):
+    def __init__(self, nodes: list[SimNode], jobs: list[TraceJob], policy: str,
+                 truth: dict[int, float] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.policy = policy
         self.nodes = [_Node(n.name, n.device) for n in nodes]
         self.jobs = jobs
+        self.truth = truth or {}  # job index -> true / predicted duration (1 when absent)
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = 0
         self.stats = _Stats()
@@ -175,6 +226,9 @@ class _Sim:
             else:
                 node, job, oom = payload
                 node.busy = False
+                node.estimates.pop(job.index, None)
+                # as the live scheduler (managers.py): the backlog becomes the estimates of what it still holds
+                node.free_at = self.now + sum(node.estimates.values())
                 self._start_next(node)
                 self._dispatch(job if oom else None)
         return self.stats
@@ -204,7 +258,9 @@ class _Sim:
 
     def _send(self, node: _Node, job: TraceJob) -> None:
         node.queue.append(job)
-        node.free_at = max(node.free_at, self.now) + self._duration(node, node.tail_model, job)[0]
+        estimate = self._duration(node, node.tail_model, job)[0]
+        node.estimates[job.index] = estimate
+        node.free_at = max(node.free_at, self.now) + estimate
         node.tail_model = job.shape.model
         if not node.busy:
             self._start_next(node)
@@ -268,7 +324,8 @@ class _Sim:
             return
         if node.queue and node.queue[0] is job:
             node.queue.popleft()
-        seconds, oom, loads = self._duration(node, node.model, job)
+        predicted, oom, loads = self._duration(node, node.model, job)
+        seconds = predicted * self.truth.get(job.index, 1.0)
         node.busy = True
         self.stats.busy_s += seconds
         self.stats.model_loads += loads
@@ -298,7 +355,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def _capacity_bound(nodes: list[SimNode], jobs: list[TraceJob]) -> float:
+def _capacity_bound(nodes: list[SimNode], jobs: list[TraceJob], truth: dict[int, float] | None = None) -> float:
     """A makespan bound that respects how much slower each kind of node is (loads aside).
 
     LP duality: for any shares w_k >= 0 of the node kinds summing to 1 (kind k has m_k nodes),
@@ -309,9 +366,9 @@ def _capacity_bound(nodes: list[SimNode], jobs: list[TraceJob]) -> float:
     for n in nodes:
         kinds[n.device] = kinds.get(n.device, 0) + 1
     devices = list(kinds)
-    classes: dict[JobShape, int] = {}
+    classes: dict[JobShape, float] = {}  # shape -> its jobs' summed true factors (a count when exact)
     for job in jobs:
-        classes[job.shape] = classes.get(job.shape, 0) + 1
+        classes[job.shape] = classes.get(job.shape, 0.0) + (truth or {}).get(job.index, 1.0)
     table = [
         (count, [shape.steps * f.seconds_per_step if (f := fit_on(
             shape.model, shape.width, shape.height, shape.num_images, d)).fits else math.inf for d in devices])
@@ -341,17 +398,20 @@ def _capacity_bound(nodes: list[SimNode], jobs: list[TraceJob]) -> float:
     return best
 
 
-def lower_bound(nodes: list[SimNode], jobs: list[TraceJob]) -> dict[str, float]:
-    """Makespans no schedule can beat (loads aside), measured from time 0: see the module docstring."""
+def lower_bound(nodes: list[SimNode], jobs: list[TraceJob], truth: dict[int, float] | None = None) -> dict[str, float]:
+    """Makespans no schedule can beat (loads aside), measured from time 0, with each job's true duration
+    (`truth`: factor by job index; exact when absent): see the module docstring."""
+    truth = truth or {}
     fastest = [
-        min(job.shape.steps * _fit(job, n.device).seconds_per_step for n in nodes if _fit(job, n.device).fits)
+        truth.get(job.index, 1.0) * min(
+            job.shape.steps * _fit(job, n.device).seconds_per_step for n in nodes if _fit(job, n.device).fits)
         for job in jobs
     ]
     if not fastest:
         return {"work_s": 0.0, "capacity_s": 0.0, "longest_job_s": 0.0, "last_arrival_s": 0.0}
     return {
         "work_s": sum(fastest) / len(nodes),
-        "capacity_s": _capacity_bound(nodes, jobs),
+        "capacity_s": _capacity_bound(nodes, jobs, truth),
         "longest_job_s": max(fastest),
         "last_arrival_s": max(job.submit_s + t for job, t in zip(jobs, fastest)),
     }
@@ -359,9 +419,10 @@ def lower_bound(nodes: list[SimNode], jobs: list[TraceJob]) -> dict[str, float]:
 
 def simulate(
     nodes: list[SimNode], jobs: list[TraceJob], policies: tuple[str, ...] = POLICIES,
-    on_reject: Callable[[TraceJob, str], None] | None = None,
+    on_reject: Callable[[TraceJob, str], None] | None = None, error: PredictionError = PredictionError(),
 ) -> dict[str, Any]:
-    """Every policy over `jobs` on `nodes`; the figures `run_sim` returns."""
+    """Every policy over `jobs` on `nodes`, planning with the prediction and running with the truth drawn
+    around it (`error`); the figures `run_sim` returns."""
     if not nodes:
         raise ValueError("the cluster has no nodes")
     views = [NodeView(n.name, n.device) for n in nodes]
@@ -375,9 +436,10 @@ def simulate(
             if on_reject:
                 on_reject(job, reason)
     start = min((j.submit_s for j in accepted), default=0.0)
+    truth = error.factors(jobs)
     results: dict[str, dict[str, float | int]] = {}
     for policy in policies:
-        stats = _Sim(nodes, accepted, policy).run()
+        stats = _Sim(nodes, accepted, policy, truth).run()
         makespan = max(0.0, stats.makespan_s - start)
         results[policy] = {
             "makespan_s": round(makespan, 1),
@@ -387,7 +449,7 @@ def simulate(
             "ooms": stats.ooms,
             "model_loads": stats.model_loads,
         }
-    bound = {k: round(v - start if k == "last_arrival_s" else v, 1) for k, v in lower_bound(nodes, accepted).items()}
+    bound = {k: round(v - start if k == "last_arrival_s" else v, 1) for k, v in lower_bound(nodes, accepted, truth).items()}
     return {
         "policies": results,
         "lower_bound_s": max(bound.values()),
@@ -395,10 +457,14 @@ def simulate(
         "rejected": len(rejected),
         "jobs": len(accepted),
         "nodes": len(nodes),
+        "prediction_error": {"spread": error.spread, "distribution": error.distribution, "seed": error.seed},
     }
 
 
-def run_sim(trace_path: str | Path | None = None, cluster_path: str | Path | None = None) -> dict[str, Any]:
+def run_sim(
+    trace_path: str | Path | None = None, cluster_path: str | Path | None = None,
+    error: PredictionError = PredictionError(),
+) -> dict[str, Any]:
     """Simulate every policy over a trace (default: the shipped configs/sim/trace.jsonl) on a cluster
-    (configs/sim/cluster.yaml)."""
-    return simulate(load_cluster(cluster_path), load_trace(trace_path))
+    (configs/sim/cluster.yaml), with the truth drawn around the prediction (default +-30%, uniform, seed 0)."""
+    return simulate(load_cluster(cluster_path), load_trace(trace_path), error=error)

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from renderfarm.scheduler.simulate import POLICIES, load_cluster, run_sim
+from renderfarm.cli import main
+from renderfarm.errors import ConfigError
+from renderfarm.scheduler.simulate import EXACT, POLICIES, PredictionError, load_cluster, load_trace, run_sim
 
 CLUSTER = """
 nodes:
@@ -34,7 +36,7 @@ def test_cluster_counts_expand_to_named_nodes(tmp_path):
 
 def test_simulation_is_deterministic_and_reports_every_policy(tmp_path):
     trace, nodes = write(tmp_path, MIXED)
-    first, second = run_sim(trace, nodes), run_sim(trace, nodes)
+    first, second = run_sim(trace, nodes), run_sim(trace, nodes)  # the same seed: the same truth
     assert first == second
     assert set(first["policies"]) == set(POLICIES)
     for figures in first["policies"].values():
@@ -64,3 +66,76 @@ def test_bad_cluster_file_is_an_error(tmp_path):
     trace, nodes = write(tmp_path, MIXED, "nodes: []\n")
     with pytest.raises(ValueError, match="nodes"):
         run_sim(trace, nodes)
+
+
+# --- prediction error: the policies plan with the prediction, the simulation runs with the truth -----------
+
+
+def test_exact_knowledge_draws_every_factor_at_one(tmp_path):
+    trace, _ = write(tmp_path, MIXED)
+    assert set(EXACT.factors(load_trace(trace)).values()) == {1.0}
+
+
+def test_uniform_factors_stay_within_the_spread_and_follow_the_seed(tmp_path):
+    trace, _ = write(tmp_path, MIXED * 20)
+    jobs = load_trace(trace)
+    factors = PredictionError(0.3, "uniform", seed=1).factors(jobs)
+    assert len(factors) == len(jobs)
+    assert all(0.7 <= f <= 1.3 for f in factors.values())
+    assert min(factors.values()) < 0.8 and max(factors.values()) > 1.2  # the spread is used, not just allowed
+    assert factors == PredictionError(0.3, "uniform", seed=1).factors(jobs)
+    assert factors != PredictionError(0.3, "uniform", seed=2).factors(jobs)
+
+
+def test_lognormal_factors_centre_on_one(tmp_path):
+    trace, _ = write(tmp_path, MIXED * 40)
+    factors = sorted(PredictionError(0.3, "lognormal").factors(load_trace(trace)).values())
+    median = factors[len(factors) // 2]
+    assert 0.9 < median < 1.1
+    assert factors[0] > 0 and factors[-1] > 1.3  # unbounded above, unlike the uniform draw
+
+
+def test_a_job_runs_for_its_true_duration_not_its_predicted_one(tmp_path):
+    one = [job("sd15", 512)]
+    trace, nodes = write(tmp_path, one, 'nodes:\n  - {name: a, gpu: GeForce RTX 3090, vram_gib: 24, '
+                                        'compute_capability: "8.6"}\n')
+    error = PredictionError(0.3, seed=3)
+    factor = error.factors(load_trace(trace))[0]
+    assert factor != 1.0
+    exact, noisy = run_sim(trace, nodes, EXACT), run_sim(trace, nodes, error)
+    for policy in POLICIES:
+        predicted = exact["policies"][policy]["makespan_s"]
+        assert noisy["policies"][policy]["makespan_s"] == pytest.approx(predicted * factor, abs=0.1)
+    assert noisy["lower_bound_parts"]["longest_job_s"] == pytest.approx(
+        exact["lower_bound_parts"]["longest_job_s"] * factor, abs=0.1)
+    assert noisy["prediction_error"] == {"spread": 0.3, "distribution": "uniform", "seed": 3}
+
+
+def test_error_changes_what_the_policy_meets_and_every_policy_still_reports_its_waits(tmp_path):
+    trace, nodes = write(tmp_path, MIXED)
+    exact, noisy = run_sim(trace, nodes, EXACT), run_sim(trace, nodes, PredictionError(0.3, seed=0))
+    assert exact["policies"] != noisy["policies"]
+    for figures in noisy["policies"].values():
+        assert figures["makespan_s"] >= noisy["lower_bound_s"] > 0
+        assert figures["p95_wait_s"] >= figures["p50_wait_s"] >= 0
+
+
+@pytest.mark.parametrize("spread, distribution, words", [
+    (1.0, "uniform", "below 1"), (-0.1, "uniform", ">= 0"), (float("nan"), "lognormal", "finite"),
+    (0.3, "gauss", "expected one of"),
+])
+def test_bad_prediction_error_is_refused_naming_it(spread, distribution, words):
+    with pytest.raises(ConfigError, match=words):
+        PredictionError(spread, distribution)
+
+
+def test_bench_sim_command_takes_the_error_and_refuses_a_bad_one(capsys, tmp_path):
+    trace, nodes = write(tmp_path, MIXED)
+    base = ["bench", "sim", "--trace", str(trace), "--cluster", str(nodes)]
+    assert main([*base, "--error", "0.2", "--error-dist", "lognormal", "--seed", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prediction_error"] == {"spread": 0.2, "distribution": "lognormal", "seed": 4}
+    assert report == {"ok": True, **run_sim(trace, nodes, PredictionError(0.2, "lognormal", 4))}
+    assert main([*base, "--error", "1.5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error spread 1.5" in err
