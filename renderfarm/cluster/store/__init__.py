@@ -23,17 +23,19 @@ import redis
 
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_settings import RedisSettings
+from renderfarm.cluster.round_trips import count_round_trips
 from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, queue_score
 from renderfarm.cluster.store.events import Event, EventCursor
 from renderfarm.cluster.store.jobs import EVENTS_MAXLEN, Fenced, JobRecords, LeaseLive, OwnershipLost
 from renderfarm.cluster.store.leader import Leadership
 from renderfarm.cluster.store.nodes import NodeRecords
 from renderfarm.cluster.store.reconcile import Reconciler, ReconcileReport
+from renderfarm.cluster.store.round import Round
 from renderfarm.cluster.store.telemetry import MEASURE_ALPHA, SAMPLES_MAXLEN, Telemetry
 
 __all__ = [
     "EVENTS_MAXLEN", "MEASURE_ALPHA", "SAMPLES_MAXLEN", "Event", "EventCursor", "Fenced", "LeaseLive", "OwnershipLost",
-    "ReconcileReport", "Store", "job_from_hash", "job_to_hash", "queue_score",
+    "ReconcileReport", "Round", "Store", "job_from_hash", "job_to_hash", "queue_score",
 ]
 
 SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile", "lead")
@@ -51,6 +53,7 @@ class Store(JobRecords, NodeRecords, Telemetry, Reconciler, Leadership):
             raise ValueError("Store needs a Redis client with decode_responses=False (results are bytes)")
         self.redis = client
         self.keys = keys or Keys()
+        self.trips = count_round_trips(client)  # what this process's work costs Redis (issue 16)
         for name in SCRIPTS:
             setattr(self, f"_{name}", client.register_script(script_source(name)))
 
@@ -58,6 +61,11 @@ class Store(JobRecords, NodeRecords, Telemetry, Reconciler, Leadership):
     def open(cls, redis_settings: str | RedisSettings, keys: Keys | None = None) -> Store:
         """A Store on a new client for `redis_settings` (a URL, or RedisSettings), with the farm's retry policy."""
         return cls(RedisSettings.from_url(redis_settings).client(), keys)
+
+    @property
+    def round_trips(self) -> int:
+        """Requests sent to Redis on this Store's client so far (a pipeline or a round is one)."""
+        return self.trips.value
 
     def events(self, *, from_start: bool = False) -> EventCursor:
         """A cursor on the event stream: what happens from now on, or (`from_start`) everything kept."""

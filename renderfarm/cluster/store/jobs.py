@@ -6,13 +6,15 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, quarantine_reason, text
+from renderfarm.cluster.store.round import Round
 from renderfarm.errors import CorruptRecord, JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobState, sources_of
 
@@ -40,6 +42,28 @@ class OwnershipLost(RuntimeError):
     def __init__(self, job_id: str, node: str):
         self.job_id, self.node = job_id, node
         super().__init__(f"job {job_id} is no longer held by node {node!r}")
+
+
+@dataclass(frozen=True)
+class Move:
+    """One state change, ready to send (`JobRecords.move`)."""
+
+    job_id: str
+    target: JobState
+    expect_node: str | None
+    fence: int | None
+    keys: list[str]
+    args: list[Any]
+
+
+def _succeeded(outcome: Callable[[], JobState], *refusals: type[Exception]) -> bool:
+    """True when the move happened; False when it was refused for one of `refusals` (someone else moved the
+    job first); anything else raises."""
+    try:
+        outcome()
+    except refusals:
+        return False
+    return True
 
 
 class JobRecords:
@@ -143,6 +167,7 @@ class JobRecords:
         expect_node: str | None = None,
         score: float | str | None = None,
         fields: dict[str, Any] | None = None,
+        timed_fields: dict[str, float] | None = None,
         add_attempt: bool = False,
         images: Sequence[bytes] = (),
         result_ttl: int = 7 * 24 * 3600,
@@ -153,7 +178,8 @@ class JobRecords:
         """Move `job_id` to `target` atomically; returns the state it left.
 
         `score` is the job's score in its new index; a string "+N" means N seconds after Redis's clock (lease
-        deadlines). With `expired_only`, the move happens only if the job's deadline in its current index
+        deadlines), and so does each value of `timed_fields` (a field set to that moment: a run deadline).
+        With `expired_only`, the move happens only if the job's deadline in its current index
         has passed (a lease reaped at the same moment as it was renewed stays with its holder).
         Idempotent: each call carries an operation token (`op`, a fresh one by default), so a script that
         redis-py re-sends after a lost reply answers what its first run did (scripts/transition.lua).
@@ -162,6 +188,30 @@ class JobRecords:
         CorruptRecord: the record cannot be moved as it stands (then it is quarantined, see `quarantine`), or a
         farm key holds the wrong type. The script checks all that before it writes anything.
         """
+        move = self.move(job_id, target, allowed_from=allowed_from, expect_node=expect_node, score=score,
+                         fields=fields, timed_fields=timed_fields, add_attempt=add_attempt, images=images,
+                         result_ttl=result_ttl, expired_only=expired_only, op=op, fence=fence)
+        return self.moved(move, self._transition(keys=move.keys, args=move.args))
+
+    def move(
+        self,
+        job_id: str,
+        target: JobState,
+        *,
+        allowed_from: Iterable[JobState] | None = None,
+        expect_node: str | None = None,
+        score: float | str | None = None,
+        fields: dict[str, Any] | None = None,
+        timed_fields: dict[str, float] | None = None,
+        add_attempt: bool = False,
+        images: Sequence[bytes] = (),
+        result_ttl: int = 7 * 24 * 3600,
+        expired_only: bool = False,
+        op: str | None = None,
+        fence: int | None = None,
+    ) -> Move:
+        """One state change as the transition script's keys and arguments (see `transition`), to run alone or
+        with others in one round trip (`Store.run_moves`); `moved` reads its reply."""
         legal = sources_of(target)
         if allowed_from is not None:
             legal &= frozenset(allowed_from)
@@ -180,13 +230,19 @@ class JobRecords:
             "1" if expired_only else "0",
             op or uuid.uuid4().hex,
             "" if fence is None else str(int(fence)),
+            json.dumps({k: float(v) for k, v in (timed_fields or {}).items()}),
             *images,
         ]
         keys = [
             self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
             self.keys.queues, self.keys.leader_epoch,
         ]
-        status, current = (part.decode(errors="replace") for part in self._transition(keys=keys, args=args))
+        return Move(job_id, target, expect_node, fence, keys, args)
+
+    def moved(self, move: Move, reply: Any) -> JobState:
+        """The state `move` left, from the transition script's reply; raises as `transition` says."""
+        job_id, target = move.job_id, move.target
+        status, current = (part.decode(errors="replace") for part in reply)
         if status == "missing":
             raise JobNotFound(job_id)
         if status == "corrupt":  # the script wrote nothing; taken aside whole, never lost half-way
@@ -197,11 +253,11 @@ class JobRecords:
         if status == "state":
             raise IllegalTransition(job_id, current, target)
         if status == "node":
-            raise OwnershipLost(job_id, expect_node or "")
+            raise OwnershipLost(job_id, move.expect_node or "")
         if status == "live":
             raise LeaseLive(job_id)
         if status == "fenced":
-            raise Fenced(job_id, fence)
+            raise Fenced(job_id, move.fence)
         return JobState(current)
 
     def run_deadline(self, job_id: str) -> float | None:
@@ -217,25 +273,33 @@ class JobRecords:
         False if someone else got there first (cancelled, leased). With `fence` (the scheduler's leadership
         epoch) the lease is refused (Fenced) unless that is still the farm's current leadership: a scheduler
         that lost the lock without noticing leases nothing."""
-        try:
-            self.transition(
-                job_id, JobState.LEASED, score=f"+{float(lease_seconds)!r}", add_attempt=True,
-                fields={"node": node, "error": "", "run_deadline": ""}, fence=fence,
-            )
-        except (IllegalTransition, JobNotFound, CorruptRecord):
-            return False
-        return True
+        return self._alone(lambda rnd: self.queue_lease(rnd, job_id, node, lease_seconds, fence))
 
-    def start(self, job_id: str, node: str, lease_seconds: float) -> bool:
-        """leased -> running on `node`; False when the job is no longer this node's (cancelled, requeued)."""
-        try:
-            self.transition(
-                job_id, JobState.RUNNING, expect_node=node, score=f"+{float(lease_seconds)!r}",
-                fields={"started_at": time.time(), "run_deadline": ""},
-            )
-        except (IllegalTransition, JobNotFound, OwnershipLost, CorruptRecord):
-            return False
-        return True
+    def queue_lease(
+        self, rnd: Round, job_id: str, node: str, lease_seconds: float, fence: int | None = None
+    ) -> Callable[[], bool]:
+        """`lease` as part of a round (one request for many jobs); the getter answers as `lease` does."""
+        outcome = rnd.move(self.move(
+            job_id, JobState.LEASED, score=f"+{float(lease_seconds)!r}", add_attempt=True,
+            fields={"node": node, "error": "", "run_deadline": ""}, fence=fence,
+        ))
+        return lambda: _succeeded(outcome, IllegalTransition, JobNotFound, CorruptRecord)
+
+    def start(self, job_id: str, node: str, lease_seconds: float, run_seconds: float | None = None) -> bool:
+        """leased -> running on `node`; False when the job is no longer this node's (cancelled, requeued).
+        With `run_seconds`, the job's run deadline (see `renew`) is fixed now: that long after Redis's clock."""
+        return self._alone(lambda rnd: self.queue_start(rnd, job_id, node, lease_seconds, run_seconds))
+
+    def queue_start(
+        self, rnd: Round, job_id: str, node: str, lease_seconds: float, run_seconds: float | None = None
+    ) -> Callable[[], bool]:
+        """`start` as part of a round; the getter answers as `start` does."""
+        outcome = rnd.move(self.move(
+            job_id, JobState.RUNNING, expect_node=node, score=f"+{float(lease_seconds)!r}",
+            fields={"started_at": time.time(), **({} if run_seconds is not None else {"run_deadline": ""})},
+            timed_fields=None if run_seconds is None else {"run_deadline": float(run_seconds)},
+        ))
+        return lambda: _succeeded(outcome, IllegalTransition, JobNotFound, OwnershipLost, CorruptRecord)
 
     def renew(
         self, job_ids: Sequence[str], node: str, lease_seconds: float, timeout_seconds: float | None = None
@@ -275,22 +339,53 @@ class JobRecords:
         """running -> done with its images, exactly once; False (result discarded, and counted: `cancelled`
         results apart from `late_results`) when the job was cancelled, requeued or handed to another node
         meanwhile, e.g. because this node's lease expired."""
+        return self._alone(lambda rnd: self.queue_complete(
+            rnd, job_id, node, images, timings, peak_memory_mb, result_ttl, profile, escalations))
+
+    def queue_complete(
+        self,
+        rnd: Round,
+        job_id: str,
+        node: str,
+        images: Sequence[bytes],
+        timings: dict[str, float],
+        peak_memory_mb: float | None,
+        result_ttl: int,
+        profile: str | None = None,
+        escalations: Sequence[str] = (),
+    ) -> Callable[[], bool]:
+        """`complete` as part of a round; the getter answers (and counts a late result) as `complete` does."""
         now = time.time()
-        try:
-            self.transition(
-                job_id, JobState.DONE, expect_node=node, score=now, images=images, result_ttl=result_ttl,
-                fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb,
-                        "profile": profile, "escalations": json.dumps(list(escalations))},
-            )
-        except IllegalTransition as exc:
-            self.count("results_after_cancel" if exc.current is JobState.CANCELLED else "late_results")
-            return False
-        except (JobNotFound, OwnershipLost):
-            self.count("late_results")
-            return False
-        except CorruptRecord:  # quarantined (and counted) by `transition`
-            return False
-        return True
+        outcome = rnd.move(self.move(
+            job_id, JobState.DONE, expect_node=node, score=now, images=images, result_ttl=result_ttl,
+            fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb,
+                    "profile": profile, "escalations": json.dumps(list(escalations))},
+        ))
+
+        def done() -> bool:
+            try:
+                outcome()
+            except IllegalTransition as exc:
+                self.count("results_after_cancel" if exc.current is JobState.CANCELLED else "late_results")
+                return False
+            except (JobNotFound, OwnershipLost):
+                self.count("late_results")
+                return False
+            except CorruptRecord:  # quarantined (and counted) by `moved`
+                return False
+            return True
+
+        return done
+
+    def round(self) -> Round:
+        """Operations to send together in one request (store/round.py)."""
+        return Round(self)
+
+    def _alone(self, queue: Callable[[Round], Callable[[], bool]]) -> bool:
+        rnd = self.round()
+        outcome = queue(rnd)
+        rnd.run()
+        return outcome()
 
     def fail(self, job_id: str, error: str, node: str | None = None, *, expired_only: bool = False) -> bool:
         now = time.time()

@@ -107,8 +107,16 @@ class NodeRecords:
             pipe.execute()
 
     def update_node(self, name: str, **info: Any) -> None:
-        info["heartbeat"] = time.time()
-        self.redis.hset(self.keys.node(name), mapping={k: json.dumps(v) for k, v in info.items()})
+        self.redis.hset(self.keys.node(name), mapping=self._node_fields(info))
+
+    def queue_update_node(self, rnd: Any, name: str, **info: Any) -> None:
+        """`update_node` as part of a round (store/round.py): one request with the jobs it reports on."""
+        fields = self._node_fields(info)
+        rnd.command(lambda pipe: pipe.hset(self.keys.node(name), mapping=fields))
+
+    @staticmethod
+    def _node_fields(info: dict[str, Any]) -> dict[str, str]:
+        return {**{k: json.dumps(v) for k, v in info.items()}, "heartbeat": json.dumps(time.time())}
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every registered node's record, fields as JSON values (a field that is not JSON as its text, and a

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -97,9 +97,19 @@ class Telemetry:
         """What `node` measured rendering `batch` images of `model` at `width` x `height` with `profile`: the
         peak (kept as the highest seen for model, profile, size bucket and batch), the seconds per step and,
         when it loaded the model for this batch, the load time (both a moving average per node)."""
-        reply = self._measure(
-            keys=[self.keys.calib_peaks, self.keys.calib_speeds, self.keys.calib_version],
-            args=[
+        rnd = self.round()
+        recorded = self.queue_measurement(rnd, node, model, profile, width, height, batch, peak_gib, s_per_step, load_s)
+        rnd.run()
+        recorded()
+
+    def queue_measurement(
+        self, rnd: Any, node: str, model: str, profile: str, width: int, height: int, batch: int,
+        peak_gib: float | None, s_per_step: float | None, load_s: float | None = None,
+    ) -> Callable[[], None]:
+        """`record_measurement` as part of a round; the getter raises CorruptRecord as it would."""
+        reply = rnd.script(self._measure,
+            [self.keys.calib_peaks, self.keys.calib_speeds, self.keys.calib_version],
+            [
                 peak_field(model, profile, width, height, batch), "" if peak_gib is None else repr(float(peak_gib)),
                 speed_field(node, model, width, height, batch),
                 "" if s_per_step is None else repr(float(s_per_step)),
@@ -107,11 +117,17 @@ class Telemetry:
                 repr(time.time()), node, profile, repr(MEASURE_ALPHA),
             ],
         )
-        if reply[0] == b"corrupt":  # checked before any write: nothing was recorded
-            self.count("malformed_calibration")
-            raise CorruptRecord(f"measurement of {model} on {node} not recorded: {reply[1].decode(errors='replace')}")
-        if reply[2]:  # a stored record that did not parse, replaced by this measurement
-            self.count("malformed_calibration", int(reply[2]))
+
+        def recorded() -> None:
+            answer = reply()
+            if answer[0] == b"corrupt":  # checked before any write: nothing was recorded
+                self.count("malformed_calibration")
+                raise CorruptRecord(
+                    f"measurement of {model} on {node} not recorded: {answer[1].decode(errors='replace')}")
+            if answer[2]:  # a stored record that did not parse, replaced by this measurement
+                self.count("malformed_calibration", int(answer[2]))
+
+        return recorded
 
     def measurements_version(self) -> int:
         return int(self.redis.get(self.keys.calib_version) or 0)

@@ -7,7 +7,8 @@
 --         10 state names csv, 11 result ttl, 12 expired-only ('1': move only if the job's deadline in its
 --         current index has passed by the server's clock), 13 operation token ('' = none),
 --         14 fence ('' = none: else the scheduler's leadership epoch, and the move is refused as `fenced`
---         unless it is still the farm's current one), 15.. result blobs
+--         unless it is still the farm's current one), 15 timed-fields-json (field -> seconds after the server's
+--         clock: the field is set to that moment, e.g. a running job's run deadline), 16.. result blobs
 -- Returns {status, current-state}: status is ok | missing | state | node | live | fenced, or {status, why}: corrupt (the
 -- job's record cannot be moved as it stands: the Store quarantines it) | badkey (a farm key holds the wrong
 -- type: nobody's job is at fault). Redis does not roll a script back, so every check comes before the first
@@ -64,6 +65,10 @@ elseif string.sub(score, 1, 1) == '+' then
   score = string.format('%.6f', server_now() + tonumber(string.sub(score, 2)))
 end
 local fields = cjson.decode(ARGV[7])
+local timed = cjson.decode(ARGV[15])
+for k, v in pairs(timed) do
+  if type(v) ~= 'number' then return {'corrupt', 'timed field ' .. k .. ' is not a number of seconds'} end
+end
 if ARGV[8] ~= '0' and not integer(redis.call('HGET', jkey, 'attempts')) then
   return {'corrupt', 'its attempts ' .. cjson.encode(redis.call('HGET', jkey, 'attempts')) .. ' is not an integer'}
 end
@@ -91,13 +96,17 @@ if queue then
 end
 local flat = {'state', ARGV[3], 'updated_at', ARGV[6], 'op', ARGV[13], 'op_from', state}
 for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+if next(timed) then
+  local now = server_now()
+  for k, v in pairs(timed) do flat[#flat + 1] = k; flat[#flat + 1] = string.format('%.6f', now + v) end
+end
 redis.call('HSET', jkey, unpack(flat))
 if ARGV[8] ~= '0' then redis.call('HINCRBY', jkey, 'attempts', ARGV[8]) end
-if #ARGV >= 15 then
+if #ARGV >= 16 then
   redis.call('DEL', KEYS[3])
-  for i = 15, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 15), ARGV[i]) end
+  for i = 16, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 16), ARGV[i]) end
   redis.call('EXPIRE', KEYS[3], ARGV[11])
-  redis.call('HSET', jkey, 'images', tostring(#ARGV - 14))
+  redis.call('HSET', jkey, 'images', tostring(#ARGV - 15))
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3],
            'node', redis.call('HGET', jkey, 'node') or '', 'ts', ARGV[6])
