@@ -185,6 +185,7 @@ class _Node:
 @dataclass
 class _Stats:
     waits: list[float] = field(default_factory=list)
+    starts: dict[int, tuple[float, str]] = field(default_factory=dict)  # job index -> (start, node) of its run
     busy_s: float = 0.0
     ooms: int = 0
     model_loads: int = 0
@@ -336,6 +337,7 @@ class _Sim:
         else:
             node.model = job.shape.model
             self.stats.waits.append(self.now - job.submit_s)
+            self.stats.starts[job.index] = (self.now, node.name)
             self.stats.makespan_s = max(self.stats.makespan_s, self.now + seconds)
         self._at(self.now + seconds, "done", (node, job, oom))
 
@@ -417,6 +419,14 @@ def lower_bound(nodes: list[SimNode], jobs: list[TraceJob], truth: dict[int, flo
     }
 
 
+def run_policy(
+    nodes: list[SimNode], jobs: list[TraceJob], policy: str, error: PredictionError = PredictionError(),
+) -> _Stats:
+    """One policy over `jobs` (all assumed to fit some node) with the truth drawn from `error`: its raw
+    figures, each job's start and node included (bench/sim/error_sweep.py reads them)."""
+    return _Sim(nodes, jobs, policy, error.factors(jobs)).run()
+
+
 def simulate(
     nodes: list[SimNode], jobs: list[TraceJob], policies: tuple[str, ...] = POLICIES,
     on_reject: Callable[[TraceJob, str], None] | None = None, error: PredictionError = PredictionError(),
@@ -436,7 +446,7 @@ def simulate(
             if on_reject:
                 on_reject(job, reason)
     start = min((j.submit_s for j in accepted), default=0.0)
-    truth = error.factors(jobs)
+    truth = error.factors(accepted)
     results: dict[str, dict[str, float | int]] = {}
     for policy in policies:
         stats = _Sim(nodes, accepted, policy, truth).run()
