@@ -4,6 +4,7 @@ and explicit keyword overrides (CLI flags) override both."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,17 @@ class Settings(BaseModel):
     max_batch: int = Field(default=8, ge=1, le=64)  # jobs coalesced into one pipeline call
     # Batches a worker may hold: 2 lets the next batch start the moment the current one ends.
     worker_queue_depth: int = Field(default=2, ge=1, le=8)
-    result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)  # how long a done job's images stay in Redis
+    result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)  # how long a done job's images are kept
+    # Where finished images go (cluster/blobs): a directory (an absolute path or file:///abs/path: a studio NAS
+    # that every node mounts at the same path) or an S3-compatible bucket, s3://bucket/prefix (MinIO, AWS).
+    # None: <data_dir>/results, which only a one-machine farm can share. Redis keeps each image's URL only.
+    result_store: str | None = None
+    # The S3 backend's endpoint (MinIO: http://minio:9000) and region; None: boto3's own (AWS_ENDPOINT_URL,
+    # AWS_DEFAULT_REGION / AWS_REGION). Credentials come from the environment only (AWS_ACCESS_KEY_ID, ...).
+    result_store_endpoint: str | None = None
+    result_store_region: str | None = None
+    # How often the scheduler deletes blobs older than result_ttl_seconds (a sweep lists the whole store).
+    result_sweep_seconds: float = Field(default=300.0, gt=0)
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     poll_seconds: float = Field(default=0.02, gt=0)
     torch_threads: int | None = Field(default=None, ge=1)  # per CPU worker; None: cores / workers
@@ -92,6 +103,51 @@ class Settings(BaseModel):
             if not (weight > 0 and weight < float("inf")):
                 raise ValueError(f"team_weights.{team}={weight!r} must be a finite number > 0")
         return value
+
+    @field_validator("result_store")
+    @classmethod
+    def _result_store(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip()
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme == "s3":
+            bucket = value[len("s3://"):].split("/", 1)[0]
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"{value!r}: the bucket name {bucket!r} is not a valid S3 bucket name "
+                                 "(3-63 characters: lowercase letters, digits, '.', '-')")
+        elif scheme == "file":
+            if not value.startswith("file:///"):
+                raise ValueError(f"{value!r}: a file URL must name an absolute path (file:///abs/path)")
+        elif scheme:
+            raise ValueError(f"{value!r}: unknown scheme {scheme!r}; use an absolute path, file:///abs/path "
+                             "or s3://bucket/prefix")
+        elif not Path(value).expanduser().is_absolute():
+            raise ValueError(f"{value!r}: a directory must be an absolute path (or file:///abs/path, s3://bucket)")
+        else:
+            value = str(Path(value).expanduser())
+        return value
+
+    @field_validator("result_store_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"{value!r} must be an http:// or https:// URL (e.g. http://minio:9000)")
+        return value or None
+
+    def result_store_url(self) -> str:
+        """Where finished images go, as a URL: `result_store` (a plain path as file:///...), or the data
+        directory's `results` folder when none is set."""
+        if self.result_store is None:
+            return (self.data_dir.expanduser() / "results").absolute().as_uri()
+        if self.result_store.startswith(("s3://", "file://")):
+            return self.result_store
+        return Path(self.result_store).as_uri()
+
+    def result_store_options(self) -> dict[str, str]:
+        """Keyword options for `cluster.blobs.open_blob_store` (the S3 endpoint and region, when set)."""
+        return {k: v for k, v in (("endpoint_url", self.result_store_endpoint),
+                                  ("region", self.result_store_region)) if v}
 
     @field_validator("data_dir", "cache_dir", "models_file", "nodes_file")
     @classmethod
@@ -121,7 +177,7 @@ class Settings(BaseModel):
 # (`renderfarm worker`) takes them over its own settings file.
 FARM_WIDE = ("max_attempts", "lease_seconds", "job_timeout_base_s", "job_timeout_s_per_megapixel_step",
              "drain_after_failures", "max_batch", "worker_queue_depth", "result_ttl_seconds", "heartbeat_seconds",
-             "dead_after_seconds")
+             "dead_after_seconds", "result_store", "result_store_endpoint", "result_store_region")
 
 
 def farm_wide(settings: Settings) -> dict[str, Any]:

@@ -11,7 +11,7 @@ stay beside the code that raises and handles them.
 from __future__ import annotations
 
 __all__ = [
-    "AuthError", "CliError", "ConfigError", "CorruptRecord", "DoesNotFit", "FarmError", "InsecureRedis",
+    "AuthError", "BlobStoreError", "CliError", "ConfigError", "CorruptRecord", "DoesNotFit", "FarmError", "InsecureRedis",
     "JobNotFound", "ModelSourceError", "NoFarm", "RedisUnavailable", "RenderfarmError", "ResultUnavailable", "SpecError",
     "SpecFileError", "UnknownModelError", "UnsupportedFamily",
     "UsageError", "WaitTimeout",
@@ -110,6 +110,26 @@ class ModelSourceError(RenderfarmError, OSError):
 class UnsupportedFamily(RenderfarmError, ValueError):
     """No worker renders this model's family (the catalog may list a family for planning only): the job's
     fault, never the node's."""
+
+
+class BlobStoreError(RenderfarmError, OSError):
+    """The blob store (cluster/blobs: a directory or an S3-compatible bucket) refused or failed an operation.
+
+    `kind` says which: "unwritable" (permission denied, read-only), "full" (no space, quota), "missing"
+    (no such blob: deleted, or expired by retention), "unreachable" (the store does not answer), "denied"
+    (a read refused: permissions, credentials), "invalid" (a bad key or URL), "unavailable" (a backend's
+    library is not installed). The message names the URL or key; the original exception stays chained."""
+
+    KINDS = ("unwritable", "full", "missing", "unreachable", "denied", "invalid", "unavailable")
+
+    def __init__(self, message: str, kind: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"BlobStoreError kind {kind!r} is not one of {', '.join(self.KINDS)}")
+        super().__init__(message)
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class DoesNotFit(RenderfarmError, RuntimeError):

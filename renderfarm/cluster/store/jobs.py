@@ -145,6 +145,21 @@ class JobRecords:
         raw = self.redis.hgetall(self.keys.result(job_id))
         return [raw[k] for k in sorted(raw, key=lambda k: int(k))]
 
+    def result_blobs(self, job_id: str) -> list[str] | None:
+        """The blob URLs of a done job's images, in order (its record's `blobs` field, a JSON list written at
+        completion); None for a record without one (written before results moved to the blob store: its
+        images, if any, are in `result_images`). A field that is not a JSON list of strings: CorruptRecord."""
+        raw = self.redis.hget(self.keys.job(job_id), "blobs")
+        if not raw:
+            return None
+        try:
+            urls = json.loads(raw)
+        except ValueError as exc:
+            raise CorruptRecord(f"job {job_id!r}: its blobs field is not JSON: {exc}") from None
+        if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+            raise CorruptRecord(f"job {job_id!r}: its blobs field is not a list of URLs: {raw[:200]!r}")
+        return urls
+
     def position(self, job_id: str) -> int | None:
         """0-based place in the pending queue, None when not queued."""
         return self.redis.zrank(self.keys.pending, job_id)
