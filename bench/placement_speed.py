@@ -11,7 +11,24 @@ Planning's verdicts are cached per (model, size, batch, card), so the first pass
 separately as the warm-up. The time per decision should not grow with the queue: a decision looks at the
 node kinds, never at the other pending jobs.
 
-    python bench/placement_speed.py [--json] [--nodes 1000]
+Neither is what a live round costs: the scheduler never plans 100,000 jobs at once. `live` measures what
+one of its rounds plans (scheduler/dispatch.py): the window (the first PENDING_WINDOW jobs by priority and
+submit time, plus the PER_QUEUE oldest of every (team, priority) queue, deduplicated) read from a 100,000-job
+backlog of 8 teams x 3 priorities, fair-ordered, then `plan_dispatch` over 8 to 1,000 nodes (max batch 8),
+in the three rounds the scheduler runs:
+- `event`: a batch finished, so one node has one free slot and the shortest backlog (every other node is
+  full): the cheap round (full=False), which walks the window until no slot is left (the jobs it meets
+  first may prefer full nodes: each is a decision committed to that node's backlog);
+- `startup`: every node has its whole queue depth free (2 batches): the cheap round fills them all;
+- `eta`: the full round every eta_seconds: every job of the window gets a node and an ETA.
+A decision is one batch planned (a node chosen for a head job and its coalesced followers), sent now or
+committed to a full node's backlog; `sent` counts the batches sent. Each round is
+timed whole (fair order included, Redis reads not), repeated, median and min-max shown. The goal is
+>= 10,000 decisions/s. The event round makes one decision after ordering the whole window: its rate is the
+honest cost of a round where little changes.
+
+    python bench/placement_speed.py [--json] [--nodes 1000] [--live-nodes 8,64,256,1000] [--repeats 5]
+    python bench/placement_speed.py --live-only      # just the live rounds (seconds)
 """
 
 from __future__ import annotations
@@ -19,10 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 
 from renderfarm.planning.devices import device_from_spec
 from renderfarm.planning.fit import JobShape, NodeView
+from renderfarm.scheduler.dispatch import PENDING_WINDOW, PER_QUEUE
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.placement import NodeIndex, PendingJob, plan_dispatch
 
@@ -114,16 +133,106 @@ def round_rate(nodes: int, pending: int, seed: int = 1) -> dict[str, float]:
     }
 
 
+GOAL_DECISIONS_PER_S = 10_000
+TEAMS, PRIORITIES, BACKLOG, QUEUE_DEPTH, MAX_BATCH = 8, (0, 5, 10), 100_000, 2, 8
+
+
+def live_window(backlog: int, rng: random.Random, now: float) -> tuple[list[Queued], dict[str, JobShape]]:
+    """The jobs one live round reads: the head of the queue (priority, then submit time) and the oldest
+    jobs of every (team, priority) queue, as DispatchManager.queued() reads them from Redis."""
+    shapes = make_jobs(backlog, rng)
+    queued = [Queued(f"j{i}", f"team-{rng.randrange(TEAMS)}", rng.choice(PRIORITIES), now - rng.uniform(0, 3600),
+                     s.num_images * s.width * s.height * s.steps / 1e6) for i, s in enumerate(shapes)]
+    by_order = sorted(queued, key=lambda q: (-q.priority, q.created_at))  # rf:pending's order
+    queues: dict[tuple[str, int], list[Queued]] = {}
+    for q in by_order:
+        queues.setdefault((q.team, q.priority), []).append(q)
+    heads = [q for queue in queues.values() for q in queue[:PER_QUEUE]]
+    window = list({q.id: q for q in by_order[:PENDING_WINDOW] + heads}.values())
+    by_id = {q.id: shapes[int(q.id[1:])] for q in window}
+    return window, by_id
+
+
+def live_rounds(node_counts: list[int], repeats: int, seed: int = 1) -> list[dict]:
+    """What each of the scheduler's rounds costs over the real window, per node count (see the docstring)."""
+    rng = random.Random(seed)
+    now = time.time()
+    window, by_id = live_window(BACKLOG, rng, now)
+    out = []
+    for count in node_counts:
+        cards = [rng.choice(CARDS) for _ in range(count)]
+        loaded = [frozenset({rng.choice(MODELS)[0]}) for _ in range(count)]
+        backlogs = sorted((rng.uniform(0, 600) for _ in range(count)))  # node-0: the one whose batch just ended
+        for kind in ("event", "startup", "eta"):
+            free = {"event": [1] + [0] * (count - 1), "startup": [QUEUE_DEPTH] * count, "eta": [0] * count}[kind]
+            views = [NodeView(f"node-{i:04}", cards[i], loaded[i], backlogs[i], free[i]) for i in range(count)]
+
+            def one_round(views=views, kind=kind):
+                start = time.perf_counter()
+                order = FairShare(aging_s=600).order(window, now)
+                ordered = time.perf_counter()
+                pending = [
+                    PendingJob(q.id, s.model, (s.model, s.width, s.height, s.steps), s.num_images, s.width,
+                               s.height, s.steps)
+                    for q in order if (s := by_id[q.id])
+                ]
+                plan = plan_dispatch(pending, views, MAX_BATCH, full=kind == "eta")
+                return plan, time.perf_counter() - start, ordered - start
+
+            one_round()  # fills planning's cache, as the scheduler's earlier rounds do
+            timings, order_times, plan = [], [], None
+            for _ in range(repeats):
+                plan, elapsed, ordering = one_round()
+                timings.append(elapsed)
+                order_times.append(ordering)
+            # every batch the round planned, sent now or committed to a full node's backlog
+            decisions = len({(e.node, e.start_s, e.finish_s) for e in plan.etas.values()})
+            median = statistics.median(timings)
+            out.append({
+                "round": kind, "nodes": count, "window": len(window), "decisions": decisions,
+                "sent": len(plan.assignments), "jobs_with_eta": len(plan.etas),
+                "round_ms": round(median * 1e3, 2),
+                "round_ms_range": [round(min(timings) * 1e3, 2), round(max(timings) * 1e3, 2)],
+                "fair_order_ms": round(statistics.median(order_times) * 1e3, 2),
+                "decisions_per_s": round(decisions / median), "goal_decisions_per_s": GOAL_DECISIONS_PER_S,
+                "meets_goal": decisions / median >= GOAL_DECISIONS_PER_S,
+            })
+    return out
+
+
+def print_live(rows: list[dict]) -> None:
+    print(f"live rounds over the dispatch window ({rows[0]['window']} jobs: the first {PENDING_WINDOW} + "
+          f"{PER_QUEUE} of each of {TEAMS}x{len(PRIORITIES)} queues, from a {BACKLOG:,}-job backlog); "
+          f"median [min-max] of the rounds")
+    print(f"  {'round':<8} {'nodes':>5} {'decisions':>9} {'sent':>5} {'round ms':>22} {'of it fair order':>16} {'decisions/s':>12}  goal")
+    for r in rows:
+        low, high = r["round_ms_range"]
+        verdict = "ok" if r["meets_goal"] else "MISSED"
+        print(f"  {r['round']:<8} {r['nodes']:>5} {r['decisions']:>9} {r['sent']:>5} {r['round_ms']:>9.2f} [{low:.2f}-{high:.2f}] "
+              f"{r['fair_order_ms']:>16.2f} {r['decisions_per_s']:>12,}  >= {r['goal_decisions_per_s']:,}/s {verdict}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--live-nodes", default="8,64,256,1000", help="node counts of the live rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each live round")
+    parser.add_argument("--live-only", action="store_true", help="only the live rounds")
     args = parser.parse_args()
-    runs = [decisions_per_second(args.nodes, pending) for pending in (100_000, 1_000)]
-    rounds = [round_rate(args.nodes, pending) for pending in (100_000, 1_000)]
+    try:
+        live_nodes = [int(n) for n in args.live_nodes.split(",")]
+    except ValueError:
+        parser.error(f"--live-nodes {args.live_nodes!r}: expected node counts separated by commas")
+    if args.repeats < 1 or any(n < 1 for n in live_nodes):
+        parser.error("--repeats and every --live-nodes count must be at least 1")
+    live = live_rounds(live_nodes, args.repeats)
+    runs = [] if args.live_only else [decisions_per_second(args.nodes, pending) for pending in (100_000, 1_000)]
+    rounds = [] if args.live_only else [round_rate(args.nodes, pending) for pending in (100_000, 1_000)]
     if args.json:
-        print(json.dumps({"runs": runs, "rounds": rounds, "target_decisions_per_s": 10_000}))
+        print(json.dumps({"live": live, "runs": runs, "rounds": rounds, "target_decisions_per_s": GOAL_DECISIONS_PER_S}))
         return
+    print_live(live)
     for r in runs:
         print(f"index  {r['nodes']} nodes, {r['pending']:>7} pending: {r['decisions_per_s']:>8} decisions/s "
               f"({r['us_per_decision']} us each; placed {r['placed']}; cache warm-up {r['warmup_s']} s)")
