@@ -2,9 +2,12 @@
 
 `render_batch` calls `step(n, steps)` after every denoising step (from the diffusers `callback_on_step_end`);
 the node's record then holds `current_job` (the batch's first job), `batch_jobs`, `step` and `steps` until the
-batch ends (`clear`). The writes go through `Store.update_node` at most every `interval` s, from a thread of
-their own: the render never waits on Redis (the worker's client retries a lost connection for ~30 s, and a
-Redis outage must not stall a render), and a write still in flight makes later steps skip theirs.
+batch ends (`clear`, or `end` when the worker writes the idle fields itself). The step writes go through
+`Store.update_node` at most every `interval` s, from a thread of their own: the render never waits on Redis
+(the worker's client retries a lost connection for ~30 s, and a Redis outage must not stall a render), and a
+write still in flight makes later steps skip theirs. A batch shorter than `interval` costs no write of its own:
+the worker says what it starts and ends in the requests that start and finish its jobs (`publish=False`,
+`end`), which is what keeps a job at batch 1 within three round trips (issue 16).
 """
 
 from __future__ import annotations
@@ -36,18 +39,22 @@ class StepProgress:
         self._job: str | None = None
         self._batch_jobs = 0
 
-    def start(self, job_ids: list[str], steps: int) -> None:
-        """A batch begins (its pipeline may still have to load): step 0 of `steps`."""
+    def start(self, job_ids: list[str], steps: int, publish: bool = True) -> dict[str, Any]:
+        """A batch begins (its pipeline may still have to load): step 0 of `steps`. Returns the fields; with
+        `publish=False` the caller writes them (with the jobs' start, in one request)."""
         self._job, self._batch_jobs, self._last = job_ids[0], len(job_ids), self.clock()
-        self._submit({"current_job": self._job, "batch_jobs": self._batch_jobs, "step": 0, "steps": steps})
+        fields = {"current_job": self._job, "batch_jobs": self._batch_jobs, "step": 0, "steps": steps}
+        if publish:
+            self._submit(fields)
+        return fields
 
     def step(self, step: int, steps: int) -> None:
-        """Step `step` of `steps` is done; published unless the last write was under `interval` s ago (the
-        last step always is) or is still in flight."""
+        """Step `step` of `steps` is done; published unless the last write was under `interval` s ago or is
+        still in flight."""
         if self._job is None:
             return
         now = self.clock()
-        if step < steps and now - self._last < self.interval:
+        if now - self._last < self.interval:
             return
         if self._pending is not None and not self._pending.done():
             return
@@ -59,6 +66,14 @@ class StepProgress:
         any write in flight, so no late step overwrites it."""
         self._job, self._last = None, float("-inf")
         self._pending = self._writer.submit(self._write, dict(IDLE))
+
+    def end(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The batch ended and the caller writes the idle fields (returned) itself: no step is written any
+        more, and a write still in flight is waited for (up to `timeout` s), so none lands after the caller's."""
+        self._job, self._last = None, float("-inf")
+        if self._pending is not None:
+            wait([self._pending], timeout=timeout)
+        return dict(IDLE)
 
     def close(self, timeout: float = 5.0) -> None:
         """Wait (up to `timeout` s) for the writes queued so far, then stop the writer thread."""

@@ -31,7 +31,7 @@ from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.faults import Fault, classify
-from renderfarm.jobs import Job
+from renderfarm.jobs import Job, JobSpec
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.choose import DEFAULT_MARGIN_GIB, choose_profile, next_rung, next_rung_for_host
 from renderfarm.planning.devices import Device, device_from_declaration
@@ -52,6 +52,9 @@ class RenderWorker:
         self.name = name
         self.settings = Settings.model_validate(settings)
         self.store = Store.open(redis_url, Keys(key_prefix))
+        # What the heartbeat and step progress send, by the clock rather than per job, on a client of its own:
+        # the round trips each job costs are counted apart (issue 16: at most three per job at batch 1).
+        self.timed_store = Store.open(redis_url, Keys(key_prefix))
         self.catalog = default_catalog(self.settings.models_file)
 
         import diffusers
@@ -126,7 +129,7 @@ class RenderWorker:
         self._timeout_s: float | None = None
         self._all_gone = False  # set by a renewal that found none of them held any more
         self._stop = threading.Event()
-        self.progress = StepProgress(self.store, name)  # the batch's job and step, for the dashboard
+        self.progress = StepProgress(self.timed_store, name)  # the batch's job and step, for the dashboard
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
@@ -159,11 +162,13 @@ class RenderWorker:
             raise DoesNotFit(f"{entry.name} at {width}x{height}, batch {images} on {self.name}: {choice.reason}")
         return choice.chosen
 
-    def render(self, job_ids: list[str]) -> dict[str, Any]:
+    def render(self, job_ids: list[str], specs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Render leased, compatible jobs in one pipeline call. Returns {"done", "lost", "errors"} and, when
-        there are errors, "fault": whose fault they are (renderfarm/faults.py), which the scheduler acts on."""
+        there are errors, "fault": whose fault they are (renderfarm/faults.py), which the scheduler acts on.
+        `specs`: the jobs' specs (JobSpec as JSON, in the order of `job_ids`), which the scheduler has read
+        already; without them the worker reads them from Redis (one more request)."""
         try:
-            return self._render(job_ids)
+            return self._render(job_ids, specs)
         except Exception as exc:  # Redis lost while starting or completing the jobs: nobody's fault
             if classify(exc) is not Fault.OUTAGE:
                 raise
@@ -172,25 +177,45 @@ class RenderWorker:
             return {"done": [], "lost": [], "errors": dict.fromkeys(job_ids, f"{type(exc).__name__}: {exc}"),
                     "fault": Fault.OUTAGE.value}
 
-    def _render(self, job_ids: list[str]) -> dict[str, Any]:
+    def _begin(self, job_ids: list[str], specs: list[dict[str, Any]] | None) -> tuple[list[Job], list[str], float]:
+        """Start the jobs that are still this node's, in one request to Redis: each moves to running with its
+        run deadline fixed (a node that hangs loses its jobs then), and the node's record says it is busy and
+        what it renders. Returns (the jobs started, those lost meanwhile, the batch's time limit in s)."""
+        if specs is None or len(specs) != len(job_ids):
+            found = self.store.get_many(job_ids, quarantine=True)
+            given = {j.id: j for j in found if j is not None}
+        else:
+            given = {job_id: Job(id=job_id, spec=JobSpec.model_validate(spec)) for job_id, spec in zip(job_ids, specs)}
+        known = [given[j] for j in job_ids if j in given]
+        lost = [j for j in job_ids if j not in given]
+        if not known:
+            return [], lost, 0.0
+        spec = known[0].spec
+        timeout_s = self.settings.job_timeout_s(spec.steps, spec.width, spec.height,
+                                                sum(j.spec.num_images for j in known))
+        rnd = self.store.round()
+        starting = [self.store.queue_start(rnd, job.id, self.name, self.settings.lease_seconds, run_seconds=timeout_s)
+                    for job in known]
+        self.state = "busy"
+        shown = self.progress.start([job.id for job in known], spec.steps, publish=False)
+        self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **shown)
+        rnd.run()
+        jobs = [job for job, started in zip(known, starting) if started()]
+        lost += [job.id for job in known if job not in jobs]
+        if not jobs:  # all cancelled or taken back before it began: the record says idle again
+            self.state = "idle"
+            self._publish(**self.progress.end())
+        return jobs, lost, timeout_s
+
+    def _render(self, job_ids: list[str], specs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         from renderfarm.actors.pipelines import RenderInterrupted, RenderRequest
 
         summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
-        jobs: list[Job] = []
-        for job_id in job_ids:
-            # Skips jobs cancelled (or re-leased elsewhere) since the scheduler leased them.
-            if self.store.start(job_id, self.name, self.settings.lease_seconds):
-                jobs.append(self.store.get(job_id))
-            else:
-                summary["lost"].append(job_id)
+        jobs, summary["lost"], timeout_s = self._begin(job_ids, specs)
         if not jobs:
             return summary
-
-        spec = jobs[0].spec
-        timeout_s = self.settings.job_timeout_s(spec.steps, spec.width, spec.height, sum(j.spec.num_images for j in jobs))
         deadline = time.monotonic() + timeout_s
         self._holding, self._timeout_s, self._all_gone = [j.id for j in jobs], timeout_s, False
-        self._renew()  # fixes the batch's run deadline in Redis: a node that hangs loses its jobs then
 
         def should_stop() -> str | None:
             if self._all_gone:
@@ -201,9 +226,6 @@ class RenderWorker:
                 return f"timed out: the render took longer than its limit of {timeout_s:.4g} s"
             return None
 
-        self.state = "busy"
-        self._publish()
-        self.progress.start([job.id for job in jobs], spec.steps)
         started = time.perf_counter()
         try:
             entry = self.catalog.get(jobs[0].spec.model)
@@ -237,7 +259,7 @@ class RenderWorker:
                 self.stats["stopped_timeout"] += 1
                 self.store.count("timeouts", len(jobs))
             self.state = "idle"
-            self._publish()
+            self._publish(**self.progress.end())
             return summary
         except Exception as exc:  # a broken model or render: report whose fault, the scheduler retries or fails
             fault = classify(exc)
@@ -251,34 +273,59 @@ class RenderWorker:
             summary["traceback"] = traceback.format_exc(limit=5)
             self.stats["jobs_failed"] += len(jobs)
             self.state = "idle"
-            self._publish()
+            self._publish(**self.progress.end())
             return summary
         finally:
             self._holding = []  # rendered, stopped or failed: the heartbeat renews nothing more
-            self.progress.clear()
 
-        profile_name = profile.name if profile else "as-loaded"
-        self._measured(entry.name, profile_name, requests, results[0], resident, load_s + move_s)
+        self._finish(entry, profile.name if profile else "as-loaded", jobs, requests, results, load_s, move_s,
+                     escalations, resident, started, summary)
+        return summary
+
+    def _finish(self, entry: ModelEntry, profile_name: str, jobs: list[Job], requests: list[Any], results: list[Any],
+                load_s: float, move_s: float, escalations: list[str], resident: int, started: float,
+                summary: dict[str, Any]) -> None:
+        """Record the batch in one request to Redis: every job's result (exactly once: one cancelled or taken
+        back meanwhile is discarded), what it measured, and the node's new totals with its idle state."""
+        rnd = self.store.round()
+        completing = []
         for result in results:
             timings = {**result.timings, "load_s": load_s, "move_s": result.timings["move_s"] + move_s,
                        "batch_size": float(len(jobs))}
-            if self.store.complete(
-                result.job_id, self.name, result.images, timings, result.peak_memory_mb,
+            completing.append(self.store.queue_complete(
+                rnd, result.job_id, self.name, result.images, timings, result.peak_memory_mb,
                 self.settings.result_ttl_seconds, profile=profile_name, escalations=escalations,
-            ):
-                summary["done"].append(result.job_id)
-                self.stats["jobs_done"] += 1
-                self.stats["images"] += len(result.images)
-                self.stats["megapixels"] += len(result.images) * requests[0].width * requests[0].height / 1e6
-            else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
-                summary["lost"].append(result.job_id)
+            ))
+        measured = self._measured(rnd, entry.name, profile_name, requests, results[0], resident, load_s + move_s)
+        # Counted as done before the replies come, so that the record written with them is right; a result
+        # discarded (rare) is taken back below and the record written again.
+        pixels = requests[0].width * requests[0].height / 1e6
         self.profiles[entry.name] = profile_name
+        self.stats["jobs_done"] += len(results)
+        self.stats["images"] += sum(len(r.images) for r in results)
+        self.stats["megapixels"] += sum(len(r.images) for r in results) * pixels
         self.stats["batches"] += 1
         self.stats["render_seconds"] += time.perf_counter() - started
         self.stats["last_s_per_step"] = results[0].timings.get("denoise_s_per_step")
         self.state = "idle"
-        self._publish()
-        return summary
+        self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **self.progress.end())
+        rnd.run()
+        discarded = 0
+        for result, completed in zip(results, completing):
+            if completed():
+                summary["done"].append(result.job_id)
+            else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
+                summary["lost"].append(result.job_id)
+                self.stats["jobs_done"] -= 1
+                self.stats["images"] -= len(result.images)
+                self.stats["megapixels"] -= len(result.images) * pixels
+                discarded += 1
+        try:
+            measured()
+        except Exception:  # a lost measurement costs accuracy, never a render
+            log.warning("node %s: could not record its measurement", self.name, exc_info=True)
+        if discarded:
+            self._publish()
 
     def _render_escalating(
         self, entry: ModelEntry, requests: list[Any], should_stop: Any = None
@@ -328,11 +375,13 @@ class RenderWorker:
         return room
 
     def _measured(
-        self, model: str, profile: str, requests: list[Any], result: Any, resident_bytes: int, load_s: float
-    ) -> None:
-        """Report what this batch measured (online calibration): the peak the card needed (the weights that
-        sat on it, the render's growth above them, the context) and the seconds per step; the planner never
-        estimates this profile below that peak again, and scores this node with this speed."""
+        self, rnd: Any, model: str, profile: str, requests: list[Any], result: Any, resident_bytes: int,
+        load_s: float,
+    ) -> Any:
+        """Report what this batch measured (online calibration), as part of the round `rnd`: the peak the card
+        needed (the weights that sat on it, the render's growth above them, the context) and the seconds per
+        step; the planner never estimates this profile below that peak again, and scores this node with this
+        speed. Returns the round's getter, which raises if the record was refused."""
         from renderfarm.planning.vram import CONTEXT_GIB
 
         first = requests[0]
@@ -340,14 +389,10 @@ class RenderWorker:
             peak_gib = result.peak_reserved_mb / 1024 + CONTEXT_GIB
         else:  # a CPU standing in for a card: the weights it holds and the render's growth above them
             peak_gib = (resident_bytes + result.peak_growth_mb * 2**20) / 2**30 + CONTEXT_GIB
-        try:
-            self.store.record_measurement(
-                self.name, model, profile, first.width, first.height, sum(r.num_images for r in requests),
-                peak_gib=peak_gib, s_per_step=result.timings.get("denoise_s_per_step"),
-                load_s=load_s or None,
-            )
-        except Exception:  # a lost measurement costs accuracy, never a render
-            log.warning("node %s: could not record its measurement", self.name, exc_info=True)
+        return self.store.queue_measurement(
+            rnd, self.name, model, profile, first.width, first.height, sum(r.num_images for r in requests),
+            peak_gib=peak_gib, s_per_step=result.timings.get("denoise_s_per_step"), load_s=load_s or None,
+        )
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -366,6 +411,8 @@ class RenderWorker:
             "profiles": dict(self.profiles),
             "escalated": {f"{m} {w}x{h}": p.name for (m, w, h), p in self.escalated.items()},
             "embedding_cache": embeddings,
+            "redis_round_trips": self.store.round_trips,  # starting and finishing batches (per job)
+            "redis_round_trips_timed": self.timed_store.round_trips,  # heartbeats, leases renewed, step progress
             **self.stats,
         }
 
@@ -378,9 +425,9 @@ class RenderWorker:
             return torch.cuda.memory_reserved()
         return self.cache.bytes_loaded()
 
-    def _publish(self) -> None:
+    def _publish(self, store: Store | None = None, **extra: Any) -> None:
         try:
-            self.store.update_node(self.name, state=self.state, **self._record())
+            (store or self.store).update_node(self.name, state=self.state, **self._record(), **extra)
         except Exception:  # a missed heartbeat is not worth a failed render
             log.warning("node %s: could not update its record", self.name, exc_info=True)
 
@@ -390,7 +437,7 @@ class RenderWorker:
         if not holding:
             return
         try:
-            held = self.store.renew(holding, self.name, self.settings.lease_seconds, self._timeout_s)
+            held = self.timed_store.renew(holding, self.name, self.settings.lease_seconds, self._timeout_s)
         except Exception:  # Redis away for a moment: the lease has `lease_seconds` of slack
             log.warning("node %s: could not renew its leases", self.name, exc_info=True)
             return
@@ -400,4 +447,4 @@ class RenderWorker:
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             self._renew()
-            self._publish()
+            self._publish(self.timed_store)
