@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BlobStore", "BlobStoreError", "is_full_or_unwritable", "is_missing", "open_blob_store", "open_result_store",
-    "result_keys", "validate_key",
+    "options_from_published", "read_blob", "result_keys", "store_for", "validate_key",
 ]
 
 KEY_MAX = 512
@@ -198,6 +199,33 @@ def open_blob_store(url: str, **options: Any) -> BlobStore:
     cheap: nothing is contacted until the first operation. Raises BlobStoreError: "invalid" for a URL it cannot
     read, "unavailable" for an s3 URL without boto3 installed."""
     return _backend(scheme_of(url)).open(url, options)
+
+
+_READERS: dict[tuple[str, tuple[tuple[str, Any], ...]], BlobStore] = {}
+
+
+def store_for(url: str, **options: Any) -> BlobStore:
+    """A store that holds the blob at `url` (its directory, its bucket), opened once per process and options:
+    what a reader that has nothing but a job's URLs uses (the client, the dashboard, the chaos count)."""
+    home = _backend(scheme_of(url)).home_of(url)
+    key = (home, tuple(sorted(options.items())))
+    store = _READERS.get(key)
+    if store is None:
+        store = _READERS.setdefault(key, open_blob_store(home, **options))
+    return store
+
+
+def read_blob(url: str, **options: Any) -> bytes:
+    """The bytes of the blob at `url` (any URL a store returned); BlobStoreError "missing" when it is gone."""
+    return store_for(url, **options).get(url)
+
+
+def options_from_published(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Blob store options (the S3 endpoint and region) from the farm-wide settings the head publishes in Redis
+    (`Store.published_settings()`), so a client or the dashboard reaches the store the workers write to.
+    Credentials are never published: each reader takes them from its own AWS_* environment."""
+    pairs = (("endpoint_url", "result_store_endpoint"), ("region", "result_store_region"))
+    return {option: values[name] for option, name in pairs if isinstance(values.get(name), str) and values[name]}
 
 
 def open_result_store(settings: Settings) -> BlobStore:
