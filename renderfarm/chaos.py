@@ -17,9 +17,10 @@ Scenarios (`SCENARIOS`):
 
 Each run counts, from what Redis holds afterwards: `done`, `lost` (submitted jobs that are missing or never
 reached a terminal state), `duplicates` (jobs with more than one "done" event in the event stream, or with a
-result that does not hold exactly its images) and `recovery_s`, the seconds from the fault until every job
-that was leased or running at that moment is done. The same code serves `tests/chaos/` (which asserts 50 done,
-0 lost, 0 duplicates) and `renderfarm bench chaos` (which prints the figures).
+result that does not hold exactly its images: its blob URLs, each present in the blob store) and `recovery_s`,
+the seconds from the fault until every job that was leased or running at that moment is done. The same code
+serves `tests/chaos/` (which asserts 50 done, 0 lost, 0 duplicates) and `renderfarm bench chaos` (which prints
+the figures).
 """
 
 from __future__ import annotations
@@ -203,6 +204,19 @@ def _wait_finished(client, ids: list[str], in_flight: list[str], fault_at: float
     return recovery
 
 
+def _holds_its_images(store, job) -> bool:
+    """Whether a done job's result is exactly its images: as many distinct blob URLs as it asked for, each in
+    the blob store (or, for a record without blob URLs, as many images in its Redis result)."""
+    from renderfarm.cluster.blobs import options_from_published, store_for
+
+    urls = store.result_blobs(job.id)
+    if urls is None:
+        return len(store.result_images(job.id)) == job.spec.num_images
+    options = options_from_published(store.published_settings())
+    return (len(urls) == len(set(urls)) == job.spec.num_images
+            and all(store_for(url, **options).exists(url) for url in urls))
+
+
 def _count(client, scenario, ids, in_flight, recovery_s, total_s, detail) -> ChaosResult:
     from renderfarm.jobs import JobState
 
@@ -215,7 +229,7 @@ def _count(client, scenario, ids, in_flight, recovery_s, total_s, detail) -> Cha
     done_events = Counter(
         e.job for e in store.events(from_start=True).drain() if e.state is JobState.DONE and e.job in found
     )
-    bad_results = {j.id for j in done if len(store.result_images(j.id)) != j.spec.num_images}
+    bad_results = {j.id for j in done if not _holds_its_images(store, j)}
     duplicates = {i for i, n in done_events.items() if n > 1} | bad_results
     return ChaosResult(
         scenario=scenario, submitted=len(ids), done=len(done), failed=len(failed), lost=lost,

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from renderfarm.cluster import auth
+from renderfarm.cluster.blobs import BlobStoreError, options_from_published, store_for
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store import Store
@@ -74,14 +75,17 @@ class Result:
 class FarmClient:
     def __init__(
         self, redis: str | RedisSettings, *, catalog: Catalog | None = None, key_prefix: str = "rf",
-        token: str | None = None,
+        token: str | None = None, blob_options: dict[str, Any] | None = None,
     ):
-        """`redis`: the farm's Redis, as a URL or RedisSettings (connected and checked here)."""
+        """`redis`: the farm's Redis, as a URL or RedisSettings (connected and checked here). `blob_options`:
+        how to reach the result store (cluster/blobs: endpoint_url, region, credentials); None: the endpoint and
+        region the farm published, credentials from this process's AWS_* environment."""
         self.redis_settings = RedisSettings.from_url(redis)
         self.store = Store(self.redis_settings.client(), Keys(key_prefix))
         self.catalog = catalog or default_catalog()
         # The team token (cluster/auth.py); checked on every call, so a revoked token stops working at once.
         self._token = token if token is not None else (os.environ.get("RENDERFARM_TOKEN") or None)
+        self._blob_options = blob_options
 
     # --- submit ---------------------------------------------------------------------------------------
 
@@ -336,7 +340,17 @@ class FarmClient:
         job = self.job(job_id)
         if job.state is not JobState.DONE:
             raise ResultUnavailable(f"job {job_id} is {job.state.value}, not done" + (f": {job.error}" if job.error else ""))
-        png = self.store.result_images(job_id)
+        urls = self.store.result_blobs(job_id)
+        if urls is None:  # finished before results moved to the blob store: its images are in Redis
+            png = self.store.result_images(job_id)
+        else:
+            try:
+                png = [self._blobs(url).get(url) for url in urls]
+            except BlobStoreError as exc:
+                if exc.kind != "missing":
+                    raise  # unreachable, denied: said as it is, the images may well still be there
+                raise ResultUnavailable(f"job {job_id}: its images have expired (a result is kept "
+                                        f"result_ttl_seconds after its job finishes): {exc}") from exc
         if not png and job.images:
             raise ResultUnavailable(f"job {job_id}: its images have expired (a result is kept result_ttl_seconds "
                              "after its job finishes)")
@@ -346,6 +360,26 @@ class FarmClient:
             image.load()
             images.append(image)
         return Result(job=job, images=images, png=png)
+
+    def result_urls(self, job_id: str, expires_s: int = 3600) -> list[str]:
+        """Where each of a done job's images can be fetched, in order: a presigned HTTP(S) URL that works
+        without credentials for `expires_s` seconds where the store has one (S3, MinIO), else the blob's own
+        URL (file:///..., readable where that directory is mounted). ResultUnavailable when the job is not
+        done, or its images are not in a blob store (finished before the upgrade: `result` reads those)."""
+        job = self.job(job_id)
+        if job.state is not JobState.DONE:
+            raise ResultUnavailable(f"job {job_id} is {job.state.value}, not done")
+        urls = self.store.result_blobs(job_id)
+        if urls is None:
+            raise ResultUnavailable(f"job {job_id}: its images are kept in Redis, not in a blob store (it finished "
+                                    "before the upgrade): read them with result()")
+        return [self._blobs(url).presign(url, expires_s) or url for url in urls]
+
+    def _blobs(self, url: str):
+        """The blob store that holds `url`, with this client's options (see __init__)."""
+        if self._blob_options is None:
+            self._blob_options = options_from_published(self.store.published_settings())
+        return store_for(url, **self._blob_options)
 
     def list_jobs(
         self, *, state: JobState | str | None = None, team: str | None = None, batch: str | None = None,

@@ -17,6 +17,7 @@ import zlib
 from itertools import pairwise
 from typing import Any
 
+from renderfarm.cluster.blobs import BlobStoreError, options_from_published, read_blob
 from renderfarm.cluster.store import Store
 from renderfarm.errors import CorruptRecord, JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobState
@@ -371,6 +372,24 @@ def image_parameters(png: bytes) -> dict[str, str] | None:
     return {"text": text, **parse_a1111_parameters(text)}
 
 
+def first_image(store: Store, job_id: str) -> bytes | None:
+    """A done job's first image: from the blob store when its record lists blob URLs, else from its Redis
+    result (records written before the upgrade). None when it expired, or the store cannot be read now (the
+    page shows the job without its image rather than break)."""
+    try:
+        urls = store.result_blobs(job_id)
+    except CorruptRecord:
+        return None
+    if urls is None:
+        return store.redis.hget(store.keys.result(job_id), "0")  # the first image only, not the whole result
+    if not urls:
+        return None
+    try:
+        return read_blob(urls[0], **options_from_published(store.published_settings()))
+    except BlobStoreError:
+        return None
+
+
 def gallery_entry(store: Store, job_id: str) -> dict[str, Any] | None:
     """A done job's first image (PNG bytes, or None when expired) with its generation settings: parsed from
     the image, else taken from the job's spec. None when the job is gone or unreadable. A finished job's
@@ -379,7 +398,7 @@ def gallery_entry(store: Store, job_id: str) -> dict[str, Any] | None:
     if not found:
         return None
     job, spec = found[0], found[0].spec
-    png = store.redis.hget(store.keys.result(job_id), "0")  # the first image only, not the whole result
+    png = first_image(store, job_id)
     parameters = image_parameters(png) if png else None
     settings = {
         "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "Model": spec.model,
