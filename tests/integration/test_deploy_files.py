@@ -61,8 +61,8 @@ def test_env_example_holds_placeholders_for_every_secret():
     assert "secrets.token_urlsafe(32)" in ENV_EXAMPLE.read_text()
 
 
-def test_compose_validates_and_has_the_four_services(rendered):
-    assert set(rendered["services"]) == {"redis", "head", "worker", "dashboard"}
+def test_compose_validates_and_has_the_five_services(rendered):
+    assert set(rendered["services"]) == {"redis", "minio", "head", "worker", "dashboard"}
 
 
 def test_compose_refuses_to_render_without_the_secrets(tmp_path):
