@@ -10,44 +10,57 @@ Every `eta_seconds` the round plans the whole window and publishes each job's po
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
-from renderfarm.cluster.store import Fenced
-from renderfarm.jobs import Job, JobState
+from renderfarm.cluster.store import EventCursor, Fenced
+from renderfarm.jobs import Job
 from renderfarm.planning.catalog import Catalog
 from renderfarm.planning.fit import NodeView
 from renderfarm.planning.measured import EMPTY, Measurements, snapshot
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.managers import SchedulerState
 from renderfarm.scheduler.placement import PendingJob, Plan, plan_dispatch
+from renderfarm.scheduler.queue_view import QueueView
 
 log = logging.getLogger(__name__)
 
-PENDING_WINDOW = 2000  # how far down the queue (priority, then submit time) one planning round looks
-PER_QUEUE = 200  # and how many of the oldest jobs of each (team, priority) queue
+MEASUREMENTS_EVERY_S = 1.0  # a busy farm re-reads the nodes' measurements at most this often
+
+
+def _version(raw: Any) -> int:
+    try:
+        return int(raw or 0)
+    except ValueError:
+        return 0
 
 
 class DispatchManager:
-    def __init__(self, state: SchedulerState, catalog: Catalog, fair: FairShare):
+    def __init__(self, state: SchedulerState, catalog: Catalog, fair: FairShare, events: EventCursor | None = None):
         self.state = state
         self.catalog = catalog
         self.fair = fair
+        self.events = events  # the scheduler's cursor on the event stream: each lease round reads it too
+        self.view = QueueView(state.store, full_every_s=state.settings.eta_seconds)
         self.measured: Measurements = EMPTY
         self._measured_version = -1
-        self._jobs: dict[str, Job] = {}  # queued jobs already read (a spec never changes)
+        self._seen_version: int | None = None  # the latest calibration version a round read
+        self._next_measured = 0.0
+        self._fair_unsaved, self._fair_saved_at = False, 0.0
         self.next_eta = 0.0
 
     def update(self) -> None:
-        state, settings, store = self.state, self.state.settings, self.state.store
+        state, settings = self.state, self.state.settings
         now = time.time()
         eta_due = now >= self.next_eta
         if not eta_due and not state.any_room():
             return
-        self._refresh_measurements()
-        jobs = self.queued()
+        self._refresh_measurements(time.monotonic())
+        jobs = self.view.queued()
         if not jobs:
+            self._save_fair_share(now)
             if eta_due:
                 self._publish_etas(Plan(), now, {})
             return
@@ -58,67 +71,90 @@ class DispatchManager:
             for q in order if (s := by_id[q.id].spec)
         ]
         nodes = [
-            NodeView(w.name, w.device, frozenset(w.loaded), w.backlog(now),
+            NodeView(w.name, w.device, w.loaded, w.backlog(now),
                      # a suspect gets one batch, as a probe (workers.Worker.has_room)
                      (1 if w.suspect else settings.worker_queue_depth - w.inflight) if state.has_room(w) else 0,
-                     w.forbidden, w.max_batch)
+                     w.forbidden, w.max_batch, w.cache.view)
             for w in state.workers.values() if w.alive and not w.draining
         ]
         plan = plan_dispatch(pending, nodes, settings.max_batch, self.catalog, self.measured, full=eta_due)
-        for assignment in plan.assignments:
+        if plan.assignments:
+            self._send(plan, by_id, now)
+        if eta_due:
+            self._publish_etas(plan, now, by_id)
+
+    def _send(self, plan: Plan, by_id: dict[str, Job], now: float) -> None:
+        """Lease every batch of the plan, save the fair-share usage and read what happened since the last look,
+        all in one request to Redis (a round); then send each batch that got its leases to its worker, with
+        the jobs' specs (the worker need not read them)."""
+        state, settings, store = self.state, self.state.settings, self.state.store
+        rnd = store.round()
+        leasing = [(assignment, [store.queue_lease(rnd, j, assignment.worker, settings.lease_seconds,
+                                                   fence=state.epoch) for j in assignment.job_ids])
+                   for assignment in plan.assignments]
+        if self._fair_unsaved:
+            self._queue_fair_share(rnd, now)
+        version = rnd.command(lambda pipe: pipe.get(store.keys.calib_version))
+        events = self.events.queue_read(rnd) if self.events is not None else None
+        rnd.run()
+        if events is not None:
+            self.view.apply(events())
+        self._seen_version = _version(version())
+        for assignment, outcomes in leasing:
             worker = state.workers[assignment.worker]
+            self.view.left(assignment.job_ids)  # leased by this round, or by nobody (cancelled, gone)
             try:
-                leased = tuple(j for j in assignment.job_ids
-                               if store.lease(j, worker.name, settings.lease_seconds, fence=state.epoch))
+                leased = tuple(j for j, outcome in zip(assignment.job_ids, outcomes) if outcome())
             except Fenced as exc:  # another scheduler leads now: this one writes no more leases
                 log.error("dispatch stopped: %s", exc)
                 state.counters["fenced"] = state.counters.get("fenced", 0) + 1
+                self.view.stale()
                 return
             if not leased:
                 continue
-            ref = worker.handle.render(list(leased))
+            ref = worker.handle.render(list(leased), [by_id[j].spec.model_dump(mode="json") for j in leased])
             state.inflight[ref] = (worker, leased)
             estimate = assignment.finish_s - worker.backlog(now)  # its load and run
             worker.estimates[ref] = estimate
             worker.busy_until = max(worker.busy_until, now) + estimate
             worker.inflight += 1
-            state.workers.add_loaded(worker, assignment.model)
+            state.workers.add_loaded(worker, assignment.model, assignment.profile, assignment.weights_bytes, ref)
             for job_id in leased:
                 self.fair.charge(by_id[job_id].spec.team, queued_view(by_id[job_id]).cost, now)
+            self._fair_unsaved = True  # saved with the next round's leases (or within a heartbeat)
             state.counters["dispatched"] += len(leased)
-        if plan.assignments:
-            store.write_fair_share(self.fair.to_json())
-        if eta_due:
-            self._publish_etas(plan, now, by_id)
 
     def queued(self) -> list[Job]:
-        """The head of the queue, with the oldest jobs of every (team, priority) queue; specs never change,
-        so only new arrivals are read, and what left the queue is forgotten."""
-        store = self.state.store
-        ids = list(dict.fromkeys(store.pending_ids(PENDING_WINDOW) + store.queue_heads(PER_QUEUE)))
-        known = {i: self._jobs[i] for i in ids if i in self._jobs}
-        missing = [i for i in ids if i not in known]
-        if missing:
-            for job_id, job in zip(missing, store.get_many(missing, quarantine=True)):
-                # None: no record behind the id (an orphan still queued), or one just quarantined (gone from the queue).
-                if job is None and store.position(job_id) is not None:
-                    store.quarantine(job_id, "queue entry without a job record")
-                elif job is not None and job.state is JobState.QUEUED:
-                    known[job_id] = job
-        self._jobs = known
-        return [self._jobs[i] for i in ids if i in self._jobs]
+        """The queued jobs the next round plans from (queue_view.QueueView)."""
+        return self.view.queued()
 
-    def _refresh_measurements(self) -> None:
-        """Re-read what the nodes measured when a worker recorded something new (one GET otherwise)."""
-        version = self.state.store.measurements_version()
-        if version == self._measured_version:
+    def _queue_fair_share(self, rnd: Any, now: float) -> None:
+        usage = json.dumps(self.fair.to_json())
+        rnd.command(lambda pipe: pipe.set(self.state.store.keys.fair_share, usage))
+        self._fair_unsaved, self._fair_saved_at = False, now
+
+    def _save_fair_share(self, now: float) -> None:
+        """Charges not saved by a lease round (none followed them) are saved within a heartbeat."""
+        if self._fair_unsaved and now - self._fair_saved_at >= self.state.settings.heartbeat_seconds:
+            rnd = self.state.store.round()
+            self._queue_fair_share(rnd, now)
+            rnd.run()
+
+    def _refresh_measurements(self, now: float) -> None:
+        """Re-read what the nodes measured when a worker recorded something new: the version comes back with
+        each lease round (one GET of its own only at the start), and a busy farm re-reads at most once a
+        `MEASUREMENTS_EVERY_S`."""
+        if self._seen_version is None:
+            self._seen_version = self.state.store.measurements_version()
+        if self._seen_version == self._measured_version or now < self._next_measured:
             return
+        version = self._seen_version
         self.measured, bad = snapshot(self.state.store.calibration_records())
         for line in bad:
             log.error("calibration record skipped: %s", line)
         if bad:
             self.state.store.count("malformed_calibration", len(bad))
-        self._measured_version = version
+        self._measured_version, self._next_measured = version, now + MEASUREMENTS_EVERY_S
 
     def _publish_etas(self, plan: Plan, now: float, jobs: dict[str, Job]) -> None:
         """Each queued job's place in the fair order and its expected start and finish (epoch seconds), or

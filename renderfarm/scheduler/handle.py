@@ -34,9 +34,10 @@ class WorkerHandle:
     def __init__(self, actor: Any):
         self.actor = actor
 
-    def render(self, job_ids: list[str]) -> Any:
-        """Queue a batch on the worker (it renders its calls one after another); a ref to its summary."""
-        return self.actor.render.remote(job_ids)
+    def render(self, job_ids: list[str], specs: list[dict[str, Any]] | None = None) -> Any:
+        """Queue a batch on the worker (it renders its calls one after another); a ref to its summary. `specs`:
+        the jobs' specs as JSON, so that the worker need not read them from Redis."""
+        return self.actor.render.remote(job_ids, specs)
 
 
 class RayCalls:

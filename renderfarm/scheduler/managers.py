@@ -247,8 +247,8 @@ class MembershipManager:
             if worker.silent and fresh:  # its heartbeat is back (the same process): it takes work again
                 worker.alive, worker.silent = True, False
             worker.draining = record.get("draining") is True
-            if isinstance(record.get("loaded"), list):
-                worker.loaded = {m for m in record["loaded"] if isinstance(m, str)}
+            # Its pipeline cache as reported, with the batches it has not reported yet loaded on top.
+            self.state.workers.report_cache(worker, record, self.state.inflight)
 
     def _adopt(self, record: dict[str, Any]) -> None:
         """Take a worker that joined into the farm, by its named actor."""

@@ -2,14 +2,17 @@
 
 - `filter_nodes` keeps the nodes where planning's `choose_profile` finds a profile that fits (measured peaks
   from planning.measured raise the predictions: an estimate never goes below what a node measured);
-- `score` estimates the finish on a node: its backlog, plus a model load when the model is not loaded there,
-  plus steps x seconds per step (the node's measured figure when it has one, else the prediction);
+- `score` estimates the finish on a node: its backlog, plus a model load when its pipeline cache will not hold
+  the model when the batch gets there, plus steps x seconds per step (the node's measured figure when it has
+  one, else the prediction). A load costs what the node measured loading that model under that profile, else
+  what the nodes of its kind measured, else the prediction from the weight bytes (`load_seconds`);
 - `best_of` takes the earliest finish, and among near ties the least VRAM left over (best fit), so big
   cards stay free for big jobs; `pick` does all three.
 
 `plan_dispatch` is the live scheduler's round: it walks the queue in its fair order (scheduler/fairness.py),
 picks a node for each job as above, coalesces the compatible jobs behind it up to the largest batch predicted
-to fit that node, and commits the batch to the node's backlog. A batch whose node has a free slot is sent
+to fit that node, and commits the batch to the node's backlog and to its pipeline cache (planning/fit.py
+CacheView: a load may evict a model a later batch then pays to reload). A batch whose node has a free slot is sent
 now; the others wait for their node (a fast card finishing soon beats a slow idle one), and every job gets a
 position and an ETA from the same estimates. A job is never sent where it is predicted not to fit.
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from renderfarm.planning.catalog import Catalog
@@ -30,7 +33,9 @@ from renderfarm.planning.devices import Device
 from renderfarm.planning.fit import (  # noqa: F401 (JobShape, NodeView: the planner's vocabulary, re-exported)
     Fit,
     JobShape,
+    ANY_PROFILE,
     NodeView,
+    base_profile,
     fit_for,
     fit_on,
     largest_batch,
@@ -39,10 +44,14 @@ from renderfarm.planning.fit import (  # noqa: F401 (JobShape, NodeView: the pla
 )
 from renderfarm.planning.measured import EMPTY, Measurements
 
-# Loading a model: weights read from a local disk (page cache cold) and copied over PCIe. Effective rate of
-# the whole path, plus a fixed cost for building the pipeline.
+# Predicting a load that no node of the kind has measured yet: the weights read from a local disk (page
+# cache cold) and copied over PCIe at an effective LOAD_GBPS for the whole path, plus LOAD_OVERHEAD_S for
+# building the pipeline object (configs, tokenizers, schedulers, modules created empty). The tiny stand-ins
+# (3-5 MB of weights) reload through the worker's PipelineCache in 0.08-0.18 s on a 2-core CPU (median of 5
+# loads each, a warm process), so the fixed part is a fraction of a second, not seconds: a larger one made
+# every idle node look dearer than a busy one holding the model. Measured loads replace this at once.
 LOAD_GBPS = 2.0
-LOAD_OVERHEAD_S = 3.0
+LOAD_OVERHEAD_S = 0.25
 # A model without component data has no prediction: until its node measures one, a step counts this long.
 UNKNOWN_S_PER_STEP = 1.0
 # Finish times within this much of the best count as a tie, broken by the least VRAM left over (best fit):
@@ -78,11 +87,22 @@ class Decision:
     run_s: float
     load_s: float
     leftover_gib: float  # usable VRAM minus the predicted peak
+    weights_bytes: int = 0  # the profile's predicted weights (what its pipeline adds to the node's cache)
 
 
 def load_seconds(fit: Fit, device: Device) -> float:
-    """Seconds to load a model whose weights are `fit.weights_gib`: disk and PCIe, plus pipeline setup."""
+    """Predicted seconds to load a model whose weights are `fit.weights_gib`: disk and PCIe, plus pipeline
+    setup (used until a node of the kind measures it)."""
     return LOAD_OVERHEAD_S + fit.weights_gib * 2**30 / (LOAD_GBPS * 1e9)
+
+
+def kinds_of(nodes: Sequence[NodeView]) -> dict[str, tuple[str, ...]]:
+    """node name -> the names of the nodes with its card (itself included); a node without a card has none."""
+    by_device: dict[Device, list[str]] = {}
+    for node in nodes:
+        if node.device is not None:
+            by_device.setdefault(node.device, []).append(node.name)
+    return {n.name: tuple(by_device[n.device]) if n.device is not None else () for n in nodes}
 
 
 def filter_nodes(
@@ -115,26 +135,46 @@ def _seconds_per_step(job: JobShape, fit: Fit | None, measured_s: float | None, 
     return farm if farm is not None else UNKNOWN_S_PER_STEP
 
 
-def _load_estimate(node: str, model: str, fit: Fit | None, device: Device | None, measured: Measurements) -> float:
-    """Seconds to load `model` on `node`: as it measured, else predicted from the weights, else the fixed cost."""
-    if (seconds := measured.load_seconds(node, model)) is not None:
+def _load_estimate(
+    node: str | None, model: str, fit: Fit | None, device: Device | None, measured: Measurements,
+    peers: Sequence[str] = (),
+) -> float:
+    """Seconds to load `model` (in `fit`'s profile) on `node`: as it measured (None: do not ask), else as the
+    nodes of its kind (`peers`) measured, else predicted from the weights; a model the planner cannot predict
+    takes the farm's measured figure for it, else LOAD_OVERHEAD_S."""
+    profile = fit.profile if fit is not None else None
+    if node is not None and (seconds := measured.load_seconds(node, model, profile)) is not None:
         return seconds
-    return load_seconds(fit, device) if fit is not None and device is not None else LOAD_OVERHEAD_S
+    if peers and (seconds := measured.kind_load_seconds(peers, model, profile)) is not None:
+        return seconds
+    if fit is not None and device is not None:
+        return load_seconds(fit, device)
+    farm = measured.farm_load_seconds(model)
+    return farm if farm is not None else LOAD_OVERHEAD_S
 
 
-def score(job: JobShape, node: NodeView, fit: Fit | None, measured: Measurements = EMPTY) -> Decision:
-    """Estimated finish: the node's backlog, then a load when the model is not there, then the run: steps x
-    the node's measured seconds per step where it has them, else the prediction, else (a model without
-    component data) the farm's measured mean for the model, else UNKNOWN_S_PER_STEP."""
+def score(
+    job: JobShape, node: NodeView, fit: Fit | None, measured: Measurements = EMPTY, peers: Sequence[str] = ()
+) -> Decision:
+    """Estimated finish: the node's backlog, then a load when its cache will not hold the model's pipeline
+    (see `_load_estimate`; `peers`: the nodes of its kind), then the run: steps x the node's measured seconds
+    per step where it has them, else the prediction, else (a model without component data) the farm's
+    measured mean for the model, else UNKNOWN_S_PER_STEP."""
     own = measured.seconds_per_step(node.name, job.model, job.width, job.height, job.num_images)
     per_step = _seconds_per_step(job, fit, own, measured)
-    load = 0.0 if job.model in node.loaded_models else _load_estimate(node.name, job.model, fit, node.device, measured)
+    profile = fit.profile if fit is not None else None
+    load = 0.0 if node.holds(job.model, profile) else _load_estimate(
+        node.name, job.model, fit, node.device, measured, peers)
     run = job.steps * per_step
     leftover = fit.usable_gib - fit.peak_gib if fit is not None else (node.device.vram_gib if node.device else 0.0)
     return Decision(
-        node=node.name, profile=(fit.profile or "") if fit is not None else "", finish_s=node.backlog_s + load + run,
-        run_s=run, load_s=load, leftover_gib=leftover,
+        node=node.name, profile=profile or "", finish_s=node.backlog_s + load + run, run_s=run, load_s=load,
+        leftover_gib=leftover, weights_bytes=_weights_bytes(fit),
     )
+
+
+def _weights_bytes(fit: Fit | None) -> int:
+    return int(fit.weights_gib * 2**30) if fit is not None and fit.fits else 0
 
 
 def best_of(decisions: Sequence[Decision]) -> Decision | None:
@@ -149,12 +189,16 @@ def best_of(decisions: Sequence[Decision]) -> Decision | None:
 
 
 def pick(
-    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None, measured: Measurements = EMPTY
+    job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None, measured: Measurements = EMPTY,
+    kinds: Mapping[str, Sequence[str]] | None = None,
 ) -> Decision | None:
     """Filter, score, pick: the node where `job` fits and finishes soonest (best fit among near ties).
-    None when it fits nowhere (see `why_nothing_fits`)."""
+    None when it fits nowhere (see `why_nothing_fits`). `kinds`: `kinds_of(nodes)`, when the caller has it."""
     fitting, _ = filter_nodes(job, nodes, catalog, measured)
-    return best_of([score(job, node, fit, measured) for node, fit in fitting])
+    if kinds is None and measured:
+        kinds = kinds_of(nodes)
+    return best_of([score(job, node, fit, measured, kinds.get(node.name, ()) if kinds else ())
+                    for node, fit in fitting])
 
 
 # --- the live scheduler's round ----------------------------------------------------------------------------
@@ -170,6 +214,7 @@ class Assignment:
     profile: str = ""
     run_s: float = 0.0
     finish_s: float = 0.0
+    weights_bytes: int = 0  # the profile's predicted weights (0: unknown): what its pipeline adds to the cache
 
 
 @dataclass(frozen=True)
@@ -210,6 +255,7 @@ def plan_dispatch(
         raise ValueError(f"max_batch_images={max_batch_images} must be >= 1")
     views = {n.name: n for n in nodes}
     slots = {n.name: n.slots for n in nodes}
+    kinds = kinds_of(nodes) if measured else {}
     # A large farm of carded nodes decides through the index (O(kinds x log nodes) per job, see NodeIndex).
     index = NodeIndex(nodes, catalog, measured) if len(nodes) >= INDEX_FROM_NODES and all(
         n.device is not None and not n.forbidden for n in nodes) else None
@@ -224,7 +270,8 @@ def plan_dispatch(
             break
         if head.id in taken:
             continue
-        decision = index.pick(head.shape) if index else pick(head.shape, list(views.values()), catalog, measured)
+        decision = index.pick(head.shape) if index else pick(
+            head.shape, list(views.values()), catalog, measured, kinds)
         if decision is None:
             plan.unplaced[head.id] = why_nothing_fits(head.shape, list(views.values()), catalog, measured) or "no node"
             continue
@@ -251,7 +298,8 @@ def plan_dispatch(
         queue.extendleft(reversed(skipped))
         if len(batch) > 1 or images != head.num_images:  # the whole batch's run, not the head's alone
             decision = score(replace(head.shape, num_images=images), node,
-                             fit_for(replace(head.shape, num_images=images), node, catalog, measured), measured)
+                             fit_for(replace(head.shape, num_images=images), node, catalog, measured), measured,
+                             kinds.get(node.name, ()))
         start = node.backlog_s + decision.load_s
         for job in batch:
             plan.etas[job.id] = Eta(position, node.name, start, decision.finish_s)
@@ -260,92 +308,152 @@ def plan_dispatch(
             slots[node.name] -= 1
             plan.assignments.append(Assignment(
                 node.name, tuple(j.id for j in batch), head.model, decision.profile, decision.run_s, decision.finish_s,
+                decision.weights_bytes,
             ))
-        views[node.name] = replace(node, backlog_s=decision.finish_s, loaded_models=node.loaded_models | {head.model})
+        views[node.name] = node.after_batch(head.model, decision.profile or None, decision.weights_bytes,
+                                            decision.finish_s)
         if index is not None:
-            index.commit(head.shape, decision)
+            index.update(views[node.name])
     return plan
+
+
+@dataclass
+class _Kind:
+    """The nodes of one card in a NodeIndex: a heap of all their backlogs, one per pipeline they hold, and the
+    figures they share (seconds per step, load times), cached per job shape."""
+
+    device: Device
+    heap: list[tuple[float, str]] = field(default_factory=list)
+    holding: dict[tuple[str, str | None], list[tuple[float, str]]] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)
+    speeds: dict[tuple, float | None] = field(default_factory=dict)
+    loads: dict[tuple[str, str | None], float] = field(default_factory=dict)
+    verdicts: dict[JobShape, tuple | None] = field(default_factory=dict)
 
 
 class NodeIndex:
     """`pick` for large farms: nodes grouped by device, each group a heap of backlogs (all nodes, and the nodes
-    holding each model), so a decision costs O(kinds x log nodes) whatever the farm's and the queue's size.
-    Chooses as `pick` over the same views, with one difference: a node kind shares one speed (the mean of
-    what its nodes measured for the job, else the prediction), where `pick` uses each node's own. Stale heap
-    entries are dropped lazily when they reach the top. Nodes without a card are not indexed."""
+    holding each (model, profile) pipeline), so a decision costs O(kinds x log nodes) whatever the farm's and
+    the queue's size. Chooses as `pick` over the same views, with one difference: a node kind shares one
+    speed and one load time (what its nodes measured for the job, else the prediction), where `pick` uses
+    each node's own. Stale heap entries are dropped lazily when they reach the top. Nodes without a card are
+    not indexed."""
 
     def __init__(
         self, nodes: Sequence[NodeView] = (), catalog: Catalog | None = None, measured: Measurements = EMPTY
     ):
         self.catalog, self.measured = catalog, measured
-        self._state: dict[str, tuple[Device, float, frozenset[str]]] = {}
-        self._all: dict[Device, list[tuple[float, str]]] = {}
-        self._holding: dict[tuple[Device, str], list[tuple[float, str]]] = {}
-        self._members: dict[Device, list[str]] = {}
-        self._speeds: dict[tuple, float | None] = {}
+        self._views: dict[str, NodeView] = {}
+        self._kinds: dict[Device, _Kind] = {}
         for node in nodes:
             if node.device is not None:
-                self.update(node.name, node.device, node.backlog_s, node.loaded_models)
+                self.update(node)
 
     def __len__(self) -> int:
-        return len(self._state)
+        return len(self._views)
 
-    def update(self, name: str, device: Device, backlog_s: float, loaded_models: frozenset[str]) -> None:
-        if name not in self._state:
-            self._members.setdefault(device, []).append(name)
-        self._state[name] = (device, backlog_s, loaded_models)
-        heapq.heappush(self._all.setdefault(device, []), (backlog_s, name))
-        for model in loaded_models:
-            heapq.heappush(self._holding.setdefault((device, model), []), (backlog_s, name))
+    def update(self, node: NodeView) -> None:
+        """Index `node` as it is now (its backlog and its cache), replacing what was known of it."""
+        if node.device is None:
+            raise ValueError(f"node {node.name} has no card: it cannot be indexed")
+        kind = self._kinds.get(node.device)
+        if kind is None:
+            kind = self._kinds[node.device] = _Kind(node.device)
+        if node.name not in self._views:
+            kind.members.append(node.name)
+        self._views[node.name] = node
+        entry = (node.backlog_s, node.name)
+        heapq.heappush(kind.heap, entry)
+        for pipeline in _pipelines(node):
+            heapq.heappush(kind.holding.setdefault(pipeline, []), entry)
 
-    def _top(self, heap: list[tuple[float, str]] | None, model: str | None) -> tuple[float, str] | None:
+    def _top(self, heap: list[tuple[float, str]] | None, pipeline: tuple[str, str | None] | None):
         while heap:
             backlog, name = heap[0]
-            _, current, loaded = self._state[name]
-            if current == backlog and (model is None or model in loaded):
+            view = self._views[name]
+            if view.backlog_s == backlog and (pipeline is None or _has(view, pipeline)):
                 return heap[0]
             heapq.heappop(heap)
         return None
 
-    def _kind_speed(self, device: Device, model: str, width: int, height: int, batch: int) -> float | None:
+    def _kind_speed(self, kind: _Kind, model: str, width: int, height: int, batch: int) -> float | None:
         """The mean seconds per step the nodes of this kind measured for the job; None: none did."""
         if not self.measured:
             return None
-        key = (device, model, width, height, batch)
-        if key not in self._speeds:
+        key = (model, width, height, batch)
+        if key not in kind.speeds:
             speeds = [
-                v for name in self._members.get(device, ())
+                v for name in kind.members
                 if (v := self.measured.seconds_per_step(name, model, width, height, batch)) is not None
             ]
-            self._speeds[key] = sum(speeds) / len(speeds) if speeds else None
-        return self._speeds[key]
+            kind.speeds[key] = sum(speeds) / len(speeds) if speeds else None
+        return kind.speeds[key]
+
+    def _kind_load(self, kind: _Kind, model: str, fit: Fit | None) -> float:
+        """What a load of `model` costs a node of this kind: what its nodes measured, else the prediction."""
+        key = (model, fit.profile if fit is not None else None)
+        if key not in kind.loads:
+            kind.loads[key] = _load_estimate(
+                None, model, fit, kind.device, self.measured, kind.members if self.measured else ())
+        return kind.loads[key]
+
+    def _verdict(self, kind: _Kind, job: JobShape) -> tuple | None:
+        """What `job` costs a node of this kind, whatever its state: (run s, profile, its base name, VRAM left
+        over, predicted weight bytes, a load's seconds); None when it does not fit. Cached per job shape."""
+        if job in kind.verdicts:
+            return kind.verdicts[job]
+        fit = fit_on(job.model, job.width, job.height, job.num_images, kind.device, self.catalog, self.measured) \
+            if plannable(job.model, self.catalog) else None
+        verdict = None
+        if fit is None or fit.fits:
+            speed = self._kind_speed(kind, job.model, job.width, job.height, job.num_images)
+            run = job.steps * _seconds_per_step(job, fit, speed, self.measured)
+            leftover = fit.usable_gib - fit.peak_gib if fit is not None else kind.device.vram_gib
+            verdict = (run, (fit.profile or "") if fit is not None else "",
+                       base_profile(fit.profile) if fit is not None else None, leftover, _weights_bytes(fit),
+                       self._kind_load(kind, job.model, fit))
+        kind.verdicts[job] = verdict
+        return verdict
 
     def pick(self, job: JobShape) -> Decision | None:
         decisions = []
-        judged = plannable(job.model, self.catalog)
-        for device, heap in self._all.items():
-            fit = fit_on(job.model, job.width, job.height, job.num_images, device, self.catalog, self.measured) \
-                if judged else None
-            if fit is not None and not fit.fits:
+        model = job.model
+        for kind in self._kinds.values():
+            verdict = self._verdict(kind, job)
+            if verdict is None:
                 continue
-            kind = self._kind_speed(device, job.model, job.width, job.height, job.num_images)
-            run = job.steps * _seconds_per_step(job, fit, kind, self.measured)
+            run, profile, base, leftover, weights, load_s = verdict
             options = []
-            holding = self._top(self._holding.get((device, job.model)), job.model)
-            if holding is not None:
-                options.append((holding[0] + run, holding[1], 0.0))
-            anyone = self._top(heap, None)
+            # A node holding the job's pipeline: under its profile, or under one its record did not name.
+            for pipeline in ((model, base), (model, ANY_PROFILE)):
+                holding = self._top(kind.holding.get(pipeline), pipeline)
+                if holding is not None:
+                    options.append((holding[0] + run, holding[1], 0.0))
+            anyone = self._top(kind.heap, None)
             if anyone is not None:
-                load = 0.0 if job.model in self._state[anyone[1]][2] else _load_estimate(
-                    anyone[1], job.model, fit, device, self.measured)
+                load = 0.0 if self._views[anyone[1]].holds(model, base) else load_s
                 options.append((anyone[0] + load + run, anyone[1], load))
             if options:
                 finish, name, load = min(options)
-                leftover = fit.usable_gib - fit.peak_gib if fit is not None else device.vram_gib
-                decisions.append(Decision(name, (fit.profile or "") if fit else "", finish, run, load, leftover))
+                decisions.append(Decision(name, profile, finish, run, load, leftover, weights))
         return best_of(decisions)
 
     def commit(self, job: JobShape, decision: Decision) -> None:
-        """Record `decision`: the node's backlog grows to the job's finish and it holds the job's model."""
-        device, _, loaded = self._state[decision.node]
-        self.update(decision.node, device, decision.finish_s, loaded | {job.model})
+        """Record `decision`: the node's backlog grows to the job's finish and its cache takes the job's model."""
+        view = self._views[decision.node]
+        self.update(view.after_batch(job.model, decision.profile or None, decision.weights_bytes, decision.finish_s))
+
+
+def _pipelines(node: NodeView) -> Iterator[tuple[str, str | None]]:
+    """(model, profile) of each pipeline `node` holds; ANY_PROFILE: one its record did not name."""
+    if node.cache is not None:
+        return ((e.model, e.profile) for e in node.cache.entries)
+    return ((model, ANY_PROFILE) for model in node.loaded_models)
+
+
+def _has(node: NodeView, pipeline: tuple[str, str | None]) -> bool:
+    """Whether `node` holds exactly this (model, profile) pipeline (ANY_PROFILE: one its record did not name)."""
+    model, profile = pipeline
+    if node.cache is not None:
+        return any(e.model == model and e.profile == profile for e in node.cache.entries)
+    return profile == ANY_PROFILE and model in node.loaded_models

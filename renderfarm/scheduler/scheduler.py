@@ -92,7 +92,7 @@ class Scheduler:
         calls = RayCalls()
         self.leases = LeaseManager(self.state)
         self.membership = MembershipManager(self.state, calls)
-        self.dispatcher = DispatchManager(self.state, self.catalog, self.fair)
+        self.dispatcher = DispatchManager(self.state, self.catalog, self.fair, self.events)
         self.sampling = SamplingManager(self.state)
         self.reconciler = ReconcileManager(self.state)
         self.results = BatchResults(self.state, calls)
@@ -186,6 +186,8 @@ class Scheduler:
             "measurements": {"peaks": sum(len(p) for p in measured.peaks.values()),
                              "speeds": len(measured.speeds)},
             "update_failures": dict(self.update_failures),
+            "redis_round_trips": self.store.round_trips,
+            "queue_view": dict(self.dispatcher.view.counters),
         }
 
     @property
@@ -202,10 +204,14 @@ class Scheduler:
             if self.state.inflight:  # every worker busy: only a finished batch matters
                 self.results.collect(timeout=IDLE_WAKE_SECONDS)
             else:  # no worker can take work and none is rendering (all drained, dead or gone; or a follower):
-                self.events.read(IDLE_WAKE_SECONDS)  # sleep until something changes, not spin (issue 16)
+                # sleep until something changes, not spin (issue 16)
+                self.dispatcher.view.apply(self.events.read(IDLE_WAKE_SECONDS))
             return
-        # Workers write their jobs' "done" to the same stream, so a finishing batch wakes this too.
-        changed = bool(self.events.read(IDLE_WAKE_SECONDS))
+        # Workers write their jobs' "done" to the same stream, so a finishing batch wakes this too. What the
+        # events say changed keeps the dispatcher's view of the queue current (scheduler/queue_view.py).
+        events = self.events.read(IDLE_WAKE_SECONDS)
+        self.dispatcher.view.apply(events)
+        changed = bool(events)
         self.results.collect(timeout=self.settings.poll_seconds if changed else 0.0)
 
     # --- single steps, for tests that drive a round by hand ---------------------------------------------

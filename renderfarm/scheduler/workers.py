@@ -3,23 +3,99 @@
 The loop thread is the only writer; `stats()` reads the table from other threads (the scheduler actor runs
 with max_concurrency > 1), so whatever changes the table's size or a set that `stats` iterates does so under
 `lock`, and readers take it too.
+
+Each worker's pipeline cache is modelled (`CacheModel`): what its node record last said the cache held, with
+the batches sent since then loaded on top by the cache's own rules (planning/fit.py CacheView), so the
+planner knows what each node will hold when the next batch reaches it, and what a batch sent there evicts.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from renderfarm.planning.devices import Device, device_from_record
+from renderfarm.planning.fit import ANY_PROFILE, CachedPipeline, CacheView
+
+log = logging.getLogger(__name__)
+
+SENT_REMEMBERED = 64  # batches sent to one worker kept for replay until its record catches up (a backstop)
+
+
+def cache_from_record(info: Mapping[str, Any]) -> CacheView:
+    """A worker's pipeline cache as its node record describes it: the `cache` field (actors/pipelines.py
+    PipelineCache.describe: caps, pipelines least recently used first with their bytes, the bytes of every
+    pipeline loaded before); without a readable one, the `loaded` model names under the default caps, each
+    matching the model under any profile (ANY_PROFILE). Malformed parts are skipped: a record never stops the
+    scheduler."""
+    loaded = info.get("loaded")
+    names = tuple(CachedPipeline(m, ANY_PROFILE) for m in loaded if isinstance(m, str)) \
+        if isinstance(loaded, list) else ()
+    cache = info.get("cache")
+    if not isinstance(cache, Mapping):
+        return CacheView(entries=names)
+    try:
+        count, budget = cache.get("max_pipelines"), cache.get("max_bytes")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ValueError(f"max_pipelines={count!r} is not an integer")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise ValueError(f"max_bytes={budget!r} is not an integer")
+        return CacheView(count, budget, _pipelines(cache.get("entries")), _pipelines(cache.get("sizes")))
+    except ValueError as exc:
+        log.warning("node %s: pipeline cache record not understood (%s); modelled from its loaded models",
+                    info.get("name"), exc)
+        return CacheView(entries=names)
+
+
+def _pipelines(raw: Any) -> tuple[CachedPipeline, ...]:
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a list of pipelines, got {type(raw).__name__}")
+    out = []
+    for item in raw:
+        model = item.get("model") if isinstance(item, Mapping) else None
+        profile, size = (item.get("profile"), item.get("bytes")) if isinstance(item, Mapping) else (None, None)
+        if not isinstance(model, str) or (profile is not None and not isinstance(profile, str)) or \
+                isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"pipeline {item!r} needs model, profile (or null) and bytes >= 0")
+        out.append(CachedPipeline(model, profile or None, size))
+    return tuple(out)
+
+
+class CacheModel:
+    """The scheduler's model of one worker's pipeline cache. `view` is what the cache will hold once the
+    batches sent to the worker have run: the last reported contents (`reported`) with the load of each batch
+    sent since replayed on top, in the order sent (the order the worker runs them). A batch the worker ran
+    before its record was written replays harmlessly: a load of a pipeline the cache holds only refreshes
+    it, and whatever came after it replays after it."""
+
+    def __init__(self, reported: CacheView | None = None):
+        self.reported = reported if reported is not None else CacheView()
+        self.view = self.reported  # immutable: readers on other threads take it whole
+        self._sent: list[tuple[Any, str, str | None, int]] = []  # (batch ref, model, profile, predicted bytes)
+
+    def sent(self, ref: Any, model: str, profile: str | None = None, predicted_bytes: int = 0) -> None:
+        """A batch of `model` under `profile` was sent (`ref`: its handle, for `report`)."""
+        self._sent = [*self._sent, (ref, model, profile or None, predicted_bytes)][-SENT_REMEMBERED:]
+        self.view = self.view.load(model, profile or None, predicted_bytes)
+
+    def report(self, reported: CacheView, in_flight: Container[Any]) -> None:
+        """The worker's record says its cache holds `reported`; the batches sent that are still `in_flight`
+        are loaded on top of it (the others are in the record already)."""
+        self._sent = [s for s in self._sent if s[0] in in_flight]
+        view = reported
+        for _, model, profile, predicted in self._sent:
+            view = view.load(model, profile, predicted)
+        self.reported, self.view = reported, view
 
 
 @dataclass
 class Worker:
     name: str
     handle: Any  # handle.WorkerHandle (None in tests that never call a worker)
-    loaded: set[str]
+    cache: CacheModel = field(default_factory=CacheModel)  # its pipeline cache, as the planner models it
     device: Device | None = None  # its card, for fit checks
     alive: bool = True
     draining: bool = False  # finishes what it holds, takes nothing new (`renderfarm drain`, the dashboard)
@@ -38,6 +114,11 @@ class Worker:
     def backlog(self, now: float) -> float:
         return max(0.0, self.busy_until - now)
 
+    @property
+    def loaded(self) -> frozenset[str]:
+        """The models its cache will hold once the batches sent to it have run."""
+        return self.cache.view.models
+
     def has_room(self, queue_depth: int) -> bool:
         """Alive, not draining, with fewer batches queued than a worker may hold. A suspect (a lease of its
         expired) holding nothing gets one batch as a probe: its answer clears the suspicion, and a node that
@@ -52,10 +133,8 @@ def worker_from_info(name: str, handle: Any, info: dict[str, Any]) -> Worker:
     that does not describe a device raises CorruptRecord (see `device_from_record`)."""
     forbid = info.get("forbid_models")
     max_batch = info.get("max_batch")
-    loaded = info.get("loaded")
     return Worker(
-        name, handle, {m for m in loaded if isinstance(m, str)} if isinstance(loaded, list) else set(),
-        device_from_record(info),
+        name, handle, CacheModel(cache_from_record(info)), device_from_record(info),
         pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
         forbidden=frozenset(m for m in forbid if isinstance(m, str)) if isinstance(forbid, list) else frozenset(),
         max_batch=max_batch if isinstance(max_batch, int) and max_batch >= 1 else None,
@@ -98,9 +177,18 @@ class WorkerTable:
         with self.lock:
             self._workers[worker.name] = worker
 
-    def add_loaded(self, worker: Worker, model: str) -> None:
-        with self.lock:  # `stats` may be sorting this very set in another thread
-            worker.loaded.add(model)
+    def add_loaded(
+        self, worker: Worker, model: str, profile: str | None = None, predicted_bytes: int = 0, ref: Any = None
+    ) -> None:
+        """A batch of `model` under `profile` was sent to `worker` (`ref`: its handle): its cache loads the
+        pipeline (predicted at `predicted_bytes` unless the worker measured it) and evicts what that pushes out."""
+        with self.lock:
+            worker.cache.sent(ref, model, profile, predicted_bytes)
+
+    def report_cache(self, worker: Worker, record: Mapping[str, Any], in_flight: Container[Any]) -> None:
+        """`worker`'s node record arrived: model its cache from it, with the batches still `in_flight` on top."""
+        with self.lock:
+            worker.cache.report(cache_from_record(record), in_flight)
 
     def stats(self, now: float) -> dict[str, dict[str, Any]]:
         """Each worker's state for `Scheduler.stats`, safe to call from any thread."""

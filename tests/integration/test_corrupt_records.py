@@ -231,7 +231,7 @@ class _Handle:
     def __init__(self):
         self.sent: list[list[str]] = []
 
-    def render(self, job_ids):
+    def render(self, job_ids, specs=None):
         self.sent.append(job_ids)
         return object()
 

@@ -9,7 +9,9 @@ counters hash, the cursor counts each such entry it reads there (`malformed_even
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -62,7 +64,16 @@ class EventCursor:
         """The next events (at most `count`), waiting up to `block_s` seconds for one when there are none
         (None or 0: do not wait)."""
         block = None if not block_s or block_s <= 0 else max(1, int(block_s * 1000))
-        replies = self._redis.xread({self._stream: self._position}, count=count, block=block)
+        return self._take(self._redis.xread({self._stream: self._position}, count=count, block=block))
+
+    def queue_read(self, rnd: Any, count: int = 1000) -> Callable[[], list[Event]]:
+        """`read` without waiting, as part of a round (store/round.py): the getter returns the events and
+        moves the cursor past them. Read the getter once, before the next read."""
+        position = self._position
+        reply = rnd.command(lambda pipe: pipe.xread({self._stream: position}, count=count))
+        return lambda: self._take(reply())
+
+    def _take(self, replies: Any) -> list[Event]:
         events = []
         for _, entries in replies or []:
             for entry_id, fields in entries:
