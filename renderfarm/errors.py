@@ -131,6 +131,9 @@ class BlobStoreError(RenderfarmError, OSError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
+    def __reduce__(self) -> tuple:  # Ray carries a worker's exceptions to the caller by pickle
+        return (type(self), (str(self), self.kind))
+
 
 class DoesNotFit(RenderfarmError, RuntimeError):
     """No profile of the ladder fits this job on this node (VRAM or host memory)."""

@@ -96,6 +96,17 @@ def test_missing_blob_is_a_missing_error_and_delete_is_idempotent(tmp_path):
     assert isinstance(caught.value, RenderfarmError) and isinstance(caught.value, OSError)
 
 
+def test_a_blob_store_error_survives_pickling_with_its_kind():
+    """Ray carries an exception from a worker to its caller by pickle: the kind must come along."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(BlobStoreError("blob store full: cannot write /x: No space", "full")))
+    assert type(error) is BlobStoreError and error.kind == "full" and is_full_or_unwritable(error)
+    assert str(error) == "blob store full: cannot write /x: No space"
+    with pytest.raises(ValueError, match="kind"):
+        BlobStoreError("x", "weird")
+
+
 # --- atomic writes ---------------------------------------------------------------------------------------
 
 
