@@ -1,13 +1,37 @@
-"""What the farm costs on top of rendering: 64 tiny-sd15 jobs (64x64, 2 steps) through a farm with one
-worker, against the same renders called directly on one pipeline in this process.
+"""What the farm costs on top of rendering, like for like: the same tiny-sd15 jobs (64x64, 2 steps) through a
+farm with one worker, and through a direct loop on one pipeline in this process, at the SAME batch size.
 
-    python bench/overhead.py [--json] [--jobs 64] [--max-batch 8] [--rounds 2]
+    python bench/overhead.py [--json] [--jobs 32] [--rounds 5] [--sizes 1,8]
+    python bench/overhead.py --quick [--json]        # 8 jobs, 2 rounds (tests/bench runs this)
 
-Both sides render with the profile the node picks for its declared card (an Ampere card: bf16).
-`farm_s` runs from submit to the last result read back from Redis (PNG bytes included) with the model
-already loaded on the worker; `direct_s` is one pipeline call per job with the model already loaded
-(images left as PIL, no PNG encoding: the strict baseline). Rounds alternate farm/direct and the best of
-each is kept, so both see the same machine state. Target: ratio = farm_s / direct_s <= 1.15.
+Like for like:
+- the same jobs: each round renders the same specs on both sides, with prompts new to that round (so no side
+  gets prompt embeddings from a cache the other lacks);
+- the same batch size: at batch B the farm coalesces up to B jobs per pipeline call (Settings.max_batch = B)
+  and the direct loop calls the pipeline with B prompts at once (batch 1: one call per job);
+- the same render code and profile: the direct loop calls renderfarm.actors.pipelines.render_batch, as the
+  worker does, with the profile the farm's node chooses for its declared card, and gets the same PNG bytes
+  (infotext included); the farm's figure runs from submit to the last PNG read back from Redis;
+- the model warm on both sides (loaded, and one untimed round each first);
+- interleaved rounds (farm, direct, farm, direct, ...) so both see the same machine, and the median with its
+  min-max over the rounds, not the best round.
+
+Figures, per job: wall time (the round's wall over its jobs) and CPU time summed over every process of each
+contender: the farm's is this process (the client), redis-server, and every process of its private Ray
+(raylet, GCS, dashboard agents, the scheduler and worker actors: found by ray_processes.cluster_pids); the
+direct loop's is this process. The farm's processes that idle between jobs count: they are its cost. Goal:
+farm / direct <= 1.10 at every size, for wall and CPU. Redis per job: commands redis-server processed
+(INFO total_commands_processed) and round trips (requests sent and waited on: the client's Store, each
+node's record `redis_round_trips` and `redis_round_trips_timed` (heartbeats, renewals, progress), and the
+scheduler's stats() `redis_round_trips` where it reports one). Issue 16's target: at most 3 round trips per
+job at batch 1.
+
+On a 2-core machine the farm's worker and the direct loop use the same torch threads (all cores), and the
+same scheduling priority: Ray's raylet starts its workers at nice 15 by default (RAY_worker_niceness; seen
+with ps: ray::RenderWorker and ray::Scheduler at NI 15), which on a machine doing other work would slow the
+farm beside a direct loop at nice 0, so the bench starts its farms with RAY_worker_niceness set to this
+process's niceness (--ray-niceness to choose) and reports the niceness each side ran at. Figures taken while
+other work runs on the machine are noisy: compare the median, read the range.
 """
 
 from __future__ import annotations
@@ -15,102 +39,247 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+MODEL, SIZE, STEPS, GUIDANCE = "tiny-sd15", 64, 2, 5.0
+GOAL_RATIO = 1.10
 
-def run(jobs: int, max_batch: int, rounds: int, quiet: bool) -> dict:
-    import torch
 
-    from renderfarm.actors.pipelines import PipelineCache
-    from renderfarm.config import NodeDeclaration, Settings
+def cpu_seconds(pids: set[int]) -> dict[int, float]:
+    """User + system CPU seconds of each live process in `pids` (those that are gone are left out)."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[pid] = times.user + times.system
+    return out
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two readings; a process born in between counts whole."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def redis_commands(client: Any) -> int:
+    return int(client.info("stats")["total_commands_processed"])
+
+
+def actor_niceness(pids: set[int]) -> dict[str, int]:
+    """The niceness of the farm's actors (ray::RenderWorker..., ray::Scheduler), by name."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            name = process.cmdline()[0] if process.cmdline() else process.name()
+            if name.startswith("ray::"):
+                out[name.split(".")[0].removeprefix("ray::")] = process.nice()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def round_trips(farm: Any, client: Any) -> dict[str, int | None]:
+    """Requests sent to Redis so far, by who sent them. The scheduler's is None until its stats() reports
+    `redis_round_trips` (issue 16: being added)."""
+    nodes = client.store.nodes()
+    stats = farm.scheduler_stats()
+    return {
+        "client": client.store.round_trips,
+        "workers": sum(int(n.get("redis_round_trips") or 0) for n in nodes),
+        "workers_timed": sum(int(n.get("redis_round_trips_timed") or 0) for n in nodes),
+        "scheduler": stats.get("redis_round_trips"),
+    }
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def specs_for(round_no: int, jobs: int) -> list[dict[str, Any]]:
+    return [{"model": MODEL, "prompt": f"overhead round {round_no} job {i}", "width": SIZE, "height": SIZE,
+             "steps": STEPS, "guidance": GUIDANCE, "negative_prompt": "", "seed": i} for i in range(jobs)]
+
+
+def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, entry: Any, node: Any,
+                 say) -> dict[str, Any]:
+    """Interleaved rounds at one batch size, on a farm of its own (Settings.max_batch = batch)."""
+    import redis
+
+    from renderfarm.actors.pipelines import RenderRequest, render_batch
+    from renderfarm.cluster.ray_processes import cluster_pids
+    from renderfarm.config import Settings
     from renderfarm.farm import Farm
-    from renderfarm.planning.catalog import default_catalog
-    from renderfarm.planning.choose import choose_profile
-    from renderfarm.planning.devices import device_from_declaration
 
-    threads = os.cpu_count() or 1
-    specs = [
-        {"model": "tiny-sd15", "prompt": f"benchmark prompt {i}", "width": 64, "height": 64, "steps": 2, "seed": i}
-        for i in range(jobs)
-    ]
-    entry = default_catalog().get("tiny-sd15")
-
-    def say(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr)
+    def direct(specs: list[dict[str, Any]]) -> tuple[float, float]:
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        for i in range(0, len(specs), batch):
+            requests = [RenderRequest(f"direct-{s['seed']}", s["prompt"], "", SIZE, SIZE, STEPS, GUIDANCE,
+                                      s["seed"], 1)
+                        for s in specs[i:i + batch]]
+            for result in render_batch(pipe, entry, requests):
+                if not result.images:
+                    raise RuntimeError(f"direct render of {result.job_id} returned no image")
+        return time.perf_counter() - start, time.process_time() - cpu0
 
     with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
-        settings = Settings(data_dir=Path(tmp), max_batch=max_batch, torch_threads=threads)
-        node = NodeDeclaration(name="bench", vram_gib=24, compute_capability="8.6")
-        with Farm(settings, [node], warm_models=["tiny-sd15"]) as farm:
+        settings = Settings(data_dir=Path(tmp), max_batch=batch, torch_threads=threads)
+        started = time.perf_counter()
+        with Farm(settings, [node], warm_models=[MODEL], log_to_driver=False) as farm:
+            say(f"batch {batch}: farm up in {time.perf_counter() - started:.1f} s")
             client = farm.client()
-            torch.set_num_threads(threads)
-            # The same renders: the profile the farm's node chooses for its declared card, in this process.
-            card = device_from_declaration(node)
-            profile = choose_profile(entry, card, 64, 64, 1).chosen
-            pipe, _ = PipelineCache(device="cpu").get(entry, profile)
-            pipe.set_progress_bar_config(disable=True)
+            server = redis.Redis.from_url(farm.redis_url)
 
-            def direct() -> float:
-                start = time.perf_counter()
-                for s in specs:
-                    pipe(s["prompt"], width=64, height=64, num_inference_steps=2,
-                         generator=torch.Generator("cpu").manual_seed(s["seed"]))
-                return time.perf_counter() - start
+            def farm_pids() -> set[int]:
+                return {os.getpid(), farm.redis_pid} | cluster_pids(Path(farm.ray_temp_dir), set())
 
-            def through_farm() -> float:
+            def through_farm(specs: list[dict[str, Any]]) -> tuple[float, float, int]:
+                pids = farm_pids()
+                commands0 = redis_commands(server)
+                cpu0 = cpu_seconds(pids)
                 start = time.perf_counter()
                 ids = client.submit_batch(specs)
                 for job in client.as_completed(ids, timeout=600):
                     if job.state.value != "done":
                         raise RuntimeError(f"job {job.id} {job.state.value}: {job.error}")
-                    client.store.result_images(job.id)
-                return time.perf_counter() - start
+                    if not client.store.result_images(job.id):  # the PNG bytes, as the direct loop has them
+                        raise RuntimeError(f"job {job.id}: no image read back")
+                wall = time.perf_counter() - start
+                cpu = cpu_spent(cpu0, cpu_seconds(pids | farm_pids()))
+                return wall, cpu, redis_commands(server) - commands0 - 1  # less the INFO that read it
 
-            direct()  # warm both paths once (first-call allocations, kernel selection)
-            through_farm()
-            farm_times, direct_times = [], []
+            direct(specs_for(-1, min(jobs, batch * 2)))  # warm both paths (first-call allocations, kernels)
+            through_farm(specs_for(-1, min(jobs, batch * 2)))
+            time.sleep(settings.heartbeat_seconds * 1.5)  # node records carry their counters of the warm-up
+            trips0 = round_trips(farm, client)
+            farm_wall, farm_cpu, direct_wall, direct_cpu, commands = [], [], [], [], []
             for r in range(rounds):
-                farm_times.append(through_farm())
-                direct_times.append(direct())
-                say(f"round {r + 1}: farm {farm_times[-1]:.2f} s, direct {direct_times[-1]:.2f} s")
-            stats = farm.scheduler_stats()
-    farm_s, direct_s = min(farm_times), min(direct_times)
+                wall, cpu, cmds = through_farm(specs_for(r, jobs))
+                farm_wall.append(wall / jobs)
+                farm_cpu.append(cpu / jobs)
+                commands.append(cmds / jobs)
+                wall, cpu = direct(specs_for(r, jobs))
+                direct_wall.append(wall / jobs)
+                direct_cpu.append(cpu / jobs)
+                say(f"batch {batch} round {r + 1}: farm {farm_wall[-1] * 1e3:.1f} ms/job wall, "
+                    f"{farm_cpu[-1] * 1e3:.1f} ms/job CPU; direct {direct_wall[-1] * 1e3:.1f} ms wall, "
+                    f"{direct_cpu[-1] * 1e3:.1f} ms CPU")
+            time.sleep(settings.heartbeat_seconds * 1.5)  # the node records catch up with the last round
+            trips1 = round_trips(farm, client)
+            niceness = actor_niceness(farm_pids())
+            server.close()
+    total = jobs * rounds
+    trips = {k: None if trips0[k] is None or trips1[k] is None else round((trips1[k] - trips0[k]) / total, 2)
+             for k in trips0}
+    per_job = [trips["client"], trips["workers"], trips["scheduler"]]
+    fw, fc, dw, dc = summary(farm_wall), summary(farm_cpu), summary(direct_wall), summary(direct_cpu)
     return {
-        "jobs": jobs,
-        "size": "64x64",
-        "steps": 2,
-        "max_batch": max_batch,
-        "torch_threads": threads,
-        "farm_s": round(farm_s, 3),
-        "direct_s": round(direct_s, 3),
-        "ratio": round(farm_s / direct_s, 3),
-        "farm_rounds_s": [round(t, 3) for t in farm_times],
-        "direct_rounds_s": [round(t, 3) for t in direct_times],
-        "dispatched": stats["dispatched"],
-        "profile": profile.name,
+        "batch": batch,
+        "niceness": {"direct": os.nice(0), **niceness},
+        "farm_wall_ms": {k: round(v * 1e3, 2) for k, v in fw.items()},
+        "direct_wall_ms": {k: round(v * 1e3, 2) for k, v in dw.items()},
+        "farm_cpu_ms": {k: round(v * 1e3, 2) for k, v in fc.items()},
+        "direct_cpu_ms": {k: round(v * 1e3, 2) for k, v in dc.items()},
+        "wall_ratio": round(fw["median"] / dw["median"], 3),
+        "cpu_ratio": round(fc["median"] / dc["median"], 3),
+        "goal_ratio": GOAL_RATIO,
+        "meets_goal": fw["median"] / dw["median"] <= GOAL_RATIO and fc["median"] / dc["median"] <= GOAL_RATIO,
+        "redis_commands_per_job": round(statistics.median(commands), 2),
+        "redis_round_trips_per_job": trips,
+        # client + workers (per batch) + scheduler; None while the scheduler reports none (see round_trips)
+        "redis_round_trips_per_job_total": None if None in per_job else round(sum(per_job), 2),
     }
 
 
-def main() -> None:
+def run(jobs: int, rounds: int, sizes: list[int], quiet: bool, ray_niceness: int | None = None) -> dict[str, Any]:
+    import torch
+
+    from renderfarm.actors.pipelines import PipelineCache
+    from renderfarm.config import NodeDeclaration
+    from renderfarm.planning.catalog import default_catalog
+    from renderfarm.planning.choose import choose_profile
+    from renderfarm.planning.devices import device_from_declaration
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    # the farm's actors at the direct loop's priority (Ray's default is nice 15): read by the raylet at start
+    os.environ["RAY_worker_niceness"] = str(os.nice(0) if ray_niceness is None else ray_niceness)
+    entry = default_catalog().get(MODEL)
+    node = NodeDeclaration(name="bench", vram_gib=24, compute_capability="8.6")
+    profile = choose_profile(entry, device_from_declaration(node), SIZE, SIZE, 1).chosen
+    pipe, _ = PipelineCache(device="cpu").get(entry, profile)  # the profile the farm's node picks
+    pipe.set_progress_bar_config(disable=True)
+    results = [measure_size(b, jobs, rounds, threads, pipe, entry, node, say) for b in sizes]
+    return {"model": MODEL, "size": f"{SIZE}x{SIZE}", "steps": STEPS, "jobs": jobs, "rounds": rounds,
+            "torch_threads": threads, "profile": profile.name, "cores": os.cpu_count(), "sizes": results}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"{report['jobs']} jobs x {report['rounds']} interleaved rounds, {report['model']} {report['size']} "
+          f"{report['steps']} steps, profile {report['profile']}, {report['torch_threads']} torch threads; "
+          "per job, median [min-max] over rounds")
+    print(f"  {'batch':>5} {'farm wall ms':>22} {'direct wall ms':>22} {'ratio':>6} {'farm CPU ms':>22} "
+          f"{'direct CPU ms':>22} {'ratio':>6}  goal")
+    for s in report["sizes"]:
+        def cell(key):
+            v = s[key]
+            return f"{v['median']:.1f} [{v['min']:.1f}-{v['max']:.1f}]"
+        verdict = "ok" if s["meets_goal"] else "MISSED"
+        print(f"  {s['batch']:>5} {cell('farm_wall_ms'):>22} {cell('direct_wall_ms'):>22} {s['wall_ratio']:>6.2f} "
+              f"{cell('farm_cpu_ms'):>22} {cell('direct_cpu_ms'):>22} {s['cpu_ratio']:>6.2f}  "
+              f"<= {s['goal_ratio']:.2f} {verdict}")
+    for s in report["sizes"]:
+        nice = ", ".join(f"{k} {v}" for k, v in s["niceness"].items())
+        print(f"  batch {s['batch']}: niceness: {nice}")
+        t = s["redis_round_trips_per_job"]
+        scheduler = "not reported yet" if t["scheduler"] is None else f"{t['scheduler']}"
+        total = "?" if s["redis_round_trips_per_job_total"] is None else s["redis_round_trips_per_job_total"]
+        print(f"  batch {s['batch']}: Redis per job: {s['redis_commands_per_job']} commands; round trips "
+              f"{total} (client {t['client']}, workers {t['workers']}, scheduler {scheduler}; "
+              f"timed: workers {t['workers_timed']}) (target at batch 1: <= 3)")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--jobs", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=8, help="jobs per pipeline call on the farm")
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    result = run(args.jobs, args.max_batch, args.rounds, quiet=args.json)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--jobs", type=int, default=32, help="jobs per round (default 32)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (default 5)")
+    parser.add_argument("--sizes", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    parser.add_argument("--ray-niceness", type=int, default=None,
+                        help="niceness of the farm's Ray workers (default: this process's, like the direct loop)")
+    parser.add_argument("--quick", action="store_true", help="8 jobs, 2 rounds: a smoke run (tests/bench)")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        parser.error(f"--sizes {args.sizes!r}: expected batch sizes separated by commas")
+    jobs, rounds = (8, 2) if args.quick else (args.jobs, args.rounds)
+    if jobs < 1 or rounds < 1 or any(not 1 <= s <= 64 for s in sizes):
+        parser.error("--jobs and --rounds must be at least 1, each of --sizes within 1..64")
+    report = run(jobs, rounds, sizes, quiet=args.json, ray_niceness=args.ray_niceness)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(report))
     else:
-        print(f"farm {result['farm_s']} s, direct {result['direct_s']} s, ratio {result['ratio']} "
-              f"(target <= 1.15; {args.jobs} jobs, batches of up to {args.max_batch})")
+        print_report(report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
