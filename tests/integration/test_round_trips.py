@@ -77,3 +77,96 @@ def test_a_round_teaches_a_restarted_server_its_scripts_and_moves_once(store):
     assert [o() for o in outcomes] == [True, True]
     assert store.round_trips - before == 3, "the round, loading the script, the round again"
     assert [store.get(j).attempts for j in ("j0", "j1")] == [1, 1], "no job was leased twice"
+
+
+NODE = {"name": "rt", "vram_gib": 8, "compute_capability": "8.6", "gpu": "GeForce RTX 3070", "simulated": True}
+
+
+def test_a_worker_starts_and_finishes_a_batch_in_two_requests(redis_url, store, tmp_path):
+    """The worker's side of a job at batch 1: one request to start it, one to record it (the heartbeat and
+    step progress go through a client of their own, counted apart)."""
+    from renderfarm.actors.worker import RenderWorker
+    from renderfarm.config import Settings
+    from renderfarm.jobs import Job, JobSpec
+
+    settings = Settings(data_dir=tmp_path, torch_threads=1, heartbeat_seconds=30)
+    worker = RenderWorker("rt", redis_url, settings.model_dump(mode="json"), NODE)
+    try:
+        spec = JobSpec(model="tiny-sd15", prompt="a fox", width=64, height=64, steps=2, seed=1)
+        jobs = [Job(id=f"rt{i}", spec=spec) for i in range(4)]
+        store.submit(jobs, "b")
+        worker.warm("tiny-sd15")
+        costs = []
+        for batch in (jobs[:1], jobs[1:2], jobs[2:]):  # batch 1, 1, then 2
+            for job in batch:
+                assert store.lease(job.id, "rt", 60)
+            before = worker.store.round_trips
+            out = worker.render([j.id for j in batch], [j.spec.model_dump(mode="json") for j in batch])
+            assert out["done"] == [j.id for j in batch], out
+            costs.append(worker.store.round_trips - before)
+        # Start, then finish, whatever the batch's size; the first finish also taught this server the
+        # measurement script (NOSCRIPT, load, the round again).
+        assert costs == [4, 2, 2]
+        job = store.get("rt0")
+        assert job.state is JobState.DONE and job.images == 1 and job.profile
+        assert store.run_deadline("rt0") is not None, "fixed when it started"
+        record = {n["name"]: n for n in store.nodes()}["rt"]
+        assert record["state"] == "idle" and record["current_job"] is None and record["jobs_done"] == 4
+        assert record["redis_round_trips"] >= 6
+        # Without the specs it reads them itself: one request more.
+        store.submit([Job(id="rt9", spec=spec)], "b2")
+        assert store.lease("rt9", "rt", 60)
+        before = worker.store.round_trips
+        assert worker.render(["rt9"])["done"] == ["rt9"]
+        assert worker.store.round_trips - before == 3
+    finally:
+        worker.shutdown()
+
+
+class _Handle:
+    """An actor handle as the scheduler calls it (`handle.render.remote(...)`), with no Ray behind it."""
+
+    def __init__(self):
+        self.sent: list[tuple[list[str], list[dict]]] = []
+        self.render = self
+
+    def remote(self, job_ids, specs=None):
+        self.sent.append((job_ids, specs))
+        return object()
+
+
+def test_a_dispatch_round_is_one_request_for_all_it_leases(redis_url, store, tmp_path, models_file):
+    """The scheduler's side: once its view of the queue is read, each round that sends batches costs one
+    request (leases, fair-share usage, events since), and new arrivals one more for all of them."""
+    from renderfarm.jobs import Job, JobSpec
+    from renderfarm.scheduler.scheduler import Scheduler
+
+    settings = {"data_dir": str(tmp_path), "models_file": str(models_file), "max_batch": 1, "eta_seconds": 3600,
+                "heartbeat_seconds": 3600, "sample_seconds": 3600}
+    handle = _Handle()
+    sched = Scheduler(redis_url, settings, workers={"n1": (handle, {"vram_gib": 24, "card": None, "loaded": []})})
+    spec = JobSpec(model="tiny-sd15", prompt="a fox", width=64, height=64, steps=2)
+    store.submit([Job(id=f"d{i}", spec=spec, created_at=1000.0 + i) for i in range(6)], "b")
+    try:
+        sched._dispatch()  # the first round reads the queue whole, and sends two batches (queue depth 2)
+        assert [ids for ids, _ in handle.sent] == [["d0"], ["d1"]]
+        assert handle.sent[0][1][0]["prompt"] == "a fox", "the spec travels with the batch"
+        worker = sched.workers["n1"]
+        for expected in (["d2"], ["d3"], ["d4"]):
+            worker.inflight -= 1  # a batch came back
+            before = sched.store.round_trips
+            sched._dispatch()
+            assert handle.sent[-1][0] == expected
+            assert sched.store.round_trips - before == 1
+        store.submit([Job(id=f"e{i}", spec=spec, created_at=2000.0 + i) for i in range(3)], "b2")
+        worker.inflight -= 1
+        sched._dispatch()  # this round's request reads the submit's events...
+        worker.inflight -= 1
+        before = sched.store.round_trips
+        sched._dispatch()  # ...and the next reads the three new records together, then leases
+        assert sched.store.round_trips - before == 2
+        assert [ids for ids, _ in handle.sent][-2:] == [["d5"], ["e0"]]
+        assert sched.dispatcher.view.counters == {"full_reads": 1, "arrivals_read": 3}
+        assert store.redis.get(store.keys.fair_share), "the usage was saved with a round's leases"
+    finally:
+        sched.store.close()
