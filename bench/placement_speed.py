@@ -12,7 +12,7 @@ separately as the warm-up. The time per decision should not grow with the queue:
 node kinds, never at the other pending jobs.
 
 Neither is what a live round costs: the scheduler never plans 100,000 jobs at once. `live` measures what
-one of its rounds plans (scheduler/dispatch.py): the window (the first PENDING_WINDOW jobs by priority and
+one of its rounds plans (scheduler/dispatch.py, its window read by scheduler/queue_view.py): the window (the first PENDING_WINDOW jobs by priority and
 submit time, plus the PER_QUEUE oldest of every (team, priority) queue, deduplicated) read from a 100,000-job
 backlog of 8 teams x 3 priorities, fair-ordered, then `plan_dispatch` over 8 to 1,000 nodes (max batch 8),
 in the three rounds the scheduler runs:
@@ -41,7 +41,11 @@ import time
 
 from renderfarm.planning.devices import device_from_spec
 from renderfarm.planning.fit import JobShape, NodeView
-from renderfarm.scheduler.dispatch import PENDING_WINDOW, PER_QUEUE
+
+try:  # the dispatcher's window: scheduler/queue_view.py (it was in dispatch.py before)
+    from renderfarm.scheduler.queue_view import PENDING_WINDOW, PER_QUEUE
+except ImportError:
+    from renderfarm.scheduler.dispatch import PENDING_WINDOW, PER_QUEUE
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.placement import NodeIndex, PendingJob, plan_dispatch
 
