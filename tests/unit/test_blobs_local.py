@@ -260,8 +260,9 @@ def test_result_keys_are_valid_ordered_and_differ_per_render():
     first, again = result_keys("job_1-a", 3), result_keys("job_1-a", 3)
     assert [validate_key(k) for k in first] == first
     assert [k.rsplit("-", 1)[1] for k in first] == ["0.png", "1.png", "2.png"]
-    assert all(k.startswith("job_1-a/") for k in first) and set(first).isdisjoint(again)
-    assert result_keys("j", 2, token="t1") == ["j/t1-0.png", "j/t1-1.png"]
+    today = time.strftime("%Y%m%d", time.gmtime())
+    assert all(k.startswith(f"{today}/job_1-a-") for k in first) and set(first).isdisjoint(again)
+    assert result_keys("j", 2, token="t1", day="20261130") == ["20261130/j-t1-0.png", "20261130/j-t1-1.png"]
 
 
 @pytest.mark.parametrize("url, why", [

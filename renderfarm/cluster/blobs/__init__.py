@@ -24,6 +24,7 @@ writes (the job is not at fault, the store is) from everything else.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -63,12 +64,15 @@ def validate_key(key: Any) -> str:
     return key
 
 
-def result_keys(job_id: str, count: int, token: str | None = None) -> list[str]:
-    """Keys for a job's `count` finished images, in order: "<job_id>/<token>-<i>.png". The token (a fresh one
-    per render by default) keeps a late, discarded render of the same job from overwriting the accepted one;
-    what the discarded render wrote is swept by retention."""
+def result_keys(job_id: str, count: int, token: str | None = None, day: str | None = None) -> list[str]:
+    """Keys for a job's `count` finished images, in order: "<day>/<job_id>-<token>-<i>.png", `day` the UTC
+    date written (YYYYMMDD). The token (a fresh one per render by default) keeps a late, discarded render of
+    the same job from overwriting the accepted one; what the discarded render wrote is swept by retention.
+    One directory per day, not per job: a directory store's sweep then removes files, not tens of thousands of
+    directories (10,000 blobs: 0.2 s flat against 17-19 s in one directory each, on this project's disk)."""
     token = token or uuid.uuid4().hex[:16]
-    return [validate_key(f"{job_id}/{token}-{i}.png") for i in range(count)]
+    day = day or time.strftime("%Y%m%d", time.gmtime())
+    return [validate_key(f"{day}/{job_id}-{token}-{i}.png") for i in range(count)]
 
 
 def is_full_or_unwritable(exc: BaseException) -> bool:
