@@ -312,7 +312,8 @@ class FarmClient:
         remaining = set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         granted = self.access()
-        events = self.store.events()  # from now: what finished before is read from the records below
+        # From now, and only moves to a terminal state: what finished before is read from the records below.
+        events = self.store.events(finished_only=True)
         for job in self.jobs(sorted(remaining)):
             if job.state.terminal:
                 remaining.discard(job.id)
@@ -321,11 +322,13 @@ class FarmClient:
             wait = poll if deadline is None else min(poll, deadline - time.monotonic())
             if wait <= 0:
                 raise WaitTimeout(f"{len(remaining)} of the jobs did not finish within {timeout} s")
-            finished = {e.job for e in events.read(wait) if e.job in remaining and e.state and e.state.terminal}
-            for job_id in sorted(finished):
-                job = self._mine(self.store.get(job_id), granted)
+            finished = sorted({e.job for e in events.read(wait) if e.job in remaining and e.state and e.state.terminal})
+            for job_id, job in zip(finished, self.store.get_many(finished)):  # all that finished: one request
+                if job is None:
+                    raise JobNotFound(job_id)
+                job = self._mine(job, granted)
                 if job.state.terminal:  # a failed job may already be back in the queue by an operator
-                    remaining.discard(job_id)
+                    remaining.discard(job.id)
                     yield job
 
     def wait(self, job_ids: Iterable[str], timeout: float | None = None) -> list[Job]:

@@ -63,6 +63,12 @@ class Keys:
     def events(self) -> str:
         return self._key("events")
 
+    @property
+    def finished(self) -> str:
+        """A second stream with only the moves to a terminal state (done, failed, cancelled): what a client
+        waiting for its jobs follows, so that it wakes once per finish rather than once per state change."""
+        return self._key("finished")
+
     def queue(self, team: str, priority: int) -> str:
         """One team's queued jobs at one priority, scored by submit time: the scheduler reads the head of
         every such queue, so no team's or priority's jobs hide behind another's long queue."""

@@ -273,8 +273,9 @@ def test_an_event_without_a_state_does_not_stop_a_waiting_client(store, redis_ur
 
     def later():
         time.sleep(0.3)  # the client follows the stream from when it started waiting
-        store.redis.xadd(store.keys.events, {"job": "j"})
-        store.redis.xadd(store.keys.events, {"job": "j", "state": "exploded", "ts": "soon"})
+        # on the stream a waiting client follows: the moves to a terminal state (Keys.finished)
+        store.redis.xadd(store.keys.finished, {"job": "j"})
+        store.redis.xadd(store.keys.finished, {"job": "j", "state": "exploded", "ts": "soon"})
         assert store.lease("j", "n1", 30) and store.start("j", "n1", 30)
         assert store.complete("j", "n1", [b"png"], {}, None, 60)
 

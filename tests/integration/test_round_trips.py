@@ -170,3 +170,13 @@ def test_a_dispatch_round_is_one_request_for_all_it_leases(redis_url, store, tmp
         assert store.redis.get(store.keys.fair_share), "the usage was saved with a round's leases"
     finally:
         sched.store.close()
+
+
+def test_a_waiting_client_follows_only_the_moves_to_a_terminal_state(store):
+    store.submit(make_jobs(2), "b")
+    store.lease("j0", "n1", 60) and store.start("j0", "n1", 60) and store.complete("j0", "n1", [b"png"], {}, None, 60)
+    store.cancel("j1")
+    everything = [e.state for e in store.events(from_start=True).drain()]
+    finished = [(e.job, e.state) for e in store.events(from_start=True, finished_only=True).drain()]
+    assert everything.count(JobState.QUEUED) == 2 and JobState.RUNNING in everything
+    assert finished == [("j0", JobState.DONE), ("j1", JobState.CANCELLED)]

@@ -250,7 +250,7 @@ class JobRecords:
         ]
         keys = [
             self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
-            self.keys.queues, self.keys.leader_epoch,
+            self.keys.queues, self.keys.leader_epoch, self.keys.finished,
         ]
         return Move(job_id, target, expect_node, fence, keys, args)
 

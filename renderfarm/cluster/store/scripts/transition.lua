@@ -1,6 +1,7 @@
 -- Move one job from its current state to ARGV[3], checking legality and ownership; a job leaving or
 -- re-entering the queue leaves or re-enters its (team, priority) queue too.
---   KEYS: job, events, result, index keys (one per state, in STATES order), queues set, leader epoch
+--   KEYS: job, events, result, index keys (one per state, in STATES order), queues set, leader epoch,
+--         finished (a stream of the moves to a terminal state only)
 --   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score, '+N' = N seconds
 --         after the server's clock: lease deadlines use Redis's TIME, so nodes' clocks may disagree),
 --         5 expected node ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen,
@@ -30,7 +31,7 @@ if jtype ~= 'hash' then return {'corrupt', 'its key holds a ' .. jtype .. ', not
 local state = redis.call('HGET', jkey, 'state')
 local names = {}
 for name in string.gmatch(ARGV[10], '[^,]+') do names[#names + 1] = name end
-local queues_key, epoch_key = KEYS[4 + #names], KEYS[5 + #names]
+local queues_key, epoch_key, finished_key = KEYS[4 + #names], KEYS[5 + #names], KEYS[6 + #names]
 local from_key, to_key
 for i, name in ipairs(names) do
   if name == state then from_key = KEYS[3 + i] end
@@ -50,7 +51,9 @@ end
 for _, key in ipairs({from_key, to_key}) do
   if not holds(key, 'zset') then return {'badkey', key .. ' holds a ' .. key_type(key) .. ', not a sorted set'} end
 end
-if not holds(KEYS[2], 'stream') then return {'badkey', KEYS[2] .. ' holds a ' .. key_type(KEYS[2]) .. ', not a stream'} end
+for _, key in ipairs({KEYS[2], finished_key}) do
+  if not holds(key, 'stream') then return {'badkey', key .. ' holds a ' .. key_type(key) .. ', not a stream'} end
+end
 if not holds(queues_key, 'set') then return {'badkey', queues_key .. ' is not a set'} end
 if ARGV[14] ~= '' and redis.call('GET', epoch_key) ~= ARGV[14] then return {'fenced', state} end
 if ARGV[12] == '1' then
@@ -108,6 +111,9 @@ if #ARGV >= 16 then
   redis.call('EXPIRE', KEYS[3], ARGV[11])
   redis.call('HSET', jkey, 'images', tostring(#ARGV - 15))
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3],
-           'node', redis.call('HGET', jkey, 'node') or '', 'ts', ARGV[6])
+local node = redis.call('HGET', jkey, 'node') or ''
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3], 'node', node, 'ts', ARGV[6])
+if ARGV[3] == 'done' or ARGV[3] == 'failed' or ARGV[3] == 'cancelled' then
+  redis.call('XADD', finished_key, 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3], 'node', node, 'ts', ARGV[6])
+end
 return {'ok', state}
