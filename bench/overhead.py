@@ -11,7 +11,8 @@ Like for like:
   and the direct loop calls the pipeline with B prompts at once (batch 1: one call per job);
 - the same render code and profile: the direct loop calls renderfarm.actors.pipelines.render_batch, as the
   worker does, with the profile the farm's node chooses for its declared card, and gets the same PNG bytes
-  (infotext included); the farm's figure runs from submit to the last PNG read back from Redis;
+  (infotext included); the farm's figure runs from submit to the last PNG read back from its result store
+  (FarmClient.result);
 - the model warm on both sides (loaded, and one untimed round each first);
 - interleaved rounds (farm, direct, farm, direct, ...) so both see the same machine, and the median with its
   min-max over the rounds, not the best round.
@@ -155,7 +156,9 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
                 for job in client.as_completed(ids, timeout=600):
                     if job.state.value != "done":
                         raise RuntimeError(f"job {job.id} {job.state.value}: {job.error}")
-                    if not client.store.result_images(job.id):  # the PNG bytes, as the direct loop has them
+                    # the PNG bytes from the farm's result store, as the direct loop has them (FarmClient.result
+                    # also decodes them: a fraction of a millisecond at 64x64, counted against the farm)
+                    if not client.result(job.id).png:
                         raise RuntimeError(f"job {job.id}: no image read back")
                 wall = time.perf_counter() - start
                 cpu = cpu_spent(cpu0, cpu_seconds(pids | farm_pids()))

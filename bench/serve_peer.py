@@ -201,7 +201,7 @@ def run(jobs: int, rounds: int, sizes: list[int], quiet: bool) -> dict[str, Any]
                         for job in client.as_completed(ids, timeout=600):
                             if job.state.value != "done":
                                 raise RuntimeError(f"farm job {job.id} {job.state.value}: {job.error}")
-                            if not client.store.result_images(job.id):
+                            if not client.result(job.id).png:  # from the result store (decoded too)
                                 raise RuntimeError(f"farm job {job.id}: no image read back")
 
                     def through_serve(handle, multiplexed: bool):
