@@ -150,6 +150,20 @@ class PipelineCache:
         with self._lock:
             return list(self._pipelines)
 
+    def describe(self) -> dict[str, Any]:
+        """The cache as plain JSON data, for the worker's node record: its caps; its pipelines, least recently
+        used first, with their weight bytes; and the bytes of every pipeline it has loaded (what it frees room
+        for before loading one again). The scheduler models the cache from it (scheduler/workers.py)."""
+        with self._lock:
+            return {
+                "max_pipelines": self.max_pipelines,
+                "max_bytes": self.max_bytes,
+                "entries": [{"model": model, "profile": profile, "bytes": self._bytes.get((model, profile), 0)}
+                            for model, profile in self._pipelines],
+                "sizes": [{"model": model, "profile": profile, "bytes": size}
+                          for (model, profile), size in self._seen_bytes.items()],
+            }
+
     def bytes_loaded(self) -> int:
         with self._lock:
             return sum(self._bytes.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from renderfarm.planning.catalog import Catalog, default_catalog
@@ -18,7 +18,17 @@ from renderfarm.planning.choose import choose_profile
 from renderfarm.planning.devices import Device
 from renderfarm.planning.measured import EMPTY, Measurements
 
-__all__ = ["Fit", "JobShape", "NodeView", "fit_for", "fit_on", "largest_batch", "plannable", "why_nothing_fits"]
+__all__ = [
+    "ANY_PROFILE", "CacheView", "CachedPipeline", "Fit", "JobShape", "NodeView", "base_profile", "fit_for", "fit_on",
+    "largest_batch", "plannable", "why_nothing_fits",
+]
+
+# What a worker's pipeline cache holds unless told otherwise: actors/pipelines.py DEFAULT_MAX_PIPELINES
+# (planning cannot import actors; tests/unit/test_cache_view.py pins the two equal).
+DEFAULT_MAX_PIPELINES = 2
+# The profile of a cached pipeline known only by its model (a record that lists model names): it matches a
+# job of that model under any profile. No profile is named so (names are formats and placements).
+ANY_PROFILE = "*"
 
 
 @dataclass(frozen=True)
@@ -35,15 +45,120 @@ class JobShape:
         return f"{self.model} at {self.width}x{self.height}, batch {self.num_images}"
 
 
+def base_profile(profile: str | None) -> str | None:
+    """A profile's name without its VAE mode (as planning.profiles.Profile.base_name): what identifies a
+    loaded pipeline, since a VAE mode is a switch on it. None for "" or None: no profile (a pipeline loaded as
+    the model's files are) or one the planner cannot name."""
+    return profile.rsplit("+vae-", 1)[0] if profile else None
+
+
+@dataclass(frozen=True)
+class CachedPipeline:
+    """One pipeline in a worker's cache: its model, its profile (base name; None: loaded without one;
+    ANY_PROFILE: not known) and the bytes of its weights (0: unknown)."""
+
+    model: str
+    profile: str | None = None
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """A worker's pipeline cache as the planner models it, with the rules of actors/pipelines.PipelineCache:
+    keyed by (model, profile); a hit makes the pipeline the most recently used; a miss first evicts least
+    recently used ones until fewer than `max_pipelines` remain, then loads, then (with `max_bytes`) evicts
+    least recently used ones while the weights together exceed `max_bytes`, though never the one just loaded
+    (one pipeline larger than the budget is still kept). The bytes of a load are what the worker measured
+    for that pipeline before (`sizes`), else the planner's prediction. The cache's host-memory evictions
+    (a profile whose pinned copies do not fit the machine's RAM beside the others) are not modelled: the
+    worker's next record says what they did.
+
+    An entry whose profile is ANY_PROFILE matches a job of that model under any profile: a record that listed
+    only model names says no more than that."""
+
+    max_pipelines: int = DEFAULT_MAX_PIPELINES
+    max_bytes: int | None = None
+    entries: tuple[CachedPipeline, ...] = ()  # least recently used first
+    sizes: tuple[CachedPipeline, ...] = ()  # bytes of each pipeline loaded before (loaded or not now)
+
+    def __post_init__(self) -> None:
+        if self.max_pipelines < 1:
+            raise ValueError(f"max_pipelines={self.max_pipelines} must be >= 1")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"max_bytes={self.max_bytes} must be positive (or None: no byte budget)")
+
+    @property
+    def models(self) -> frozenset[str]:
+        return frozenset(e.model for e in self.entries)
+
+    @property
+    def bytes_loaded(self) -> int:
+        return sum(e.bytes for e in self.entries)
+
+    def _find(self, model: str, profile: str | None) -> int | None:
+        """Index of the entry a job of `model` under `profile` would use; None: a load."""
+        wanted = base_profile(profile)
+        for i in range(len(self.entries) - 1, -1, -1):
+            entry = self.entries[i]
+            if entry.model == model and (entry.profile == wanted or entry.profile == ANY_PROFILE):
+                return i
+        return None
+
+    def holds(self, model: str, profile: str | None = None) -> bool:
+        """Whether a batch of `model` under `profile` (None: none, or unknown) finds its pipeline loaded."""
+        return self._find(model, profile) is not None
+
+    def size_of(self, model: str, profile: str | None) -> int | None:
+        """Bytes the worker measured for this pipeline when it last held it; None: never measured."""
+        key = (model, base_profile(profile))
+        for entry in (*reversed(self.entries), *reversed(self.sizes)):
+            if (entry.model, entry.profile) == key and entry.bytes:
+                return entry.bytes
+        return None
+
+    def load(self, model: str, profile: str | None = None, predicted_bytes: int = 0) -> CacheView:
+        """The cache after a batch of `model` under `profile` took its pipeline (see the class's rules);
+        `predicted_bytes` counts for a pipeline whose size the worker never measured."""
+        found = self._find(model, profile)
+        entries = list(self.entries)
+        if found is not None:
+            entries.append(entries.pop(found))
+            return replace(self, entries=tuple(entries))
+        del entries[:max(0, len(entries) - self.max_pipelines + 1)]
+        loaded = CachedPipeline(model, base_profile(profile), self.size_of(model, profile) or max(0, predicted_bytes))
+        entries.append(loaded)
+        if self.max_bytes is not None:
+            while len(entries) > 1 and sum(e.bytes for e in entries) > self.max_bytes:
+                entries.pop(0)
+        sizes = self.sizes
+        if loaded.bytes and not any((s.model, s.profile) == (loaded.model, loaded.profile) for s in sizes):
+            sizes = (*sizes, loaded)
+        return replace(self, entries=tuple(entries), sizes=sizes)
+
+
 @dataclass(frozen=True)
 class NodeView:
     name: str
     device: Device | None  # None: a node that reported no card (nothing can be planned on it)
-    loaded_models: frozenset[str] = frozenset()
+    loaded_models: frozenset[str] = frozenset()  # without `cache`: what it holds (never evicted)
     backlog_s: float = 0.0  # estimated seconds of work already sent to the node and not finished
     slots: int = 0  # batches it can take now (live planning); 0: it takes work only when one frees up
     forbidden: frozenset[str] = frozenset()  # models never sent here (a node override)
     max_batch: int | None = None  # most images in one pipeline call here (a node override)
+    cache: CacheView | None = None  # its pipeline cache once the work sent to it is done (None: not modelled)
+
+    def holds(self, model: str, profile: str | None = None) -> bool:
+        """Whether a batch of `model` under `profile` reaching this node finds its pipeline loaded."""
+        return self.cache.holds(model, profile) if self.cache is not None else model in self.loaded_models
+
+    def after_batch(self, model: str, profile: str | None, predicted_bytes: int, backlog_s: float) -> NodeView:
+        """The node once a batch of `model` under `profile` is committed to it: its backlog is `backlog_s` and
+        its cache holds the model (and has evicted what the load pushes out)."""
+        cache = self.cache.load(model, profile, predicted_bytes) if self.cache is not None else None
+        loaded = cache.models if cache is not None else (
+            self.loaded_models if model in self.loaded_models else self.loaded_models | {model})
+        # The constructor, not dataclasses.replace: this runs once per planned batch, and replace is 5x slower.
+        return NodeView(self.name, self.device, loaded, backlog_s, self.slots, self.forbidden, self.max_batch, cache)
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field, replace
 from renderfarm.planning.catalog import Catalog
 from renderfarm.planning.devices import Device
 from renderfarm.planning.fit import (  # noqa: F401 (JobShape, NodeView: the planner's vocabulary, re-exported)
+    ANY_PROFILE,
     Fit,
     JobShape,
-    ANY_PROFILE,
     NodeView,
     base_profile,
     fit_for,

@@ -138,7 +138,7 @@ def test_a_suspect_worker_holding_nothing_gets_one_batch_as_a_probe():
     batch that nobody sends (15 jobs queued, both nodes idle)."""
     from renderfarm.scheduler.workers import Worker
 
-    worker = Worker("n1", None, set(), suspect=True)
+    worker = Worker("n1", None, suspect=True)
     assert worker.has_room(2), "nothing held: one batch as a probe"
     worker.inflight = 1
     assert not worker.has_room(2), "one probe at a time"
