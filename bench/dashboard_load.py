@@ -78,31 +78,6 @@ def say(msg: str) -> None:
 # --- seeding -----------------------------------------------------------------------------------------------
 
 
-class _RecordedTransitions:
-    """Stands in for a Store's transition script: keeps the exact keys and arguments `Store.transition`
-    builds (for lease, start, complete, fail, cancel) so that a batch of moves can be sent in one pipeline
-    through the real registered script: same Lua, same index moves, one round trip per batch."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[Any], list[Any]]] = []
-
-    def __call__(self, keys: list[Any], args: list[Any], client: Any = None) -> list[bytes]:
-        self.calls.append((keys, args))
-        return [b"ok", b"queued"]  # what Store.transition parses; the real answer is checked at flush
-
-    def flush(self, store: Any) -> None:
-        if not self.calls:
-            return
-        pipe = store.redis.pipeline(transaction=False)
-        for keys, args in self.calls:
-            store._transition(keys=keys, args=args, client=pipe)
-        answers = pipe.execute()
-        bad = [(args[0], answer) for (_, args), answer in zip(self.calls, answers) if answer[0] != b"ok"]
-        if bad:
-            raise RuntimeError(f"{len(bad)} transitions refused while seeding, first: {bad[0]}")
-        self.calls.clear()
-
-
 def shared_png() -> bytes:
     from PIL import Image
 
@@ -136,14 +111,16 @@ def plan_states(n: int, rng: random.Random) -> list[str]:
     return older + ["queued"] * (n - len(older))
 
 
-def seed(store: Any, n: int, dead_after: float) -> dict[str, Any]:
-    from renderfarm.cluster.store import Store
+def seed(store: Any, n: int, dead_after: float, results: Path) -> dict[str, Any]:
     from renderfarm.jobs import Job, JobSpec, JobState
 
     started = time.perf_counter()
     rng = random.Random(n)
     now = time.time()
-    png = shared_png()
+    from renderfarm.cluster.blobs import open_blob_store
+
+    # One PNG in a directory result store, named by every done job (Redis holds URLs, as a farm's does).
+    png_url = open_blob_store(str(results)).put("shared/picture.png", shared_png())
 
     names = [f"node-{i + 1:02d}" for i in range(NODE_COUNT)]
     dead, draining = set(names[-DEAD_NODES:]), names[-DEAD_NODES - 1]
@@ -154,9 +131,6 @@ def seed(store: Any, n: int, dead_after: float) -> dict[str, Any]:
     for name in dead:  # stopped heartbeating ten minutes ago
         store.redis.hset(store.keys.node(name), "heartbeat", json.dumps(now - 600))
 
-    recorder = _RecordedTransitions()
-    planner = Store(store.redis, store.keys)
-    planner._transition = recorder  # builds the arguments; `recorder.flush` sends them to the real script
     states = plan_states(n, rng)
     model_names = list(MODELS)
     finished: dict[str, list[tuple[str, float]]] = {"done": [], "failed": [], "cancelled": []}
@@ -176,24 +150,32 @@ def seed(store: Any, n: int, dead_after: float) -> dict[str, Any]:
         if not all(created):
             raise RuntimeError(f"{created.count(False)} jobs of batch {start // CHUNK} existed already")
         deadline = now + 300
+        rnd = store.round()  # every move of the chunk in one request, through the real transition script
+        moved = []
         for job in jobs:
             i = int(job.id.rsplit("-", 1)[1])
             state = states[i]
             node = live[i % len(live)] if state in ("leased", "running") else names[i % len(names)]
             if state == "cancelled":
-                planner.cancel(job.id)
+                moved.append(rnd.move(store.move(job.id, JobState.CANCELLED, score=now, fields={"finished_at": now})))
             elif state != "queued":
-                planner.lease(job.id, node, deadline)
+                moved.append(store.queue_lease(rnd, job.id, node, deadline))
                 if state != "leased":
-                    planner.start(job.id, node, deadline)
+                    moved.append(store.queue_start(rnd, job.id, node, deadline))
                 if state == "done":
-                    planner.complete(job.id, node, [png], {"load_s": 0.0, "denoise_s": 3.2, "decode_s": 0.3},
-                                     9100.0, 7 * 24 * 3600, profile="fp16-resident")
+                    moved.append(store.queue_complete(
+                        rnd, job.id, node, [png_url], {"load_s": 0.0, "denoise_s": 3.2, "decode_s": 0.3}, 9100.0,
+                        profile="fp16-resident"))
                 elif state == "failed":
-                    planner.fail(job.id, FAIL_REASONS[i % len(FAIL_REASONS)], node=node)
+                    moved.append(rnd.move(store.move(
+                        job.id, JobState.FAILED, expect_node=node, score=now,
+                        fields={"finished_at": now, "error": FAIL_REASONS[i % len(FAIL_REASONS)]})))
             if state in finished:
                 finished[state].append((job.id, min(now - 1, job.created_at + rng.uniform(30, 1800))))
-        recorder.flush(store)
+        rnd.run()
+        refused = [k for k, outcome in enumerate(moved) if outcome() is False]
+        if refused:
+            raise RuntimeError(f"{len(refused)} moves refused while seeding chunk {start // CHUNK}")
         say(f"  seeded {start + len(jobs):,} / {n:,} jobs ({time.perf_counter() - started:.1f} s)")
 
     # Finish times as a farm that ran for hours would show them (transitions stamp "now"): the index score
@@ -355,7 +337,8 @@ def page_run(url: str, prefix: str, expected: dict[str, int]) -> float:
     queued = {m.label: m.value for m in at.metric}.get("Queued")
     if headers != ["Queue", "Nodes", "Jobs", "Gallery"] or queued != f"{expected['queued']:,}":
         raise RuntimeError(f"page shows headers {headers}, Queued {queued!r}: not the seeded farm")
-    cards = [md.value for md in at.markdown if md.value.startswith("**node-")]
+    # A node card: its colour swatch, then its name in bold (markdown-escaped: node\-01), then its badges.
+    cards = [md.value for md in at.markdown if "**node\\-" in md.value]
     dead = sum("-badge[dead]" in card for card in cards)
     if len(cards) != NODE_COUNT or dead != DEAD_NODES:
         raise RuntimeError(f"page shows {len(cards)} node cards, {dead} dead: not the seeded farm")
@@ -384,7 +367,7 @@ def run(sizes: list[int], repeat: int, page_runs: int) -> dict[str, Any]:
                     store = Store(client, Keys(f"bench{n}"))
                     say(f"seeding {n:,} jobs under prefix {store.keys.prefix}")
                     before = client.info("memory")["used_memory"]
-                    seeded = seed(store, n, dead_after)
+                    seeded = seed(store, n, dead_after, Path(tmp) / "results")
                     seeded["redis_mib"] = round((client.info("memory")["used_memory"] - before) / 2**20, 1)
                     say(f"  seeded in {seeded['seed_s']} s ({seeded['redis_mib']:.0f} MiB in Redis)")
                     farms[n] = (store, seeded)

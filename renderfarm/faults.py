@@ -13,6 +13,10 @@ scheduler acts on the kind (scheduler/managers.py):
   drain it.
 - `Fault.OUTAGE`: the infrastructure was unreachable: Redis (a lost connection, a timeout, RedisUnavailable)
   or a Ray actor that is temporarily unavailable. The jobs go back to the queue; nobody is charged.
+- `Fault.STORE`: the result store refused the finished images (full, read-only, denied, unreachable: a
+  BlobStoreError of those kinds). Neither the job's fault nor the node's: the jobs are retried while they have
+  attempts left, then fail with the store's reason (kept, for `renderfarm retry` once the store is mended);
+  no node is charged. Not an outage: a full disk stays full, and retrying without end would render in vain.
 
 Pure: no Ray import (Ray's exceptions are recognised by class name), nothing that touches a network.
 """
@@ -25,6 +29,7 @@ from enum import Enum
 import redis.exceptions
 
 from renderfarm.errors import (
+    BlobStoreError,
     CorruptRecord,
     JobNotFound,
     ModelSourceError,
@@ -41,6 +46,7 @@ class Fault(str, Enum):
     JOB = "job"  # fail the job now, blame no node
     NODE = "node"  # retry elsewhere, count one failure against the node (per batch)
     OUTAGE = "outage"  # retry, blame nobody
+    STORE = "store"  # the result store refused the images: retry while attempts last, blame nobody
 
     @classmethod
     def parse(cls, value: object) -> Fault:
@@ -55,6 +61,7 @@ class Fault(str, Enum):
 JOB_FAULTS: tuple[type[BaseException], ...] = (
     ModelSourceError, UnsupportedFamily, SpecError, UnknownModelError, JobNotFound, CorruptRecord,
 )
+STORE_REFUSALS = frozenset({"full", "unwritable", "unreachable"})  # BlobStoreError kinds (cluster/blobs)
 _REDIS_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisUnavailable)
 # Ray's exceptions by class name (ray.exceptions): the call could not reach a live actor or its result, which
 # says nothing about the node's health. A dead actor (ActorDiedError) is not here: that node is gone.
@@ -83,6 +90,8 @@ def classify(exc: BaseException) -> Fault:
     for current in _chain(exc):
         if isinstance(current, JOB_FAULTS):
             return Fault.JOB
+        if isinstance(current, BlobStoreError) and current.kind in STORE_REFUSALS:
+            return Fault.STORE
         if isinstance(current, _REDIS_OUTAGES) or _ray_names(current) & _RAY_OUTAGES:
             return Fault.OUTAGE
     return Fault.NODE

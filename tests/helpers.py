@@ -53,3 +53,30 @@ def rayless_scheduler(redis_url: str, settings: dict, **kwargs):
                       workers={"n1": (None, {"vram_gib": 8, "card": None, "state": "idle", "loaded": []})}, **kwargs)
     sched.workers["n1"].inflight = sched.settings.worker_queue_depth
     return sched
+
+
+def put_pngs(root, job_id: str, pngs) -> list[str]:
+    """What a worker does with a finished job's images: into a directory result store (cluster/blobs) under
+    `root`; their URLs, which `Store.complete` records."""
+    from renderfarm.cluster.blobs import open_blob_store, result_keys
+
+    blobs = open_blob_store(str(root))
+    return [blobs.put(key, png) for key, png in zip(result_keys(job_id, len(pngs)), pngs)]
+
+
+def pngs_of(store, job_id: str) -> list[bytes]:
+    """A done job's images, read back through the URLs on its record ([] when it has none)."""
+    from renderfarm.cluster.blobs import read_blob
+
+    return [read_blob(url) for url in store.result_blobs(job_id) or []]
+
+
+def legacy_result(store, job_id: str, pngs, ttl: int = 3600) -> None:
+    """Make a done job's record look as completion wrote it before results moved to the blob store: the PNGs in
+    a Redis hash beside it (with a TTL), no `blobs` field."""
+    key = store.keys.result(job_id)
+    store.redis.hdel(store.keys.job(job_id), "blobs")
+    if pngs:
+        store.redis.hset(key, mapping={str(i): png for i, png in enumerate(pngs)})
+        store.redis.expire(key, ttl)
+    store.redis.hset(store.keys.job(job_id), "images", len(pngs))

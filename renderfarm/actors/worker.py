@@ -27,6 +27,7 @@ from typing import Any
 
 from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.actors.progress import StepProgress
+from renderfarm.cluster.blobs import open_result_store, result_keys
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
@@ -129,7 +130,8 @@ class RenderWorker:
         self._timeout_s: float | None = None
         self._all_gone = False  # set by a renewal that found none of them held any more
         self._stop = threading.Event()
-        self.progress = StepProgress(self.timed_store, name)  # the batch's job and step, for the dashboard
+        self.progress = StepProgress(self.timed_store, name)
+        self.blobs = open_result_store(self.settings)  # where finished images go (Redis keeps their URLs)  # the batch's job and step, for the dashboard
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
@@ -246,6 +248,9 @@ class RenderWorker:
             results, profile, load_s, move_s, escalations, resident = self._render_escalating(
                 entry, requests, should_stop
             )
+            # The images go to the result store (cluster/blobs); Redis keeps their URLs. A store that refuses
+            # them (full, read-only, unreachable) is neither the job's fault nor this node's (faults.Fault.STORE).
+            blobs = self._store_images(results)
         except RenderInterrupted as exc:
             if self._all_gone or self._stop.is_set():  # cancelled, or shutting down: nothing failed
                 summary["lost"] = [job.id for job in jobs]
@@ -278,23 +283,43 @@ class RenderWorker:
         finally:
             self._holding = []  # rendered, stopped or failed: the heartbeat renews nothing more
 
-        self._finish(entry, profile.name if profile else "as-loaded", jobs, requests, results, load_s, move_s,
+        self._finish(entry, profile.name if profile else "as-loaded", jobs, requests, results, blobs, load_s, move_s,
                      escalations, resident, started, summary)
         return summary
 
+    def _store_images(self, results: list[Any]) -> list[list[str]]:
+        """Write each result's PNGs to the result store; their URLs, per result. On a failure, what this batch
+        wrote already is deleted (best effort: retention sweeps what is left) and the error raised."""
+        written: list[list[str]] = []
+        try:
+            for result in results:
+                keys = result_keys(result.job_id, len(result.images))
+                written.append([self.blobs.put(key, png) for key, png in zip(keys, result.images)])
+        except Exception:
+            self._delete_blobs([url for urls in written for url in urls])
+            raise
+        return written
+
+    def _delete_blobs(self, urls: list[str]) -> None:
+        for url in urls:
+            try:
+                self.blobs.delete(url)
+            except Exception as exc:  # left for retention to sweep
+                log.warning("node %s: could not delete blob %s: %s", self.name, url, exc)
+
     def _finish(self, entry: ModelEntry, profile_name: str, jobs: list[Job], requests: list[Any], results: list[Any],
-                load_s: float, move_s: float, escalations: list[str], resident: int, started: float,
-                summary: dict[str, Any]) -> None:
+                blobs: list[list[str]], load_s: float, move_s: float, escalations: list[str], resident: int,
+                started: float, summary: dict[str, Any]) -> None:
         """Record the batch in one request to Redis: every job's result (exactly once: one cancelled or taken
         back meanwhile is discarded), what it measured, and the node's new totals with its idle state."""
         rnd = self.store.round()
         completing = []
-        for result in results:
+        for result, urls in zip(results, blobs):
             timings = {**result.timings, "load_s": load_s, "move_s": result.timings["move_s"] + move_s,
                        "batch_size": float(len(jobs))}
             completing.append(self.store.queue_complete(
-                rnd, result.job_id, self.name, result.images, timings, result.peak_memory_mb,
-                self.settings.result_ttl_seconds, profile=profile_name, escalations=escalations,
+                rnd, result.job_id, self.name, urls, timings, result.peak_memory_mb,
+                profile=profile_name, escalations=escalations,
             ))
         measured = self._measured(rnd, entry.name, profile_name, requests, results[0], resident, load_s + move_s)
         # Counted as done before the replies come, so that the record written with them is right; a result
@@ -311,11 +336,12 @@ class RenderWorker:
         self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **self.progress.end())
         rnd.run()
         discarded = 0
-        for result, completed in zip(results, completing):
+        for result, urls, completed in zip(results, blobs, completing):
             if completed():
                 summary["done"].append(result.job_id)
             else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
                 summary["lost"].append(result.job_id)
+                self._delete_blobs(urls)
                 self.stats["jobs_done"] -= 1
                 self.stats["images"] -= len(result.images)
                 self.stats["megapixels"] -= len(result.images) * pixels
@@ -408,6 +434,7 @@ class RenderWorker:
         return {
             "vram_used_gib": round(self._vram_used() / 2**30, 3),
             "loaded": self.cache.loaded(),
+            "cache": self.cache.describe(),  # what the scheduler models its reloads and evictions on (fit.CacheView)
             "profiles": dict(self.profiles),
             "escalated": {f"{m} {w}x{h}": p.name for (m, w, h), p in self.escalated.items()},
             "embedding_cache": embeddings,

@@ -330,7 +330,8 @@ class BatchResults:
     def _settle(self, worker: Worker, errors: dict[str, str], fault: Fault, charged: bool) -> None:
         """A batch that failed, by whose fault (renderfarm/faults.py): the job's fails its jobs at once; the
         node's retries them and counts one node fault (unless its expired lease was counted already); an
-        outage requeues them and blames nobody."""
+        outage requeues them and blames nobody; a result store that refused the images retries them while
+        they have attempts left and blames nobody."""
         state = self.state
         for job_id, error in errors.items():
             if fault is Fault.JOB:

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -19,6 +20,7 @@ from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.infotext import a1111_parameters, png_bytes
 from renderfarm.jobs import Job, JobSpec, JobState
+from tests.helpers import put_pngs
 
 HOUR = 3600.0
 
@@ -70,7 +72,8 @@ NODES = {
 }
 
 
-def seed_farm(store: Store) -> SeededFarm:
+def seed_farm(store: Store, results: Path) -> SeededFarm:
+    """A farm's records in `store`; done jobs' images in a directory result store at `results`."""
     now = time.time()
     farm = SeededFarm(store=store, prefix=store.keys.prefix, now=now)
 
@@ -105,8 +108,8 @@ def seed_farm(store: Store) -> SeededFarm:
         if state in ("running", "done", "failed") and node:
             assert store.start(job_id, node, deadline)
         if state == "done":
-            assert store.complete(job_id, node, [png(f"a red fox, picture {job_id}", 1000 + i, model)],
-                                  {"denoise_s": 0.4}, 900.0, 3600, profile="fp16-resident")
+            urls = put_pngs(results, job_id, [png(f"a red fox, picture {job_id}", 1000 + i, model)])
+            assert store.complete(job_id, node, urls, {"denoise_s": 0.4}, 900.0, profile="fp16-resident")
         elif state == "failed":
             reason = "CUDA out of memory at every profile" if job_id == "f0" else "model files missing"
             assert store.fail(job_id, reason, node=node)
@@ -153,5 +156,5 @@ def dash_store(redis_client, prefix) -> Store:
 
 
 @pytest.fixture
-def seeded(dash_store) -> SeededFarm:
-    return seed_farm(dash_store)
+def seeded(dash_store, tmp_path) -> SeededFarm:
+    return seed_farm(dash_store, tmp_path / "results")

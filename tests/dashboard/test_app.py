@@ -15,6 +15,7 @@ from renderfarm.cluster.redis_server import EmbeddedRedis, connect, free_port
 from renderfarm.cluster.store import Store
 from renderfarm.jobs import Job, JobSpec, JobState
 from tests.dashboard.conftest import png
+from tests.helpers import put_pngs
 
 pytestmark = pytest.mark.integration
 
@@ -218,13 +219,14 @@ def test_charts_use_a_24_hour_clock_and_one_distinct_colour_per_node(page, seede
         assert dict(zip(scale["domain"], scale["range"])) == {n: card_colours[n] for n in scale["domain"]}
 
 
-def test_user_text_reaches_markdown_escaped(page, seeded):
+def test_user_text_reaches_markdown_escaped(page, seeded, tmp_path):
     store = seeded.store
     prompt = "![p](http://evil.example/p.png) [click](https://evil.example) <img src=x> $x^2$ :red[red] www.evil.example"
     store.submit([Job(id="evil", spec=JobSpec(model="tiny-sd15", prompt=prompt, width=64, height=64, steps=4,
                                               team="design", seed=5))], "batch-2")
     assert store.lease("evil", "node-a", 300) and store.start("evil", "node-a", 300)
-    assert store.complete("evil", "node-a", [png(prompt, 5)], {}, 900.0, 3600, profile="fp16-resident")
+    urls = put_pngs(tmp_path, "evil", [png(prompt, 5)])
+    assert store.complete("evil", "node-a", urls, {}, 900.0, profile="fp16-resident")
     store.set_draining("node-b", True, reason="[see](http://evil.example)")
     at = page.run()
     assert not at.exception

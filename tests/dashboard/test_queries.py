@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from renderfarm.cluster.blobs.local import path_of
 from renderfarm.dashboard import queries
 from renderfarm.jobs import JobState
 
@@ -210,8 +211,10 @@ def test_gallery_latest_images_with_their_settings(seeded):
 
 def test_gallery_without_image_or_parameters_falls_back_to_the_spec(seeded):
     store = seeded.store
-    store.redis.delete(store.keys.result("d0"))  # expired
-    store.redis.hset(store.keys.result("d1"), "0", b"not a png")
+    (d0,) = store.result_blobs("d0")
+    path_of(d0).unlink()  # expired: retention swept it
+    (d1,) = store.result_blobs("d1")
+    path_of(d1).write_bytes(b"not a png")
     entries = {e["id"]: e for e in queries.gallery(store)}
     assert entries["d0"]["image"] is None and entries["d0"]["settings"]["Model"] == "tiny-sd15"
     assert not entries["d1"]["from_image"] and entries["d1"]["settings"]["Seed"] == "1007"

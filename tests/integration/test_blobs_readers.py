@@ -9,7 +9,6 @@ list of the images' URLs, in order, and `images` their count."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from renderfarm.cluster.blobs import open_blob_store, result_keys
 from renderfarm.dashboard.queries import gallery_entry
 from renderfarm.errors import BlobStoreError, ResultUnavailable
 from renderfarm.jobs import Job, JobSpec
-from tests.helpers import rayless_scheduler, wait_until
+from tests.helpers import legacy_result, rayless_scheduler, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,9 +40,9 @@ def finish(store, job_id: str, *, num_images: int = 1, redis_images=(), blobs=No
     spec = JobSpec(model="tiny-sd15", prompt="a fox", width=64, height=64, num_images=num_images)
     store.submit([Job(id=job_id, spec=spec)], f"batch-{job_id}")
     assert store.lease(job_id, "n1", 30) and store.start(job_id, "n1", 30)
-    assert store.complete(job_id, "n1", list(redis_images), {"denoise": 0.1}, None, 3600)
-    if blobs is not None:
-        store.redis.hset(store.keys.job(job_id), mapping={"blobs": json.dumps(blobs), "images": len(blobs)})
+    assert store.complete(job_id, "n1", list(blobs or []), {"denoise": 0.1}, None)
+    if blobs is None:
+        legacy_result(store, job_id, list(redis_images))
 
 
 def put_images(blob_store, job_id: str, images: list[bytes]) -> list[str]:

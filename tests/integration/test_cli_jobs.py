@@ -141,7 +141,7 @@ def test_retry_puts_failed_and_cancelled_jobs_back(farm_db, store):
     _fail(store, failed)
     store.cancel(cancelled)
     assert store.lease(done, "n1", 60) and store.start(done, "n1", 60)
-    assert store.complete(done, "n1", [b"png"], {}, None, 60)
+    assert store.complete(done, "n1", [f"file:///results/{done}-0.png"], {}, None)
 
     out = one_json(run_cli("retry", failed, "--json", "--redis", farm_db))
     assert out == {"ok": True, "jobs": {failed: "queued (was failed)"}}

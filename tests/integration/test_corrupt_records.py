@@ -277,7 +277,7 @@ def test_an_event_without_a_state_does_not_stop_a_waiting_client(store, redis_ur
         store.redis.xadd(store.keys.finished, {"job": "j"})
         store.redis.xadd(store.keys.finished, {"job": "j", "state": "exploded", "ts": "soon"})
         assert store.lease("j", "n1", 30) and store.start("j", "n1", 30)
-        assert store.complete("j", "n1", [b"png"], {}, None, 60)
+        assert store.complete("j", "n1", ["file:///results/j-0.png"], {}, None)
 
     thread = threading.Thread(target=later)
     thread.start()

@@ -9,6 +9,7 @@ import pytest
 
 from renderfarm.errors import CorruptRecord
 from renderfarm.jobs import Job, JobSpec, JobState
+from tests.helpers import pngs_of, put_pngs
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,7 @@ def test_renew_reports_jobs_cancelled_under_the_holder(store):
     assert store.renew(["a", "b"], "n1", 30) == [False, True]
 
 
-def test_a_late_result_is_discarded_and_counted(store):
+def test_a_late_result_is_discarded_and_counted(store, tmp_path):
     put(store, "late")
     put(store, "gone")
     for j in ("late", "gone"):
@@ -72,12 +73,12 @@ def test_a_late_result_is_discarded_and_counted(store):
     assert store.requeue("late", "lease expired", node="n1")  # reaped: n1 no longer holds it
     assert store.lease("late", "n2", 30) and store.start("late", "n2", 30)
     store.cancel("gone")
-    assert not store.complete("late", "n1", [b"png-from-n1"], {}, None, 60)
-    assert not store.complete("gone", "n1", [b"png"], {}, None, 60)
-    assert store.complete("late", "n2", [b"png-from-n2"], {}, None, 60)
-    assert not store.complete("late", "n2", [b"again"], {}, None, 60), "completion happens once"
-    assert store.result_images("late") == [b"png-from-n2"]
-    assert store.result_images("gone") == []
+    assert not store.complete("late", "n1", put_pngs(tmp_path, "late", [b"png-from-n1"]), {}, None)
+    assert not store.complete("gone", "n1", put_pngs(tmp_path, "gone", [b"png"]), {}, None)
+    assert store.complete("late", "n2", put_pngs(tmp_path, "late", [b"png-from-n2"]), {}, None)
+    assert not store.complete("late", "n2", put_pngs(tmp_path, "late", [b"again"]), {}, None), "completion happens once"
+    assert pngs_of(store, "late") == [b"png-from-n2"]
+    assert store.result_blobs("gone") is None
     counters = store.counters()
     assert counters["late_results"] == 2 and counters["results_after_cancel"] == 1
 
@@ -131,7 +132,7 @@ def test_a_restarted_scheduler_recovers_from_redis(store, redis_url, tmp_path, m
     # Running on a node this farm does not know: back at once.
     assert store.get("stranger").state is JobState.QUEUED
     assert sched.counters["recovered"] == 2
-    assert store.complete("mine", "n1", [b"png"], {}, None, 60)
+    assert store.complete("mine", "n1", ["file:///results/mine-0.png"], {}, None)
     sched._next_maintenance = 0
     sched._maintain()
     assert sched.workers["n1"].recovered == set()

@@ -31,7 +31,7 @@ def test_a_round_leases_starts_and_completes_many_jobs_in_one_request_each(store
     for queue, extra in (
         (lambda rnd, j: store.queue_lease(rnd, j, "n1", 60), {}),
         (lambda rnd, j: store.queue_start(rnd, j, "n1", 60, run_seconds=120), {}),
-        (lambda rnd, j: store.queue_complete(rnd, j, "n1", [b"png"], {}, None, 60), {}),
+        (lambda rnd, j: store.queue_complete(rnd, j, "n1", [f"file:///results/{j}-0.png"], {}, None), {}),
     ):
         rnd = store.round()
         outcomes = [queue(rnd, j) for j in ids]
@@ -174,7 +174,7 @@ def test_a_dispatch_round_is_one_request_for_all_it_leases(redis_url, store, tmp
 
 def test_a_waiting_client_follows_only_the_moves_to_a_terminal_state(store):
     store.submit(make_jobs(2), "b")
-    store.lease("j0", "n1", 60) and store.start("j0", "n1", 60) and store.complete("j0", "n1", [b"png"], {}, None, 60)
+    store.lease("j0", "n1", 60) and store.start("j0", "n1", 60) and store.complete("j0", "n1", ["file:///results/j0-0.png"], {}, None)
     store.cancel("j1")
     everything = [e.state for e in store.events(from_start=True).drain()]
     finished = [(e.job, e.state) for e in store.events(from_start=True, finished_only=True).drain()]

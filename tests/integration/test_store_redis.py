@@ -7,6 +7,7 @@ import pytest
 from renderfarm.cluster.store import Store
 from renderfarm.errors import JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobSpec, JobState
+from tests.helpers import pngs_of, put_pngs
 
 pytestmark = pytest.mark.integration
 
@@ -37,34 +38,36 @@ def test_queue_order_is_priority_then_submit_time(store):
     assert store.position("low1") == 2
 
 
-def test_lifecycle_moves_indexes_in_one_step(store):
+def test_lifecycle_moves_indexes_in_one_step(store, tmp_path):
     store.submit(make_jobs(1), "b")
     assert store.lease("j0", "n1", 600)
     assert store.counts()["leased"] == 1 and store.counts()["queued"] == 0
     assert not store.lease("j0", "n2", 600), "a leased job cannot be leased again"
     assert not store.start("j0", "n2", 600), "only the holder may start it"
     assert store.start("j0", "n1", 600)
-    assert store.complete("j0", "n1", [b"\x89PNG-a", b"\x89PNG-b"], {"decode_s": 0.1}, 3.5, 60)
+    urls = put_pngs(tmp_path, "j0", [b"\x89PNG-a", b"\x89PNG-b"])
+    assert store.complete("j0", "n1", urls, {"decode_s": 0.1}, 3.5)
     job = store.get("j0")
     assert (job.state, job.attempts, job.images, job.timings) == (JobState.DONE, 1, 2, {"decode_s": 0.1})
-    assert store.result_images("j0") == [b"\x89PNG-a", b"\x89PNG-b"]
-    assert 0 < store.redis.ttl(store.keys.result("j0")) <= 60
+    assert pngs_of(store, "j0") == [b"\x89PNG-a", b"\x89PNG-b"]
+    assert store.result_blobs("j0") == urls and not store.redis.exists(store.keys.result("j0")), \
+        "Redis keeps the URLs, not the images"
     counts = store.counts()
     assert counts["done"] == 1 and sum(counts.values()) == 1
 
 
-def test_completion_is_exactly_once_and_late_results_are_discarded(store):
+def test_completion_is_exactly_once_and_late_results_are_discarded(store, tmp_path):
     store.submit(make_jobs(2), "b")
     for j in ("j0", "j1"):
         store.lease(j, "n1", 600)
         store.start(j, "n1", 600)
-    assert store.complete("j0", "n1", [b"first"], {}, None, 60)
-    assert not store.complete("j0", "n1", [b"second"], {}, None, 60)
-    assert store.result_images("j0") == [b"first"]
+    assert store.complete("j0", "n1", put_pngs(tmp_path, "j0", [b"first"]), {}, None)
+    assert not store.complete("j0", "n1", put_pngs(tmp_path, "j0", [b"second"]), {}, None)
+    assert pngs_of(store, "j0") == [b"first"]
     # cancelled while rendering: the render's result is thrown away
     assert store.cancel("j1") is JobState.RUNNING
-    assert not store.complete("j1", "n1", [b"late"], {}, None, 60)
-    assert store.result_images("j1") == [] and store.state("j1") is JobState.CANCELLED
+    assert not store.complete("j1", "n1", put_pngs(tmp_path, "j1", [b"late"]), {}, None)
+    assert store.result_blobs("j1") is None and store.state("j1") is JobState.CANCELLED
 
 
 def test_requeue_returns_to_original_place_and_illegal_moves_raise(store):
@@ -153,7 +156,7 @@ def test_a_state_change_whose_reply_is_lost_is_not_reported_as_refused(redis_cli
         elif move == "start":
             assert store.start("j0", "n1", 600) is True
         elif move == "complete":
-            assert store.complete("j0", "n1", [b"png"], {}, None, 60) is True
+            assert store.complete("j0", "n1", ["file:///results/j0-0.png"], {}, None) is True
             assert store.counters().get("late_results", 0) == 0
         else:
             assert store.cancel("j0") is JobState.QUEUED  # the state it left, as the first run saw it
@@ -186,8 +189,8 @@ def test_settings_give_a_client_the_farm_retry_policy_after_it_connects(redis_ur
     connected client rides out a restart (its commands are retried)."""
     import time
 
-    from renderfarm.cluster.redis_settings import RETRY_ATTEMPTS, RedisSettings
     from renderfarm.cluster.processes import free_port
+    from renderfarm.cluster.redis_settings import RETRY_ATTEMPTS, RedisSettings
     from renderfarm.errors import RedisUnavailable
 
     client = RedisSettings.from_url(redis_url).client()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from PIL import Image
 from renderfarm.client import FarmClient, SpecError
 from renderfarm.cluster import auth
 from renderfarm.cluster.auth import AuthError
+from renderfarm.cluster.blobs import open_blob_store
+from renderfarm.cluster.blobs.local import path_of
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import Settings
-from tests.helpers import one_json, run_cli
+from tests.helpers import one_json, put_pngs, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +49,11 @@ def png() -> bytes:
     return out.getvalue()
 
 
-def finish(store: Store, job_id: str, ttl: int = 3600) -> None:
-    """What a worker does: lease, start, complete with one image."""
+def finish(store: Store, job_id: str, results: Path) -> None:
+    """What a worker does: lease, start, complete with one image (in a directory result store at `results`)."""
     deadline = time.time() + 60
     assert store.lease(job_id, "node-a", deadline) and store.start(job_id, "node-a", deadline)
-    assert store.complete(job_id, "node-a", [png()], {"denoise_s": 0.1}, None, ttl)
+    assert store.complete(job_id, "node-a", put_pngs(results, job_id, [png()]), {"denoise_s": 0.1}, None)
 
 
 # --- open farm and the token store ------------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def test_no_valid_token_no_jobs(redis_url, tokens, redis_client):
     assert store.counts()["queued"] == 1 and store.state(job_id).value == "queued"
 
 
-def test_team_tokens_see_and_cancel_their_own_jobs_only(redis_url, tokens, redis_client):
+def test_team_tokens_see_and_cancel_their_own_jobs_only(redis_url, tokens, redis_client, tmp_path):
     store = Store(redis_client)
     design = FarmClient(redis_url, token=tokens["design"])
     research = FarmClient(redis_url, token=tokens["research"])
@@ -150,7 +153,7 @@ def test_team_tokens_see_and_cancel_their_own_jobs_only(redis_url, tokens, redis
     assert store.state(mine[0]).value == "queued"
     assert research.status()["counts"]["queued"] >= 1  # the overview: any valid token
 
-    finish(store, mine[1])
+    finish(store, mine[1], tmp_path / "results")
     assert design.result(mine[1]).png == [png()]
     assert [j.id for j in design.as_completed([mine[1]], timeout=5)] == [mine[1]]
     assert admin.result(mine[1]).job.spec.team == "design"
@@ -264,27 +267,26 @@ def test_dashboard_actions_accept_an_admin_token(monkeypatch, redis_url, redis_c
 # --- result expiry ----------------------------------------------------------------------------------------------
 
 
-def test_result_ttl_and_expiry(redis_url, redis_client):
+def test_result_expiry(redis_url, redis_client, tmp_path):
+    """Images are kept `result_ttl_seconds` in the result store (its retention sweep, cluster/blobs); once swept,
+    the job's record stays and the client says the images expired. Redis never held them."""
     assert Settings(result_ttl_seconds=1).result_ttl_seconds == 1
     store = Store(redis_client)
     client = FarmClient(redis_url)
-
-    long_id = client.submit(SPEC)
-    finish(store, long_id, ttl=Settings(result_ttl_seconds=120).result_ttl_seconds)
-    assert 119_000 < redis_client.pttl(KEYS.result(long_id)) <= 120_000
-
-    short_id = client.submit(SPEC)
-    finish(store, short_id, ttl=Settings(result_ttl_seconds=1).result_ttl_seconds)
-    assert 0 < redis_client.pttl(KEYS.result(short_id)) <= 1000
-    assert client.result(short_id).png == [png()]  # still there
-    deadline = time.monotonic() + 5
-    while redis_client.exists(KEYS.result(short_id)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not redis_client.exists(KEYS.result(short_id))
+    results = open_blob_store(str(tmp_path / "results"))
+    old_id, new_id = client.submit(SPEC), client.submit(SPEC)
+    finish(store, old_id, tmp_path / "results")
+    (old_url,) = store.result_blobs(old_id)
+    aged = time.time() - 120
+    os.utime(path_of(old_url), (aged, aged))  # written two minutes ago
+    finish(store, new_id, tmp_path / "results")
+    assert client.result(old_id).png == [png()]  # still there
+    assert not redis_client.exists(KEYS.result(old_id))
+    assert results.sweep(older_than_s=60) == 1
     with pytest.raises(ValueError, match="images have expired"):
-        client.result(short_id)
-    assert client.job(short_id).state.value == "done"  # the job's record stays; only the images go
-    assert client.result(long_id).png == [png()]
+        client.result(old_id)
+    assert client.job(old_id).state.value == "done"  # the job's record stays; only the images go
+    assert client.result(new_id).png == [png()]
 
 
 def test_a_token_never_reads_as_a_flag(redis_client):

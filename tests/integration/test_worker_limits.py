@@ -43,7 +43,7 @@ def test_a_render_past_its_time_limit_is_stopped_and_reported(redis_url, store, 
     assert store.counters()["timeouts"] == 1
     job = store.get(job_id)
     assert job.state is JobState.RUNNING, "the scheduler, not the node, decides between retry and failure"
-    assert store.result_images(job_id) == []
+    assert store.result_blobs(job_id) is None
 
 
 def test_a_cancel_stops_a_render_in_progress_and_the_lease_is_renewed_meanwhile(redis_url, store, tmp_path):
@@ -68,4 +68,4 @@ def test_a_cancel_stops_a_render_in_progress_and_the_lease_is_renewed_meanwhile(
     assert not thread.is_alive()
     assert out == {"done": [], "lost": [job_id], "errors": {}}
     assert worker.stats["stopped_cancelled"] == 1 and worker.stats["jobs_failed"] == 0
-    assert store.get(job_id).state is JobState.CANCELLED and store.result_images(job_id) == []
+    assert store.get(job_id).state is JobState.CANCELLED and store.result_blobs(job_id) is None

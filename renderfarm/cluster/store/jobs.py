@@ -184,8 +184,6 @@ class JobRecords:
         fields: dict[str, Any] | None = None,
         timed_fields: dict[str, float] | None = None,
         add_attempt: bool = False,
-        images: Sequence[bytes] = (),
-        result_ttl: int = 7 * 24 * 3600,
         expired_only: bool = False,
         op: str | None = None,
         fence: int | None = None,
@@ -204,8 +202,8 @@ class JobRecords:
         farm key holds the wrong type. The script checks all that before it writes anything.
         """
         move = self.move(job_id, target, allowed_from=allowed_from, expect_node=expect_node, score=score,
-                         fields=fields, timed_fields=timed_fields, add_attempt=add_attempt, images=images,
-                         result_ttl=result_ttl, expired_only=expired_only, op=op, fence=fence)
+                         fields=fields, timed_fields=timed_fields, add_attempt=add_attempt,
+                         expired_only=expired_only, op=op, fence=fence)
         return self.moved(move, self._transition(keys=move.keys, args=move.args))
 
     def move(
@@ -219,8 +217,6 @@ class JobRecords:
         fields: dict[str, Any] | None = None,
         timed_fields: dict[str, float] | None = None,
         add_attempt: bool = False,
-        images: Sequence[bytes] = (),
-        result_ttl: int = 7 * 24 * 3600,
         expired_only: bool = False,
         op: str | None = None,
         fence: int | None = None,
@@ -241,12 +237,11 @@ class JobRecords:
             "1" if add_attempt else "0",
             EVENTS_MAXLEN,
             ",".join(s.value for s in STATES),
-            str(result_ttl),
+            "",
             "1" if expired_only else "0",
             op or uuid.uuid4().hex,
             "" if fence is None else str(int(fence)),
             json.dumps({k: float(v) for k, v in (timed_fields or {}).items()}),
-            *images,
         ]
         keys = [
             self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
@@ -344,37 +339,39 @@ class JobRecords:
         self,
         job_id: str,
         node: str,
-        images: Sequence[bytes],
+        blobs: Sequence[str],
         timings: dict[str, float],
         peak_memory_mb: float | None,
-        result_ttl: int,
         profile: str | None = None,
         escalations: Sequence[str] = (),
     ) -> bool:
-        """running -> done with its images, exactly once; False (result discarded, and counted: `cancelled`
-        results apart from `late_results`) when the job was cancelled, requeued or handed to another node
-        meanwhile, e.g. because this node's lease expired."""
+        """running -> done, exactly once, with the URLs of its images in the blob store (cluster/blobs: the
+        images themselves never enter Redis); False (result discarded, and counted: `cancelled` results apart
+        from `late_results`) when the job was cancelled, requeued or handed to another node meanwhile, e.g.
+        because this node's lease expired. The caller deletes the blobs of a discarded result."""
         return self._alone(lambda rnd: self.queue_complete(
-            rnd, job_id, node, images, timings, peak_memory_mb, result_ttl, profile, escalations))
+            rnd, job_id, node, blobs, timings, peak_memory_mb, profile, escalations))
 
     def queue_complete(
         self,
         rnd: Round,
         job_id: str,
         node: str,
-        images: Sequence[bytes],
+        blobs: Sequence[str],
         timings: dict[str, float],
         peak_memory_mb: float | None,
-        result_ttl: int,
         profile: str | None = None,
         escalations: Sequence[str] = (),
     ) -> Callable[[], bool]:
         """`complete` as part of a round; the getter answers (and counts a late result) as `complete` does."""
+        if not all(isinstance(url, str) and url for url in blobs):
+            raise TypeError(f"job {job_id}: complete takes the blob URLs of its images, not {type(blobs).__name__}")
         now = time.time()
         outcome = rnd.move(self.move(
-            job_id, JobState.DONE, expect_node=node, score=now, images=images, result_ttl=result_ttl,
+            job_id, JobState.DONE, expect_node=node, score=now,
             fields={"finished_at": now, "timings": json.dumps(timings), "peak_memory_mb": peak_memory_mb,
-                    "profile": profile, "escalations": json.dumps(list(escalations))},
+                    "profile": profile, "escalations": json.dumps(list(escalations)),
+                    "blobs": json.dumps(list(blobs)), "images": len(blobs)},
         ))
 
         def done() -> bool:

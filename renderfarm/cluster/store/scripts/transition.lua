@@ -1,15 +1,15 @@
 -- Move one job from its current state to ARGV[3], checking legality and ownership; a job leaving or
 -- re-entering the queue leaves or re-enters its (team, priority) queue too.
---   KEYS: job, events, result, index keys (one per state, in STATES order), queues set, leader epoch,
+--   KEYS: job, events, result (unused: results live in the blob store, cluster/blobs), index keys (one per state, in STATES order), queues set, leader epoch,
 --         finished (a stream of the moves to a terminal state only)
 --   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score, '+N' = N seconds
 --         after the server's clock: lease deadlines use Redis's TIME, so nodes' clocks may disagree),
 --         5 expected node ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen,
---         10 state names csv, 11 result ttl, 12 expired-only ('1': move only if the job's deadline in its
+--         10 state names csv, 11 (unused), 12 expired-only ('1': move only if the job's deadline in its
 --         current index has passed by the server's clock), 13 operation token ('' = none),
 --         14 fence ('' = none: else the scheduler's leadership epoch, and the move is refused as `fenced`
 --         unless it is still the farm's current one), 15 timed-fields-json (field -> seconds after the server's
---         clock: the field is set to that moment, e.g. a running job's run deadline), 16.. result blobs
+--         clock: the field is set to that moment, e.g. a running job's run deadline)
 -- Returns {status, current-state}: status is ok | missing | state | node | live | fenced, or {status, why}: corrupt (the
 -- job's record cannot be moved as it stands: the Store quarantines it) | badkey (a farm key holds the wrong
 -- type: nobody's job is at fault). Redis does not roll a script back, so every check comes before the first
@@ -105,12 +105,6 @@ if next(timed) then
 end
 redis.call('HSET', jkey, unpack(flat))
 if ARGV[8] ~= '0' then redis.call('HINCRBY', jkey, 'attempts', ARGV[8]) end
-if #ARGV >= 16 then
-  redis.call('DEL', KEYS[3])
-  for i = 16, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 16), ARGV[i]) end
-  redis.call('EXPIRE', KEYS[3], ARGV[11])
-  redis.call('HSET', jkey, 'images', tostring(#ARGV - 15))
-end
 local node = redis.call('HGET', jkey, 'node') or ''
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3], 'node', node, 'ts', ARGV[6])
 if ARGV[3] == 'done' or ARGV[3] == 'failed' or ARGV[3] == 'cancelled' then
