@@ -41,13 +41,10 @@ import time
 
 from renderfarm.planning.devices import device_from_spec
 from renderfarm.planning.fit import JobShape, NodeView
-
-try:  # the dispatcher's window: scheduler/queue_view.py (it was in dispatch.py before)
-    from renderfarm.scheduler.queue_view import PENDING_WINDOW, PER_QUEUE
-except ImportError:
-    from renderfarm.scheduler.dispatch import PENDING_WINDOW, PER_QUEUE
+from renderfarm.scheduler.dispatch import LIVE_WINDOW_MIN, LIVE_WINDOW_PER_SLOT
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.placement import NodeIndex, PendingJob, plan_dispatch
+from renderfarm.scheduler.queue_view import PENDING_WINDOW, PER_QUEUE
 
 CARDS = [
     device_from_spec("Quadro RTX 6000", 24, "7.5"),
@@ -167,19 +164,23 @@ def live_rounds(node_counts: list[int], repeats: int, seed: int = 1) -> list[dic
         cards = [rng.choice(CARDS) for _ in range(count)]
         loaded = [frozenset({rng.choice(MODELS)[0]}) for _ in range(count)]
         backlogs = sorted((rng.uniform(0, 600) for _ in range(count)))  # node-0: the one whose batch just ended
-        for kind in ("event", "startup", "eta"):
-            free = {"event": [1] + [0] * (count - 1), "startup": [QUEUE_DEPTH] * count, "eta": [0] * count}[kind]
+        # The dispatcher's views of each job are made once per job and kept while it is queued.
+        pending_of = {q.id: PendingJob(q.id, s.model, (s.model, s.width, s.height, s.steps), s.num_images, s.width,
+                                       s.height, s.steps) for q in window if (s := by_id[q.id])}
+        # "event-whole": the cheap round as it was before it planned from the head of the fair order only.
+        for kind in ("event", "event-whole", "startup", "eta"):
+            free = {"event": [1] + [0] * (count - 1), "event-whole": [1] + [0] * (count - 1),
+                    "startup": [QUEUE_DEPTH] * count, "eta": [0] * count}[kind]
             views = [NodeView(f"node-{i:04}", cards[i], loaded[i], backlogs[i], free[i]) for i in range(count)]
+            # What dispatch.DispatchManager.update asks of the fair order: the head in a cheap round.
+            limit = None if kind in ("eta", "event-whole") else max(LIVE_WINDOW_MIN,
+                                                                    LIVE_WINDOW_PER_SLOT * sum(free) * MAX_BATCH)
 
-            def one_round(views=views, kind=kind):
+            def one_round(views=views, kind=kind, limit=limit):
                 start = time.perf_counter()
-                order = FairShare(aging_s=600).order(window, now)
+                order = FairShare(aging_s=600).order(window, now, limit=limit)
                 ordered = time.perf_counter()
-                pending = [
-                    PendingJob(q.id, s.model, (s.model, s.width, s.height, s.steps), s.num_images, s.width,
-                               s.height, s.steps)
-                    for q in order if (s := by_id[q.id])
-                ]
+                pending = [pending_of[q.id] for q in order]
                 plan = plan_dispatch(pending, views, MAX_BATCH, full=kind == "eta")
                 return plan, time.perf_counter() - start, ordered - start
 

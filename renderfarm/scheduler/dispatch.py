@@ -28,6 +28,10 @@ from renderfarm.scheduler.queue_view import QueueView
 log = logging.getLogger(__name__)
 
 MEASUREMENTS_EVERY_S = 1.0  # a busy farm re-reads the nodes' measurements at most this often
+# The cheap round plans from the head of the fair order: this many jobs per free slot and image of a batch
+# (room to coalesce full batches and to pass over jobs that wait for a busy node), and never fewer than this.
+LIVE_WINDOW_PER_SLOT = 8
+LIVE_WINDOW_MIN = 256
 
 
 def _version(raw: Any) -> int:
@@ -49,6 +53,8 @@ class DispatchManager:
         self._seen_version: int | None = None  # the latest calibration version a round read
         self._next_measured = 0.0
         self._fair_unsaved, self._fair_saved_at = False, 0.0
+        self._job_views: dict[str, tuple[Queued, PendingJob]] = {}
+        self._futile: tuple[int, frozenset[str]] | None = None  # when the last wide round found nothing more
         self.next_eta = 0.0
 
     def update(self) -> None:
@@ -65,11 +71,7 @@ class DispatchManager:
                 self._publish_etas(Plan(), now, {})
             return
         by_id = {job.id: job for job in jobs}
-        order = self.fair.order([queued_view(job) for job in jobs], now)
-        pending = [
-            PendingJob(q.id, s.model, s.batch_key(), s.num_images, s.width, s.height, s.steps)
-            for q in order if (s := by_id[q.id].spec)
-        ]
+        views = self._views(jobs)
         nodes = [
             NodeView(w.name, w.device, w.loaded, w.backlog(now),
                      # a suspect gets one batch, as a probe (workers.Worker.has_room)
@@ -77,7 +79,18 @@ class DispatchManager:
                      w.forbidden, w.max_batch, w.cache.view)
             for w in state.workers.values() if w.alive and not w.draining
         ]
-        plan = plan_dispatch(pending, nodes, settings.max_batch, self.catalog, self.measured, full=eta_due)
+        free = sum(n.slots for n in nodes)
+        # The cheap round (a batch came back, a slot is free) plans from the head of the fair order only; when
+        # that head leaves a slot unused (its jobs fit only nodes that are busy), the whole window is planned.
+        limit = None if eta_due else max(LIVE_WINDOW_MIN, LIVE_WINDOW_PER_SLOT * free * settings.max_batch)
+        plan = self._plan(views, nodes, now, limit, full=eta_due)
+        # A wide round that found nothing more is not repeated until jobs arrive or other nodes have room.
+        situation = (self.view.added, frozenset(n.name for n in nodes if n.slots))
+        if limit is not None and len(views) > limit and len(plan.assignments) < free and situation != self._futile:
+            self.state.counters["wide_rounds"] = self.state.counters.get("wide_rounds", 0) + 1
+            wide = self._plan(views, nodes, now, None, full=False)
+            self._futile = situation if len(wide.assignments) == len(plan.assignments) else None
+            plan = wide
         if plan.assignments:
             self._send(plan, by_id, now)
         if eta_due:
@@ -123,6 +136,27 @@ class DispatchManager:
                 self.fair.charge(by_id[job_id].spec.team, queued_view(by_id[job_id]).cost, now)
             self._fair_unsaved = True  # saved with the next round's leases (or within a heartbeat)
             state.counters["dispatched"] += len(leased)
+
+    def _views(self, jobs: list[Job]) -> dict[str, tuple[Queued, PendingJob]]:
+        """What fairness and placement need of each job, made once per job (a spec never changes) and kept
+        while it is queued: a round does not rebuild them for the whole window."""
+        known = self._job_views
+        fresh = {}
+        for job in jobs:
+            view = known.get(job.id)
+            if view is None:
+                s = job.spec
+                view = (queued_view(job), PendingJob(job.id, s.model, s.batch_key(), s.num_images, s.width, s.height,
+                                                     s.steps))
+            fresh[job.id] = view
+        self._job_views = fresh
+        return fresh
+
+    def _plan(self, views: dict[str, tuple[Queued, PendingJob]], nodes: list[NodeView], now: float,
+              limit: int | None, full: bool) -> Plan:
+        order = self.fair.order([q for q, _ in views.values()], now, limit=limit)
+        pending = [views[q.id][1] for q in order]
+        return plan_dispatch(pending, nodes, self.state.settings.max_batch, self.catalog, self.measured, full=full)
 
     def queued(self) -> list[Job]:
         """The queued jobs the next round plans from (queue_view.QueueView)."""

@@ -35,6 +35,7 @@ class QueueView:
         self._cut = False  # the last full read filled its window: the queue goes on behind it
         self._cut_size = 0
         self.counters = {"full_reads": 0, "arrivals_read": 0}
+        self.added = 0  # jobs that entered the view so far: a round can tell whether anything new came
 
     def queued(self, now: float | None = None) -> list[Job]:
         """The queued jobs to plan from (a full read when one is due; the records of new arrivals read)."""
@@ -49,6 +50,7 @@ class QueueView:
             for job_id, job in zip(ids, self.store.get_many(ids, quarantine=True)):
                 if job is not None and job.state is JobState.QUEUED:
                     self.jobs[job_id] = job
+                    self.added += 1
         return list(self.jobs.values())
 
     def apply(self, events: Iterable[Event]) -> None:
@@ -85,6 +87,7 @@ class QueueView:
                     store.quarantine(job_id, "queue entry without a job record")
                 elif job is not None and job.state is JobState.QUEUED:
                     known[job_id] = job
+        self.added += sum(1 for i in ids if i in known and i not in self.jobs)
         self.jobs = {i: known[i] for i in ids if i in known}
         self._arrived = {}
         self._cut, self._cut_size = len(head) >= self.window, len(self.jobs)

@@ -36,9 +36,10 @@ def test_live_window_is_the_queue_head_plus_every_queue_oldest():
 
 def test_live_rounds_report_each_round_beside_the_goal():
     rows = placement_speed.live_rounds([8], repeats=1)
-    assert [r["round"] for r in rows] == ["event", "startup", "eta"]
-    event, startup, eta = rows
-    assert event["sent"] == 1 and startup["sent"] == 16 and eta["sent"] == 0  # the free slots, no more
+    assert [r["round"] for r in rows] == ["event", "event-whole", "startup", "eta"]
+    event, whole, startup, eta = rows
+    assert event["sent"] == whole["sent"] == 1 and startup["sent"] == 16 and eta["sent"] == 0  # the free slots
+    assert event["fair_order_ms"] > 0 and whole["fair_order_ms"] > 0
     assert eta["jobs_with_eta"] == eta["window"]
     for r in rows:
         assert r["decisions"] >= r["sent"] and r["round_ms"] > 0
