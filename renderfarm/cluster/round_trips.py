@@ -2,9 +2,8 @@
 
 A round trip is one request the client sends and waits on: a command, a script call, or a whole pipeline
 (redis-py packs a pipeline's commands into one send). Each is one `send_packed_command` on a connection, so
-the count is taken there, by a subclass of the pool's connection class; the connections the pool already
-holds are dropped so that every later request is counted (reconnecting costs its own round trips, which are
-counted too: they are real).
+the count is taken there, by a subclass of the pool's connection class, which the connections the pool
+already holds take on too (a new connection's handshake is counted as well: its requests are real).
 
     trips = count_round_trips(client)
     ... ; trips.value
@@ -53,6 +52,12 @@ def count_round_trips(client: redis.Redis) -> RoundTrips:
 
     Counted.__name__ = f"Counted{base.__name__}"
     Counted.__qualname__ = Counted.__name__
-    pool.connection_class = Counted
-    pool.reset()  # connections made before this point would go uncounted: the pool makes new ones
+    pool.connection_class = Counted  # the connections the pool makes from now on
+    # and those it holds already (a subclass adds no state, so an object can take it on in place): dropping
+    # them instead (pool.reset) would leave their sockets open, outside the pool's reach and its close().
+    with pool._lock:
+        held = [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())]
+        for connection in held:
+            if type(connection) is base:
+                connection.__class__ = Counted
     return trips
