@@ -347,7 +347,8 @@ class RenderWorker:
                 self.stats["megapixels"] -= len(result.images) * pixels
                 discarded += 1
         try:
-            measured()
+            # The scheduler learns from the summary that the nodes' measurements changed (no request of its own).
+            summary["measurements"] = measured()
         except Exception:  # a lost measurement costs accuracy, never a render
             log.warning("node %s: could not record its measurement", self.name, exc_info=True)
         if discarded:

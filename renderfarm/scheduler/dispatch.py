@@ -175,11 +175,12 @@ class DispatchManager:
             rnd.run()
 
     def _refresh_measurements(self, now: float) -> None:
-        """Re-read what the nodes measured when a worker recorded something new: the version comes back with
-        each lease round (one GET of its own only at the start), and a busy farm re-reads at most once a
-        `MEASUREMENTS_EVERY_S`."""
+        """Re-read what the nodes measured when a worker recorded something new: the version comes with each
+        batch that returns and each lease round (one GET of its own only at the start), and a busy farm
+        re-reads at most once a `MEASUREMENTS_EVERY_S`."""
         if self._seen_version is None:
             self._seen_version = self.state.store.measurements_version()
+        self._seen_version = max(self._seen_version, self.state.measurements)  # what returned batches said
         if self._seen_version == self._measured_version or now < self._next_measured:
             return
         version = self._seen_version

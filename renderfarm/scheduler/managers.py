@@ -52,6 +52,7 @@ class SchedulerState:
     inflight: dict[Any, tuple[Worker, tuple[str, ...]]] = field(default_factory=dict)  # batch ref -> (worker, jobs)
     charged: set[Any] = field(default_factory=set)  # batches in flight already counted as a node fault
     epoch: int | None = None  # this scheduler's leadership (scheduler.py): the fence on every lease it writes
+    measurements: int = 0  # the newest calibration version a returned batch made (dispatch re-reads them)
 
     def has_room(self, worker: Worker) -> bool:
         return worker.has_room(self.settings.worker_queue_depth)
@@ -322,6 +323,8 @@ class BatchResults:
                              charged)
                 continue
             worker.suspect = False  # it answers
+            if isinstance(summary.get("measurements"), int):
+                state.measurements = max(state.measurements, summary["measurements"])
             if summary["errors"]:
                 self._settle(worker, summary["errors"], Fault.parse(summary.get("fault")), charged)
             elif summary["done"]:

@@ -58,6 +58,10 @@ UNKNOWN_S_PER_STEP = 1.0
 # a little later on a small card beats taking a big card that a big job may need.
 TIE_FRACTION = 0.05
 TIE_SECONDS = 1.0
+# The absolute second counts in full from finishes of this many seconds on, in proportion below: a second is
+# no near tie for a job done in 0.3 s (two simulated cards whose estimates were all under a second: every
+# batch went to the smaller card while the other sat idle).
+TIE_SCALE_S = 10.0
 # From this many nodes on, plan_dispatch decides through a NodeIndex (kinds share a measured speed).
 INDEX_FROM_NODES = 64
 
@@ -178,11 +182,12 @@ def _weights_bytes(fit: Fit | None) -> int:
 
 
 def best_of(decisions: Sequence[Decision]) -> Decision | None:
-    """The earliest finish; among finishes within TIE_FRACTION / TIE_SECONDS of it, the least VRAM left over."""
+    """The earliest finish; among finishes within TIE_FRACTION / TIE_SECONDS (scaled down below TIE_SCALE_S)
+    of it, the least VRAM left over."""
     if not decisions:
         return None
     earliest = min(d.finish_s for d in decisions)
-    limit = earliest * (1 + TIE_FRACTION) + TIE_SECONDS
+    limit = earliest * (1 + TIE_FRACTION) + TIE_SECONDS * min(1.0, earliest / TIE_SCALE_S)
     return min(
         (d for d in decisions if d.finish_s <= limit), key=lambda d: (d.leftover_gib, d.finish_s, d.node)
     )

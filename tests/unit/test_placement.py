@@ -151,6 +151,17 @@ def test_best_fit_breaks_ties_then_earliest_then_name():
     assert best_of([]) is None
 
 
+def test_a_second_is_no_near_tie_for_a_job_done_in_a_fraction_of_one():
+    def d(node, finish, leftover):
+        return Decision(node, "p", finish, finish, 0.0, leftover)
+
+    # Sub-second estimates (stand-ins, tiny jobs): the snug card busy 0.3 s more does not tie with an idle one.
+    assert best_of([d("roomy", 0.30, 20.0), d("snug", 0.60, 1.0)]).node == "roomy"
+    # From TIE_SCALE_S on, the whole second counts as before.
+    assert best_of([d("roomy", 10.0, 20.0), d("snug", 11.4, 1.0)]).node == "snug"
+    assert best_of([d("roomy", 5.0, 20.0), d("snug", 5.6, 1.0)]).node == "snug"  # 5% + half a second
+
+
 def test_measured_seconds_per_step_win_over_the_prediction():
     measured = Measurements.from_records(speeds=[("m|sd15|512x512|1", {"s_per_step": 2.0})])[0]
     assert pick(SMALL_SD, [NodeView("m", RTX3070)], measured=measured).run_s == 50.0

@@ -105,8 +105,9 @@ class Telemetry:
     def queue_measurement(
         self, rnd: Any, node: str, model: str, profile: str, width: int, height: int, batch: int,
         peak_gib: float | None, s_per_step: float | None, load_s: float | None = None,
-    ) -> Callable[[], None]:
-        """`record_measurement` as part of a round; the getter raises CorruptRecord as it would."""
+    ) -> Callable[[], int]:
+        """`record_measurement` as part of a round; the getter returns the calibration version it made (see
+        `measurements_version`) or raises CorruptRecord as `record_measurement` would."""
         reply = rnd.script(self._measure,
             [self.keys.calib_peaks, self.keys.calib_speeds, self.keys.calib_version],
             [
@@ -118,7 +119,7 @@ class Telemetry:
             ],
         )
 
-        def recorded() -> None:
+        def recorded() -> int:
             answer = reply()
             if answer[0] == b"corrupt":  # checked before any write: nothing was recorded
                 self.count("malformed_calibration")
@@ -126,6 +127,7 @@ class Telemetry:
                     f"measurement of {model} on {node} not recorded: {answer[1].decode(errors='replace')}")
             if answer[2]:  # a stored record that did not parse, replaced by this measurement
                 self.count("malformed_calibration", int(answer[2]))
+            return int(answer[1])
 
         return recorded
 
