@@ -340,10 +340,10 @@ class FarmClient:
     def result(self, job_id: str) -> Result:
         from PIL import Image
 
-        job = self.job(job_id)
+        job, urls = self.store.get_with_blobs(job_id)  # one read for both
+        job = self._mine(job, self.access())
         if job.state is not JobState.DONE:
             raise ResultUnavailable(f"job {job_id} is {job.state.value}, not done" + (f": {job.error}" if job.error else ""))
-        urls = self.store.result_blobs(job_id)
         if urls is None:  # finished before results moved to the blob store: its images are in Redis
             png = self.store.result_images(job_id)
         else:

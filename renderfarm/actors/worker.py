@@ -23,6 +23,8 @@ import os
 import threading
 import time
 import traceback
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from renderfarm.actors.escalation import DoesNotFit
@@ -131,7 +133,9 @@ class RenderWorker:
         self._all_gone = False  # set by a renewal that found none of them held any more
         self._stop = threading.Event()
         self.progress = StepProgress(self.timed_store, name)
-        self.blobs = open_result_store(self.settings)  # where finished images go (Redis keeps their URLs)  # the batch's job and step, for the dashboard
+        self.blobs = open_result_store(self.settings)  # where finished images go (Redis keeps their URLs)
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"blobs-{name}")
+        self._resident_cpu: dict[int, tuple[Any, int]] = {}  # id(pipeline) -> (weak ref, its weight bytes)  # the batch's job and step, for the dashboard
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
@@ -288,16 +292,25 @@ class RenderWorker:
         return summary
 
     def _store_images(self, results: list[Any]) -> list[list[str]]:
-        """Write each result's PNGs to the result store; their URLs, per result. On a failure, what this batch
-        wrote already is deleted (best effort: retention sweeps what is left) and the error raised."""
+        """Write each result's PNGs to the result store, several at once (a directory store syncs each file
+        to disk, an object store waits on the network); their URLs, per result, in order. On a failure, what
+        this batch wrote is deleted (best effort: retention sweeps what is left) and the first error raised."""
+        pending = [[self._writer.submit(self.blobs.put, key, png)
+                    for key, png in zip(result_keys(result.job_id, len(result.images)), result.images)]
+                   for result in results]
         written: list[list[str]] = []
-        try:
-            for result in results:
-                keys = result_keys(result.job_id, len(result.images))
-                written.append([self.blobs.put(key, png) for key, png in zip(keys, result.images)])
-        except Exception:
+        error: BaseException | None = None
+        for futures in pending:
+            urls = []
+            for future in futures:
+                try:
+                    urls.append(future.result())
+                except Exception as exc:
+                    error = error or exc
+            written.append(urls)
+        if error is not None:
             self._delete_blobs([url for urls in written for url in urls])
-            raise
+            raise error
         return written
 
     def _delete_blobs(self, urls: list[str]) -> None:
@@ -362,7 +375,6 @@ class RenderWorker:
         seconds reading weights, seconds placing them on the device, escalations, weight bytes on the device
         when the render began)."""
         from renderfarm.actors.escalation import render_escalating
-        from renderfarm.actors.loading import pipeline_bytes
         from renderfarm.actors.pipelines import render_batch
 
         width, height = requests[0].width, requests[0].height
@@ -380,12 +392,28 @@ class RenderWorker:
                                              on_step=self.progress.step),
             lower_for_vram=lambda p: next_rung(entry, self.card, p, width, height, images),
             lower_for_host=lambda p: next_rung_for_host(entry, self.card, p, width, height, images),
-            resident_bytes=lambda pipe: pipeline_bytes(pipe, on=self.device),
+            resident_bytes=self._resident_bytes,
             host_room=lambda p: self._host_room(entry, p, width, height, images),
             on_step=stepped, where=f"node {self.name} at {width}x{height}",
         )
         return (outcome.results, outcome.profile, outcome.load_s, outcome.move_s, outcome.escalations,
                 outcome.resident_bytes)
+
+    def _resident_bytes(self, pipe: Any) -> int:
+        """Weight bytes on the device when a render begins. On a CPU (a simulated node) every weight stays
+        where it is, so a pipeline's figure is counted once (walking its parameters cost ~5 ms a batch);
+        on a card, offloaded weights come and go, so it is counted each time."""
+        from renderfarm.actors.loading import pipeline_bytes
+
+        if self.device != "cpu":
+            return pipeline_bytes(pipe, on=self.device)
+        known = self._resident_cpu.get(id(pipe))
+        if known is not None and known[0]() is pipe:
+            return known[1]
+        size = pipeline_bytes(pipe, on=self.device)
+        self._resident_cpu = {k: v for k, v in self._resident_cpu.items() if v[0]() is not None}
+        self._resident_cpu[id(pipe)] = (weakref.ref(pipe), size)
+        return size
 
     def _host_room(self, entry: ModelEntry, profile: Profile | None, width: int, height: int, images: int):
         """On a card whose machine's RAM is known: a test of whether `profile`'s predicted host-memory peak fits

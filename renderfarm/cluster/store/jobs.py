@@ -66,6 +66,18 @@ def _succeeded(outcome: Callable[[], JobState], *refusals: type[Exception]) -> b
     return True
 
 
+def _blob_urls(job_id: str, raw: bytes | None) -> list[str] | None:
+    if not raw:
+        return None
+    try:
+        urls = json.loads(raw)
+    except ValueError as exc:
+        raise CorruptRecord(f"job {job_id!r}: its blobs field is not JSON: {exc}") from None
+    if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+        raise CorruptRecord(f"job {job_id!r}: its blobs field is not a list of URLs: {raw[:200]!r}")
+    return urls
+
+
 class JobRecords:
     """The job half of the Store (jobs.py); `Store` supplies `redis`, `keys` and the registered scripts."""
 
@@ -89,6 +101,14 @@ class JobRecords:
         return [bool(flag) for flag in created]
 
     def get(self, job_id: str) -> Job:
+        return job_from_hash(self._job_hash(job_id))
+
+    def get_with_blobs(self, job_id: str) -> tuple[Job, list[str] | None]:
+        """The job and the blob URLs of its images (see `result_blobs`), from one read of its record."""
+        raw = self._job_hash(job_id)
+        return job_from_hash(raw), _blob_urls(job_id, raw.get(b"blobs"))
+
+    def _job_hash(self, job_id: str) -> dict[bytes, bytes]:
         try:
             raw = self.redis.hgetall(self.keys.job(job_id))
         except redis.ResponseError as exc:  # WRONGTYPE: the job's key holds something else than a hash
@@ -98,7 +118,7 @@ class JobRecords:
             if reason is not None:
                 raise CorruptRecord(f"job {job_id!r} is quarantined: {reason}")
             raise JobNotFound(job_id)
-        return job_from_hash(raw)
+        return raw
 
     def get_many(self, job_ids: Iterable[str], quarantine: bool = False) -> list[Job | None]:
         """The jobs, None for each that does not exist. A record that does not parse raises CorruptRecord,
@@ -149,16 +169,7 @@ class JobRecords:
         """The blob URLs of a done job's images, in order (its record's `blobs` field, a JSON list written at
         completion); None for a record without one (written before results moved to the blob store: its
         images, if any, are in `result_images`). A field that is not a JSON list of strings: CorruptRecord."""
-        raw = self.redis.hget(self.keys.job(job_id), "blobs")
-        if not raw:
-            return None
-        try:
-            urls = json.loads(raw)
-        except ValueError as exc:
-            raise CorruptRecord(f"job {job_id!r}: its blobs field is not JSON: {exc}") from None
-        if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
-            raise CorruptRecord(f"job {job_id!r}: its blobs field is not a list of URLs: {raw[:200]!r}")
-        return urls
+        return _blob_urls(job_id, self.redis.hget(self.keys.job(job_id), "blobs"))
 
     def position(self, job_id: str) -> int | None:
         """0-based place in the pending queue, None when not queued."""
