@@ -120,11 +120,14 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
     import redis
 
     from renderfarm.actors.pipelines import RenderRequest, render_batch
+    from renderfarm.cluster.blobs import open_blob_store, result_keys
     from renderfarm.cluster.ray_processes import cluster_pids
     from renderfarm.config import Settings
     from renderfarm.farm import Farm
 
-    def direct(specs: list[dict[str, Any]]) -> tuple[float, float]:
+    def direct(specs: list[dict[str, Any]], saved_to: Any = None) -> tuple[float, float]:
+        """The same renders in this process; with `saved_to` (a result store), each PNG is also written
+        there, one after another, as a loop that keeps its pictures would (the farm's node does write them)."""
         cpu0 = time.process_time()
         start = time.perf_counter()
         for i in range(0, len(specs), batch):
@@ -134,10 +137,14 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
             for result in render_batch(pipe, entry, requests):
                 if not result.images:
                     raise RuntimeError(f"direct render of {result.job_id} returned no image")
+                if saved_to is not None:
+                    for key, png in zip(result_keys(result.job_id, len(result.images)), result.images):
+                        saved_to.put(key, png)
         return time.perf_counter() - start, time.process_time() - cpu0
 
     with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
         settings = Settings(data_dir=Path(tmp), max_batch=batch, torch_threads=threads)
+        kept = open_blob_store(str(Path(tmp) / "direct-results"))  # the store class the farm's node writes through
         started = time.perf_counter()
         with Farm(settings, [node], warm_models=[MODEL], log_to_driver=False) as farm:
             say(f"batch {batch}: farm up in {time.perf_counter() - started:.1f} s")
@@ -169,14 +176,29 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
             time.sleep(settings.heartbeat_seconds * 1.5)  # node records carry their counters of the warm-up
             trips0 = round_trips(farm, client)
             farm_wall, farm_cpu, direct_wall, direct_cpu, commands = [], [], [], [], []
-            for r in range(rounds):
+            saved_wall, saved_cpu = [], []
+            def farm_round(r: int) -> None:
                 wall, cpu, cmds = through_farm(specs_for(r, jobs))
                 farm_wall.append(wall / jobs)
                 farm_cpu.append(cpu / jobs)
                 commands.append(cmds / jobs)
+
+            def direct_round(r: int) -> None:
                 wall, cpu = direct(specs_for(r, jobs))
                 direct_wall.append(wall / jobs)
                 direct_cpu.append(cpu / jobs)
+
+            def saving_round(r: int) -> None:
+                wall, cpu = direct(specs_for(r, jobs), saved_to=kept)
+                saved_wall.append(wall / jobs)
+                saved_cpu.append(cpu / jobs)
+
+            for r in range(rounds):
+                # Each contender's place in the round alternates, so none always runs right after the farm
+                # (whose heartbeats and Ray housekeeping go on a moment after its last job).
+                order = [farm_round, direct_round, saving_round]
+                for contender in order if r % 2 == 0 else order[::-1]:
+                    contender(r)
                 say(f"batch {batch} round {r + 1}: farm {farm_wall[-1] * 1e3:.1f} ms/job wall, "
                     f"{farm_cpu[-1] * 1e3:.1f} ms/job CPU; direct {direct_wall[-1] * 1e3:.1f} ms wall, "
                     f"{direct_cpu[-1] * 1e3:.1f} ms CPU")
@@ -189,6 +211,7 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
              for k in trips0}
     per_job = [trips["client"], trips["workers"], trips["scheduler"]]
     fw, fc, dw, dc = summary(farm_wall), summary(farm_cpu), summary(direct_wall), summary(direct_cpu)
+    sw, sc = summary(saved_wall), summary(saved_cpu)
     return {
         "batch": batch,
         "niceness": {"direct": os.nice(0), **niceness},
@@ -196,6 +219,11 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
         "direct_wall_ms": {k: round(v * 1e3, 2) for k, v in dw.items()},
         "farm_cpu_ms": {k: round(v * 1e3, 2) for k, v in fc.items()},
         "direct_cpu_ms": {k: round(v * 1e3, 2) for k, v in dc.items()},
+        "direct_saving_wall_ms": {k: round(v * 1e3, 2) for k, v in sw.items()},
+        "direct_saving_cpu_ms": {k: round(v * 1e3, 2) for k, v in sc.items()},
+        # against a direct loop that also writes each PNG (synced to disk) as the farm's node does
+        "wall_ratio_saving": round(fw["median"] / sw["median"], 3),
+        "cpu_ratio_saving": round(fc["median"] / sc["median"], 3),
         "wall_ratio": round(fw["median"] / dw["median"], 3),
         "cpu_ratio": round(fc["median"] / dc["median"], 3),
         "goal_ratio": GOAL_RATIO,
@@ -207,7 +235,8 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
     }
 
 
-def run(jobs: int, rounds: int, sizes: list[int], quiet: bool, ray_niceness: int | None = None) -> dict[str, Any]:
+def run(jobs: int, rounds: int, sizes: list[int], quiet: bool, ray_niceness: int | None = None,
+        threads: int | None = None) -> dict[str, Any]:
     import torch
 
     from renderfarm.actors.pipelines import PipelineCache
@@ -220,7 +249,7 @@ def run(jobs: int, rounds: int, sizes: list[int], quiet: bool, ray_niceness: int
         if not quiet:
             print(msg, file=sys.stderr)
 
-    threads = os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1  # the same torch threads on both sides
     torch.set_num_threads(threads)
     # the farm's actors at the direct loop's priority (Ray's default is nice 15): read by the raylet at start
     os.environ["RAY_worker_niceness"] = str(os.nice(0) if ray_niceness is None else ray_niceness)
@@ -248,6 +277,11 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {s['batch']:>5} {cell('farm_wall_ms'):>22} {cell('direct_wall_ms'):>22} {s['wall_ratio']:>6.2f} "
               f"{cell('farm_cpu_ms'):>22} {cell('direct_cpu_ms'):>22} {s['cpu_ratio']:>6.2f}  "
               f"<= {s['goal_ratio']:.2f} {verdict}")
+    print("  the direct loop also writing each PNG to the same kind of result store (synced), one after another:")
+    for s in report["sizes"]:
+        w, c = s["direct_saving_wall_ms"], s["direct_saving_cpu_ms"]
+        print(f"  {s['batch']:>5} direct+store wall {w['median']:.1f} [{w['min']:.1f}-{w['max']:.1f}] ms, "
+              f"farm/that {s['wall_ratio_saving']:.2f}; CPU {c['median']:.1f} ms, farm/that {s['cpu_ratio_saving']:.2f}")
     for s in report["sizes"]:
         nice = ", ".join(f"{k} {v}" for k, v in s["niceness"].items())
         print(f"  batch {s['batch']}: niceness: {nice}")
@@ -267,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,8", help="batch sizes, comma-separated (default 1,8)")
     parser.add_argument("--ray-niceness", type=int, default=None,
                         help="niceness of the farm's Ray workers (default: this process's, like the direct loop)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads of the node and of the direct loop alike (default: every core; 1 on a "
+                             "2-core machine leaves the farm's scheduler, Redis and client a core of their own)")
     parser.add_argument("--quick", action="store_true", help="8 jobs, 2 rounds: a smoke run (tests/bench)")
     args = parser.parse_args(argv)
     try:
@@ -276,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs, rounds = (8, 2) if args.quick else (args.jobs, args.rounds)
     if jobs < 1 or rounds < 1 or any(not 1 <= s <= 64 for s in sizes):
         parser.error("--jobs and --rounds must be at least 1, each of --sizes within 1..64")
-    report = run(jobs, rounds, sizes, quiet=args.json, ray_niceness=args.ray_niceness)
+    report = run(jobs, rounds, sizes, quiet=args.json, ray_niceness=args.ray_niceness, threads=args.torch_threads)
     if args.json:
         print(json.dumps(report))
     else:
