@@ -293,12 +293,29 @@ def print_report(report: dict[str, Any]) -> None:
               f"timed: workers {t['workers_timed']}) (target at batch 1: <= 3)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def round_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The options every side-by-side bench takes (this one and serve_peer.py)."""
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--jobs", type=int, default=32, help="jobs per round (default 32)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (default 5)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"timed rounds per contender (default {rounds})")
     parser.add_argument("--sizes", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+
+
+def round_plan(parser: argparse.ArgumentParser, args: argparse.Namespace, quick: tuple[int, int]) -> tuple:
+    """(jobs, rounds, batch sizes) from `round_arguments`' options, `quick` the jobs and rounds of --quick."""
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        parser.error(f"--sizes {args.sizes!r}: expected batch sizes separated by commas")
+    jobs, rounds = quick if args.quick else (args.jobs, args.rounds)
+    if jobs < 1 or rounds < 1 or any(not 1 <= s <= 64 for s in sizes):
+        parser.error("--jobs and --rounds must be at least 1, each of --sizes within 1..64")
+    return jobs, rounds, sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    round_arguments(parser, rounds=5)
     parser.add_argument("--ray-niceness", type=int, default=None,
                         help="niceness of the farm's Ray workers (default: this process's, like the direct loop)")
     parser.add_argument("--torch-threads", type=int, default=None,
@@ -306,13 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                              "2-core machine leaves the farm's scheduler, Redis and client a core of their own)")
     parser.add_argument("--quick", action="store_true", help="8 jobs, 2 rounds: a smoke run (tests/bench)")
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        parser.error(f"--sizes {args.sizes!r}: expected batch sizes separated by commas")
-    jobs, rounds = (8, 2) if args.quick else (args.jobs, args.rounds)
-    if jobs < 1 or rounds < 1 or any(not 1 <= s <= 64 for s in sizes):
-        parser.error("--jobs and --rounds must be at least 1, each of --sizes within 1..64")
+    jobs, rounds, sizes = round_plan(parser, args, quick=(8, 2))
     report = run(jobs, rounds, sizes, quiet=args.json, ray_niceness=args.ray_niceness, threads=args.torch_threads)
     if args.json:
         print(json.dumps(report))

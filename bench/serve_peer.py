@@ -280,22 +280,15 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from overhead import round_arguments, round_plan
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--jobs", type=int, default=32, help="jobs per round (default 32)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per contender (default 3)")
-    parser.add_argument("--sizes", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    round_arguments(parser, rounds=3)
     parser.add_argument("--quick", action="store_true", help="8 jobs, 1 round, batch 8")
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        parser.error(f"--sizes {args.sizes!r}: expected batch sizes separated by commas")
-    jobs, rounds = (8, 1) if args.quick else (args.jobs, args.rounds)
+    jobs, rounds, sizes = round_plan(parser, args, quick=(8, 1))
     if args.quick:
         sizes = [8]
-    if jobs < 1 or rounds < 1 or any(not 1 <= s <= 64 for s in sizes):
-        parser.error("--jobs and --rounds must be at least 1, each of --sizes within 1..64")
     report = run(jobs, rounds, sizes, quiet=args.json)
     if args.json:
         print(json.dumps(report))

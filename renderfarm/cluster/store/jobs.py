@@ -184,21 +184,7 @@ class JobRecords:
             pipe.zrange(queue, 0, per_queue - 1)
         return [m.decode() for heads in pipe.execute() for m in heads]
 
-    def transition(
-        self,
-        job_id: str,
-        target: JobState,
-        *,
-        allowed_from: Iterable[JobState] | None = None,
-        expect_node: str | None = None,
-        score: float | str | None = None,
-        fields: dict[str, Any] | None = None,
-        timed_fields: dict[str, float] | None = None,
-        add_attempt: bool = False,
-        expired_only: bool = False,
-        op: str | None = None,
-        fence: int | None = None,
-    ) -> JobState:
+    def transition(self, job_id: str, target: JobState, **options: Any) -> JobState:
         """Move `job_id` to `target` atomically; returns the state it left.
 
         `score` is the job's score in its new index; a string "+N" means N seconds after Redis's clock (lease
@@ -212,9 +198,7 @@ class JobRecords:
         CorruptRecord: the record cannot be moved as it stands (then it is quarantined, see `quarantine`), or a
         farm key holds the wrong type. The script checks all that before it writes anything.
         """
-        move = self.move(job_id, target, allowed_from=allowed_from, expect_node=expect_node, score=score,
-                         fields=fields, timed_fields=timed_fields, add_attempt=add_attempt,
-                         expired_only=expired_only, op=op, fence=fence)
+        move = self.move(job_id, target, **options)  # the options: see `move`
         return self.moved(move, self._transition(keys=move.keys, args=move.args))
 
     def move(
