@@ -310,7 +310,8 @@ class JobRecords:
         self, job_ids: Sequence[str], node: str, lease_seconds: float, timeout_seconds: float | None = None
     ) -> list[bool]:
         """Extend the leases `node` holds on `job_ids` to `lease_seconds` from now (Redis's clock); a running
-        job's lease never goes past `timeout_seconds` after its first renewal while running. True per job
+        job's lease never goes past its run deadline (fixed by `start`, or else `timeout_seconds` after its first
+        renewal while running). True per job
         still held by `node`; False for one that was cancelled, requeued or finished meanwhile."""
         if not job_ids:
             return []

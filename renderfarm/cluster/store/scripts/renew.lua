@@ -1,6 +1,7 @@
 -- Renew the leases `node` holds: each job still leased or running on `node` gets its deadline moved to
--- server time + lease seconds; a running job's deadline never passes its run deadline (set at its first
--- renewal: server time + timeout), so a hung node loses its job even while its heartbeat thread renews.
+-- server time + lease seconds; a running job's deadline never passes its run deadline (set when the node
+-- started it, or else at its first renewal: server time + timeout), so a hung node loses its job even while
+-- its heartbeat thread renews.
 --   KEYS: leased index, running index, job keys...    ARGV: 1 node, 2 lease seconds, 3 timeout seconds ('' none),
 --         4.. job ids (one per job key)
 -- Returns 1 per job still held, 0 per job no longer held (cancelled, requeued, finished, given to another),
