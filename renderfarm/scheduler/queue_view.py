@@ -10,8 +10,9 @@ quarantined) is forgotten. The stream is written by the same script as each stat
 built from a full read and then every event after the last one read before it is the queue as it stands.
 
 A full read is still made every `full_every_s` (what an event cannot tell: a job whose record was mended by
-hand, a stream trimmed past this reader) and as soon as the view runs low while the last full read was cut
-at its window (there is more queue behind it than the view holds).
+hand, a stream trimmed past this reader), as soon as the view runs low while the last full read was cut at
+its window (there is more queue behind it than the view holds), and instead of reading a flood of arrivals
+(more than twice what a full read holds): the view stays the size of the window.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class QueueView:
         """The queued jobs to plan from (a full read when one is due; the records of new arrivals read)."""
         now = time.monotonic() if now is None else now
         running_low = self._cut and len(self.jobs) < self._cut_size // 2
-        if now >= self._next_full or running_low:
+        # A flood of arrivals (a huge submit while every node was busy) is read as the window, not whole.
+        flooded = len(self._arrived) + len(self.jobs) > 2 * max(self.window, self._cut_size)
+        if now >= self._next_full or running_low or flooded:
             self._refresh(now)
         elif self._arrived:
             ids = list(self._arrived)

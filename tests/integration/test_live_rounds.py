@@ -52,3 +52,21 @@ def test_a_head_that_only_busy_nodes_can_take_does_not_leave_a_free_node_idle(re
         assert sched.counters["wide_rounds"] == 2
     finally:
         sched.store.close()
+
+
+def test_a_flood_of_arrivals_is_read_as_the_window_not_whole(store):
+    from renderfarm.scheduler.queue_view import QueueView
+
+    spec = JobSpec(model="tiny-sd15", prompt="a fox", width=64, height=64, steps=2)
+    view = QueueView(store, full_every_s=3600, window=10, per_queue=5)
+    cursor = store.events()
+    assert view.queued(now=0.0) == [] and view.counters["full_reads"] == 1
+    store.submit([Job(id=f"a{i:03d}", spec=spec, created_at=1000.0 + i) for i in range(5)], "few")
+    view.apply(cursor.read())
+    assert [j.id for j in view.queued(now=1.0)] == [f"a{i:03d}" for i in range(5)]
+    assert view.counters == {"full_reads": 1, "arrivals_read": 5}, "a few arrivals: their records, no full read"
+    store.submit([Job(id=f"b{i:03d}", spec=spec, created_at=2000.0 + i) for i in range(100)], "flood")
+    view.apply(cursor.drain())
+    jobs = view.queued(now=2.0)
+    assert view.counters["full_reads"] == 2 and view.counters["arrivals_read"] == 5
+    assert len(jobs) == 10 and [j.id for j in jobs][:5] == [f"a{i:03d}" for i in range(5)]
