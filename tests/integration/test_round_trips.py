@@ -180,3 +180,35 @@ def test_a_waiting_client_follows_only_the_moves_to_a_terminal_state(store):
     finished = [(e.job, e.state) for e in store.events(from_start=True, finished_only=True).drain()]
     assert everything.count(JobState.QUEUED) == 2 and JobState.RUNNING in everything
     assert finished == [("j0", JobState.DONE), ("j1", JobState.CANCELLED)]
+
+
+def test_redis_py_sends_a_script_in_a_pipeline_with_a_request_of_its_own(store):
+    """Why a Round sends EVALSHA by digest rather than a registered Script in a pipeline: redis-py's
+    Pipeline.load_scripts asks SCRIPT EXISTS first, one more request per pipeline. Should a redis-py upgrade
+    stop doing so, this fails and Round can go back to Script objects."""
+    script = store.redis.register_script("return 1")
+    script()  # known to the server now
+    before = store.round_trips
+    pipe = store.redis.pipeline(transaction=False)
+    script(keys=[], args=[], client=pipe)
+    assert pipe.execute() == [1]
+    assert store.round_trips - before == 2
+
+
+def test_the_counter_counts_a_connection_the_pool_already_held(redis_url):
+    """The client `connect` returns has a connection in its pool already (its PING): the counter takes it over
+    in place (redis-py's ConnectionPool._available_connections), so its first request is counted and no
+    socket is left outside the pool."""
+    from renderfarm.cluster.redis_server import connect
+
+    client = connect(redis_url)
+    try:
+        held = list(client.connection_pool._available_connections)
+        assert len(held) == 1
+        trips = count_round_trips(client)
+        assert type(held[0]).round_trips is trips
+        client.get("rf-test:nothing")
+        assert trips.value == 1
+        assert client.connection_pool._available_connections == held, "the same connection, reused"
+    finally:
+        client.close()
