@@ -127,10 +127,23 @@ class FairShare:
         now = _finite("now", now)
         if limit is not None and limit <= 0:
             return []
+        # `effective_priority` inline (a Queued's fields were checked when it was made): this pass runs over the
+        # whole window every round, and the per-job checks and calls were most of its cost.
         levels: dict[int, dict[str, list[Queued]]] = {}
+        aging = self.aging_s
+        floor = math.floor
         for job in jobs:
-            levels.setdefault(self.effective_priority(job, now), {}).setdefault(job.team, []).append(job)
-        vtime = {team: self.usage(team, now) / self.weight(team) for teams in levels.values() for team in teams}
+            level = job.priority if aging <= 0 else job.priority + floor(max(0.0, now - job.created_at) / aging)
+            teams_at = levels.get(level)
+            if teams_at is None:
+                teams_at = levels[level] = {}
+            queue = teams_at.get(job.team)
+            if queue is None:
+                teams_at[job.team] = [job]
+            else:
+                queue.append(job)
+        weights = {team: self.weight(team) for teams in levels.values() for team in teams}
+        vtime = {team: self.usage(team, now) / weights[team] for team in weights}
         out: list[Queued] = []
         for level in sorted(levels, reverse=True):
             queues = levels[level]
@@ -149,7 +162,7 @@ class FairShare:
                 queue = queues[team]
                 job = queue.pop()
                 out.append(job)
-                vtime[team] += job.cost / self.weight(team)
+                vtime[team] += job.cost / weights[team]
                 if queue:
                     heapq.heapreplace(heap, (vtime[team], queue[-1].created_at, team))
                 else:
