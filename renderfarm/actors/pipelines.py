@@ -168,6 +168,11 @@ class PipelineCache:
         with self._lock:
             return sum(self._bytes.values())
 
+    def bytes_of(self, pipe: Any) -> int | None:
+        """The weight bytes measured when `pipe` was loaded; None when it is not one of the loaded pipelines."""
+        with self._lock:
+            return next((self._bytes.get(key) for key, held in self._pipelines.items() if held is pipe), None)
+
     def host_bytes_loaded(self) -> int:
         """Weight bytes the loaded pipelines hold in host memory now (offloaded components, pinned copies of
         streamed ones; on a CPU device, everything)."""

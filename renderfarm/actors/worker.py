@@ -23,7 +23,6 @@ import os
 import threading
 import time
 import traceback
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -134,8 +133,7 @@ class RenderWorker:
         self._stop = threading.Event()
         self.progress = StepProgress(self.timed_store, name)
         self.blobs = open_result_store(self.settings)  # where finished images go (Redis keeps their URLs)
-        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"blobs-{name}")
-        self._resident_cpu: dict[int, tuple[Any, int]] = {}  # id(pipeline) -> (weak ref, its weight bytes)  # the batch's job and step, for the dashboard
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"blobs-{name}")  # the batch's job and step, for the dashboard
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
@@ -206,8 +204,9 @@ class RenderWorker:
         shown = self.progress.start([job.id for job in known], spec.steps, publish=False)
         self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **shown)
         rnd.run()
-        jobs = [job for job, started in zip(known, starting) if started()]
-        lost += [job.id for job in known if job not in jobs]
+        held = [started() for started in starting]
+        jobs = [job for job, ok in zip(known, held) if ok]
+        lost += [job.id for job, ok in zip(known, held) if not ok]
         if not jobs:  # all cancelled or taken back before it began: the record says idle again
             self.state = "idle"
             self._publish(**self.progress.end())
@@ -338,27 +337,30 @@ class RenderWorker:
         # Counted as done before the replies come, so that the record written with them is right; a result
         # discarded (rare) is taken back below and the record written again.
         pixels = requests[0].width * requests[0].height / 1e6
+
+        def count(done: list[Any], sign: int = 1) -> None:
+            images = sum(len(r.images) for r in done)
+            self.stats["jobs_done"] += sign * len(done)
+            self.stats["images"] += sign * images
+            self.stats["megapixels"] += sign * images * pixels
+
+        count(results)
         self.profiles[entry.name] = profile_name
-        self.stats["jobs_done"] += len(results)
-        self.stats["images"] += sum(len(r.images) for r in results)
-        self.stats["megapixels"] += sum(len(r.images) for r in results) * pixels
         self.stats["batches"] += 1
         self.stats["render_seconds"] += time.perf_counter() - started
         self.stats["last_s_per_step"] = results[0].timings.get("denoise_s_per_step")
         self.state = "idle"
         self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **self.progress.end())
         rnd.run()
-        discarded = 0
+        discarded = []
         for result, urls, completed in zip(results, blobs, completing):
             if completed():
                 summary["done"].append(result.job_id)
             else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
                 summary["lost"].append(result.job_id)
                 self._delete_blobs(urls)
-                self.stats["jobs_done"] -= 1
-                self.stats["images"] -= len(result.images)
-                self.stats["megapixels"] -= len(result.images) * pixels
-                discarded += 1
+                discarded.append(result)
+        count(discarded, -1)
         try:
             # The scheduler learns from the summary that the nodes' measurements changed (no request of its own).
             summary["measurements"] = measured()
@@ -401,19 +403,12 @@ class RenderWorker:
 
     def _resident_bytes(self, pipe: Any) -> int:
         """Weight bytes on the device when a render begins. On a CPU (a simulated node) every weight stays
-        where it is, so a pipeline's figure is counted once (walking its parameters cost ~5 ms a batch);
-        on a card, offloaded weights come and go, so it is counted each time."""
+        where it is, so the figure the cache measured when it loaded the pipeline holds (walking its parameters
+        again cost ~5 ms a batch); on a card, offloaded weights come and go, so they are counted each time."""
         from renderfarm.actors.loading import pipeline_bytes
 
-        if self.device != "cpu":
-            return pipeline_bytes(pipe, on=self.device)
-        known = self._resident_cpu.get(id(pipe))
-        if known is not None and known[0]() is pipe:
-            return known[1]
-        size = pipeline_bytes(pipe, on=self.device)
-        self._resident_cpu = {k: v for k, v in self._resident_cpu.items() if v[0]() is not None}
-        self._resident_cpu[id(pipe)] = (weakref.ref(pipe), size)
-        return size
+        known = self.cache.bytes_of(pipe) if self.device == "cpu" else None
+        return known if known is not None else pipeline_bytes(pipe, on=self.device)
 
     def _host_room(self, entry: ModelEntry, profile: Profile | None, width: int, height: int, images: int):
         """On a card whose machine's RAM is known: a test of whether `profile`'s predicted host-memory peak fits
