@@ -217,7 +217,7 @@ class JobRecords:
         fence: int | None = None,
     ) -> Move:
         """One state change as the transition script's keys and arguments (see `transition`), to run alone or
-        with others in one round trip (`Store.run_moves`); `moved` reads its reply."""
+        with others in one round trip (`Round.move`, store/round.py); `moved` reads its reply."""
         legal = sources_of(target)
         if allowed_from is not None:
             legal &= frozenset(allowed_from)
@@ -232,14 +232,13 @@ class JobRecords:
             "1" if add_attempt else "0",
             EVENTS_MAXLEN,
             ",".join(s.value for s in STATES),
-            "",
             "1" if expired_only else "0",
             op or uuid.uuid4().hex,
             "" if fence is None else str(int(fence)),
             json.dumps({k: float(v) for k, v in (timed_fields or {}).items()}),
         ]
         keys = [
-            self.keys.job(job_id), self.keys.events, self.keys.result(job_id), *self.keys.all_indexes(),
+            self.keys.job(job_id), self.keys.events, *self.keys.all_indexes(),
             self.keys.queues, self.keys.leader_epoch, self.keys.finished,
         ]
         return Move(job_id, target, expect_node, fence, keys, args)

@@ -1,15 +1,15 @@
 -- Move one job from its current state to ARGV[3], checking legality and ownership; a job leaving or
 -- re-entering the queue leaves or re-enters its (team, priority) queue too.
---   KEYS: job, events, result (unused: results live in the blob store, cluster/blobs), index keys (one per state, in STATES order), queues set, leader epoch,
---         finished (a stream of the moves to a terminal state only)
+--   KEYS: job, events, index keys (one per state, in STATES order), queues set, leader epoch, finished (a
+--         stream of the moves to a terminal state only)
 --   ARGV: 1 id, 2 allowed-from (",a,b,"), 3 target, 4 score ('' = stored queue score, '+N' = N seconds
 --         after the server's clock: lease deadlines use Redis's TIME, so nodes' clocks may disagree),
 --         5 expected node ('' = any), 6 now, 7 fields-json, 8 attempts increment, 9 events maxlen,
---         10 state names csv, 11 (unused), 12 expired-only ('1': move only if the job's deadline in its
---         current index has passed by the server's clock), 13 operation token ('' = none),
---         14 fence ('' = none: else the scheduler's leadership epoch, and the move is refused as `fenced`
---         unless it is still the farm's current one), 15 timed-fields-json (field -> seconds after the server's
---         clock: the field is set to that moment, e.g. a running job's run deadline)
+--         10 state names csv, 11 expired-only ('1': move only if the job's deadline in its current index
+--         has passed by the server's clock), 12 operation token ('' = none), 13 fence ('' = none: else the
+--         scheduler's leadership epoch, and the move is refused as `fenced` unless it is still the farm's
+--         current one), 14 timed-fields-json (field -> seconds after the server's clock: the field is set to
+--         that moment, e.g. a running job's run deadline)
 -- Returns {status, current-state}: status is ok | missing | state | node | live | fenced, or {status, why}: corrupt (the
 -- job's record cannot be moved as it stands: the Store quarantines it) | badkey (a farm key holds the wrong
 -- type: nobody's job is at fault). Redis does not roll a script back, so every check comes before the first
@@ -31,16 +31,16 @@ if jtype ~= 'hash' then return {'corrupt', 'its key holds a ' .. jtype .. ', not
 local state = redis.call('HGET', jkey, 'state')
 local names = {}
 for name in string.gmatch(ARGV[10], '[^,]+') do names[#names + 1] = name end
-local queues_key, epoch_key, finished_key = KEYS[4 + #names], KEYS[5 + #names], KEYS[6 + #names]
+local queues_key, epoch_key, finished_key = KEYS[3 + #names], KEYS[4 + #names], KEYS[5 + #names]
 local from_key, to_key
 for i, name in ipairs(names) do
-  if name == state then from_key = KEYS[3 + i] end
-  if name == ARGV[3] then to_key = KEYS[3 + i] end
+  if name == state then from_key = KEYS[2 + i] end
+  if name == ARGV[3] then to_key = KEYS[2 + i] end
 end
 if not from_key then return {'corrupt', 'its state ' .. cjson.encode(state or cjson.null) .. ' is not a job state'} end
-if ARGV[13] ~= '' then
+if ARGV[12] ~= '' then
   local done = redis.call('HMGET', jkey, 'op', 'op_from')
-  if done[1] == ARGV[13] then return {'ok', done[2] or state} end
+  if done[1] == ARGV[12] then return {'ok', done[2] or state} end
 end
 if not string.find(ARGV[2], ',' .. state .. ',', 1, true) then return {'state', state} end
 if ARGV[5] ~= '' then
@@ -55,8 +55,8 @@ for _, key in ipairs({KEYS[2], finished_key}) do
   if not holds(key, 'stream') then return {'badkey', key .. ' holds a ' .. key_type(key) .. ', not a stream'} end
 end
 if not holds(queues_key, 'set') then return {'badkey', queues_key .. ' is not a set'} end
-if ARGV[14] ~= '' and redis.call('GET', epoch_key) ~= ARGV[14] then return {'fenced', state} end
-if ARGV[12] == '1' then
+if ARGV[13] ~= '' and redis.call('GET', epoch_key) ~= ARGV[13] then return {'fenced', state} end
+if ARGV[11] == '1' then
   local deadline = tonumber(redis.call('ZSCORE', from_key, ARGV[1]))
   if deadline and deadline > server_now() then return {'live', state} end
 end
@@ -68,7 +68,7 @@ elseif string.sub(score, 1, 1) == '+' then
   score = string.format('%.6f', server_now() + tonumber(string.sub(score, 2)))
 end
 local fields = cjson.decode(ARGV[7])
-local timed = cjson.decode(ARGV[15])
+local timed = cjson.decode(ARGV[14])
 for k, v in pairs(timed) do
   if type(v) ~= 'number' then return {'corrupt', 'timed field ' .. k .. ' is not a number of seconds'} end
 end
@@ -97,7 +97,7 @@ if queue then
     redis.call('SADD', queues_key, queue)
   end
 end
-local flat = {'state', ARGV[3], 'updated_at', ARGV[6], 'op', ARGV[13], 'op_from', state}
+local flat = {'state', ARGV[3], 'updated_at', ARGV[6], 'op', ARGV[12], 'op_from', state}
 for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 if next(timed) then
   local now = server_now()
