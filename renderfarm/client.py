@@ -340,10 +340,7 @@ class FarmClient:
     def result(self, job_id: str) -> Result:
         from PIL import Image
 
-        job, urls = self.store.get_with_blobs(job_id)  # one read for both
-        job = self._mine(job, self.access())
-        if job.state is not JobState.DONE:
-            raise ResultUnavailable(f"job {job_id} is {job.state.value}, not done" + (f": {job.error}" if job.error else ""))
+        job, urls = self._done(job_id)
         if urls is None:  # finished before results moved to the blob store: its images are in Redis
             png = self.store.result_images(job_id)
         else:
@@ -369,14 +366,20 @@ class FarmClient:
         without credentials for `expires_s` seconds where the store has one (S3, MinIO), else the blob's own
         URL (file:///..., readable where that directory is mounted). ResultUnavailable when the job is not
         done, or its images are not in a blob store (finished before the upgrade: `result` reads those)."""
-        job = self.job(job_id)
-        if job.state is not JobState.DONE:
-            raise ResultUnavailable(f"job {job_id} is {job.state.value}, not done")
-        urls = self.store.result_blobs(job_id)
+        _, urls = self._done(job_id)
         if urls is None:
             raise ResultUnavailable(f"job {job_id}: its images are kept in Redis, not in a blob store (it finished "
                                     "before the upgrade): read them with result()")
         return [self._blobs(url).presign(url, expires_s) or url for url in urls]
+
+    def _done(self, job_id: str) -> tuple[Job, list[str] | None]:
+        """A done job of this client's and the blob URLs of its images (None: kept in Redis, from before the
+        result store), in one read; ResultUnavailable when it is not done."""
+        job, urls = self.store.get_with_blobs(job_id)
+        job = self._mine(job, self.access())
+        if job.state is not JobState.DONE:
+            raise ResultUnavailable(f"job {job_id} is {job.state.value}, not done" + (f": {job.error}" if job.error else ""))
+        return job, urls
 
     def _blobs(self, url: str):
         """The blob store that holds `url`, with this client's options (see __init__)."""
