@@ -62,6 +62,13 @@ def _finite(name: str, x: object) -> float:
     return float(x)  # type: ignore[arg-type]
 
 
+def _aged(job: Queued, now: float, aging_s: float) -> int:
+    """`job.priority` plus one level per `aging_s` seconds waited by `now` (both already checked)."""
+    if aging_s <= 0:
+        return job.priority
+    return job.priority + math.floor(max(0.0, now - job.created_at) / aging_s)
+
+
 def _arrival(job: Queued) -> tuple[float, str]:
     return job.created_at, job.id
 
@@ -112,10 +119,7 @@ class FairShare:
 
     def effective_priority(self, job: Queued, now: float) -> int:
         """`job.priority` plus one level per `aging_s` seconds waited."""
-        if self.aging_s <= 0:
-            return job.priority
-        wait = max(0.0, _finite("now", now) - job.created_at)
-        return job.priority + math.floor(wait / self.aging_s)
+        return _aged(job, _finite("now", now), self.aging_s)
 
     def order(self, jobs: Sequence[Queued], now: float, limit: int | None = None) -> list[Queued]:
         """All `jobs`, in the order they should run: by effective priority (highest first), then by weighted
@@ -127,13 +131,12 @@ class FairShare:
         now = _finite("now", now)
         if limit is not None and limit <= 0:
             return []
-        # `effective_priority` inline (a Queued's fields were checked when it was made): this pass runs over the
-        # whole window every round, and the per-job checks and calls were most of its cost.
+        # `now` checked once, not once per job (a Queued's fields were checked when it was made): this pass runs
+        # over the whole window every round, and the per-job checks were most of its cost.
         levels: dict[int, dict[str, list[Queued]]] = {}
         aging = self.aging_s
-        floor = math.floor
         for job in jobs:
-            level = job.priority if aging <= 0 else job.priority + floor(max(0.0, now - job.created_at) / aging)
+            level = _aged(job, now, aging)
             teams_at = levels.get(level)
             if teams_at is None:
                 teams_at = levels[level] = {}
