@@ -41,7 +41,7 @@ import time
 
 from renderfarm.planning.devices import device_from_spec
 from renderfarm.planning.fit import JobShape, NodeView
-from renderfarm.scheduler.dispatch import LIVE_WINDOW_MIN, LIVE_WINDOW_PER_SLOT
+from renderfarm.scheduler.dispatch import cheap_round_depth
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.placement import NodeIndex, PendingJob, plan_dispatch
 from renderfarm.scheduler.queue_view import PENDING_WINDOW, PER_QUEUE
@@ -173,8 +173,7 @@ def live_rounds(node_counts: list[int], repeats: int, seed: int = 1) -> list[dic
                     "startup": [QUEUE_DEPTH] * count, "eta": [0] * count}[kind]
             views = [NodeView(f"node-{i:04}", cards[i], loaded[i], backlogs[i], free[i]) for i in range(count)]
             # What dispatch.DispatchManager.update asks of the fair order: the head in a cheap round.
-            limit = None if kind in ("eta", "event-whole") else max(LIVE_WINDOW_MIN,
-                                                                    LIVE_WINDOW_PER_SLOT * sum(free) * MAX_BATCH)
+            limit = None if kind in ("eta", "event-whole") else cheap_round_depth(sum(free), MAX_BATCH)
 
             def one_round(views=views, kind=kind, limit=limit):
                 start = time.perf_counter()

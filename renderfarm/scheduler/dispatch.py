@@ -34,6 +34,11 @@ LIVE_WINDOW_PER_SLOT = 8
 LIVE_WINDOW_MIN = 256
 
 
+def cheap_round_depth(free_slots: int, max_batch: int) -> int:
+    """How far down the fair order a cheap round plans, for this many free slots and this batch size."""
+    return max(LIVE_WINDOW_MIN, LIVE_WINDOW_PER_SLOT * free_slots * max_batch)
+
+
 def _version(raw: Any) -> int:
     try:
         return int(raw or 0)
@@ -82,7 +87,7 @@ class DispatchManager:
         free = sum(n.slots for n in nodes)
         # The cheap round (a batch came back, a slot is free) plans from the head of the fair order only; when
         # that head leaves a slot unused (its jobs fit only nodes that are busy), the whole window is planned.
-        limit = None if eta_due else max(LIVE_WINDOW_MIN, LIVE_WINDOW_PER_SLOT * free * settings.max_batch)
+        limit = None if eta_due else cheap_round_depth(free, settings.max_batch)
         plan = self._plan(views, nodes, now, limit, full=eta_due)
         # A wide round that found nothing more is not repeated until jobs arrive or other nodes have room.
         situation = (self.view.added, frozenset(n.name for n in nodes if n.slots))
