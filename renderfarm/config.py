@@ -48,6 +48,9 @@ class Settings(BaseModel):
     data_dir: Path = Path("~/.local/share/renderfarm")  # embedded Redis AOF, Ray temp, logs
     cache_dir: Path | None = None  # stand-in models; None: ~/.cache/renderfarm/models
     models_file: Path | None = None  # None: the packaged configs/models.yaml
+    # The LoRA library (renderfarm/loras): a folder of .safetensors LoRAs, local or a studio share that every
+    # node mounts at the same path. None: the stand-in LoRAs, built offline into the cache dir.
+    lora_dir: Path | None = None
     nodes_file: Path | None = None  # nodes YAML: simulated nodes (no GPU here), or overrides per GPU
     max_attempts: int = Field(default=3, ge=1, le=100)
     # A leased job is held for this long past the last renewal: the scheduler renews the leases of batches it
@@ -149,7 +152,7 @@ class Settings(BaseModel):
         return {k: v for k, v in (("endpoint_url", self.result_store_endpoint),
                                   ("region", self.result_store_region)) if v}
 
-    @field_validator("data_dir", "cache_dir", "models_file", "nodes_file")
+    @field_validator("data_dir", "cache_dir", "models_file", "nodes_file", "lora_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
