@@ -72,6 +72,35 @@ def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
+def role_of(pid: int, me: int, redis_pid: int | None) -> str:
+    """Which part of the farm a process is, for the CPU breakdown: client (this process), redis, the worker
+    or scheduler actor, or Ray's own daemons (raylet, gcs_server, its agents and idle workers)."""
+    import psutil
+
+    if pid == me:
+        return "client"
+    if pid == redis_pid:
+        return "redis"
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "ray"
+    head = cmd[0] if cmd else ""
+    if head.startswith("ray::RenderWorker"):
+        return "worker"
+    if head.startswith("ray::Scheduler"):
+        return "scheduler"
+    return "ray"
+
+
+def cpu_by_role(before: dict[int, float], after: dict[int, float], roles: dict[int, str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid, t in after.items():
+        role = roles.get(pid, "ray")
+        out[role] = out.get(role, 0.0) + t - before.get(pid, 0.0)
+    return out
+
+
 def redis_commands(client: Any) -> int:
     return int(client.info("stats")["total_commands_processed"])
 
@@ -154,8 +183,12 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
             def farm_pids() -> set[int]:
                 return {os.getpid(), farm.redis_pid} | cluster_pids(Path(farm.ray_temp_dir), set())
 
+            roles: dict[int, str] = {}
+            by_role: dict[str, list[float]] = {}  # the farm's CPU per job, by process role, per round
+
             def through_farm(specs: list[dict[str, Any]]) -> tuple[float, float, int]:
                 pids = farm_pids()
+                roles.update({p: role_of(p, os.getpid(), farm.redis_pid) for p in pids if p not in roles})
                 commands0 = redis_commands(server)
                 cpu0 = cpu_seconds(pids)
                 start = time.perf_counter()
@@ -168,11 +201,14 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
                     if not client.result(job.id).png:
                         raise RuntimeError(f"job {job.id}: no image read back")
                 wall = time.perf_counter() - start
-                cpu = cpu_spent(cpu0, cpu_seconds(pids | farm_pids()))
-                return wall, cpu, redis_commands(server) - commands0 - 1  # less the INFO that read it
+                cpu1 = cpu_seconds(pids | farm_pids())
+                for role, seconds in cpu_by_role(cpu0, cpu1, roles).items():
+                    by_role.setdefault(role, []).append(seconds / len(specs))
+                return wall, cpu_spent(cpu0, cpu1), redis_commands(server) - commands0 - 1  # less the INFO that read it
 
             direct(specs_for(-1, min(jobs, batch * 2)))  # warm both paths (first-call allocations, kernels)
             through_farm(specs_for(-1, min(jobs, batch * 2)))
+            by_role.clear()  # the warm-up is not a round
             time.sleep(settings.heartbeat_seconds * 1.5)  # node records carry their counters of the warm-up
             trips0 = round_trips(farm, client)
             farm_wall, farm_cpu, direct_wall, direct_cpu, commands = [], [], [], [], []
@@ -219,6 +255,8 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
         "direct_wall_ms": {k: round(v * 1e3, 2) for k, v in dw.items()},
         "farm_cpu_ms": {k: round(v * 1e3, 2) for k, v in fc.items()},
         "direct_cpu_ms": {k: round(v * 1e3, 2) for k, v in dc.items()},
+        # where the farm's CPU went, per job (median over rounds): client, redis, worker, scheduler, ray daemons
+        "farm_cpu_ms_by_role": {role: round(statistics.median(v) * 1e3, 2) for role, v in sorted(by_role.items())},
         "direct_saving_wall_ms": {k: round(v * 1e3, 2) for k, v in sw.items()},
         "direct_saving_cpu_ms": {k: round(v * 1e3, 2) for k, v in sc.items()},
         # against a direct loop that also writes each PNG (synced to disk) as the farm's node does
@@ -282,6 +320,9 @@ def print_report(report: dict[str, Any]) -> None:
         w, c = s["direct_saving_wall_ms"], s["direct_saving_cpu_ms"]
         print(f"  {s['batch']:>5} direct+store wall {w['median']:.1f} [{w['min']:.1f}-{w['max']:.1f}] ms, "
               f"farm/that {s['wall_ratio_saving']:.2f}; CPU {c['median']:.1f} ms, farm/that {s['cpu_ratio_saving']:.2f}")
+    for s in report["sizes"]:
+        parts = ", ".join(f"{role} {ms:.1f}" for role, ms in s["farm_cpu_ms_by_role"].items())
+        print(f"  batch {s['batch']}: the farm's CPU ms per job by process: {parts}")
     for s in report["sizes"]:
         nice = ", ".join(f"{k} {v}" for k, v in s["niceness"].items())
         print(f"  batch {s['batch']}: niceness: {nice}")

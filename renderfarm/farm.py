@@ -108,18 +108,20 @@ def start_workers(
     named `<prefix>-worker-<name>` (the scheduler finds it by that name); their handles and ready() infos."""
     import ray
 
-    from renderfarm.actors.worker import RenderWorker
+    from renderfarm.actors.worker import RENDER_THREADS, RenderWorker
 
     if not nodes:
         return {}, []
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // len(nodes))
     worker_settings = settings.model_copy(update={"torch_threads": threads}).model_dump(mode="json")
-    # `shutdown` runs in its own thread ("control"), so a stop reaches a worker in the middle of a render.
+    # `shutdown` runs in its own thread ("control"), so a stop reaches a worker in the middle of a render; the
+    # other calls get two threads, so that a batch's images are written and its jobs completed while the next
+    # batch renders (RenderWorker._render: one batch renders at a time).
     remote_worker = ray.remote(concurrency_groups={"control": 1})(RenderWorker)
     handles = {}
     for node in nodes:
         actor = f"{key_prefix}-worker-{node['name']}"
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": actor,
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "name": actor, "max_concurrency": RENDER_THREADS,
                                    "resources": {node_resource(node["name"]): 1}}
         if not node["simulated"]:
             options["num_gpus"] = 1

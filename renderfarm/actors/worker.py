@@ -41,6 +41,24 @@ from renderfarm.planning.profiles import Profile
 
 log = logging.getLogger(__name__)
 
+RENDER_THREADS = 2  # the actor's calls run at once: one batch renders while the one before it finishes
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """A batch rendered and not yet finished: what `_finish` records."""
+
+    entry: ModelEntry
+    profile: str  # the profile's name ("as-loaded": a catalog entry without component data)
+    jobs: list[Job]
+    requests: list[Any]  # pipelines.RenderRequest, one per job
+    results: list[Any]  # pipelines.RenderResult, one per job
+    load_s: float
+    move_s: float
+    escalations: list[str]
+    resident: int  # weight bytes on the device when the render began
+    seconds: float  # started and rendered: the time this batch had the card
+
 
 class RenderWorker:
     def __init__(
@@ -127,13 +145,25 @@ class RenderWorker:
         self.profiles: dict[str, str] = {}  # model -> the profile it last ran with here
         self.escalated: dict[tuple[str, int, int], Profile] = {}  # (model, w, h) -> rung after an OOM
         self.state = "idle"
+        # Two batches overlap (farm.py gives the actor two threads for its calls): while one batch's images are
+        # written and its jobs completed, the next one starts and renders. Every torch call runs on ONE thread of
+        # its own (`_torch`, which also renders batches one at a time, in the order they came): libgomp spins
+        # only while the threads it manages are no more than the CPUs, so torch from two threads at two torch
+        # threads each made every render ~2x slower on a 2-core node (tests/unit/test_torch_thread.py).
+        # `_finishing`: one batch finishes at a time, in the order they rendered (taken on the torch thread
+        # before it takes the next batch, released by the call thread when its batch is finished); `_books`:
+        # the node's state, stats and record writes, which both touch.
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}",
+                                         initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._finishing, self._books = threading.Lock(), threading.RLock()
+        self._rendering = False  # a batch is starting or rendering: its fields (state, step) are in the record
         self._holding: list[str] = []  # jobs of the batch being rendered, whose leases the heartbeat renews
         self._timeout_s: float | None = None
         self._all_gone = False  # set by a renewal that found none of them held any more
         self._stop = threading.Event()
-        self.progress = StepProgress(self.timed_store, name)
+        self.progress = StepProgress(self.timed_store, name)  # the batch's job and step, for the dashboard
         self.blobs = open_result_store(self.settings)  # where finished images go (Redis keeps their URLs)
-        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"blobs-{name}")  # the batch's job and step, for the dashboard
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"blobs-{name}")
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
@@ -148,7 +178,7 @@ class RenderWorker:
         seconds it took (0 when already loaded)."""
         entry = self.catalog.get(model)
         profile = self.profile_for(entry, entry.default_size, entry.default_size, 1)
-        _, seconds = self.cache.get(entry, profile)
+        _, seconds = self._torch.submit(self.cache.get, entry, profile).result()  # never beside a render
         self._publish()
         return seconds
 
@@ -177,7 +207,9 @@ class RenderWorker:
             if classify(exc) is not Fault.OUTAGE:
                 raise
             log.error("node %s: batch %s: Redis unreachable: %s", self.name, job_ids, exc)
-            self._holding, self.state = [], "idle"
+            with self._books:
+                if not self._rendering:  # (a batch rendering meanwhile owns the state)
+                    self.state = "idle"
             return {"done": [], "lost": [], "errors": dict.fromkeys(job_ids, f"{type(exc).__name__}: {exc}"),
                     "fault": Fault.OUTAGE.value}
 
@@ -197,28 +229,65 @@ class RenderWorker:
         spec = known[0].spec
         timeout_s = self.settings.job_timeout_s(spec.steps, spec.width, spec.height,
                                                 sum(j.spec.num_images for j in known))
-        rnd = self.store.round()
-        starting = [self.store.queue_start(rnd, job.id, self.name, self.settings.lease_seconds, run_seconds=timeout_s)
-                    for job in known]
-        self.state = "busy"
-        shown = self.progress.start([job.id for job in known], spec.steps, publish=False)
-        self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **shown)
-        rnd.run()
+        with self._books:
+            rnd = self.store.round()
+            starting = [self.store.queue_start(rnd, job.id, self.name, self.settings.lease_seconds,
+                                               run_seconds=timeout_s) for job in known]
+            self.state, self._rendering = "busy", True
+            shown = self.progress.start([job.id for job in known], spec.steps, publish=False)
+            self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **shown)
+            try:
+                rnd.run()
+            except BaseException:
+                self._rendering = False
+                raise
         held = [started() for started in starting]
         jobs = [job for job, ok in zip(known, held) if ok]
         lost += [job.id for job, ok in zip(known, held) if not ok]
         if not jobs:  # all cancelled or taken back before it began: the record says idle again
-            self.state = "idle"
-            self._publish(**self.progress.end())
+            with self._books:
+                self._rendering = False
+                self._idle()
         return jobs, lost, timeout_s
 
+    def _idle(self, rnd: Any = None) -> None:
+        """A batch of this node stopped rendering (rendered, stopped, failed, or never begun): unless another
+        batch renders now (whose state and step the record shows), the node is idle. The record is written in
+        the round `rnd`, or at once."""
+        with self._books:
+            fields: dict[str, Any] = {}
+            if not self._rendering:
+                self.state = "idle"
+                fields = self.progress.end()
+            if rnd is not None:
+                self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **fields)
+            else:
+                self._publish(**fields)
+
     def _render(self, job_ids: list[str], specs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Start and render the batch on the torch thread (one batch at a time), then, on this call's thread,
+        write its images and complete its jobs while the next batch renders. `_finishing` is taken on the torch
+        thread before it moves on, so batches finish in the order they rendered, and a batch whose finishing
+        waits (a slow store) holds the next render back rather than piling up images."""
+        summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
+        rendered = self._torch.submit(self._render_exclusive, job_ids, specs, summary).result()
+        if rendered is None:
+            return summary
+        try:
+            return self._complete(rendered, summary)
+        finally:
+            self._finishing.release()
+
+    def _render_exclusive(self, job_ids: list[str], specs: list[dict[str, Any]] | None,
+                          summary: dict[str, Any]) -> Rendered | None:
+        """Start the jobs and render them. None when nothing rendered (lost, stopped or failed: `summary` says
+        which, and the record is written)."""
         from renderfarm.actors.pipelines import RenderInterrupted, RenderRequest
 
-        summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
+        started = time.perf_counter()
         jobs, summary["lost"], timeout_s = self._begin(job_ids, specs)
         if not jobs:
-            return summary
+            return None
         deadline = time.monotonic() + timeout_s
         self._holding, self._timeout_s, self._all_gone = [j.id for j in jobs], timeout_s, False
 
@@ -231,7 +300,6 @@ class RenderWorker:
                 return f"timed out: the render took longer than its limit of {timeout_s:.4g} s"
             return None
 
-        started = time.perf_counter()
         try:
             entry = self.catalog.get(jobs[0].spec.model)
             requests = [
@@ -251,43 +319,56 @@ class RenderWorker:
             results, profile, load_s, move_s, escalations, resident = self._render_escalating(
                 entry, requests, should_stop
             )
-            # The images go to the result store (cluster/blobs); Redis keeps their URLs. A store that refuses
-            # them (full, read-only, unreachable) is neither the job's fault nor this node's (faults.Fault.STORE).
-            blobs = self._store_images(results)
+            rendered = Rendered(entry, profile.name if profile else "as-loaded", jobs, requests, results, load_s,
+                                move_s, escalations, resident, time.perf_counter() - started)
+            self._finishing.acquire()  # released by the call thread once the batch is finished (_render)
+            return rendered
         except RenderInterrupted as exc:
-            if self._all_gone or self._stop.is_set():  # cancelled, or shutting down: nothing failed
-                summary["lost"] = [job.id for job in jobs]
-                self.stats["stopped_cancelled"] += 1
-                log.info("node %s: batch %s stopped: %s", self.name, job_ids, exc)
-            else:
-                log.error("node %s: batch %s %s", self.name, job_ids, exc)
-                summary["errors"] = {job.id: str(exc) for job in jobs}
-                summary["fault"] = Fault.NODE.value
-                self.stats["jobs_failed"] += len(jobs)
-                self.stats["stopped_timeout"] += 1
-                self.store.count("timeouts", len(jobs))
-            self.state = "idle"
-            self._publish(**self.progress.end())
-            return summary
+            with self._books:
+                if self._all_gone or self._stop.is_set():  # cancelled, or shutting down: nothing failed
+                    summary["lost"] = [job.id for job in jobs]
+                    self.stats["stopped_cancelled"] += 1
+                    log.info("node %s: batch %s stopped: %s", self.name, job_ids, exc)
+                else:
+                    log.error("node %s: batch %s %s", self.name, job_ids, exc)
+                    summary["errors"] = {job.id: str(exc) for job in jobs}
+                    summary["fault"] = Fault.NODE.value
+                    self.stats["jobs_failed"] += len(jobs)
+                    self.stats["stopped_timeout"] += 1
+                    self.store.count("timeouts", len(jobs))
         except Exception as exc:  # a broken model or render: report whose fault, the scheduler retries or fails
-            fault = classify(exc)
-            if fault is Fault.NODE:
-                log.exception("node %s: batch %s failed", self.name, job_ids)
-            else:
-                log.error("node %s: batch %s failed (%s fault): %s", self.name, job_ids, fault.value, exc)
-            message = f"{type(exc).__name__}: {exc}"
-            summary["errors"] = {job.id: message for job in jobs}
-            summary["fault"] = fault.value
-            summary["traceback"] = traceback.format_exc(limit=5)
-            self.stats["jobs_failed"] += len(jobs)
-            self.state = "idle"
-            self._publish(**self.progress.end())
-            return summary
+            self._failed(job_ids, jobs, exc, summary)
         finally:
-            self._holding = []  # rendered, stopped or failed: the heartbeat renews nothing more
+            with self._books:  # rendered, stopped or failed: the heartbeat renews nothing more
+                self._holding, self._rendering = [], False
+        self._idle()
+        return None
 
-        self._finish(entry, profile.name if profile else "as-loaded", jobs, requests, results, blobs, load_s, move_s,
-                     escalations, resident, started, summary)
+    def _failed(self, job_ids: list[str], jobs: list[Job], exc: Exception, summary: dict[str, Any]) -> None:
+        """The batch failed with `exc`: whose fault it is, in the summary the scheduler acts on (retry or fail)."""
+        fault = classify(exc)
+        if fault is Fault.NODE:
+            log.exception("node %s: batch %s failed", self.name, job_ids)
+        else:
+            log.error("node %s: batch %s failed (%s fault): %s", self.name, job_ids, fault.value, exc)
+        message = f"{type(exc).__name__}: {exc}"
+        summary["errors"] = {job.id: message for job in jobs}
+        summary["fault"] = fault.value
+        summary["traceback"] = traceback.format_exc(limit=5)
+        with self._books:
+            self.stats["jobs_failed"] += len(jobs)
+
+    def _complete(self, rendered: Rendered, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write the rendered images to the result store (cluster/blobs; Redis keeps their URLs) and complete the
+        jobs. A store that refuses them (full, read-only, unreachable) is neither the job's fault nor this node's
+        (faults.Fault.STORE)."""
+        try:
+            blobs = self._store_images(rendered.results)
+        except Exception as exc:
+            self._failed([job.id for job in rendered.jobs], rendered.jobs, exc, summary)
+            self._idle()
+            return summary
+        self._finish(rendered, blobs, summary)
         return summary
 
     def _store_images(self, results: list[Any]) -> list[list[str]]:
@@ -319,21 +400,13 @@ class RenderWorker:
             except Exception as exc:  # left for retention to sweep
                 log.warning("node %s: could not delete blob %s: %s", self.name, url, exc)
 
-    def _finish(self, entry: ModelEntry, profile_name: str, jobs: list[Job], requests: list[Any], results: list[Any],
-                blobs: list[list[str]], load_s: float, move_s: float, escalations: list[str], resident: int,
-                started: float, summary: dict[str, Any]) -> None:
+    def _finish(self, rendered: Rendered, blobs: list[list[str]], summary: dict[str, Any]) -> None:
         """Record the batch in one request to Redis: every job's result (exactly once: one cancelled or taken
-        back meanwhile is discarded), what it measured, and the node's new totals with its idle state."""
-        rnd = self.store.round()
-        completing = []
-        for result, urls in zip(results, blobs):
-            timings = {**result.timings, "load_s": load_s, "move_s": result.timings["move_s"] + move_s,
-                       "batch_size": float(len(jobs))}
-            completing.append(self.store.queue_complete(
-                rnd, result.job_id, self.name, urls, timings, result.peak_memory_mb,
-                profile=profile_name, escalations=escalations,
-            ))
-        measured = self._measured(rnd, entry.name, profile_name, requests, results[0], resident, load_s + move_s)
+        back meanwhile is discarded), what it measured, and the node's new totals with its idle state (unless
+        the next batch renders already)."""
+        entry, profile_name, jobs, requests, results = (rendered.entry, rendered.profile, rendered.jobs,
+                                                        rendered.requests, rendered.results)
+        load_s, move_s = rendered.load_s, rendered.move_s
         # Counted as done before the replies come, so that the record written with them is right; a result
         # discarded (rare) is taken back below and the record written again.
         pixels = requests[0].width * requests[0].height / 1e6
@@ -344,23 +417,35 @@ class RenderWorker:
             self.stats["images"] += sign * images
             self.stats["megapixels"] += sign * images * pixels
 
-        count(results)
-        self.profiles[entry.name] = profile_name
-        self.stats["batches"] += 1
-        self.stats["render_seconds"] += time.perf_counter() - started
-        self.stats["last_s_per_step"] = results[0].timings.get("denoise_s_per_step")
-        self.state = "idle"
-        self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **self.progress.end())
-        rnd.run()
-        discarded = []
-        for result, urls, completed in zip(results, blobs, completing):
-            if completed():
-                summary["done"].append(result.job_id)
-            else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
-                summary["lost"].append(result.job_id)
-                self._delete_blobs(urls)
-                discarded.append(result)
-        count(discarded, -1)
+        with self._books:
+            rnd = self.store.round()
+            completing = []
+            for result, urls in zip(results, blobs):
+                timings = {**result.timings, "load_s": load_s, "move_s": result.timings["move_s"] + move_s,
+                           "batch_size": float(len(jobs))}
+                completing.append(self.store.queue_complete(
+                    rnd, result.job_id, self.name, urls, timings, result.peak_memory_mb,
+                    profile=profile_name, escalations=rendered.escalations,
+                ))
+            measured = self._measured(rnd, entry.name, profile_name, requests, results[0], rendered.resident,
+                                      load_s + move_s)
+            count(results)
+            self.profiles[entry.name] = profile_name
+            self.stats["batches"] += 1
+            self.stats["render_seconds"] += rendered.seconds  # the card's time: a batch's finishing overlaps the next
+            self.stats["last_s_per_step"] = results[0].timings.get("denoise_s_per_step")
+            self._idle(rnd)
+            rnd.run()
+            discarded = []
+            for result, urls, completed in zip(results, blobs, completing):
+                if completed():
+                    summary["done"].append(result.job_id)
+                else:  # cancelled or re-leased while rendering: the result is discarded, exactly-once holds
+                    summary["lost"].append(result.job_id)
+                    discarded.append((result, urls))
+            count([result for result, _ in discarded], -1)
+        for _, urls in discarded:
+            self._delete_blobs(urls)
         try:
             # The scheduler learns from the summary that the nodes' measurements changed (no request of its own).
             summary["measurements"] = measured()

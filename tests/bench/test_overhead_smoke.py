@@ -37,3 +37,6 @@ def test_quick_run_reports_like_for_like_figures():
     # the direct loop's priority, so neither side is favoured on a busy machine
     assert size["niceness"]["RenderWorker"] == size["niceness"]["direct"]
     assert size["niceness"]["Scheduler"] == size["niceness"]["direct"]
+    # where the farm's CPU went, by process: the worker renders, so it has a share; the client submits and reads
+    roles = size["farm_cpu_ms_by_role"]
+    assert roles["worker"] > 0 and roles["client"] > 0 and set(roles) <= {"client", "redis", "worker", "scheduler", "ray"}
