@@ -68,6 +68,9 @@ class Component(BaseModel):
     # tensors (bench/pinned_rounding.py computes it on the meta device; tests/actors pin Flux's and SDXL's).
     # Exact for 16-bit, fp8 and 4-bit storage (scaling by a power of two keeps the rounding); GGUF: close.
     pinned_factor: float = Field(default=1.6, ge=1.0, le=2.0)
+    # The pipeline renders without this text encoder (SD3's T5: `text_encoder_3=None`, zeros in place of its
+    # embeddings), so a profile may drop it to save its memory (planning/profiles.py).
+    droppable: bool = False
 
     @field_validator("unquantized_params")
     @classmethod
@@ -78,7 +81,9 @@ class Component(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _parts_within_total(self) -> Component:
+    def _consistent(self) -> Component:
+        if self.droppable and self.role is not Role.TEXT_ENCODER:
+            raise ValueError(f"component {self.name}: only a text encoder can be droppable, not a {self.role.value}")
         for method, kept in self.unquantized_params.items():
             if kept + self.keep_fp32_params > self.params:
                 raise ValueError(
@@ -112,7 +117,8 @@ class Family(BaseModel):
     text_tokens: int = Field(default=77, gt=0)  # prompt tokens (a transformer attends over them jointly)
     fp16_clamp: bool = False  # activations overflow fp16: clamp them when computing in fp16 (Flux)
     vae_force_upcast: bool = False  # the VAE overflows in fp16 (SDXL's original VAE): decode in fp32
-    # Listed so the planner can size its models, but no worker renders it: a submit is refused (client.py).
+    # Listed so the planner can size its models (`renderfarm plan`), but no worker renders it: a submit is refused
+    # (client.py) and every node reports its models unloadable (actors/loading.py, why_unloadable).
     planning_only: bool = False
 
     def __hash__(self) -> int:  # frozen models stay hashable despite their dict fields

@@ -144,6 +144,14 @@ def _evaluate(
 SPEED_TIE = 0.05
 
 
+def _keeping_text_encoders(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates that keep every text encoder, when there are any; else all of them.
+    Dropping T5 changes what the prompt conditions on, not just how finely: it is the last resort, taken only
+    where nothing that keeps T5 fits, however much faster (profiles.py, the SD3 ladder)."""
+    keeping = [c for c in candidates if not c.profile.drop_large_text_encoder]
+    return keeping or candidates
+
+
 def choose_profile(
     entry: ModelEntry,
     device: Device,
@@ -158,6 +166,7 @@ def choose_profile(
     `device` with `margin_gib` to spare and whose host-memory peak fits the machine's RAM (when known).
     A job's time is `steps` (default: the model's) denoising steps plus what the placement moves between host
     and card per job; rungs within `SPEED_TIE` of the fastest count as equal and the higher-fidelity one wins.
+    A rung that drops a text encoder (SD3's T5) is taken only where no rung that keeps it fits.
     Each rung is tried with a full VAE decode, then tiled; every rung's prediction and verdict come along in
     `candidates`. `floors` (profile name -> GiB, from planning.measured) raises a prediction to what a node
     measured for that profile at this size: an estimate never goes below it."""
@@ -169,7 +178,7 @@ def choose_profile(
         _evaluate(entry, rung, device, width, height, batch, usable, floors or {}, host_usable)
         for rung in ladder(entry, device)
     )
-    fitting = [c for c in candidates if c.fits]
+    fitting = _keeping_text_encoders([c for c in candidates if c.fits])
     chosen = None
     if fitting:
         fastest = min(c.prediction.seconds_per_job(steps) for c in fitting)
@@ -183,6 +192,8 @@ def choose_profile(
             why = (f"predicted fastest ({first.profile.name}, which fits above it, "
                    f"{first.prediction.seconds_per_job(steps):.1f} s)")
         reason = f"{why}: {job_s:.1f} s per job of {steps} steps ({chosen.reason})"
+        if chosen.profile.drop_large_text_encoder:
+            reason += "; it drops T5, since no rung that keeps it fits"
     else:
         runnable = [c for c in candidates if not c.reason.startswith("unavailable")]
         if runnable:
@@ -238,7 +249,8 @@ def next_rung_for_host(
     ceiling = predict(entry, current, device, width, height, batch).host_peak_gib
     unknown_ram = replace(device, ram_gib=None, ram_available_gib=None)
     choice = choose_profile(entry, unknown_ram, width, height, batch, margin_gib)
-    lighter = [c for c in choice.candidates if c.fits and c.prediction.host_peak_gib < ceiling]
+    lighter = _keeping_text_encoders(
+        [c for c in choice.candidates if c.fits and c.prediction.host_peak_gib < ceiling])
     if not lighter:
         return None
     return min(lighter, key=lambda c: c.prediction.seconds_per_job(choice.steps)).profile
@@ -270,6 +282,7 @@ def plan_report(
                 "placement": c.profile.placement.value,
                 "vae": c.profile.vae.value,
                 "vae_dtype": (c.profile.vae_dtype or c.profile.compute_dtype).value,
+                "drop_large_text_encoder": c.profile.drop_large_text_encoder,
                 "predicted_peak_gib": round(c.prediction.peak_gib, 2),
                 "peak_stage": c.prediction.peak_stage.value,
                 "stage_peaks_gib": {k.value: round(v, 2) for k, v in c.prediction.stage_peaks_gib.items()},

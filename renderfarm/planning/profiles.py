@@ -16,6 +16,9 @@ Precision rules (each a function below, so every choice is visible and tested):
   (SDXL's original VAE produces NaNs in fp16) decodes in fp32 on fp16 cards unless the model names a VAE
   fixed for fp16 (`fp16_vae_source`). bf16 has fp32's range, so bf16 cards need no such exception.
 - only components marked `quantize` take a quantized text-encoder format (T5; never the small CLIPs).
+- a profile may drop a text encoder the catalog marks `droppable` (SD3's T5: the pipeline puts zeros in place
+  of its embeddings). That changes the picture, not just its rounding, so those rungs come last and
+  choose_profile takes one only where no rung that keeps the encoder fits.
 """
 
 from __future__ import annotations
@@ -141,6 +144,9 @@ class Profile:
     # in plain host memory once, a few blocks' pinned buffers are reused; the host thread copies every step).
     pin_streamed: bool = True
     vae_dtype: ComputeDtype | None = None  # None: the compute dtype
+    # Load the pipeline without its droppable text encoder (SD3: `text_encoder_3=None`, the published way to
+    # save T5's memory; its embeddings become zeros, so prompts condition through the CLIPs only).
+    drop_large_text_encoder: bool = False
 
     @property
     def base_name(self) -> str:
@@ -163,6 +169,7 @@ class Profile:
             "fp16_clamp": self.fp16_clamp,
             "pin_streamed": self.pin_streamed,
             "vae_dtype": (self.vae_dtype or self.compute_dtype).value,
+            "drop_large_text_encoder": self.drop_large_text_encoder,
         }
 
 
@@ -205,10 +212,27 @@ def text_encoder_format(profile: Profile, quantize: bool) -> WeightsFormat:
     return chosen
 
 
+def dropped_components(entry: ModelEntry, profile: Profile) -> set[str]:
+    """The components `profile` loads the pipeline without (the droppable text encoders, or none)."""
+    if not profile.drop_large_text_encoder:
+        return set()
+    return {c.name for c in entry.text_encoders if c.droppable}
+
+
+def as_loaded(entry: ModelEntry, profile: Profile) -> ModelEntry:
+    """`entry` as `profile` loads it: without the components it drops (the planner sizes what is there)."""
+    dropped = dropped_components(entry, profile)
+    if not dropped:
+        return entry
+    kept = {name: c for name, c in entry.components.items() if name not in dropped}
+    return entry.model_copy(update={"components": kept})
+
+
 def component_formats(entry: ModelEntry, profile: Profile) -> dict[str, WeightsFormat]:
-    """Every component's weights format under `profile`, by pipeline attribute name."""
+    """Every component's weights format under `profile`, by pipeline attribute name; a component the profile
+    drops has none."""
     formats: dict[str, WeightsFormat] = {}
-    for component in entry.components.values():
+    for component in as_loaded(entry, profile).components.values():
         if component.role is Role.DENOISER:
             formats[component.name] = profile.weights
         elif component.role is Role.TEXT_ENCODER:
@@ -242,6 +266,7 @@ class _Rung(NamedTuple):
     text_encoder_weights: WeightsFormat
     text_encoders: TextEncoderPolicy
     pin_streamed: bool = True
+    drop_large_text_encoder: bool = False
 
 
 _TRANSFORMER_LADDER: tuple[_Rung, ...] = tuple(_Rung(*row) for row in (
@@ -263,6 +288,39 @@ _TRANSFORMER_LADDER: tuple[_Rung, ...] = tuple(_Rung(*row) for row in (
     (_16, Placement.DISK_OFFLOAD, WeightsFormat.NF4, _CACHE),
     (_16, _LEAF, _16, _CACHE),  # the VRAM floor: denoiser and encoders streamed layer by layer
 ))
+# A transformer whose T5 the pipeline can do without (SD3). T5-XXL is most of SD3's memory (the diffusers SD3
+# blog, configs/published_figures.yaml: SD3 Medium in fp16 peaks at 18.8 GB, 10.6 with an 8-bit T5 at ~4% more
+# time, 12.1 with model offload, 4.3 with model offload and no T5), so beside the transformer ladder's rungs:
+# - T5 quantized under a 16-bit denoiser, resident and with model offload (under model offload T5 is the
+#   largest component of SD 3.5 Medium: it sets the peak);
+# - then, after the ladder's floor, the rungs that drop T5, fastest first and leaf offload last again. Dropping
+#   T5 changes the picture (the prompt conditions through the CLIPs only; Stability AI's SD3 paper reports
+#   weaker typography and adherence to complex prompts without it), so choose_profile takes one of them only
+#   where no rung that keeps T5 fits (the host RAM or disk of a small machine).
+# With T5 this large, SD3's peaks do not fall rung by rung as Flux's do; choose_profile and next_rung do not
+# rely on that.
+_NO_T5 = tuple(_Rung(*row, drop_large_text_encoder=True) for row in (
+    (_16, _GPU, _16, _CACHE),
+    (WeightsFormat.FP8_E4M3FN, _GPU, _16, _CACHE),
+    (_16, _MODEL, _16, _CACHE),  # the published "Offloading + no T5"
+    (WeightsFormat.NF4, _GPU, _16, _CACHE),
+    (WeightsFormat.NF4, _MODEL, _16, _CACHE),
+    (_16, Placement.DISK_OFFLOAD, _16, _CACHE),
+    (_16, _LEAF, _16, _CACHE),
+))
+
+
+def _with_quantized_t5(rungs: tuple[_Rung, ...]) -> tuple[_Rung, ...]:
+    out = []
+    for rung in rungs:
+        out.append(rung)
+        if rung.weights is _16 and rung.placement in (_GPU, _MODEL) and rung.text_encoders is _CACHE:
+            out.append(rung._replace(text_encoder_weights=WeightsFormat.NF4))
+    return tuple(out)
+
+
+_DROPPABLE_T5_LADDER: tuple[_Rung, ...] = _with_quantized_t5(_TRANSFORMER_LADDER) + _NO_T5
+
 # UNets are small: 16-bit everywhere but the last offloaded rung. Block-level group offload moves a third
 # of an SDXL UNet at a time, so leaf offload is the floor.
 _UNET_LADDER: tuple[_Rung, ...] = tuple(_Rung(*row) for row in (
@@ -281,9 +339,13 @@ def profile_name(
     text_encoders: TextEncoderPolicy,
     vae: VaeMode = VaeMode.FULL,
     pin_streamed: bool = True,
+    drop_large_text_encoder: bool = False,
 ) -> str:
-    """"nf4", "bf16+model-offload", "gguf-q4_1+te-nf4+model-offload", "fp16+te-resident+vae-tiled", ..."""
+    """"nf4", "bf16+model-offload", "gguf-q4_1+te-nf4+model-offload", "bf16+no-t5+model-offload",
+    "fp16+te-resident+vae-tiled", ..."""
     parts = [weights.value]
+    if drop_large_text_encoder:
+        parts.append("no-t5")  # the droppable text encoder of every catalog family is T5
     if text_encoder_weights is not None and not text_encoder_weights.is_float and text_encoder_weights != weights:
         parts.append(f"te-{text_encoder_weights.value}")
     if placement is not Placement.GPU:
@@ -301,14 +363,21 @@ def ladder(entry: ModelEntry, device: Device) -> list[Profile]:
     """The ladder of `entry` on `device`, fastest first, with the precision rules applied. Rungs the
     device or the catalog cannot run are included; `unavailable_reason` says which and why."""
     compute = compute_dtype_for(device)
-    rungs = _TRANSFORMER_LADDER if entry.denoiser.name == "transformer" else _UNET_LADDER
+    if entry.denoiser.name != "transformer":
+        rungs = _UNET_LADDER
+    elif any(t.droppable for t in entry.text_encoders):
+        rungs = _DROPPABLE_T5_LADDER
+    else:
+        rungs = _TRANSFORMER_LADDER
     profiles = []
-    for weights, placement, te_weights, te_policy, pin_streamed in rungs:
+    for weights, placement, te_weights, te_policy, pin_streamed, drop in rungs:
         weights, te_weights = stored_format(weights, compute), stored_format(te_weights, compute)
         profiles.append(
             Profile(
-                name=profile_name(weights, placement, te_weights, te_policy, pin_streamed=pin_streamed),
+                name=profile_name(weights, placement, te_weights, te_policy, pin_streamed=pin_streamed,
+                                  drop_large_text_encoder=drop),
                 pin_streamed=pin_streamed,
+                drop_large_text_encoder=drop,
                 weights=weights,
                 compute_dtype=compute,
                 placement=placement,
@@ -323,6 +392,8 @@ def ladder(entry: ModelEntry, device: Device) -> list[Profile]:
 
 def unavailable_reason(entry: ModelEntry, profile: Profile, device: Device) -> str | None:
     """Why `device` cannot run `profile` of `entry` at all (whatever its memory), or None."""
+    if profile.drop_large_text_encoder and not dropped_components(entry, profile):
+        return f"{entry.name}'s pipeline needs every one of its text encoders (none is droppable)"
     if not device.is_cuda:
         if profile.placement is not Placement.GPU:
             return "offload needs a CUDA device; a CPU computes where the weights live"

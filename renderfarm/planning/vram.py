@@ -51,6 +51,7 @@ from renderfarm.planning.profiles import (
     TextEncoderPolicy,
     VaeMode,
     WeightsFormat,
+    as_loaded,
     component_formats,
 )
 
@@ -211,6 +212,7 @@ def _stage_weights(entry: ModelEntry, profile: Profile, sizes: dict[str, float])
 
 def host_homed(entry: ModelEntry, profile: Profile) -> set[str]:
     """Components whose home is host memory on a card (moved on only to compute). Mirrors actors/loading.py."""
+    entry = as_loaded(entry, profile)
     placement = profile.placement
     names = {c.name for c in entry.components.values()}
     if placement is Placement.MODEL_OFFLOAD:
@@ -390,6 +392,9 @@ def predict(
     """Peak memory and a rough seconds per step for `batch` images of `width` x `height`."""
     if width <= 0 or height <= 0 or batch < 1:
         raise ValueError(f"predict needs a positive size and batch, got {width}x{height} x{batch}")
+    # A dropped text encoder is neither loaded nor moved, but the transformer still attends over its tokens (SD3:
+    # zeros in their place), so the family's text_tokens stand.
+    entry = as_loaded(entry, profile)
     formats = component_formats(entry, profile)
     sizes = {
         name: component_bytes(entry.components[name], fmt, profile.compute_dtype) for name, fmt in formats.items()
