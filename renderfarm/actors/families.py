@@ -47,6 +47,9 @@ class Family:
     # The text encoder whose weights format a profile sets (T5: 4.8B parameters in FLUX.1); the CLIP encoders
     # are small and always run in the compute dtype. None: the family has no such encoder.
     large_text_encoder: ClassVar[str | None] = None
+    # The pipeline also renders without it (SD3: `text_encoder_3=None`, zeros in place of its embeddings), so a
+    # profile may drop it (the catalog marks the component `droppable`).
+    large_text_encoder_optional: ClassVar[bool] = False
     gguf_arch: ClassVar[str]  # `general.architecture` as ComfyUI-GGUF writes it
     # The original authors' key names its GGUF files may use ("bfl": Black Forest Labs'); None: diffusers' only.
     original_key_names: ClassVar[str | None] = None
@@ -245,9 +248,67 @@ class Flux(Family):
         return convert_bfl_flux(checkpoint, model_cls.load_config(config_source, subfolder=subfolder))
 
 
+class SD3(Family):
+    """Stable Diffusion 3.x (StableDiffusion3Pipeline): CLIP-L, CLIP-G and T5, an MMDiT, the 16-channel VAE.
+
+    What its `encode_prompt` does, which `encode` keeps by calling it (tests/actors/test_families.py pins it):
+    each CLIP's penultimate hidden states, concatenated on the feature axis (77 tokens), are zero-padded to
+    T5's width and put before T5's tokens on the sequence axis (77 + `max_sequence_length` tokens); the pooled
+    embedding is both CLIPs' pooled projections, concatenated. Without T5 (`text_encoder_3=None`, the published
+    way to save its ~9.5 GB) its tokens are zeros of the same shape, so the sequence keeps its length. Under
+    CFG the negative prompt is encoded, an empty one too (no zero embedding, unlike SDXL).
+    """
+
+    name = "sd3"
+    denoiser = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
+    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    large_text_encoder = "text_encoder_3"
+    large_text_encoder_optional = True
+    gguf_arch = "sd3"
+
+    def does_cfg(self, pipe, guidance):
+        # The pipeline's own rule (`do_classifier_free_guidance`): guidance above 1 runs a second pass.
+        return guidance > 1
+
+    @staticmethod
+    def t5_max_length(pipe: Any) -> int:
+        # The pipeline pads T5 prompts to `max_sequence_length`, 256 by default (the catalog's 77 + 256 tokens);
+        # a tokenizer with a shorter context (the stand-ins') sets it lower. Without a tokenizer: the default.
+        tokenizer = getattr(pipe, "tokenizer_3", None)
+        return min(256, int(tokenizer.model_max_length)) if tokenizer is not None else 256
+
+    def encode(self, pipe, prompts, negative_prompts, do_cfg, device):
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompts if do_cfg else None,
+            max_sequence_length=self.t5_max_length(pipe),
+        )
+        embeddings = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+        if do_cfg:
+            embeddings["negative_prompt_embeds"] = negative_embeds
+            embeddings["negative_pooled_prompt_embeds"] = negative_pooled
+        return embeddings
+
+    def call_arguments(self, pipe):
+        return {"max_sequence_length": self.t5_max_length(pipe)}
+
+    def decode(self, pipe, latents, height, width, device):
+        vae = pipe.vae
+        # As the pipeline does after its loop (no fp32 upcast: SD3's pipeline decodes in the VAE's dtype).
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = _vae_decode(vae, latents)
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
+
 # --- the registry ---------------------------------------------------------------------------------------
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD15(), SDXL(), Flux())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD15(), SDXL(), Flux(), SD3())}
 
 # The same facts as plain maps, for callers that want one fact of every family (bench/, planning checks).
 DENOISERS = {name: family.denoiser for name, family in FAMILIES.items()}

@@ -61,6 +61,8 @@ def why_unloadable(entry: ModelEntry, cache_dir: Path | None = None) -> str | No
     """Why this node cannot load `entry`, None when it can as far as a look tells: no worker renders its
     family, or its weights are not here (a local folder missing, a hub id absent from the local cache while the
     hub is offline). Cheap: builds no stand-in, downloads nothing, loads nothing."""
+    if entry.family.planning_only:
+        return f"family not supported: {entry.family.name} is listed for planning only"
     try:
         family_for(entry)
     except UnsupportedFamily as exc:
@@ -276,6 +278,9 @@ def _load_with_profile(
         raise ValueError(f"gguf_file given, but profile {profile.name!r} stores weights as {weights.value}")
     text_weights = text_encoder_weights(profile)
     large_encoder = family.large_text_encoder
+    if profile.drop_large_text_encoder and not family.large_text_encoder_optional:
+        raise ValueError(f"profile {profile.name!r} drops {large_encoder or 'a text encoder'}, which a "
+                         f"{family.name} pipeline cannot render without")
     denoiser_name = family.denoiser
     denoiser_cls = getattr(diffusers, family.denoiser_class)
     notes: list[str] = []
@@ -292,8 +297,11 @@ def _load_with_profile(
     park_denoiser, park_encoder = targets.park_denoiser, targets.park_encoder
 
     components: dict[str, Any] = {}
+    if profile.drop_large_text_encoder:
+        # The pipeline's own way to go without it (SD3: `text_encoder_3=None`): never loaded, zeros in its place.
+        components[large_encoder] = None
     try:
-        if large_encoder and text_weights is not None and text_weights.is_bnb:
+        if large_encoder and not profile.drop_large_text_encoder and text_weights is not None and text_weights.is_bnb:
             from transformers import T5EncoderModel
 
             components[large_encoder] = quantize.load_bnb_text_encoder(
@@ -340,7 +348,7 @@ def _load_with_profile(
 
     if weights.is_fp8:
         quantize.enable_fp8_storage(getattr(pipe, denoiser_name), weights, compute)
-    if large_encoder and text_weights is not None and text_weights.is_fp8:
+    if large_encoder and not profile.drop_large_text_encoder and text_weights is not None and text_weights.is_fp8:
         quantize.enable_fp8_storage(getattr(pipe, large_encoder), text_weights, compute)
     if profile.fp16_clamp:
         quantize.add_fp16_clamp(getattr(pipe, denoiser_name))

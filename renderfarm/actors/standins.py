@@ -6,8 +6,8 @@ runs unchanged on a CPU-only machine. The images are noise: honest plumbing, nev
 
 Size choices, and why:
 - The VAE keeps 4 blocks (3 down-samplings, latents at 1/8 of the image) like the real ones, so the
-  pipelines' own size rules hold: SD/SDXL render at multiples of 8, Flux at multiples of 16 (1/8 latents
-  packed into 2x2 patches).
+  pipelines' own size rules hold: SD/SDXL render at multiples of 8, Flux and SD3 at multiples of 16 (1/8
+  latents in 2x2 patches).
 - Linear layer widths are multiples of 64 (CPU nf4 kernels in bitsandbytes need that).
 - The denoisers have no attention at full latent resolution (like SDXL's first block), which keeps a
   1024x1024 render affordable on CPU.
@@ -117,7 +117,7 @@ def build_standin(family: str, seed: int = STANDIN_SEED) -> DiffusionPipeline:
     """Build (not save) the tiny random-weight pipeline of `family`. Same seed, identical weights."""
     import torch
 
-    builders = {"sd15": _build_sd15, "sdxl": _build_sdxl, "flux": _build_flux}
+    builders = {"sd15": _build_sd15, "sdxl": _build_sdxl, "flux": _build_flux, "sd3": _build_sd3}
     if family not in builders:
         raise ValueError(f"no stand-in recipe for family {family!r}; known: {', '.join(builders)}")
     # fork_rng: building a stand-in must not disturb the caller's random state.
@@ -175,6 +175,37 @@ def _clip_config(tokenizer, projection_dim: int = 64, hidden_act: str = "quick_g
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5_config(tokenizer, d_model: int = 64, d_ff: int = 128):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=_padded(len(tokenizer)),
+        d_model=d_model,
+        d_kv=32,
+        d_ff=d_ff,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, the encoder Flux and SD3 use
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float):
+    """The 16-channel VAE of Flux and SD3: a shift as well as a scale, and no quant convolutions."""
+    return _vae(
+        latent_channels=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
 
 
@@ -298,37 +329,14 @@ def _build_flux(seed: int):
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
     text_encoder = _seeded(seed + 1, lambda: CLIPTextModel(_clip_config(tokenizer)))
-    t5_config = T5Config(
-        vocab_size=_padded(len(tokenizer_2)),
-        d_model=64,
-        d_kv=32,
-        d_ff=128,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=32,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, the encoder Flux uses
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-    )
+    t5_config = _t5_config(tokenizer_2)
     text_encoder_2 = _seeded(seed + 2, lambda: T5EncoderModel(t5_config))
-    vae = _seeded(
-        seed + 3,
-        lambda: _vae(
-            latent_channels=16,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-    )
+    vae = _seeded(seed + 3, lambda: _flow_vae(scaling_factor=0.3611, shift_factor=0.1159))
     transformer = _seeded(
         seed + 4,
         lambda: FluxTransformer2DModel(
@@ -362,4 +370,65 @@ def _build_flux(seed: int):
         text_encoder_2=text_encoder_2.eval(),
         tokenizer_2=tokenizer_2,
         transformer=transformer.eval(),
+    )
+
+
+def _build_sd3(seed: int):
+    """SD 3.5 in miniature: CLIP-L and CLIP-G (both with projections: their pooled outputs are concatenated),
+    T5, an MMDiT with SD 3.5's RMS-normed q/k, and the 16-channel VAE.
+
+    Widths follow the pipeline's rules: it pads the two CLIPs' hidden states, concatenated (64 + 64), to T5's
+    width and joins them with T5's tokens along the sequence, so T5's d_model (128) is the transformer's
+    `joint_attention_dim`, and the pooled projections (64 + 64) its `pooled_projection_dim`. Block 0 has
+    MMDiT-X's second attention (SD 3.5 Medium), block 1 not (SD 3.5 Large), so both code paths run.
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer()
+    tokenizer_3 = _t5_tokenizer()
+    text_encoder = _seeded(seed + 1, lambda: CLIPTextModelWithProjection(_clip_config(tokenizer)))
+    text_encoder_2 = _seeded(
+        seed + 2, lambda: CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_act="gelu"))
+    )
+    clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    t5_config = _t5_config(tokenizer_3, d_model=_padded(clip_width), d_ff=256)
+    text_encoder_3 = _seeded(seed + 3, lambda: T5EncoderModel(t5_config))
+    # SD 3.5's VAE constants.
+    vae = _seeded(seed + 4, lambda: _flow_vae(scaling_factor=1.5305, shift_factor=0.0609))
+    transformer = _seeded(
+        seed + 5,
+        lambda: SD3Transformer2DModel(
+            sample_size=8,  # 64 px / 8: the pipeline's default size is the catalog's default_size
+            patch_size=2,
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            num_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=t5_config.d_model,
+            caption_projection_dim=64,  # = the inner width (heads x head dim), as in SD 3.5
+            pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
+            pos_embed_max_size=64,  # 64 patches of 16 px: renders up to the catalog's max_size, 1024
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ),
+    )
+    # SD 3.5's scheduler config: a fixed shift, no resolution-dependent one.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
     )

@@ -19,7 +19,7 @@ from renderfarm.actors.pipelines import PipelineCache, RenderRequest, render_bat
 from renderfarm.infotext import a1111_parameters, parse_a1111_parameters
 from renderfarm.planning.catalog import default_catalog
 
-STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux"]
+STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
 TIMING_KEYS = {"load_s", "move_s", "encode_s", "denoise_s", "denoise_s_per_step", "decode_s", "total_s"}
 
 
@@ -121,7 +121,8 @@ def test_different_seeds_give_different_images(cache, name):
 
 
 @pytest.mark.parametrize(
-    "name, width, height", [("tiny-sd15", 40, 56), ("tiny-sdxl", 32, 48), ("tiny-flux", 48, 80)]
+    "name, width, height",
+    [("tiny-sd15", 40, 56), ("tiny-sdxl", 32, 48), ("tiny-flux", 48, 80), ("tiny-sd3", 48, 80)],
 )
 def test_renders_at_any_size_the_family_allows(cache, name, width, height):
     model = entry(name)
@@ -158,7 +159,7 @@ def test_cache_loads_once_and_evicts_least_recently_used():
         return object()
 
     cache = PipelineCache(max_pipelines=2, loader=loader)
-    sd15, sdxl, flux = (entry(name) for name in STANDINS)
+    sd15, sdxl, flux = (entry(name) for name in ("tiny-sd15", "tiny-sdxl", "tiny-flux"))
     first, _ = cache.get(sd15)
     again, seconds = cache.get(sd15)
     assert again is first and seconds == 0.0

@@ -92,6 +92,11 @@ class DecoderWatch:
 
 # --- each format x family, loaded and rendered through load_pipeline -------------------------------------
 
+def _case_id(name: str, chosen: Profile) -> str:
+    return f"{name}-{chosen.name}" + ("-no-t5" if chosen.drop_large_text_encoder else "") + (
+        f"-te-{chosen.text_encoder_weights.value}" if chosen.text_encoder_weights else "")
+
+
 CASES = [
     ("tiny-flux", profile(W.BF16)),
     ("tiny-flux", profile(W.FP16, C.FP16, fp16_clamp=True)),
@@ -102,21 +107,72 @@ CASES = [
     ("tiny-sdxl", profile(W.FP4, C.BF16)),
     ("tiny-sd15", profile(W.FP8_E5M2, C.FP16)),
     ("tiny-sd15", profile(W.GGUF_Q8_0, C.BF16, vae_dtype=C.FP32)),
+    # SD3: its ladder quantizes T5 (text_encoder_3) or drops it.
+    ("tiny-sd3", profile(W.BF16)),
+    ("tiny-sd3", profile(W.BF16, text_encoder_weights=W.NF4)),
+    ("tiny-sd3", profile(W.BF16, drop_large_text_encoder=True)),
+    ("tiny-sd3", profile(W.FP8_E4M3FN, C.BF16)),
+    ("tiny-sd3", profile(W.FP8_E4M3FN, C.BF16, drop_large_text_encoder=True)),
+    ("tiny-sd3", profile(W.NF4, C.BF16)),
+    ("tiny-sd3", profile(W.NF4, C.BF16, drop_large_text_encoder=True)),
+    ("tiny-sd3", profile(W.GGUF_Q8_0, C.FP16)),
+    ("tiny-sd3", profile(W.FP16, C.FP16, drop_large_text_encoder=True)),
 ]
 
 
-@pytest.mark.parametrize("name, chosen", CASES, ids=[f"{n}-{p.name}" for n, p in CASES])
+@pytest.mark.parametrize("name, chosen", CASES, ids=[_case_id(n, p) for n, p in CASES])
 def test_profile_loads_and_renders_finite_images_of_the_right_size(name, chosen):
     model = entry(name)
     pipe = load_pipeline(model, profile=chosen)
     info = pipe.renderfarm_info
     assert info.profile is chosen and info.placement == "resident" and info.weights_bytes > 0
     assert pipe.vae.dtype == quantize.torch_dtype(chosen.vae_dtype or chosen.compute_dtype)
+    if name == "tiny-sd3":
+        assert (pipe.text_encoder_3 is None) is chosen.drop_large_text_encoder
     with DecoderWatch(pipe) as watch:
         [result] = render_batch(pipe, model, [request(width=48, height=80 if name == "tiny-flux" else 64)])
     assert watch.finite == [True]
     image = Image.open(io.BytesIO(result.images[0]))
     assert image.size == (48, 80 if name == "tiny-flux" else 64) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("chosen", [
+    profile(W.FP32, C.FP32),  # what a CPU node chooses
+    profile(W.FP32, C.FP32, drop_large_text_encoder=True),
+    profile(W.NF4, C.BF16, drop_large_text_encoder=True),
+], ids=["fp32", "fp32-no-t5", "nf4-no-t5"])
+def test_sd3_batch_renders_what_each_job_renders_alone_with_and_without_t5(chosen):
+    """Seeds per image: a job's images depend on its own seed and prompt only, with T5 or with zeros in its
+    place, whatever else shares the batch (other prompt, other negative prompt, other image count)."""
+    model = entry("tiny-sd3")
+    pipe = load_pipeline(model, profile=chosen)
+    assert (pipe.text_encoder_3 is None) is chosen.drop_large_text_encoder
+    first = request("first", prompt="a castle in the fog", negative_prompt="", seed=11, num_images=2)
+    second = request("second", prompt="a blue whale", negative_prompt="ugly", seed=5)
+    [first_alone] = render_batch(pipe, model, [first], embedding_cache=EmbeddingCache())
+    [second_alone] = render_batch(pipe, model, [second], embedding_cache=EmbeddingCache())
+    together = render_batch(pipe, model, [second, first], embedding_cache=EmbeddingCache())
+    assert [r.seeds for r in together] == [[5], [11, 12]]
+    # fp32: a rounding step at most (a batch may pick other CPU kernels); bf16 keeps 8 bits of mantissa, so a
+    # few steps here and there, still the same picture.
+    worst, mean = (2, 0.1) if chosen.compute_dtype is C.FP32 else (8, 0.5)
+    for got, alone in ((together[0], second_alone), (together[1], first_alone)):
+        for a, b in zip(got.images, alone.images):
+            difference = np.abs(pixels(a) - pixels(b))
+            assert difference.max() <= worst and difference.mean() < mean, (difference.max(), difference.mean())
+    assert np.abs(pixels(first_alone.images[0]) - pixels(first_alone.images[1])).mean() > 1
+
+
+def test_dropping_t5_changes_the_image_and_only_sd3_can():
+    model = entry("tiny-sd3")
+    with_t5 = load_pipeline(model, profile=profile(W.FP32, C.FP32))
+    without = load_pipeline(model, profile=profile(W.FP32, C.FP32, drop_large_text_encoder=True))
+    assert pipeline_bytes(without) < pipeline_bytes(with_t5)
+    [a] = render_batch(with_t5, model, [request()])
+    [b] = render_batch(without, model, [request()])
+    assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).mean() > 1  # T5 conditions the picture
+    with pytest.raises(ValueError, match="cannot render without"):
+        load_pipeline(entry("tiny-flux"), profile=profile(W.BF16, drop_large_text_encoder=True))
 
 
 def test_dtype_must_agree_with_the_profile():
@@ -579,7 +635,7 @@ def test_gpu_pin_per_step_keeps_only_a_few_blocks_pinned():
     assert held <= 4 * 2 * largest + 2**20  # a few blocks' buffers (rounded up), not the model
 
 
-@pytest.mark.parametrize("model", ["flux-dev", "sdxl"])
+@pytest.mark.parametrize("model", ["flux-dev", "sdxl", "sd3.5-large", "sd3.5-medium"])
 def test_the_loader_and_the_planner_agree_on_where_components_live(model):
     """planning/vram.py predicts host memory and the load stage from `host_homed`; actors/loading.py loads by
     `load_targets`. On a card they must agree for every rung: a quantized component the planner homes in host
@@ -596,8 +652,10 @@ def test_the_loader_and_the_planner_agree_on_where_components_live(model):
         homed = host_homed(catalog_entry, rung)
         targets = loading.load_targets(rung, on_card=True)
         assert (targets.denoiser_in_host or targets.park_denoiser) == (denoiser in homed), rung.name
-        if large:
+        if large and not rung.drop_large_text_encoder:
             assert (targets.encoder_in_host or targets.park_encoder) == (large in homed), rung.name
+        elif large:
+            assert large not in homed, rung.name  # a dropped T5 is nowhere
         cpu = loading.load_targets(rung, on_card=False)
         assert not any(vars(cpu).values()), rung.name  # a CPU loads everything where it computes
 

@@ -273,14 +273,14 @@ def test_gguf_needs_a_single_file_loadable_denoiser():
 # --- compute dtypes and the Flux fp16 clamp -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sdxl", "tiny-sd15"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sdxl", "tiny-sd15", "tiny-sd3"])
 @pytest.mark.parametrize("compute", [ComputeDtype.FP16, ComputeDtype.BF16])
 def test_half_precision_compute_renders_finite_images(name, compute):
     model = entry(name)
     clamp = name == "tiny-flux" and compute is ComputeDtype.FP16
     pipe = load_pipeline(model, profile=profile(W.BF16 if compute is ComputeDtype.BF16 else W.FP16, compute,
                                                 fp16_clamp=clamp))
-    denoiser = pipe.transformer if name == "tiny-flux" else pipe.unet
+    denoiser = pipe.transformer if name in ("tiny-flux", "tiny-sd3") else pipe.unet
     assert denoiser.dtype == quantize.torch_dtype(compute)
     assert pipe.vae.dtype == quantize.torch_dtype(compute)
     assert render(pipe, model) == [True]
@@ -347,6 +347,65 @@ def test_quantized_formats_agree_with_full_precision_roughly():
     relative = (got - expected).norm() / expected.norm()
     assert float(relative) < 0.05
     assert np.isfinite(got.numpy()).all()
+
+
+# --- SD3: the same formats on an MMDiT and its T5 (text_encoder_3) -----------------------------------------
+
+
+def test_sd3_fp8_stores_the_transformer_and_t5_in_fp8_and_never_the_clips():
+    model = entry("tiny-sd3")
+    pipe = load_pipeline(model, profile=profile(W.FP8_E4M3FN))
+    block = pipe.transformer.transformer_blocks[0]
+    assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert block.attn2.to_q.weight.dtype == torch.float8_e4m3fn  # MMDiT-X's second attention too
+    assert block.attn.norm_q.weight.dtype == torch.bfloat16  # SD 3.5's RMS norms are skipped
+    assert pipe.transformer.pos_embed.proj.weight.dtype == torch.bfloat16  # so is the patch embedding
+    t5 = pipe.text_encoder_3
+    assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    assert t5.shared.weight.dtype == torch.bfloat16 and t5.dtype == torch.bfloat16
+    for clip in (pipe.text_encoder, pipe.text_encoder_2):
+        assert clip.text_model.encoder.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert render(pipe, model) == [True]
+
+
+def test_sd3_nf4_quantizes_the_transformer_and_t5_and_never_the_clips():
+    import bitsandbytes as bnb
+
+    model = entry("tiny-sd3")
+    pipe = load_pipeline(model, profile=profile(W.NF4))
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q, bnb.nn.Linear4bit) and to_q.weight.quant_state.quant_type == "nf4"
+    assert quantize.bnb_linear_count(pipe.transformer) > 10
+    assert quantize.bnb_linear_count(pipe.text_encoder_3) > 0
+    assert quantize.bnb_linear_count(pipe.text_encoder) == quantize.bnb_linear_count(pipe.text_encoder_2) == 0
+    assert render(pipe, model) == [True]
+
+
+def test_sd3_t5_in_nf4_under_a_bf16_transformer():
+    """The SD3 ladder's `bf16+te-nf4` rung: T5 is most of SD3's memory, the transformer keeps 16 bits."""
+    import bitsandbytes as bnb
+
+    model = entry("tiny-sd3")
+    pipe = load_pipeline(model, profile=profile(W.BF16, text_encoder_weights=W.NF4))
+    assert quantize.bnb_linear_count(pipe.transformer) == 0 and pipe.transformer.dtype == torch.bfloat16
+    assert isinstance(pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention.q, bnb.nn.Linear4bit)
+    assert render(pipe, model) == [True]
+
+
+@pytest.mark.parametrize("weights", [W.GGUF_Q8_0, W.GGUF_Q4_0])
+def test_gguf_sd3_transformer_with_diffusers_key_names_loads_and_renders(weights):
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    model = entry("tiny-sd3")
+    pipe = load_pipeline(model, profile=profile(weights))
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q, GGUFLinear) and to_q.weight.quant_type.name == weights.gguf_type
+    assert quantize.gguf_quant_types(pipe.transformer)[weights.gguf_type] >= 20
+    # The embedders and the final layer stay precise, as for Flux (gguf_standins._KEEP_PRECISE).
+    assert not hasattr(pipe.transformer.context_embedder.weight, "quant_type")
+    assert not hasattr(pipe.transformer.proj_out.weight, "quant_type")
+    assert pipe.text_encoder_3.dtype == torch.bfloat16  # GGUF is for denoisers: T5 in the compute dtype
+    assert render(pipe, model) == [True]
 
 
 def test_formats_that_are_not_theirs_are_refused():

@@ -18,7 +18,7 @@ from renderfarm.actors import standins
 from renderfarm.actors.standins import build_standin, default_cache_dir, ensure_standin
 from renderfarm.planning.catalog import default_catalog
 
-STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux"]
+STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_sdxl_standin_has_both_encoders_and_consistent_time_ids(cache_dir):
     assert time_ids.shape == (1, 6)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "sd3"])
 def test_same_seed_gives_identical_weights(family):
     first = build_standin(family, seed=0)
     second = build_standin(family, seed=0)
@@ -82,10 +82,10 @@ def test_same_seed_gives_identical_weights(family):
         a, b = component.state_dict(), second.components[name].state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[key], b[key]) for key in a), f"{family}.{name} differs between builds"
-    denoiser = "transformer" if family == "flux" else "unet"
+    denoiser = "transformer" if family in ("flux", "sd3") else "unet"
+    # (parameters: SD3's first state-dict entry is its sin-cos position table, the same for every seed)
     assert not torch.equal(
-        next(iter(first.components[denoiser].state_dict().values())),
-        next(iter(other.components[denoiser].state_dict().values())),
+        next(first.components[denoiser].parameters()), next(other.components[denoiser].parameters())
     )
 
 
@@ -97,7 +97,7 @@ def test_build_does_not_disturb_callers_random_state():
     assert torch.equal(torch.rand(3), expected)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "sd3"])
 def test_linear_widths_are_multiples_of_64(family):
     # bitsandbytes' CPU nf4 kernels need it.
     pipe = build_standin(family)
@@ -109,6 +109,25 @@ def test_linear_widths_are_multiples_of_64(family):
                 assert module.in_features % 64 == 0 and module.out_features % 64 == 0, (
                     f"{family}.{name}.{module_name}: {module.in_features} -> {module.out_features}"
                 )
+
+
+def test_sd3_standin_widths_meet_where_the_pipeline_joins_them(cache_dir):
+    """The pipeline pads the two CLIPs' hidden states (concatenated) to T5's width and joins them on the sequence
+    axis, and concatenates the pooled projections: the transformer's joint and pooled widths must be those."""
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(ensure_standin(entry("tiny-sd3"), cache_dir))
+    clip_l, clip_g, t5 = pipe.text_encoder.config, pipe.text_encoder_2.config, pipe.text_encoder_3.config
+    config = pipe.transformer.config
+    assert type(pipe.text_encoder).__name__ == type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert clip_l.hidden_size + clip_g.hidden_size <= t5.d_model == config.joint_attention_dim
+    assert config.pooled_projection_dim == clip_l.projection_dim + clip_g.projection_dim
+    assert pipe.vae.config.latent_channels == config.in_channels == 16
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (1.5305, 0.0609)  # SD 3.5's
+    assert config.qk_norm == "rms_norm" and list(config.dual_attention_layers) == [0]
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.tokenizer_3.convert_ids_to_tokens(pipe.tokenizer_3("a red fox").input_ids)[-1] == "</s>"
+    # The catalog's max_size is what the position embeddings cover.
+    patches = entry("tiny-sd3").max_size // (pipe.vae_scale_factor * config.patch_size)
+    assert config.pos_embed_max_size == patches
 
 
 def test_tokenizers_come_from_the_shipped_vocab(cache_dir):
@@ -214,7 +233,7 @@ def test_folder_from_an_older_recipe_is_served_with_a_warning(cache_dir, caplog)
 def test_stand_in_parameter_counts_match_the_built_stand_ins():
     # The planner's parameter counts for the stand-ins are what the builder really makes.
     cat = default_catalog()
-    for name in ("tiny-sd15", "tiny-sdxl", "tiny-flux"):
+    for name in STANDINS:
         entry = cat.get(name)
         pipe = build_standin(entry.family.name)
         built = {

@@ -6,11 +6,12 @@ source folder does not exist."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from renderfarm.client import FarmClient
 from renderfarm.errors import SpecError
 from renderfarm.jobs import Job, JobSpec, JobState
-from renderfarm.planning.catalog import default_catalog
+from renderfarm.planning.catalog import DEFAULT_MODELS_FILE, Catalog, default_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,11 @@ def test_a_model_no_node_can_load_is_refused_at_submit(farm, client):
 
 
 def test_a_family_listed_for_planning_only_is_refused_at_submit(farm):
-    client = FarmClient(farm.redis_url)  # the packaged catalog: sd3.5 is listed for planning only
+    # Every family of the packaged catalog renders (tests/actors/test_families.py holds that); a catalog may
+    # still list one for the planner only, as this one lists SD3.
+    data = yaml.safe_load(DEFAULT_MODELS_FILE.read_text())
+    data["families"]["sd3"]["planning_only"] = True
+    client = FarmClient(farm.redis_url, catalog=Catalog.from_dict(data))
     try:
         with pytest.raises(SpecError, match=r"jobs\[0\]: model: 'sd3.5-large' \(family sd3\) is listed for "
                                             r"planning only: no worker renders it yet; nothing was enqueued"):
