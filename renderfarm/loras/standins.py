@@ -107,10 +107,14 @@ def ensure_standin_loras(cache_dir: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
-        files = {}
+        from renderfarm.actors.standins import build_standin
+
+        files, pipes = {}, {}
         for name, (model, family, style) in standin_lora_names().items():
-            path = staging / f"{name}.safetensors"
-            save_lora(build_standin_lora(family, style, seed=zlib.crc32(name.encode())), path,
+            if family not in pipes:  # one build per family: only its shapes are read
+                pipes[family] = build_standin(family)
+            tensors = build_standin_lora(family, style, seed=zlib.crc32(name.encode()), pipe=pipes[family])
+            save_lora(tensors, staging / f"{name}.safetensors",
                       {"renderfarm.standin_for": model, "renderfarm.recipe_version": str(STANDIN_LORA_RECIPE_VERSION)})
             files[name] = {"model": model, "family": family, "style": style}
         marker = {"recipe_version": STANDIN_LORA_RECIPE_VERSION, "loras": files}
@@ -148,10 +152,10 @@ def save_lora(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt", **(metadata or {})})
 
 
-def build_standin_lora(family: str, style: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def build_standin_lora(family: str, style: str, seed: int = 0, pipe: Any = None) -> dict[str, torch.Tensor]:
     """The tensors of a stand-in LoRA for `family`'s stand-in, in key `style` ("diffusers" or "kohya"),
     float16 like most published LoRAs. Same arguments, identical tensors; the caller's random state is
-    left alone."""
+    left alone. `pipe`: the family's stand-in pipeline, if the caller has it (only its shapes are read)."""
     import torch
 
     from renderfarm.actors.standins import build_standin
@@ -160,7 +164,7 @@ def build_standin_lora(family: str, style: str, seed: int = 0) -> dict[str, torc
         raise ValueError(f"no stand-in LoRA recipe for family {family!r}; known: {', '.join(FAMILIES)}")
     if style not in STYLE_FILE:
         raise ValueError(f"unknown LoRA key style {style!r}; known: {', '.join(STYLE_FILE)}")
-    pipe = build_standin(family)
+    pipe = pipe if pipe is not None else build_standin(family)
     rank = RANK[style]
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
