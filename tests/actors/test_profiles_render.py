@@ -218,6 +218,23 @@ def test_cpu_group_offload_runs_diffusers_hooks_without_streams_and_renders_the_
     assert np.array_equal(pixels(got.images[0]), pixels(expected.images[0]))
 
 
+@pytest.mark.parametrize("placement, drop_t5", [(P.GROUP_OFFLOAD, False), (P.LEAF_OFFLOAD, True)])
+def test_cpu_offload_hooks_run_on_sd3_and_render_the_resident_image(placement, drop_t5):
+    from diffusers.hooks import group_offloading
+
+    model = entry("tiny-sd3")
+    resident = load_pipeline(model, profile=profile(W.FP32, C.FP32, drop_large_text_encoder=drop_t5))
+    offloaded = load_pipeline(model, profile=profile(W.FP32, C.FP32, placement, drop_large_text_encoder=drop_t5))
+    assert group_offloading._is_group_offload_enabled(offloaded.transformer)
+    assert offloaded.renderfarm_info.placement.startswith(placement.value)
+    if placement is P.LEAF_OFFLOAD:  # the encoders that are there stream too; the dropped T5 is nowhere
+        assert group_offloading._is_group_offload_enabled(offloaded.text_encoder_2)
+        assert offloaded.text_encoder_3 is None
+    [expected] = render_batch(resident, model, [request()])
+    [got] = render_batch(offloaded, model, [request()])
+    assert np.array_equal(pixels(got.images[0]), pixels(expected.images[0]))
+
+
 def test_cpu_leaf_offload_hooks_denoiser_and_text_encoders():
     from diffusers.hooks import group_offloading
 
