@@ -522,6 +522,24 @@ def test_gpu_placements_render(weights, placement):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("weights, te_weights", [(W.BF16, W.NF4), (W.NF4, None), (W.FP8_E4M3FN, None)])
+@pytest.mark.parametrize("placement", [P.GPU, P.MODEL_OFFLOAD, P.GROUP_OFFLOAD])
+@pytest.mark.parametrize("drop_t5", [False, True], ids=["t5", "no-t5"])
+def test_gpu_sd3_placements_render_with_and_without_t5(weights, te_weights, placement, drop_t5):
+    model = entry("tiny-sd3")
+    compute = _card_compute()
+    chosen = profile(weights, compute, placement, text_encoder_weights=te_weights, drop_large_text_encoder=drop_t5)
+    pipe = load_pipeline(model, device="cuda", profile=chosen)
+    assert (pipe.text_encoder_3 is None) is drop_t5
+    assert pipe._execution_device.type == "cuda"
+    with DecoderWatch(pipe) as watch:
+        [result] = render_batch(pipe, model, [request(width=64, height=64)])
+    assert watch.finite == [True]
+    assert Image.open(io.BytesIO(result.images[0])).size == (64, 64)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_bnb_loads_without_the_cpu_bypass():
     import bitsandbytes as bnb
     from diffusers.quantizers.bitsandbytes.bnb_quantizer import (
