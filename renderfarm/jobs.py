@@ -8,6 +8,7 @@ from whoever holds the catalog (`planning.catalog.Catalog`), see `JobSpec.valida
 from __future__ import annotations
 
 import math
+import re
 import time
 import unicodedata
 import uuid
@@ -21,6 +22,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 MAX_PROMPT_CHARS = 4000
@@ -31,6 +33,11 @@ MAX_TAGS = 32
 MAX_TAG_CHARS = 64
 SEED_MAX = 2**32 - 1
 MAX_ERRORS_SHOWN = 5  # per spec: a dict with thousands of unknown keys still gives one short line
+MAX_LORAS = 8  # per job: each unmerged LoRA costs every step, each fused one a re-patch of the weights
+MAX_LORA_WEIGHT = 5.0  # |weight|: A1111 users stay within 0..2; "slider" LoRAs go negative and a little further
+LORA_NAME = r"[^:<>\s][^:<>]*"  # a library name (the file's stem): no ':', '<' or '>', which the prompt syntax uses
+# A1111's prompt syntax: <lora:name> or <lora:name:weight> (the weight 1 when left out).
+LORA_TAG = re.compile(r"<lora:([^>]*)>")
 
 
 class JobState(str, Enum):
@@ -105,6 +112,73 @@ def text_problem(value: str) -> str | None:
 StrictText = Annotated[str, Field(strict=True)]
 
 
+class LoraRules(Protocol):
+    """What JobSpec needs to know of the farm's LoRAs (client.py's view of what its nodes hold)."""
+
+    def resolve(self, name: str, sha256: str | None, family: str) -> str: ...  # the sha256 a job pins, or raises
+
+
+class LoraRef(BaseModel):
+    """One LoRA a job applies: its name in the farm's LoRA library, its weight, and the content hash (sha256 of
+    the file) of the copy it was submitted against: filled in at submit (the job keeps it, so a render can be
+    reproduced, and a node holding another copy of that name is treated as lacking it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200, pattern=rf"^{LORA_NAME}$", strict=True)
+    weight: float = Field(default=1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, strict=True)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", strict=True)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _storable_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and (problem := text_problem(value)):
+            raise ValueError(f"name {problem}")
+        return value
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_finite(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("weight must be a number, not a boolean")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("weight must be a finite number")
+        return float(value) if isinstance(value, int) else value
+
+    def tag(self) -> str:
+        """The A1111 prompt form: <lora:name:weight>."""
+        return f"<lora:{self.name}:{self.weight:g}>"
+
+
+def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """Take A1111's `<lora:name:weight>` tags out of a prompt: (the prompt without them, the LoRAs they name, in
+    order, as LoraRef fields). A tag it cannot read (no name, a weight that is not a number, A1111's separate
+    text-encoder/UNet weights) raises ValueError naming it."""
+    found: list[dict[str, Any]] = []
+
+    def take(match: re.Match[str]) -> str:
+        parts = match.group(1).split(":")
+        name = parts[0].strip()
+        if not name or len(parts) > 2:
+            raise ValueError(f"prompt tag {shown(match.group(0))}: expected <lora:name> or <lora:name:weight>")
+        weight: float = 1.0
+        if len(parts) == 2:
+            try:
+                weight = float(parts[1])
+            except ValueError:
+                raise ValueError(f"prompt tag {shown(match.group(0))}: weight {parts[1]!r} is not a number") from None
+        found.append({"name": name, "weight": weight})
+        return " "
+
+    stripped = LORA_TAG.sub(take, prompt)
+    if not found:
+        return prompt, []
+    rest = re.sub(r"[ \t]{2,}", " ", stripped).strip()
+    if not rest:
+        raise ValueError("prompt holds nothing but <lora:...> tags: the model needs words to render")
+    return rest, found
+
+
 class JobSpec(BaseModel):
     """One text-to-image request. Unknown fields are errors, not silently ignored."""
 
@@ -123,6 +197,44 @@ class JobSpec(BaseModel):
     team: str = Field(default="default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       strict=True)
     tags: tuple[StrictText, ...] = Field(default=(), max_length=MAX_TAGS)
+    # LoRAs applied on the base model, each at its weight; `<lora:name:weight>` in the prompt means the same.
+    loras: tuple[LoraRef, ...] = Field(default=(), max_length=MAX_LORAS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loras_from_prompt(cls, data: Any) -> Any:
+        """A1111's `<lora:name:weight>` tags in the prompt become `loras` (after any given there) and leave the
+        prompt text: that is how artists write them, and what the model should never read as words."""
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or "<lora:" not in data["prompt"]:
+            return data
+        prompt, found = lora_tags(data["prompt"])
+        given = data.get("loras", ())
+        if not isinstance(given, (list, tuple)):
+            return data  # the field's own check says what is wrong
+        return {**data, "prompt": prompt, "loras": [*given, *found]}
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_a_list(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"loras must be a list of {{name, weight}}, not {type(value).__name__}")
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_known(cls, value: tuple[LoraRef, ...], info: ValidationInfo) -> tuple[LoraRef, ...]:
+        names = [lora.name for lora in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"LoRA {twice[0]!r} is given twice (in loras or as a <lora:...> tag in the prompt)")
+        context = info.context or {}
+        rules, catalog = context.get("loras"), context.get("catalog")
+        if rules is None or catalog is None or "model" not in info.data or not value:
+            return value
+        family = catalog.get(info.data["model"]).family.name
+        # The hash each LoRA is pinned to (the copy the farm holds now, or the one asked for): a ValueError names it.
+        return tuple(lora.model_copy(update={"sha256": rules.resolve(lora.name, lora.sha256, family)})
+                     for lora in value)
 
     @field_validator("model", "prompt", "negative_prompt", "team", mode="before")
     @classmethod
@@ -187,19 +299,25 @@ class JobSpec(BaseModel):
         return value
 
     @classmethod
-    def validate_for(cls, data: Any, catalog: ModelRules) -> JobSpec:
-        """Validate user input (a dict or a JobSpec) against the catalog's family rules."""
+    def validate_for(cls, data: Any, catalog: ModelRules, loras: LoraRules | None = None) -> JobSpec:
+        """Validate user input (a dict or a JobSpec) against the catalog's family rules and, with `loras`, the
+        farm's LoRAs (each known, made for the model's family, and pinned to the hash of the copy it will get)."""
         if isinstance(data, JobSpec):
             data = data.model_dump()
-        return cls.model_validate(data, context={"catalog": catalog})
+        return cls.model_validate(data, context={"catalog": catalog, "loras": loras})
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
 
-    def batch_key(self) -> tuple[str, int, int, int, float]:
-        """Jobs with the same key can share one pipeline call."""
-        return (self.model, self.width, self.height, self.steps, self.guidance)
+    def lora_set(self) -> tuple[tuple[str, str | None, float], ...]:
+        """The LoRAs as a pipeline applies them, (name, sha256, weight) in name order: the order they are given
+        in does not change the image (their deltas add up), so jobs listing them differently share a batch."""
+        return tuple(sorted((lora.name, lora.sha256, lora.weight) for lora in self.loras))
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs with the same key can share one pipeline call: the same model, size, steps, guidance and LoRAs."""
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.lora_set())
 
 
 def shown(value: str, limit: int = 40) -> str:
