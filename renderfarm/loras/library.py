@@ -272,6 +272,11 @@ def inspect_keys(tensors: dict[str, tuple[str, tuple[int, ...]]], origin: str = 
             raise LoraError(f"{origin}: layer {module.name!r}: down weight of shape {list(module.down)} is no matrix")
         ranks.append(module.down[0])
     family = _family(style, list(modules.values()), origin)
+    if family == "sd3" and style == "kohya":
+        # diffusers (0.42) converts kohya keys for SD 1.x, SDXL and Flux only: its SD3 loader would take no
+        # layer from this file and say nothing (tests/actors/test_lora_standins.py pins it).
+        raise LoraError(f"{origin}: an SD3 LoRA in kohya keys, which diffusers does not convert (it would load "
+                        "nothing); convert it to diffusers keys (transformer.transformer_blocks.N...)")
     components = {m.component for m in modules.values()}
     if family in ("flux", "sd3"):  # kohya calls the denoiser `unet` whatever it is
         components = {"transformer" if c == "unet" else c for c in components}

@@ -1,7 +1,7 @@
 """Tiny stand-in LoRAs for the stand-in models, built offline with seeded random weights.
 
-For each stand-in model of the catalog (tiny-sd15, tiny-sdxl, tiny-flux) two LoRAs, one per key style, so
-that both of diffusers' loading paths run on a CPU-only machine:
+For each stand-in model of the catalog (tiny-sd15, tiny-sdxl, tiny-flux, tiny-sd3) a LoRA per key style
+diffusers loads for its family, so that each of diffusers' loading paths runs on a CPU-only machine:
 - `<model>-style.safetensors`: diffusers/PEFT keys (`unet.` / `transformer.` / `text_encoder.` ...
   `.lora_A.weight` / `.lora_B.weight`), rank 4, no alpha (diffusers then scales by 1), as diffusers'
   `save_lora_weights` writes them;
@@ -9,9 +9,11 @@ that both of diffusers' loading paths run on a CPU-only machine:
   `.lora_down.weight` / `.lora_up.weight` / `.alpha`), rank 8, alpha 4 (a scale of 0.5), as sd-scripts
   writes them: SD 1.5 with the diffusers UNet's block names, SDXL with the SGM UNet's
   (`input_blocks_4_1_...`), Flux with BFL names (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear2`).
+  None for SD3: diffusers 0.42 converts no kohya SD3 keys (its SD3 loader would load nothing from them,
+  and the library refuses such files).
 
 They adapt what trainers adapt by default: the UNet's attention blocks (projections, attention, feed
-forward) or Flux's attention and MLP layers, and the CLIP text encoders' attention and MLP layers. The
+forward) or the MMDiTs' attention and MLP layers, and the CLIP text encoders' attention and MLP layers. The
 shapes are read from the stand-in pipeline itself (`actors.standins.build_standin`), so they match it.
 One layer is left out on purpose: a Flux single block's `linear1` (q, k, v and the MLP in one matrix),
 which diffusers' kohya converter splits at Flux.1's own widths (3072, 3072, 3072, 12288) whatever the
@@ -41,15 +43,18 @@ if TYPE_CHECKING:
 STANDIN_LORA_FOLDER = "tiny-loras"
 STANDIN_LORA_MARKER = "renderfarm_standin_loras.json"
 # Bump when a recipe below changes, so an old folder is recognisably stale (see `ensure_standin_loras`).
-STANDIN_LORA_RECIPE_VERSION = 1
+STANDIN_LORA_RECIPE_VERSION = 2  # 2: tiny-sd3-style
 STYLE_FILE = {"diffusers": "style", "kohya": "character"}  # the file's suffix by key style
 RANK = {"diffusers": 4, "kohya": 8}
 KOHYA_ALPHA = 4.0
 # The up (B) matrices' spread, by family: enough that weight 1.0 changes a stand-in's 64x64, 2-step image
-# visibly (measured: a mean change of 20-30 grey levels for SD, 9-16 for Flux, whose 2-step image owes
-# more to its starting noise).
-UP_STD = {"sd15": 0.5, "sdxl": 0.5, "flux": 1.0}
-FAMILIES = ("sd15", "sdxl", "flux")  # the families with a stand-in recipe (actors/standins.py)
+# visibly (measured: a mean change of 20-33 grey levels for SD 1.5, SDXL and SD3, 9-16 for Flux, whose
+# 2-step image owes more to its starting noise).
+UP_STD = {"sd15": 0.5, "sdxl": 0.5, "flux": 1.0, "sd3": 1.0}
+# The key styles diffusers loads, by family: the stand-in LoRAs each family gets.
+STYLES = {"sd15": ("diffusers", "kohya"), "sdxl": ("diffusers", "kohya"), "flux": ("diffusers", "kohya"),
+          "sd3": ("diffusers",)}
+FAMILIES = tuple(STYLES)
 
 # The layers a trainer adapts by default, by the pipeline's own module names.
 _UNET_TARGET = re.compile(
@@ -61,6 +66,10 @@ _FLUX_TARGET = re.compile(
     r"^(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
     r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))$"
+)
+_SD3_TARGET = re.compile(
+    r"^transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))$"
 )
 # kohya's Flux (BFL) names of a double block's layers, by the diffusers layers they become.
 _BFL_DOUBLE = {
@@ -82,8 +91,8 @@ def standin_lora_names() -> dict[str, tuple[str, str, str]]:
     names = {}
     for model in default_catalog().models.values():
         if model.standin and model.family.name in FAMILIES:
-            for style, suffix in STYLE_FILE.items():
-                names[f"{model.name}-{suffix}"] = (model.name, model.family.name, style)
+            for style in STYLES[model.family.name]:
+                names[f"{model.name}-{STYLE_FILE[style]}"] = (model.name, model.family.name, style)
     return dict(sorted(names.items()))
 
 
@@ -162,8 +171,8 @@ def build_standin_lora(family: str, style: str, seed: int = 0, pipe: Any = None)
 
     if family not in FAMILIES:
         raise ValueError(f"no stand-in LoRA recipe for family {family!r}; known: {', '.join(FAMILIES)}")
-    if style not in STYLE_FILE:
-        raise ValueError(f"unknown LoRA key style {style!r}; known: {', '.join(STYLE_FILE)}")
+    if style not in STYLES[family]:
+        raise ValueError(f"no {style!r} stand-in LoRA for {family}; its styles: {', '.join(STYLES[family])}")
     pipe = pipe if pipe is not None else build_standin(family)
     rank = RANK[style]
     generator = torch.Generator().manual_seed(seed)
@@ -185,9 +194,13 @@ def build_standin_lora(family: str, style: str, seed: int = 0, pipe: Any = None)
             tensors[f"{key}.lora_A.weight"] = down.half()
             tensors[f"{key}.lora_B.weight"] = up.half()
 
-    denoiser = pipe.transformer if family == "flux" else pipe.unet
+    denoiser = pipe.transformer if family in ("flux", "sd3") else pipe.unet
     if family == "flux":
         _flux_layers(denoiser, style, pair)
+    elif family == "sd3":
+        for name, layer in denoiser.named_modules():
+            if _SD3_TARGET.search(name):
+                pair(f"transformer.{name}", layer)
     else:
         for name, layer in denoiser.named_modules():
             if _UNET_TARGET.search(name):
@@ -198,14 +211,13 @@ def build_standin_lora(family: str, style: str, seed: int = 0, pipe: Any = None)
                 else:
                     pair("lora_unet_" + name.replace(".", "_"), layer)
     encoders = [("text_encoder", pipe.text_encoder)]
-    if family == "sdxl":
+    if family in ("sdxl", "sd3"):
         encoders.append(("text_encoder_2", pipe.text_encoder_2))
     if family == "flux" and style == "diffusers":
         encoders = []  # as most Flux LoRAs (ai-toolkit): the transformer only; the kohya one adapts CLIP too
     for component, encoder in encoders:
-        kohya_prefix = {"sd15": "lora_te_", "sdxl": "lora_te1_", "flux": "lora_te1_"}[family]
-        if component == "text_encoder_2":
-            kohya_prefix = "lora_te2_"
+        # kohya: `lora_te_` for SD 1.x's one encoder, `lora_te1_` / `lora_te2_` where there are two (Flux: te1).
+        kohya_prefix = "lora_te2_" if component == "text_encoder_2" else "lora_te_" if family == "sd15" else "lora_te1_"
         for name, layer in encoder.named_modules():
             if _CLIP_TARGET.search(name):
                 # Published LoRAs name CLIP's layers under `text_model.` (transformers 5 dropped that level

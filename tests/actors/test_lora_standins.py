@@ -8,6 +8,8 @@ Pinned here, read in the installed diffusers 0.42 / peft 0.21 source first:
   `_convert_kohya_flux_lora_to_diffusers` (BFL names; qkv split into to_q/to_k/to_v);
 - that Flux converter splits a single block's `linear1` at Flux.1's widths (3072, 3072, 3072, 12288)
   whatever the model, which is why the stand-ins leave that layer out;
+- the SD3 loader converts no kohya keys: it loads nothing from them and raises nothing (a warning only),
+  which is why the library refuses kohya SD3 files and SD3's stand-in LoRA is in diffusers keys only;
 - transformers 5 flattened CLIPTextModel (no `text_model` level) and diffusers strips `text_model.` from
   LoRA keys when loading into it, so published text-encoder LoRA keys still land;
 - `set_adapters([...], adapter_weights=[0.0])` makes every LoRA layer's scaling 0 (peft's
@@ -91,7 +93,11 @@ def test_the_folder_is_a_library_of_every_standin_family_in_both_key_styles(lora
     assert library.problems == []
     found = {(i.name, i.family, i.style) for i in library.scan()}
     assert found == {(name, family, style) for name, (_model, family, style) in standin_lora_names().items()}
-    assert {model for model, _f, _s in standin_lora_names().values()} == {"tiny-sd15", "tiny-sdxl", "tiny-flux"}
+    assert {model for model, _f, _s in standin_lora_names().values()} == {
+        entry.name for entry in default_catalog().models.values() if entry.standin}
+    assert {(family, style) for _m, family, style in standin_lora_names().values()} == {
+        (family, style) for family in ("sd15", "sdxl", "flux") for style in ("diffusers", "kohya")} | {
+        ("sd3", "diffusers")}
     assert {i.rank for i in library.scan() if i.style == "kohya"} == {8}
     assert {i.rank for i in library.scan() if i.style == "diffusers"} == {4}
 
@@ -191,6 +197,18 @@ def test_diffusers_splits_a_flux_single_block_linear1_at_flux1s_widths():
             "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(4.0)}
     with pytest.raises(AssertionError):
         FluxPipeline.lora_state_dict(tiny)
+
+
+def test_the_sd3_loader_takes_nothing_from_kohya_keys_and_says_so_only_in_a_warning(cache_dir):
+    entry = default_catalog().get("tiny-sd3")
+    ensure_standin(entry, cache_dir)
+    pipe = load_pipeline(entry, cache_dir)
+    kohya = {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.randn(4, 64),
+             "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.randn(3 * 64, 4),
+             "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(4.0)}
+    assert set(pipe.lora_state_dict(dict(kohya))) == set(kohya)  # not converted
+    pipe.load_lora_weights(dict(kohya), adapter_name="kohya")  # no error...
+    assert pipe.get_list_adapters() == {} and lora_layers(pipe) == 0  # ...and no adapter
 
 
 def test_clip_lost_its_text_model_level_and_diffusers_strips_it_from_lora_keys(lora_dir, cache_dir):

@@ -93,10 +93,6 @@ CASES = {
         "transformer.transformer_blocks.23.attn.to_q": (1536, 1536),
         "transformer.transformer_blocks.23.attn.add_k_proj": (1536, 1536),
     }, "sd3", ("transformer",)),
-    "sd3-kohya": ("kohya", {
-        "lora_unet_joint_blocks_0_x_block_attn_qkv": (1536, 4608),
-        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
-    }, "sd3", ("text_encoder_2", "transformer")),
 }
 
 
@@ -107,6 +103,16 @@ def test_family_style_rank_and_components_from_real_keys(tmp_path, case):
     info = library(tmp_path / "lib", tmp_path).get(case)
     assert (info.family, info.rank, info.components) == (family, 8, components)
     assert info.style == ("kohya" if style == "kohya" else "diffusers")
+
+
+def test_an_sd3_lora_in_kohya_keys_is_told_and_refused_since_diffusers_would_load_nothing(tmp_path):
+    path = lora(tmp_path / "lib" / "mmdit.safetensors", {
+        "lora_unet_joint_blocks_0_x_block_attn_qkv": (1536, 4608),  # sd-scripts' SD3 names
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280),
+    }, "kohya", alpha=2.0)
+    with pytest.raises(LoraError, match="an SD3 LoRA in kohya keys, which diffusers does not convert") as caught:
+        library(tmp_path / "lib", tmp_path).get("mmdit")
+    assert str(path) in str(caught.value)
 
 
 def test_rank_is_the_largest_among_the_layers(tmp_path):
