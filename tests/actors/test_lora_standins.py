@@ -163,8 +163,8 @@ def test_diffusers_converts_kohya_sd_keys_onto_the_unet_and_text_encoders(family
     entry = default_catalog().get(f"tiny-{family}")
     pipe = load_pipeline(entry, cache_dir)
     path = lora_dir / f"tiny-{family}-character.safetensors"
-    if family == "sdxl":
-        assert any(k.startswith("lora_unet_input_blocks_") for k in read_header(path).tensors)  # kohya's SGM names, as for SDXL
+    if family == "sdxl":  # kohya writes SDXL's UNet with the SGM block names
+        assert any(k.startswith("lora_unet_input_blocks_") for k in read_header(path).tensors)
     state_dict, alphas = pipe.lora_state_dict(str(path), unet_config=pipe.unet.config)
     assert not any(k.startswith("lora_") for k in state_dict)
     assert {k.split(".")[0] for k in state_dict} == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl"
