@@ -89,10 +89,12 @@ class FarmClient:
 
     # --- submit ---------------------------------------------------------------------------------------
 
-    def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec") -> JobSpec:
-        """Check one spec against the catalog. Omitted size, steps and guidance take the model's defaults
-        (flux-dev: 1024 px, 28 steps, 3.5); a random seed is drawn (and recorded) when none is given.
-        Raises SpecError, naming `where` and each bad field, and nothing else for any input."""
+    def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec", loras: Any = None) -> JobSpec:
+        """Check one spec against the catalog and, for a job with LoRAs, against what the farm's nodes hold (each
+        LoRA pinned to a copy's sha256: loras/assets.py FarmLoras; `loras`: one read for many specs). Omitted
+        size, steps and guidance take the model's defaults (flux-dev: 1024 px, 28 steps, 3.5); a random seed is
+        drawn (and recorded) when none is given. Raises SpecError, naming `where` and each bad field, and
+        nothing else for any input."""
         from collections.abc import Mapping
 
         if isinstance(spec, Mapping) and not isinstance(spec, dict):
@@ -104,7 +106,7 @@ class FarmClient:
             spec = {"width": entry.default_size, "height": entry.default_size, "steps": entry.default_steps,
                     "guidance": entry.default_guidance, **spec}
         try:
-            valid = JobSpec.validate_for(spec, self.catalog)
+            valid = JobSpec.validate_for(spec, self.catalog, loras if loras is not None else self._farm_loras())
         except ValidationError as exc:
             raise SpecError(f"{where}: {describe_validation_error(exc)}") from None
         except UnknownModelError as exc:
@@ -183,9 +185,10 @@ class FarmClient:
         if batch_id is not None and (problem := id_problem("batch_id", batch_id)):
             raise SpecError(problem)
         errors, valid = [], []
+        loras = self._farm_loras()  # read once for the batch, and only if a spec has LoRAs
         for i, spec in enumerate(specs):
             try:
-                valid.append(self.validate(spec, where=f"jobs[{i}]"))
+                valid.append(self.validate(spec, where=f"jobs[{i}]", loras=loras))
             except SpecError as exc:
                 errors.append(str(exc))
         if not errors:
@@ -199,6 +202,9 @@ class FarmClient:
         jobs = [Job(id=job_id, spec=spec, created_at=now) for job_id, spec in zip(ids, valid)]
         self.store.submit(jobs, batch_id or new_job_id())
         return ids
+
+    def _farm_loras(self) -> _FarmLorasOnce:
+        return _FarmLorasOnce(self.store)
 
     def _for_my_team(self, specs: list[JobSpec]) -> list[JobSpec]:
         """In token mode a team token submits for its own team: a spec that leaves `team` at its default gets
@@ -535,3 +541,19 @@ class FarmClient:
         self.access()  # in token mode the overview needs a valid token too
         return {"redis": self.redis_settings.redacted, "counts": self.store.counts(), "nodes": self.store.nodes(),
                 "counters": self.store.counters(), "quarantined": self.store.quarantined()}
+
+
+class _FarmLorasOnce:
+    """The farm's LoRAs (loras/assets.py FarmLoras), read from Redis on the first LoRA checked, once: a batch
+    without LoRAs costs no read."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._loras: Any = None
+
+    def resolve(self, name: str, sha256: str | None, family: str) -> str | None:
+        if self._loras is None:
+            from renderfarm.loras.assets import FarmLoras
+
+            self._loras = FarmLoras(self.store.assets())
+        return self._loras.resolve(name, sha256, family)

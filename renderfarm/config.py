@@ -215,6 +215,9 @@ class NodeDeclaration(BaseModel):
     reserve_gib: float = Field(default=0.0, ge=0, le=1024)
     forbid_models: tuple[str, ...] = ()
     max_batch: int | None = Field(default=None, ge=1, le=64)
+    # This node's LoRA library, where it differs from the farm's `lora_dir` (a share mounted elsewhere, a local
+    # folder of its own): a node publishes what it holds, and LoRA jobs go only to nodes holding their LoRAs.
+    lora_dir: Path | None = None
 
     @model_validator(mode="after")
     def _reserve_below_vram(self) -> NodeDeclaration:

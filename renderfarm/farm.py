@@ -86,8 +86,8 @@ def node_plan(declared: list[NodeDeclaration] | None, settings: Settings) -> lis
     gpus = gpu_count()
     if gpus and not any(d.vram_gib is not None for d in declared or ()):
         host = socket.gethostname().split(".")[0]
-        overrides = {d.name: d.model_dump(mode="json", include={"reserve_gib", "forbid_models", "max_batch"})
-                     for d in declared or ()}
+        kept = {"reserve_gib", "forbid_models", "max_batch", "lora_dir"}  # what an entry overrides of a real GPU
+        overrides = {d.name: d.model_dump(mode="json", include=kept) for d in declared or ()}
         return [{"name": f"{host}-gpu{i}", "simulated": False, "gpu_index": i, **overrides.get(f"{host}-gpu{i}", {})}
                 for i in range(gpus)]
     if declared is None:

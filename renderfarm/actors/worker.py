@@ -165,6 +165,11 @@ class RenderWorker:
         self.blobs = open_result_store(self.settings)  # where finished images go (Redis keeps their URLs)
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"blobs-{name}")
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
+        # The LoRAs this node holds, published to Redis now and re-indexed every LORA_RESCAN_S (actors/node_loras.py).
+        from renderfarm.actors.node_loras import NodeLoras
+
+        self.loras = NodeLoras(name, self.settings, node.get("lora_dir"))
+        self.loras.publish(self.store)
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
 
@@ -584,3 +589,5 @@ class RenderWorker:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             self._renew()
             self._publish(self.timed_store)
+            if self.loras.due():
+                self.loras.publish(self.timed_store)

@@ -24,16 +24,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 
 def cmd_loras(args: argparse.Namespace) -> int:
     """List the library: usable LoRAs first, then the files that cannot be used, with why."""
-    from renderfarm.loras.library import HASH_CACHE_FILE, LoraError, LoraLibrary, default_hash_cache
+    from renderfarm.loras.assets import library_for
+    from renderfarm.loras.library import LoraError
 
     settings = settings_from(args)
-    folder = args.dir or settings.lora_dir
-    if folder is None:
-        from renderfarm.loras.standins import ensure_standin_loras
-
-        folder = ensure_standin_loras(settings.cache_dir)
-    hash_cache = settings.cache_dir / HASH_CACHE_FILE if settings.cache_dir else default_hash_cache()
-    library = LoraLibrary(folder, hash_cache=hash_cache)
+    if args.dir:
+        settings = settings.model_copy(update={"lora_dir": args.dir})
+    library = library_for(settings)  # the folder a node of these settings indexes
     try:
         loras = library.scan()
     except LoraError as exc:

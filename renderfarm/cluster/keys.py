@@ -60,6 +60,12 @@ class Keys:
         return self._key("nodes")
 
     @property
+    def assets(self) -> str:
+        """A hash: node name -> the JSON of the model files and LoRAs it holds, with their hashes (written when
+        they change, not with every heartbeat: a studio's library runs to thousands of LoRAs)."""
+        return self._key("assets")
+
+    @property
     def events(self) -> str:
         return self._key("events")
 

@@ -9,7 +9,7 @@ model, with the peaks that nodes measured (planning/measured.py) as floors.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -40,6 +40,8 @@ class JobShape:
     height: int
     steps: int
     num_images: int = 1
+    # Its LoRAs as JobSpec.lora_set() gives them: (name, sha256 or None when not pinned, weight), name order.
+    loras: tuple[tuple[str, str | None, float], ...] = ()
 
     def describe(self) -> str:
         return f"{self.model} at {self.width}x{self.height}, batch {self.num_images}"
@@ -146,19 +148,38 @@ class NodeView:
     forbidden: frozenset[str] = frozenset()  # models never sent here (a node override)
     max_batch: int | None = None  # most images in one pipeline call here (a node override)
     cache: CacheView | None = None  # its pipeline cache once the work sent to it is done (None: not modelled)
+    loras: frozenset[tuple[str, str]] = frozenset()  # (name, sha256) of each LoRA it holds (loras/assets.py)
+    # model -> the LoRA set its pipeline will have applied once the work sent to it is done (absent: none)
+    applied: Mapping[str, tuple] | None = None
+
+    def lacks(self, loras: tuple[tuple[str, str | None, float], ...]) -> str | None:
+        """Which LoRA of a job's set this node does not hold (at the job's pinned hash), or None."""
+        names = {name for name, _ in self.loras}
+        for name, sha, _ in loras:
+            if (name, sha) not in self.loras if sha is not None else name not in names:
+                return f"LoRA {name!r}" + (f" (sha256 {sha[:12]})" if sha and name in names else "")
+        return None
+
+    def applied_to(self, model: str) -> tuple:
+        return (self.applied or {}).get(model, ())
 
     def holds(self, model: str, profile: str | None = None) -> bool:
         """Whether a batch of `model` under `profile` reaching this node finds its pipeline loaded."""
         return self.cache.holds(model, profile) if self.cache is not None else model in self.loaded_models
 
-    def after_batch(self, model: str, profile: str | None, predicted_bytes: int, backlog_s: float) -> NodeView:
-        """The node once a batch of `model` under `profile` is committed to it: its backlog is `backlog_s` and
-        its cache holds the model (and has evicted what the load pushes out)."""
+    def after_batch(self, model: str, profile: str | None, predicted_bytes: int, backlog_s: float,
+                    loras: tuple = ()) -> NodeView:
+        """The node once a batch of `model` under `profile` (with `loras` applied) is committed to it: its backlog
+        is `backlog_s`, its cache holds the model (and has evicted what the load pushes out) with those LoRAs."""
         cache = self.cache.load(model, profile, predicted_bytes) if self.cache is not None else None
         loaded = cache.models if cache is not None else (
             self.loaded_models if model in self.loaded_models else self.loaded_models | {model})
+        applied = self.applied
+        if loras != self.applied_to(model):
+            applied = {**(applied or {}), model: loras}
         # The constructor, not dataclasses.replace: this runs once per planned batch, and replace is 5x slower.
-        return NodeView(self.name, self.device, loaded, backlog_s, self.slots, self.forbidden, self.max_batch, cache)
+        return NodeView(self.name, self.device, loaded, backlog_s, self.slots, self.forbidden, self.max_batch, cache,
+                        self.loras, applied)
 
 
 @dataclass(frozen=True)
@@ -233,6 +254,12 @@ def why_nothing_fits(
     if not allowed:
         return f"{job.describe()}: {job.model} is forbidden on every node" if nodes else \
             f"{job.describe()}: there are no nodes"
+    if job.loras:
+        lacking = {n.name: n.lacks(job.loras) for n in allowed}
+        allowed = [n for n in allowed if lacking[n.name] is None]
+        if not allowed:
+            reasons = "; ".join(f"{name} lacks {why}" for name, why in sorted(lacking.items()))
+            return f"{job.describe()}: no node holds its LoRAs ({reasons})"
     nodes = allowed
     fits = [fit_for(job, n, catalog, measured) for n in nodes]
     if any(f is None or f.fits for f in fits):

@@ -81,7 +81,7 @@ class DispatchManager:
             NodeView(w.name, w.device, w.loaded, w.backlog(now),
                      # a suspect gets one batch, as a probe (workers.Worker.has_room)
                      (1 if w.suspect else settings.worker_queue_depth - w.inflight) if state.has_room(w) else 0,
-                     w.forbidden, w.max_batch, w.cache.view)
+                     w.forbidden, w.max_batch, w.cache.view, w.loras, w.cache.applied)
             for w in state.workers.values() if w.alive and not w.draining
         ]
         free = sum(n.slots for n in nodes)
@@ -136,7 +136,8 @@ class DispatchManager:
             worker.estimates[ref] = estimate
             worker.busy_until = max(worker.busy_until, now) + estimate
             worker.inflight += 1
-            state.workers.add_loaded(worker, assignment.model, assignment.profile, assignment.weights_bytes, ref)
+            state.workers.add_loaded(worker, assignment.model, assignment.profile, assignment.weights_bytes, ref,
+                                     assignment.loras)
             for job_id in leased:
                 self.fair.charge(by_id[job_id].spec.team, queued_view(by_id[job_id]).cost, now)
             self._fair_unsaved = True  # saved with the next round's leases (or within a heartbeat)
@@ -152,7 +153,7 @@ class DispatchManager:
             if view is None:
                 s = job.spec
                 view = (queued_view(job), PendingJob(job.id, s.model, s.batch_key(), s.num_images, s.width, s.height,
-                                                     s.steps))
+                                                     s.steps, s.lora_set()))
             fresh[job.id] = view
         self._job_views = fresh
         return fresh

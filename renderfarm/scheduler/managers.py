@@ -230,8 +230,11 @@ class MembershipManager:
         if now < self.next_due:
             return
         self.next_due = now + self.state.settings.eta_seconds
+        assets_changed: dict[str, Any] = {}  # worker name -> its record's new assets_version
         for record in self.state.store.nodes():
             name = record["name"]
+            if record.get("assets_version") is not None:
+                assets_changed[name] = record.get("assets_version")
             heartbeat = record.get("heartbeat")
             fresh = (isinstance(heartbeat, (int, float)) and now - heartbeat < self.state.settings.dead_after_seconds
                      and record.get("state") != "stopped")
@@ -250,6 +253,22 @@ class MembershipManager:
             worker.draining = record.get("draining") is True
             # Its pipeline cache as reported, with the batches it has not reported yet loaded on top.
             self.state.workers.report_cache(worker, record, self.state.inflight)
+        self._read_assets(assets_changed)
+
+    def _read_assets(self, versions: dict[str, Any]) -> None:
+        """Read the LoRAs of the workers whose published assets changed (one request for all of them): the
+        planner sends a job with LoRAs only to a node holding each at the job's hash (loras/assets.py)."""
+        from renderfarm.loras.assets import held
+
+        changed = {name: v for name, v in versions.items()
+                   if (w := self.state.workers.get(name)) is not None and w.assets_version != v}
+        if not changed:
+            return
+        docs = self.state.store.assets(sorted(changed))
+        for name, version in changed.items():
+            worker = self.state.workers.get(name)
+            if worker is not None:
+                worker.loras, worker.assets_version = held(docs.get(name)), version
 
     def _adopt(self, record: dict[str, Any]) -> None:
         """Take a worker that joined into the farm, by its named actor."""

@@ -64,6 +64,8 @@ TIE_SECONDS = 1.0
 TIE_SCALE_S = 10.0
 # From this many nodes on, plan_dispatch decides through a NodeIndex (kinds share a measured speed).
 INDEX_FROM_NODES = 64
+LORA_SWITCH_BASE_S = 0.5  # see lora_switch_seconds
+LORA_SWITCH_PER_LORA_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,11 @@ class PendingJob:
     width: int = 0
     height: int = 0
     steps: int = 1
+    loras: tuple[tuple[str, str | None, float], ...] = ()  # JobSpec.lora_set()
 
     @property
     def shape(self) -> JobShape:
-        return JobShape(self.model, self.width, self.height, self.steps, self.num_images)
+        return JobShape(self.model, self.width, self.height, self.steps, self.num_images, self.loras)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ def filter_nodes(
     for node in nodes:
         if job.model in node.forbidden:
             rejected[node.name] = f"{job.model} is forbidden on {node.name} (its node override)"
+            continue
+        if job.loras and (lacking := node.lacks(job.loras)):
+            rejected[node.name] = f"{node.name} lacks {lacking}"
             continue
         fit = fit_for(job, node, catalog, measured)
         if fit is None or fit.fits:
@@ -167,14 +173,28 @@ def score(
     own = measured.seconds_per_step(node.name, job.model, job.width, job.height, job.num_images)
     per_step = _seconds_per_step(job, fit, own, measured)
     profile = fit.profile if fit is not None else None
-    load = 0.0 if node.holds(job.model, profile) else _load_estimate(
-        node.name, job.model, fit, node.device, measured, peers)
+    held = node.holds(job.model, profile)
+    load = 0.0 if held else _load_estimate(node.name, job.model, fit, node.device, measured, peers)
+    # A pipeline with other LoRAs applied switches them first; a pipeline loaded for the job applies its own.
+    load += lora_switch_seconds(node.applied_to(job.model) if held else (), job.loras)
     run = job.steps * per_step
     leftover = fit.usable_gib - fit.peak_gib if fit is not None else (node.device.vram_gib if node.device else 0.0)
     return Decision(
         node=node.name, profile=profile or "", finish_s=node.backlog_s + load + run, run_s=run, load_s=load,
         leftover_gib=leftover, weights_bytes=_weights_bytes(fit),
     )
+
+
+def lora_switch_seconds(applied: tuple, wanted: tuple) -> float:
+    """Predicted seconds to take a pipeline from the LoRA set `applied` to `wanted` (JobSpec.lora_set() form):
+    nothing when they are the same; else a fixed cost (unfusing or disabling the old set) and one per LoRA
+    that comes or goes or changes weight (read, loaded as an adapter or fused). Until nodes measure their
+    switches, these are the planner's guess, set to a LoRA's order of size (tens to hundreds of MB) over a
+    disk and a fuse pass; their point is that a node already holding the set wins near ties."""
+    if applied == wanted:
+        return 0.0
+    changed = len(set(applied) ^ set(wanted))
+    return LORA_SWITCH_BASE_S + LORA_SWITCH_PER_LORA_S * changed
 
 
 def _weights_bytes(fit: Fit | None) -> int:
@@ -220,6 +240,7 @@ class Assignment:
     run_s: float = 0.0
     finish_s: float = 0.0
     weights_bytes: int = 0  # the profile's predicted weights (0: unknown): what its pipeline adds to the cache
+    loras: tuple = ()  # the LoRA set the batch applies (JobSpec.lora_set())
 
 
 @dataclass(frozen=True)
@@ -275,7 +296,8 @@ def plan_dispatch(
             break
         if head.id in taken:
             continue
-        decision = index.pick(head.shape) if index else pick(
+        # The index knows nothing of LoRAs: a job with some is placed by `pick`, which checks who holds them.
+        decision = index.pick(head.shape) if index and not head.loras else pick(
             head.shape, list(views.values()), catalog, measured, kinds)
         if decision is None:
             plan.unplaced[head.id] = why_nothing_fits(head.shape, list(views.values()), catalog, measured) or "no node"
@@ -313,10 +335,10 @@ def plan_dispatch(
             slots[node.name] -= 1
             plan.assignments.append(Assignment(
                 node.name, tuple(j.id for j in batch), head.model, decision.profile, decision.run_s, decision.finish_s,
-                decision.weights_bytes,
+                decision.weights_bytes, head.loras,
             ))
         views[node.name] = node.after_batch(head.model, decision.profile or None, decision.weights_bytes,
-                                            decision.finish_s)
+                                            decision.finish_s, head.loras)
         if index is not None:
             index.update(views[node.name])
     return plan
@@ -446,7 +468,8 @@ class NodeIndex:
     def commit(self, job: JobShape, decision: Decision) -> None:
         """Record `decision`: the node's backlog grows to the job's finish and its cache takes the job's model."""
         view = self._views[decision.node]
-        self.update(view.after_batch(job.model, decision.profile or None, decision.weights_bytes, decision.finish_s))
+        self.update(view.after_batch(job.model, decision.profile or None, decision.weights_bytes, decision.finish_s,
+                                     job.loras))
 
 
 def _pipelines(node: NodeView) -> Iterator[tuple[str, str | None]]:

@@ -50,6 +50,21 @@ def cache_from_record(info: Mapping[str, Any]) -> CacheView:
         return CacheView(entries=names)
 
 
+def applied_from_record(info: Mapping[str, Any]) -> dict[str, tuple]:
+    """model -> the LoRA set its pipeline has applied, from a node record's `applied_loras` (the worker writes
+    {model: [[name, sha256, weight], ...]}); malformed parts are skipped."""
+    raw = info.get("applied_loras")
+    out: dict[str, tuple] = {}
+    if not isinstance(raw, Mapping):
+        return out
+    for model, loras in raw.items():
+        if isinstance(model, str) and isinstance(loras, list) and all(
+                isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and isinstance(x[2], (int, float))
+                for x in loras):
+            out[model] = tuple(sorted((x[0], x[1] if isinstance(x[1], str) else None, float(x[2])) for x in loras))
+    return out
+
+
 def _pipelines(raw: Any) -> tuple[CachedPipeline, ...]:
     if not isinstance(raw, list):
         raise ValueError(f"expected a list of pipelines, got {type(raw).__name__}")
@@ -71,24 +86,29 @@ class CacheModel:
     before its record was written replays harmlessly: a load of a pipeline the cache holds only refreshes
     it, and whatever came after it replays after it."""
 
-    def __init__(self, reported: CacheView | None = None):
+    def __init__(self, reported: CacheView | None = None, applied: Mapping[str, tuple] | None = None):
         self.reported = reported if reported is not None else CacheView()
         self.view = self.reported  # immutable: readers on other threads take it whole
-        self._sent: list[tuple[Any, str, str | None, int]] = []  # (batch ref, model, profile, predicted bytes)
+        # model -> the LoRA set (JobSpec.lora_set() form) its pipeline has applied, with the sent batches' on top
+        self.applied: Mapping[str, tuple] = dict(applied or {})
+        self._sent: list[tuple[Any, str, str | None, int, tuple]] = []  # (ref, model, profile, bytes, LoRA set)
 
-    def sent(self, ref: Any, model: str, profile: str | None = None, predicted_bytes: int = 0) -> None:
-        """A batch of `model` under `profile` was sent (`ref`: its handle, for `report`)."""
-        self._sent = [*self._sent, (ref, model, profile or None, predicted_bytes)][-SENT_REMEMBERED:]
+    def sent(self, ref: Any, model: str, profile: str | None = None, predicted_bytes: int = 0,
+             loras: tuple = ()) -> None:
+        """A batch of `model` under `profile` with `loras` applied was sent (`ref`: its handle, for `report`)."""
+        self._sent = [*self._sent, (ref, model, profile or None, predicted_bytes, loras)][-SENT_REMEMBERED:]
         self.view = self.view.load(model, profile or None, predicted_bytes)
+        self.applied = {**self.applied, model: loras}
 
-    def report(self, reported: CacheView, in_flight: Container[Any]) -> None:
-        """The worker's record says its cache holds `reported`; the batches sent that are still `in_flight`
-        are loaded on top of it (the others are in the record already)."""
+    def report(self, reported: CacheView, in_flight: Container[Any], applied: Mapping[str, tuple] | None = None) -> None:
+        """The worker's record says its cache holds `reported` (with the LoRA sets `applied`); the batches sent
+        that are still `in_flight` are loaded on top of it (the others are in the record already)."""
         self._sent = [s for s in self._sent if s[0] in in_flight]
-        view = reported
-        for _, model, profile, predicted in self._sent:
+        view, sets = reported, dict(applied or {})
+        for _, model, profile, predicted, loras in self._sent:
             view = view.load(model, profile, predicted)
-        self.reported, self.view = reported, view
+            sets[model] = loras
+        self.reported, self.view, self.applied = reported, view, sets
 
 
 @dataclass
@@ -108,6 +128,8 @@ class Worker:
     silent: bool = False  # taken out because its heartbeat went stale (not because Ray reported it dead)
     forbidden: frozenset[str] = frozenset()  # node overrides: models never sent here,
     max_batch: int | None = None  # and the most images per call
+    loras: frozenset[tuple[str, str]] = frozenset()  # (name, sha256) of the LoRAs it holds (loras/assets.py)
+    assets_version: str | None = None  # the digest of what it published last (node record `assets_version`)
     busy_until: float = 0.0  # epoch seconds its sent batches are expected to be done
     estimates: dict[Any, float] = field(default_factory=dict)  # batch ref -> its estimated seconds
 
@@ -134,7 +156,7 @@ def worker_from_info(name: str, handle: Any, info: dict[str, Any]) -> Worker:
     forbid = info.get("forbid_models")
     max_batch = info.get("max_batch")
     return Worker(
-        name, handle, CacheModel(cache_from_record(info)), device_from_record(info),
+        name, handle, CacheModel(cache_from_record(info), applied_from_record(info)), device_from_record(info),
         pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
         forbidden=frozenset(m for m in forbid if isinstance(m, str)) if isinstance(forbid, list) else frozenset(),
         max_batch=max_batch if isinstance(max_batch, int) and max_batch >= 1 else None,
@@ -178,17 +200,19 @@ class WorkerTable:
             self._workers[worker.name] = worker
 
     def add_loaded(
-        self, worker: Worker, model: str, profile: str | None = None, predicted_bytes: int = 0, ref: Any = None
+        self, worker: Worker, model: str, profile: str | None = None, predicted_bytes: int = 0, ref: Any = None,
+        loras: tuple = (),
     ) -> None:
-        """A batch of `model` under `profile` was sent to `worker` (`ref`: its handle): its cache loads the
-        pipeline (predicted at `predicted_bytes` unless the worker measured it) and evicts what that pushes out."""
+        """A batch of `model` under `profile` (with `loras`) was sent to `worker` (`ref`: its handle): its cache
+        loads the pipeline (predicted at `predicted_bytes` unless the worker measured it) and evicts what that
+        pushes out; the pipeline will have those LoRAs applied."""
         with self.lock:
-            worker.cache.sent(ref, model, profile, predicted_bytes)
+            worker.cache.sent(ref, model, profile, predicted_bytes, loras)
 
     def report_cache(self, worker: Worker, record: Mapping[str, Any], in_flight: Container[Any]) -> None:
         """`worker`'s node record arrived: model its cache from it, with the batches still `in_flight` on top."""
         with self.lock:
-            worker.cache.report(cache_from_record(record), in_flight)
+            worker.cache.report(cache_from_record(record), in_flight, applied_from_record(record))
 
     def stats(self, now: float) -> dict[str, dict[str, Any]]:
         """Each worker's state for `Scheduler.stats`, safe to call from any thread."""

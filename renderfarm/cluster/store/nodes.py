@@ -106,6 +106,36 @@ class NodeRecords:
             pipe.hset(self.keys.node(name), mapping=fields)
             pipe.execute()
 
+    def publish_assets(self, name: str, assets: dict[str, Any], version: str) -> None:
+        """Node `name` holds `assets` (loras/assets.py node_assets): written to Keys.assets, and `version` (their
+        digest) to its record, in one transaction, so that a reader who sees the version sees the assets."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.assets, name, json.dumps({**assets, "version": version}))
+            pipe.hset(self.keys.node(name), "assets_version", json.dumps(version))
+            pipe.execute()
+
+    def assets(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """What each node (of `names`, default all) said it holds; a node that said nothing, or whose entry does
+        not parse (logged and counted, `malformed_assets`), is left out: it holds nothing a job can count on."""
+        if names is None:
+            raw = dict(self.redis.hgetall(self.keys.assets))
+        else:
+            raw = {n.encode(): v for n, v in zip(names, self.redis.hmget(self.keys.assets, names) if names else [])
+                   if v is not None}
+        out = {}
+        for key, value in raw.items():
+            name = key.decode(errors="replace")
+            try:
+                doc = json.loads(value)
+                if not isinstance(doc, dict):
+                    raise ValueError(f"a {type(doc).__name__}, not an object")
+            except ValueError as exc:
+                log.error("assets of node %s do not parse, ignored: %s", name, exc)
+                self.count("malformed_assets")
+                continue
+            out[name] = doc
+        return out
+
     def update_node(self, name: str, **info: Any) -> None:
         self.redis.hset(self.keys.node(name), mapping=self._node_fields(info))
 

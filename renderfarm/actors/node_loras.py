@@ -1,0 +1,76 @@
+"""A node's LoRAs: the library it indexes and publishes (loras/assets.py), and the files a job's LoRA set names.
+
+The node indexes its library (`lora_dir`, else the stand-in LoRAs) at start and every LORA_RESCAN_S, and
+publishes what it holds when that changed; a job names each LoRA by name and the sha256 it was pinned to at
+submit, and `resolve` finds the file of exactly that copy (a file changed since is another copy: the job is
+refused here, as the scheduler would not have sent it had it known).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from renderfarm.cluster.store import Store
+from renderfarm.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class MissingLora(LookupError):
+    """A job's LoRA this node does not hold at the job's hash: the job's fault only if no node holds it, which
+    the client checks at submit; here it means the node's library changed after the job was routed."""
+
+
+class NodeLoras:
+    def __init__(self, node: str, settings: Settings, lora_dir: str | None = None):
+        """`lora_dir`: the node's own library folder (NodeDeclaration.lora_dir), else the farm's."""
+        self.node = node
+        self.version: str | None = None  # the digest of what was published last
+        self.table: dict[str, Any] = {}  # name -> what was published of it (family, sha256, size_bytes, ...)
+        self._due = 0.0
+        self.library: Any = None
+        try:
+            from renderfarm.loras.assets import library_for
+
+            if lora_dir:
+                settings = settings.model_copy(update={"lora_dir": Path(lora_dir).expanduser()})
+            self.library = library_for(settings)
+        except Exception as exc:  # a broken library costs the LoRA jobs, never the node
+            log.error("node %s: no LoRA library: %s", node, exc)
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._due
+
+    def publish(self, store: Store) -> None:
+        """Index the library; publish what it holds if that changed. Never raises (Redis away, a share gone:
+        the next rescan tries again)."""
+        from renderfarm.loras.assets import LORA_RESCAN_S, node_assets
+
+        self._due = time.monotonic() + LORA_RESCAN_S
+        if self.library is None:
+            return
+        try:
+            doc, version = node_assets(self.library)
+            if version != self.version:
+                store.publish_assets(self.node, doc, version)
+                self.table, self.version = dict(doc["loras"]), version
+        except Exception:
+            log.warning("node %s: could not publish its LoRAs", self.node, exc_info=True)
+
+    def resolve(self, name: str, sha256: str | None) -> Any:
+        """The library's LoraInfo of `name` at `sha256` (any copy when None); MissingLora when it holds none."""
+        from renderfarm.loras.library import LoraError
+
+        if self.library is None:
+            raise MissingLora(f"node {self.node} has no LoRA library, so no LoRA {name!r}")
+        try:
+            info = self.library.get(name)
+        except LoraError as exc:
+            raise MissingLora(f"node {self.node}: {exc}") from None
+        if sha256 is not None and info.sha256 != sha256:
+            raise MissingLora(f"node {self.node} holds another copy of LoRA {name!r} (sha256 {info.sha256[:12]}, "
+                              f"the job was pinned to {sha256[:12]})")
+        return info

@@ -1,0 +1,77 @@
+"""LoRA jobs through a real farm (real redis-server, a private Ray, two simulated nodes rendering the tiny
+stand-ins): each node publishes the LoRAs its library holds; the client pins a job's LoRA to a copy's hash and
+refuses, enqueueing nothing, a LoRA no node holds or one made for another family; the scheduler never sends a
+LoRA job to a node without the file (nor with another copy of it), and jobs with the same LoRA set share a
+batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from renderfarm.config import NodeDeclaration, Settings
+from renderfarm.errors import SpecError
+from renderfarm.farm import Farm
+from renderfarm.jobs import JobState
+from renderfarm.loras.library import LoraLibrary
+from renderfarm.loras.standins import ensure_standin_loras
+
+pytestmark = pytest.mark.integration
+
+FAST = {"heartbeat_seconds": 0.5, "lease_seconds": 10.0, "eta_seconds": 0.5, "max_batch": 4}
+STYLE, OTHER = "tiny-sd15-style", "tiny-sd15-character"
+
+
+def job(i: int, **kw) -> dict:
+    return {"model": "tiny-sd15", "prompt": f"a fox {i}", "width": 64, "height": 64, "steps": 2, "seed": i, **kw}
+
+
+@pytest.fixture(scope="module")
+def standin_loras():
+    return ensure_standin_loras()
+
+
+def test_lora_jobs_go_only_to_the_node_holding_the_file(tmp_path, standin_loras):
+    holder, lacking = tmp_path / "with", tmp_path / "without"
+    holder.mkdir()
+    lacking.mkdir()
+    shutil.copy(standin_loras / f"{STYLE}.safetensors", holder)
+    shutil.copy(standin_loras / "tiny-sdxl-style.safetensors", holder)
+    # The other node holds an older, different copy of the second LoRA (stale): the newest copy is the one a
+    # job is pinned to, and a node holding another is treated as lacking it.
+    shutil.copy(standin_loras / f"{OTHER}.safetensors", holder)
+    stale = shutil.copy(standin_loras / f"{STYLE}.safetensors", lacking / f"{OTHER}.safetensors")
+    os.utime(stale, (1e9, 1e9))
+    nodes = [NodeDeclaration(name="holder", vram_gib=24, lora_dir=holder),
+             NodeDeclaration(name="lacking", vram_gib=24, lora_dir=lacking)]
+    settings = Settings(data_dir=tmp_path / "farm", **FAST)
+    sha = LoraLibrary(holder, hash_cache=tmp_path / "h.json").get(STYLE).sha256
+    with Farm(settings, nodes, warm_models=["tiny-sd15"], log_to_driver=False) as farm:
+        client = farm.client()
+        before = client.store.counts()
+        with pytest.raises(SpecError) as refused:
+            client.submit_batch([job(0), job(1, loras=[{"name": "nope", "weight": 0.5}])])
+        assert "jobs[1]: loras: no node of this farm holds LoRA 'nope'" in str(refused.value)
+        with pytest.raises(SpecError) as wrong_family:
+            client.submit_batch([job(2, prompt="a fox <lora:tiny-sdxl-style:0.8>")])
+        assert "LoRA 'tiny-sdxl-style' is made for sdxl models, not sd15" in str(wrong_family.value)
+        assert client.store.counts() == before, "a refused batch enqueued something"
+
+        # The LoRA jobs (the prompt form and the field form) go to the holder; plain jobs to either node.
+        lora_ids = client.submit_batch(
+            [job(10 + i, prompt=f"a fox {i} <lora:{STYLE}:0.7>") for i in range(4)]
+            + [job(20 + i, loras=[{"name": OTHER, "weight": 1.0}]) for i in range(2)])
+        plain_ids = client.submit_batch([job(30 + i) for i in range(8)])
+        finished = {j.id: j for j in client.wait(lora_ids + plain_ids, timeout=300)}
+        assert {j.state for j in finished.values()} == {JobState.DONE}
+        lora_jobs = [finished[i] for i in lora_ids]
+        assert {j.node for j in lora_jobs} == {"holder"}, [(j.id, j.node) for j in lora_jobs]
+        # pinned at submit to the holder's copies (the lacking node's file of the same name differs)
+        assert {lo.sha256 for j in lora_jobs[:4] for lo in j.spec.loras} == {sha}
+        assert lora_jobs[0].spec.prompt == "a fox 0" and lora_jobs[0].spec.loras[0].weight == 0.7
+        # the four jobs of one LoRA set rendered as one batch (max_batch 4), apart from the other set
+        assert len({j.timings.get("batch_size") for j in lora_jobs[:4]}) == 1
+        assert lora_jobs[0].timings["batch_size"] == 4.0
+        assert "lacking" in {finished[i].node for i in plain_ids}  # the node without them still works
