@@ -96,8 +96,12 @@ def a1111_parameters(
     model: str,
     distilled_cfg_scale: float | None = None,
     version: str | None = None,
+    loras: tuple[tuple[str, float, str], ...] = (),
 ) -> str:
-    """The infotext AUTOMATIC1111 / Forge write into a PNG's `parameters` chunk."""
+    """The infotext AUTOMATIC1111 / Forge write into a PNG's `parameters` chunk. `loras`: (name, weight, short
+    hash) of each LoRA applied, written the A1111 way: a `<lora:name:weight>` tag per LoRA after the prompt (the
+    prompt as an artist would have typed it) and `Lora hashes: "name: hash, ..."` (A1111's short hash of the
+    file, loras/library.py), which A1111's and Civitai's readers match LoRAs by."""
     fields: dict[str, Any] = {"Steps": steps, "Sampler": sampler}
     if schedule_type:
         fields["Schedule type"] = schedule_type
@@ -107,6 +111,9 @@ def a1111_parameters(
     fields["Seed"] = seed
     fields["Size"] = f"{width}x{height}"
     fields["Model"] = model
+    if loras:
+        fields["Lora hashes"] = ", ".join(f"{name}: {short}" for name, _, short in loras)
+        prompt = " ".join([prompt, *(f"<lora:{name}:{weight:g}>" for name, weight, _ in loras)])
     fields["Version"] = version or f"renderfarm {RENDERFARM_VERSION}"
     lines = [prompt]
     if negative_prompt:
