@@ -539,8 +539,12 @@ class FarmClient:
 
     def status(self) -> dict[str, Any]:
         self.access()  # in token mode the overview needs a valid token too
+        from renderfarm.loras.assets import summary
+
         return {"redis": self.redis_settings.redacted, "counts": self.store.counts(), "nodes": self.store.nodes(),
-                "counters": self.store.counters(), "quarantined": self.store.quarantined()}
+                "counters": self.store.counters(), "quarantined": self.store.quarantined(),
+                # what each node holds (its LoRA library), as loras/assets.py summarises it
+                "assets": {node: summary(doc) for node, doc in self.store.assets().items()}}
 
 
 class _FarmLorasOnce:

@@ -264,6 +264,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                      f"done={node.get('jobs_done', 0)} loaded={','.join(node.get('loaded') or []) or '-'} "
                      f"heartbeat={age:.0f}s ago{' (simulated)' if node.get('simulated') else ''}"
                      + (f" draining: {node.get('drain_reason') or 'by an operator'}" if node.get("draining") is True else ""))
+        held = status["assets"].get(node["name"])
+        if held:
+            lines.append(f"       loras={', '.join(held['loras']) or '-'}"
+                         + (f"  unusable={len(held['lora_problems'])}" if held["lora_problems"] else "")
+                         + (f"  library: {held['lora_dir_error']}" if held["lora_dir_error"] else ""))
     if status["counters"]:
         lines.append("farm   " + "  ".join(f"{k}={v}" for k, v in sorted(status["counters"].items())))
     for job_id, reason in sorted(status["quarantined"].items()):

@@ -184,6 +184,8 @@ def node_card(node: dict[str, Any], color: str | None = None) -> None:
         lines = [
             f"Last heartbeat: {'never' if heartbeat is None else duration(heartbeat) + ' ago'}",
             f"Loaded: {md(', '.join(node['loaded'])) or 'nothing'}",
+            f"LoRAs: {md(', '.join(node['loras'])) or 'none'}"
+            + (f" ({len(node['lora_problems'])} files unusable)" if node["lora_problems"] else ""),
             "Profiles: " + (", ".join(f"{md(m)} → {md(p)}" for m, p in node["profiles"].items()) or "none yet"),
             # The same count as the queue's "Failed (1 h)": jobs that failed in the last hour, by the node
             # they last ran on. The worker's own counters count attempts since it started (a retried attempt

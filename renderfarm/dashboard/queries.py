@@ -181,6 +181,7 @@ def nodes(
     """One row per registered node: what it is, what it holds, how fast it renders, whether it lives."""
     now = time.time() if now is None else now
     failed_1h = failed_by_node(store, now - HOUR)
+    assets = store.assets()  # the LoRAs each node holds (loras/assets.py), written when they change
     rows = []
     for record in store.nodes():
         heartbeat = _num(record.get("heartbeat"))
@@ -211,10 +212,17 @@ def nodes(
             "jobs_failed": int(_num(record.get("jobs_failed")) or 0),
             "images": int(_num(record.get("images")) or 0),
             "failed_1h": failed_1h.get(record["name"], 0),
+            **lora_summary(assets.get(record["name"])),
             **progress(record),
             **throughput_now(record, samples, now),
         })
     return rows
+
+
+def lora_summary(assets: dict[str, Any] | None) -> dict[str, Any]:
+    from renderfarm.loras.assets import summary  # torch-free
+
+    return summary(assets)
 
 
 def progress(record: dict[str, Any]) -> dict[str, Any]:

@@ -74,6 +74,18 @@ def held(assets: Mapping[str, Any] | None) -> frozenset[tuple[str, str]]:
                      if isinstance(entry, Mapping) and isinstance(entry.get("sha256"), str))
 
 
+def summary(assets: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a node's published assets say, for people (`renderfarm status`, the dashboard): its LoRAs as
+    "name (short hash)", sorted, the files it cannot use with why, and its library folder (with its error)."""
+    doc = assets if isinstance(assets, Mapping) else {}
+    table = doc.get("loras") if isinstance(doc.get("loras"), Mapping) else {}
+    problems = doc.get("lora_problems") if isinstance(doc.get("lora_problems"), Mapping) else {}
+    return {"loras": sorted(f"{name} ({entry.get('short_hash', '?')})" for name, entry in table.items()
+                            if isinstance(entry, Mapping)),
+            "lora_problems": {str(k): str(v) for k, v in problems.items()},
+            "lora_dir": doc.get("lora_dir"), "lora_dir_error": doc.get("lora_dir_error")}
+
+
 class FarmLoras:
     """The LoRAs a farm's nodes hold (`assets`: node name -> its published assets, Store.assets()), as the
     `LoraRules` that JobSpec.validate_for checks a job's LoRAs with."""

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from renderfarm.config import NodeDeclaration, Settings
+from renderfarm.dashboard import queries
 from renderfarm.errors import SpecError
 from renderfarm.farm import Farm
 from renderfarm.jobs import JobState
@@ -75,3 +76,10 @@ def test_lora_jobs_go_only_to_the_node_holding_the_file(tmp_path, standin_loras)
         assert len({j.timings.get("batch_size") for j in lora_jobs[:4]}) == 1
         assert lora_jobs[0].timings["batch_size"] == 4.0
         assert "lacking" in {finished[i].node for i in plain_ids}  # the node without them still works
+
+        # What each node holds, as `renderfarm status` and the dashboard show it.
+        held = client.status()["assets"]
+        assert any(entry.startswith(f"{STYLE} (") for entry in held["holder"]["loras"])
+        assert held["lacking"]["loras"] == [f"{OTHER} ({client.store.assets()['lacking']['loras'][OTHER]['short_hash']})"]
+        rows = {row["name"]: row for row in queries.nodes(client.store, [], 15)}
+        assert rows["holder"]["loras"] == held["holder"]["loras"] and rows["lacking"]["lora_problems"] == {}
