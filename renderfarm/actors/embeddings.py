@@ -13,14 +13,15 @@ from collections import OrderedDict
 
 import torch
 
-# (pipeline key, prompt, negative prompt (empty when CFG is off), classifier-free guidance on)
-EmbeddingKey = tuple[tuple[str, str | None], str, str, bool]
+# (pipeline key, prompt, negative prompt (empty when CFG is off), classifier-free guidance on, what the applied
+# LoRA set does to the text encoders: () for none, see actors/lora_apply.text_encoder_key)
+EmbeddingKey = tuple[tuple[str, str | None], str, str, bool, tuple]
 
 
 class EmbeddingCache:
-    """Prompt embeddings by (model and profile, prompt, negative prompt, CFG on), least recently used
-    evicted first, bounded by entries and by bytes. Embeddings are kept in host memory (a FLUX.1 prompt is
-    4 MiB of T5 states) so the cache never competes with the denoiser for VRAM."""
+    """Prompt embeddings by (model and profile, prompt, negative prompt, CFG on, LoRAs on the text encoders),
+    least recently used evicted first, bounded by entries and by bytes. Embeddings are kept in host memory (a
+    FLUX.1 prompt is 4 MiB of T5 states) so the cache never competes with the denoiser for VRAM."""
 
     def __init__(self, max_entries: int = 512, max_bytes: int = 512 * 2**20):
         if max_entries < 1 or max_bytes < 1:

@@ -44,6 +44,7 @@ from renderfarm.actors.loading import (
     set_vae_mode,
     text_encoders_on,
 )
+from renderfarm.actors.lora_apply import text_encoder_key
 from renderfarm.actors.peak_memory import PeakMemory
 from renderfarm.infotext import a1111_parameters, png_bytes
 from renderfarm.planning.catalog import ModelEntry
@@ -440,8 +441,10 @@ def _embeddings(
     """The prompt embeddings of `requests`, one row per image, on `device`; also how many distinct prompts
     were encoded now and how many came from `cache`. Missing prompts are encoded together in one call."""
     owner = info.key if info is not None else (entry.name, None)
-    # Without CFG the negative prompt plays no part: it must not split the cache.
-    keys = [(owner, r.prompt, r.negative_prompt if do_cfg else "", do_cfg) for r in requests]
+    # Without CFG the negative prompt plays no part: it must not split the cache. A LoRA on a text encoder
+    # changes the embeddings: the applied set's part on them does (lora_apply.text_encoder_key).
+    lora = text_encoder_key(pipe)
+    keys = [(owner, r.prompt, r.negative_prompt if do_cfg else "", do_cfg, lora) for r in requests]
     rows: dict[EmbeddingKey, dict[str, torch.Tensor]] = {}
     for key in dict.fromkeys(keys):
         found = cache.get(key) if cache is not None else None
