@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     sim = bench_sub.add_parser("sim", parents=[common], help="routing policies on a simulated cluster")
     sim.add_argument("--trace", help="JSONL of job specs with submit_s (default: the trace shipped in "
                      "renderfarm/configs/sim)")
+    sim.add_argument("--lora-trace", action="store_true",
+                     help="simulate the shipped LoRA trace (the same jobs, a third of them carrying one of ten "
+                     "LoRAs: renderfarm/configs/sim/trace_loras.jsonl) instead of --trace")
     sim.add_argument("--cluster", help="cluster YAML (default: renderfarm/configs/sim/cluster.yaml)")
     sim.add_argument("--error", type=float, default=0.3, metavar="E",
                      help="prediction error: each job's true duration is its predicted one x a factor drawn "
@@ -39,10 +42,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 
 def cmd_bench_sim(args: argparse.Namespace) -> int:
     """The same placement code against a simulated cluster and a job trace, beside two baselines."""
-    from renderfarm.scheduler.simulate import PredictionError, run_sim
+    from renderfarm.scheduler.simulate import DEFAULT_LORA_TRACE, PredictionError, run_sim
 
+    if args.lora_trace and args.trace:
+        raise CliError("--lora-trace and --trace: give one trace")
     error = PredictionError(args.error, args.error_dist, args.seed)  # ConfigError names a bad --error
-    report = run_sim(args.trace, args.cluster, error)
+    report = run_sim(DEFAULT_LORA_TRACE if args.lora_trace else args.trace, args.cluster, error)
     if args.json:
         emit(args, {"ok": True, **report})
         return 0
@@ -53,11 +58,16 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
           f"{bound:.0f} s; rejected up front: {report['rejected']}")
     print(f"prediction error: {spread}, seed {error.seed} (policies plan with the prediction; jobs run with "
           "the truth)")
+    loras = report.get("lora_jobs", 0) > 0  # the LoRA column only where there are LoRAs: the old table otherwise
+    if loras:
+        print(f"LoRA jobs: {report['lora_jobs']} carrying {report['lora_sets']} distinct LoRA sets; every node holds "
+              "every LoRA; switches: runs whose set differs from the one their node's pipeline had applied")
     print(f"  {'policy':<16} {'makespan s':>10} {'x bound':>8} {'p50 wait':>9} {'p95 wait':>9} {'util':>5} "
-          f"{'OOMs':>5} {'loads':>6}")
+          f"{'OOMs':>5} {'loads':>6}" + (f" {'switches':>8}" if loras else ""))
     for name, p in report["policies"].items():
         print(f"  {name:<16} {p['makespan_s']:10.0f} {p['makespan_s'] / bound:8.2f} {p['p50_wait_s']:9.0f} "
-              f"{p['p95_wait_s']:9.0f} {p['utilization']:5.2f} {p['ooms']:5d} {p['model_loads']:6d}")
+              f"{p['p95_wait_s']:9.0f} {p['utilization']:5.2f} {p['ooms']:5d} {p['model_loads']:6d}"
+              + (f" {p['lora_switches']:8d}" if loras else ""))
     return 0
 
 

@@ -3,10 +3,18 @@
 A discrete-event simulation, deterministic for a given cluster, trace and seed (no clocks):
 - a cluster (YAML): `nodes:` with name, gpu, vram_gib, compute_capability and count (count copies, named
   name-0, name-1, ...); each becomes a planning Device (throughput from the known-card table);
-- a trace (JSONL): job spec fields model, width, height, steps, num_images, and `submit_s`;
+- a trace (JSONL): job spec fields model, width, height, steps, num_images, and `submit_s`; optionally
+  `loras` ([{name, weight}], an optional sha256 each), a job's LoRA set as JobSpec.lora_set() forms it;
 - a node runs one batch (one job, `num_images` images) at a time and holds one model; a job is PREDICTED
   to take steps x the predicted seconds per step of the profile the node picks for it, plus a load (weights
   over disk and PCIe, placement.load_seconds) when the node holds another model;
+- LoRAs: a node's pipeline has one LoRA set applied (none after a load or an out-of-memory error); a job
+  whose set differs from it (none included: a LoRA-free job on a pipeline with LoRAs unloads them; a LoRA
+  job on a freshly loaded pipeline applies its own) counts one adapter switch and costs what the planner
+  predicts, placement.lora_switch_seconds. Like the load, the switch is part of the job's predicted busy
+  time, so it is scaled by the job's error factor with the rest: one rule for the truth (predicted x
+  factor), and `--error 0` stays exact knowledge. Every node holds every LoRA of the trace (who holds which
+  file is routing's filter, tested with the live scheduler); a trace without LoRAs runs exactly as before;
 - prediction error: the truth is drawn around the prediction, one factor per job (seeded, the same for
   every policy): uniform in [1 - e, 1 + e] (default e = 0.3, +-30%) or lognormal (median 1, sigma e). A job
   really takes its predicted seconds x its factor on whichever node runs it. Policies plan with the
@@ -22,20 +30,23 @@ A discrete-event simulation, deterministic for a given cluster, trace and seed (
 Policies (every one gets the same trace and the same true durations):
 - `renderfarm`: the live scheduler's round (scheduler/dispatch.py): on every arrival and every finished job, the
   queue in fair order (fairness.FairShare) goes through placement.plan_dispatch, with each node's backlog in
-  seconds as the scheduler estimates it and WORKER_QUEUE_DEPTH batches per node at most; a job waits for
+  seconds as the scheduler estimates it and WORKER_QUEUE_DEPTH batches per node at most, and each job's LoRA
+  set and the set each node's pipeline will have applied, so the live score weighs a switch; a job waits for
   its best node when that node is full. One job per batch (no coalescing), so that the lower bound, which
   counts each job alone, stays a bound.
 - `least-busy`: the node with the fewest queued jobs, whatever the job needs (ComfyUI-Distributed, SwarmUI).
+  Like max-pixels-fifo, it ignores LoRAs (as those peers do) and pays the switches it causes.
 - `max-pixels-fifo`: AI Horde: each idle node pulls the oldest job whose width x height is within its
   max-pixels limit (MAX_PIXELS_PER_GIB x VRAM); a job above every node's limit goes to the largest.
 
 The lower bound on the makespan is the largest of: the total work, each job on its fastest feasible node,
 over the number of nodes (`work_s`); the same weighted by how fast each kind of node is (`capacity_s`, an LP
 dual bound: on a mixed cluster "fastest node / N" pretends every node is the fastest); the longest job on
-its fastest feasible node; the latest submit time plus that job's fastest run. Loads are not counted.
+its fastest feasible node; the latest submit time plus that job's fastest run. Loads and LoRA switches
+are not counted.
 
 Each policy reports its makespan and its median (p50) and p95 wait (submit to start) side by side: a
-policy that wins the makespan can still make the typical job wait longer.
+policy that wins the makespan can still make the typical job wait longer; and its adapter switches.
 """
 
 from __future__ import annotations
@@ -56,12 +67,13 @@ from renderfarm.errors import ConfigError
 from renderfarm.planning.devices import Device, device_from_spec
 from renderfarm.planning.fit import Fit, JobShape, NodeView, fit_on, why_nothing_fits
 from renderfarm.scheduler.fairness import FairShare, Queued
-from renderfarm.scheduler.placement import PendingJob, load_seconds, plan_dispatch
+from renderfarm.scheduler.placement import PendingJob, load_seconds, lora_switch_seconds, plan_dispatch
 
 # Package data, so an installed wheel simulates too; bench/sim/make_trace.py writes the trace.
 SIM_DATA = Path(__file__).resolve().parents[1] / "configs" / "sim"
 DEFAULT_CLUSTER = SIM_DATA / "cluster.yaml"
 DEFAULT_TRACE = SIM_DATA / "trace.jsonl"
+DEFAULT_LORA_TRACE = SIM_DATA / "trace_loras.jsonl"  # the same jobs, a third of them with one of ten LoRAs
 OOM_FRACTION = 0.3  # of the run, lost before the out-of-memory error
 MAX_PIXELS_PER_GIB = 2**20 / 6  # AI Horde-style limit: 8 GiB -> 1.33 Mpx, 24 GiB -> 4 Mpx (2048 x 2048)
 POLICIES = ("renderfarm", "least-busy", "max-pixels-fifo")
@@ -156,13 +168,33 @@ def load_trace(path: str | Path | None = None) -> list[TraceJob]:
             raw = json.loads(line)
             shape = JobShape(
                 str(raw["model"]), int(raw["width"]), int(raw["height"]), int(raw["steps"]),
-                int(raw.get("num_images", 1)),
+                int(raw.get("num_images", 1)), _lora_set(raw.get("loras") or []),
             )
             jobs.append(TraceJob(len(jobs), float(raw["submit_s"]), shape))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{path}:{n}: bad job ({exc})") from exc
     jobs.sort(key=lambda j: (j.submit_s, j.index))
     return jobs
+
+
+def _lora_set(raw: list) -> tuple[tuple[str, str | None, float], ...]:
+    """A trace job's `loras` as JobSpec.lora_set() gives them: (name, sha256 or None, weight), name order."""
+    if not isinstance(raw, list):
+        raise ValueError(f"loras: expected a list of {{name, weight}}, got {type(raw).__name__}")
+    out = []
+    for lora in raw:
+        name, weight, sha = str(lora["name"]), float(lora.get("weight", 1.0)), lora.get("sha256")
+        if not name or not math.isfinite(weight):
+            raise ValueError(f"loras: {lora!r} needs a name and a finite weight")
+        out.append((name, str(sha) if sha else None, weight))
+    if len({name for name, _, _ in out}) != len(out):
+        raise ValueError(f"loras: a LoRA named twice in {raw!r}")
+    return tuple(sorted(out))
+
+
+def held_loras(jobs: list[TraceJob]) -> frozenset[tuple[str, str]]:
+    """Every LoRA the trace names, as NodeView.loras holds them: what each simulated node holds."""
+    return frozenset((name, sha or "") for job in jobs for name, sha, _ in job.shape.loras)
 
 
 def _fit(job: TraceJob, device: Device) -> Fit:
@@ -179,6 +211,8 @@ class _Node:
     busy: bool = False
     free_at: float = 0.0  # estimated end of its queued work (push policies)
     tail_model: str | None = None  # the model it will hold once its queue drains
+    applied: tuple = ()  # the LoRA set the pipeline of `model` has applied now
+    tail_loras: tuple = ()  # the LoRA set it will have applied once its queue drains
     estimates: dict[int, float] = field(default_factory=dict)  # job index -> predicted seconds, sent and unfinished
 
 
@@ -189,6 +223,7 @@ class _Stats:
     busy_s: float = 0.0
     ooms: int = 0
     model_loads: int = 0
+    lora_switches: int = 0  # runs whose LoRA set differed from the one their node's pipeline had applied
     makespan_s: float = 0.0
 
 
@@ -211,6 +246,7 @@ class _Sim:
         self.shared: list[TraceJob] = []  # pull policy: waiting jobs, oldest first
         self.waiting: dict[int, TraceJob] = {}  # renderfarm: jobs not yet sent to a node
         self.fair = FairShare()
+        self.held_loras = held_loras(jobs)  # every node holds every LoRA of the trace
         self.now = 0.0
 
     def _at(self, time: float, kind: str, payload: Any) -> None:
@@ -259,10 +295,11 @@ class _Sim:
 
     def _send(self, node: _Node, job: TraceJob) -> None:
         node.queue.append(job)
-        estimate = self._duration(node, node.tail_model, job)[0]
+        estimate = self._duration(node, node.tail_model, node.tail_loras, job)[0]
         node.estimates[job.index] = estimate
         node.free_at = max(node.free_at, self.now) + estimate
         node.tail_model = job.shape.model
+        node.tail_loras = job.shape.loras
         if not node.busy:
             self._start_next(node)
 
@@ -279,11 +316,12 @@ class _Sim:
         for q in order:
             s = self.waiting[int(q.id)].shape
             key = (s.model, s.width, s.height, s.steps, q.id)  # unique: one job per batch (see the docstring)
-            pending.append(PendingJob(q.id, s.model, key, s.num_images, s.width, s.height, s.steps))
+            pending.append(PendingJob(q.id, s.model, key, s.num_images, s.width, s.height, s.steps, s.loras))
         views = [
             NodeView(
                 n.name, n.device, frozenset({n.tail_model}) if n.tail_model else frozenset(),
                 max(0.0, n.free_at - self.now), WORKER_QUEUE_DEPTH - len(n.queue) - n.busy,
+                loras=self.held_loras, applied={n.tail_model: n.tail_loras} if n.tail_model else None,
             )
             for n in self.nodes
         ]
@@ -307,15 +345,21 @@ class _Sim:
         return None
 
     # --- running ------------------------------------------------------------------------------------
-    def _duration(self, node: _Node, held: str | None, job: TraceJob) -> tuple[float, bool, bool]:
-        """(seconds the node is busy with `job`, whether it runs out of memory, whether it loads)."""
+    def _duration(
+        self, node: _Node, held: str | None, applied: tuple, job: TraceJob,
+    ) -> tuple[float, bool, bool, bool]:
+        """(seconds the node is busy with `job`, whether it runs out of memory, whether it loads, whether it
+        switches LoRAs), its pipeline holding `held` with the LoRA set `applied`."""
         fit = _fit(job, node.device)
         loads = held != job.shape.model
         load = load_seconds(fit, node.device) if loads else 0.0
+        before = () if loads else applied  # a pipeline loaded for the job has no LoRAs yet
+        switches = before != job.shape.loras
+        load += lora_switch_seconds(before, job.shape.loras)  # 0.0 without LoRAs: the old sums, to the bit
         run = job.shape.steps * fit.seconds_per_step
         if not fit.fits:
-            return load + OOM_FRACTION * run, True, loads
-        return load + run, False, loads
+            return load + OOM_FRACTION * run, True, loads, switches
+        return load + run, False, loads, switches
 
     def _start_next(self, node: _Node) -> None:
         if node.busy:
@@ -325,17 +369,18 @@ class _Sim:
             return
         if node.queue and node.queue[0] is job:
             node.queue.popleft()
-        predicted, oom, loads = self._duration(node, node.model, job)
+        predicted, oom, loads, switches = self._duration(node, node.model, node.applied, job)
         seconds = predicted * self.truth.get(job.index, 1.0)
         node.busy = True
         self.stats.busy_s += seconds
         self.stats.model_loads += loads
+        self.stats.lora_switches += switches  # paid before the run, so an out-of-memory run paid it too
         if oom:
             self.stats.ooms += 1
             self.failed_on.setdefault(job.index, set()).add(node.name)
-            node.model = None  # the failed pipeline is dropped
+            node.model, node.applied = None, ()  # the failed pipeline is dropped
         else:
-            node.model = job.shape.model
+            node.model, node.applied = job.shape.model, job.shape.loras
             self.stats.waits.append(self.now - job.submit_s)
             self.stats.starts[job.index] = (self.now, node.name)
             self.stats.makespan_s = max(self.stats.makespan_s, self.now + seconds)
@@ -435,7 +480,8 @@ def simulate(
     around it (`error`); the figures `run_sim` returns."""
     if not nodes:
         raise ValueError("the cluster has no nodes")
-    views = [NodeView(n.name, n.device) for n in nodes]
+    held = held_loras(jobs)
+    views = [NodeView(n.name, n.device, loras=held) for n in nodes]
     accepted, rejected = [], []
     for job in jobs:
         reason = why_nothing_fits(job.shape, views)
@@ -458,6 +504,7 @@ def simulate(
             "utilization": round(stats.busy_s / (len(nodes) * makespan), 3) if makespan else 0.0,
             "ooms": stats.ooms,
             "model_loads": stats.model_loads,
+            "lora_switches": stats.lora_switches,
         }
     bound = {k: round(v - start if k == "last_arrival_s" else v, 1) for k, v in lower_bound(nodes, accepted, truth).items()}
     return {
@@ -466,6 +513,8 @@ def simulate(
         "lower_bound_parts": bound,
         "rejected": len(rejected),
         "jobs": len(accepted),
+        "lora_jobs": sum(1 for j in accepted if j.shape.loras),
+        "lora_sets": len({j.shape.loras for j in accepted if j.shape.loras}),
         "nodes": len(nodes),
         "prediction_error": {"spread": error.spread, "distribution": error.distribution, "seed": error.seed},
     }
