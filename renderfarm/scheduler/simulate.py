@@ -224,6 +224,7 @@ class _Stats:
     ooms: int = 0
     model_loads: int = 0
     lora_switches: int = 0  # runs whose LoRA set differed from the one their node's pipeline had applied
+    lora_switches_on_load: int = 0  # of those, runs on a pipeline loaded for them (the load brought the switch)
     makespan_s: float = 0.0
 
 
@@ -375,6 +376,7 @@ class _Sim:
         self.stats.busy_s += seconds
         self.stats.model_loads += loads
         self.stats.lora_switches += switches  # paid before the run, so an out-of-memory run paid it too
+        self.stats.lora_switches_on_load += switches and loads
         if oom:
             self.stats.ooms += 1
             self.failed_on.setdefault(job.index, set()).add(node.name)

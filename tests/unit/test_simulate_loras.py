@@ -12,7 +12,9 @@ from renderfarm.scheduler.simulate import (
     DEFAULT_TRACE,
     EXACT,
     POLICIES,
+    load_cluster,
     load_trace,
+    run_policy,
     run_sim,
 )
 
@@ -65,6 +67,8 @@ def test_switches_are_counted_by_hand_on_one_node(tmp_path):
     for policy in POLICIES:  # one node: every policy runs them in the same order
         assert report["policies"][policy]["lora_switches"] == 5, policy
         assert report["policies"][policy]["model_loads"] == 3, policy
+        stats = run_policy(load_cluster(nodes), load_trace(trace), policy, EXACT)
+        assert (stats.lora_switches, stats.lora_switches_on_load) == (5, 2), policy  # the sdxl job, the sd15 reload
 
 
 def test_a_switch_costs_what_the_planner_predicts(tmp_path):
