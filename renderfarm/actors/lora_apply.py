@@ -8,10 +8,12 @@ model. Two modes, the choice Forge offers as "Automatic (fp16 LoRA)" against pat
   adapter_weights=...)` activates the set. The base weights are never touched, so it works on top of every
   weights format: bf16, fp8 layerwise storage, bitsandbytes nf4/fp4, GGUF. Each active adapter costs every
   step (two thin matmuls per adapted layer); switching sets costs nothing once the adapters are loaded.
-- "fused": the set is merged into the weights (`fuse_lora`): the steps then cost what the base model's cost
-  (the PEFT wrappers stay, and a merged wrapper calls its base layer only). Switching costs an unfuse and a
-  fuse of every adapted layer. Only into 16-bit (or fp32) weights: merging into 4-bit (nf4, fp4, GGUF) or fp8
-  storage would round the LoRA's delta into the quantization grid, which loses most of it.
+- "fused": the set is merged into the weights (`fuse_lora`): a step costs the base model's step plus the call
+  overhead of the PEFT wrappers, which stay (a merged wrapper calls its base layer only; bench/lora_cost.py
+  measures ~5% on the stand-ins, whose steps are mostly such overhead). Switching costs an unfuse and a fuse of
+  every adapted layer; keeping the wrappers keeps the adapters, so a switch back needs no load. Only into
+  16-bit (or fp32) weights: merging into 4-bit (nf4, fp4, GGUF) or fp8 storage would round the LoRA's delta
+  into the quantization grid, which loses most of it.
   `choose_mode(profile)` says which a node uses: fused on plain float weights, unmerged elsewhere.
 
 Adapters. Each LoRA loads once, as an adapter named by its content hash (`adapter_name`: "lora_" and 16 hex
@@ -26,22 +28,26 @@ loaders/lora_base.py and peft 0.21 tuners/lora/layer.py): `fuse_lora` calls each
 `base.weight.data += get_delta_weight(adapter)` (B @ A x scaling, on CPU in fp32 then cast back to the
 weight's dtype); `unfuse_lora` calls `unmerge`, `weight.data -= get_delta_weight(adapter)` recomputed. No
 copy of the original weights is kept, so in 16 bits the round trip is two roundings away from the original
-(up to a unit in the last place of w + delta, per weight), and each further fuse/unfuse adds its own:
-a worker switching sets all day would walk its weights away from the model. tests/actors/test_lora_apply.py
-pins both. So a fused set keeps a host copy of the original weights (and biases) of every layer it changed
-(`LoraState.backups`, Forge and ComfyUI keep the same backup); unfusing calls `unfuse_lora` (peft's own
-bookkeeping) and then copies the originals back: bit for bit the base model again. The copy costs host
-memory, as much as the adapted layers' weights (`AppliedTimings.backup_bytes`); it is kept while a fused set
-needs it and dropped when a set no longer adapts that layer.
+(up to a unit in the last place of w + delta, per weight); the same set again lands on the same weights, but
+each switch to another set or weight adds its roundings: a worker switching sets all day would walk its
+weights away from the model (tests/actors/test_lora_apply.py pins both). So a fused set keeps a host copy of
+the original weights (and biases) of every layer it changed (`LoraState.backups`; Forge and ComfyUI keep the
+same backup); unfusing calls `unfuse_lora` (peft's own bookkeeping) and then copies the originals back: bit for
+bit the base model again. The copy costs host memory, as much as the adapted layers' weights
+(`AppliedTimings.backup_bytes`); it is kept while a fused set needs it and dropped when a set no longer adapts
+that layer.
 
-Three library behaviours this module works around, each pinned in the tests:
+Library behaviours met on the way (the first and the last pinned in the tests):
 - peft moves a new adapter to its base layer's device AND dtype whenever that dtype is a float
   (`_move_adapter_to_device_of_base_layer`); under fp8 layerwise storage that makes the LoRA itself fp8
   (its precision gone, and on CPU its forward fails: "mul_cpu_reduced_float" not implemented for fp8). Loaded
   adapters whose weights came out fp8 are cast to the profile's compute dtype (`_unfp8_adapter`).
-- `unfuse_lora` warns "Already unmerged" from every wrapped layer the set did not merge; silenced.
-- loading Flux LoRAs reads the whole transformer's `state_dict()` (`_maybe_expand_lora_state_dict`), which
-  on a CPU with AVX512-BF16 un-packs bitsandbytes 4-bit weights lossily; CPU only (tests), nothing done.
+- `unfuse_lora` warns "Already unmerged" from every wrapped layer the set did not merge, and each load logs
+  two warnings that say nothing about the LoRA (see `_expected_noise`); silenced around our calls only.
+- diffusers' `load_lora_adapter` reads the model's whole `state_dict()` (to build the LoraConfig; Flux's loader
+  once more in `_maybe_expand_lora_state_dict`), which on a CPU with AVX512-BF16 un-packs bitsandbytes' 4-bit
+  weights lossily, so each LoRA load moves an nf4 model's outputs by a rounding. CPU only (bitsandbytes packs
+  for its CPU kernel only; a CPU node never runs bitsandbytes: planning/profiles.py), so nothing is done.
 
 Where the state lives: on the pipeline, as `pipe.renderfarm_lora` (`LoraState`), beside `renderfarm_info`
 (actors/loading.py). It describes the pipeline's own modules (which adapters are injected, which weights are
@@ -124,6 +130,7 @@ class AppliedTimings:
     # what the VRAM model adds. By component ("unet", "transformer", "text_encoder", ...) for the stage peaks.
     adapter_bytes: int = 0
     adapter_bytes_by_component: dict[str, int] = field(default_factory=dict)
+    active_adapter_bytes: int = 0  # of those, the applied set's (the rest are kept for a switch back)
     backup_bytes: int = 0  # host memory: originals of the layers a fused set changed
     loaded: tuple[str, ...] = ()  # LoRA names loaded now
     deleted: tuple[str, ...] = ()  # adapters deleted now (least recently used, or all for the empty set)
@@ -337,6 +344,7 @@ def _finish(timings: AppliedTimings, state: LoraState, start: float) -> AppliedT
         for component, size in adapter.bytes_by_component.items():
             by_component[component] = by_component.get(component, 0) + size
     timings.adapter_bytes_by_component = by_component
+    timings.active_adapter_bytes = sum(state.adapters[name].bytes for name, _ in state.applied)
     timings.backup_bytes = state.backup_bytes
     timings.total_s = time.perf_counter() - start
     return timings
@@ -393,15 +401,17 @@ def _load(pipe: Any, state: LoraState, info: LoraInfo, compute: torch.dtype | No
         state.adapters.move_to_end(name)
         return
     moment = time.perf_counter()
-    report = logging.getLogger("transformers.integrations.peft")
-    report.addFilter(_missing_only_report)
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_expected_noise)
     try:
         with warnings.catch_warnings():
             # peft, from the second adapter of a model on: "Already found a `peft_config` attribute ...": we do.
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             pipe.load_lora_weights(info.path, adapter_name=name)
     finally:
-        report.removeFilter(_missing_only_report)
+        for logger in loggers:
+            logger.removeFilter(_expected_noise)
     bytes_by_component: dict[str, int] = {}
     for component, module in _loadable(pipe):
         size = 0
@@ -420,13 +430,21 @@ def _load(pipe: Any, state: LoraState, info: LoraInfo, compute: torch.dtype | No
     timings.loaded += (info.name,)
 
 
-def _missing_only_report(record: logging.LogRecord) -> bool:
-    """Drop transformers' "LOAD REPORT" of a text-encoder adapter when it lists MISSING keys only: transformers
-    5.23 lists every base weight and norm of the encoder as missing from the adapter (its `is_adapter_key` takes
-    `base_layer` names for adapter keys), a 40-line warning per LoRA load. UNEXPECTED, MISMATCH or CONVERSION rows
-    (LoRA weights that did not land) still show."""
+_CHATTY_LOGGERS = ("transformers.integrations.peft", "diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
+def _expected_noise(record: logging.LogRecord) -> bool:
+    """False (drop it) for two warnings every LoRA load logs that say nothing about the LoRA:
+    - transformers' "LOAD REPORT" of a text-encoder adapter that lists MISSING keys only: transformers 5.23 lists
+      every base weight and norm of the encoder as missing from the adapter (its `is_adapter_key` takes
+      `base_layer` names for adapter keys), 40 lines per load. UNEXPECTED, MISMATCH or CONVERSION rows (LoRA
+      weights that did not land) still show;
+    - diffusers' "No LoRA keys associated to <component>" for a component the LoRA does not adapt (most Flux
+      LoRAs leave CLIP alone): the library lists what each file adapts (LoraInfo.components)."""
     message = record.getMessage()
-    return "LOAD REPORT" not in message or any(kind in message for kind in ("UNEXPECTED", "MISMATCH", "CONVERSION"))
+    if "LOAD REPORT" in message:
+        return any(kind in message for kind in ("UNEXPECTED", "MISMATCH", "CONVERSION"))
+    return "No LoRA keys associated to" not in message
 
 
 def _unfp8_adapter(layer: Any, name: str, compute: torch.dtype) -> None:

@@ -363,8 +363,10 @@ def test_adapter_bytes_are_the_adapters_weights_by_component(library):
                 counted[component] = size
     assert timings.adapter_bytes_by_component == counted
     assert set(counted) == set(character.components) == {"unet", "text_encoder", "text_encoder_2"}
-    assert timings.adapter_bytes == sum(counted.values())
+    assert timings.adapter_bytes == timings.active_adapter_bytes == sum(counted.values())
     assert timings.as_dict()["loaded"] == [character.name]
+    timings = apply(pipe, model, BF16, ((lora(library, "sdxl", "style"), 1.0),), "unmerged")
+    assert timings.adapter_bytes == sum(counted.values()) + timings.active_adapter_bytes  # character kept
 
 
 # --- prompt embeddings ----------------------------------------------------------------------------------
