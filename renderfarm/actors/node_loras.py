@@ -31,6 +31,7 @@ class NodeLoras:
         self.version: str | None = None  # the digest of what was published last
         self.table: dict[str, Any] = {}  # name -> what was published of it (family, sha256, size_bytes, ...)
         self._due = 0.0
+        self.applied: dict[str, list[list[Any]]] = {}  # model -> [[name, sha256, weight], ...] (the node record)
         self.library: Any = None
         try:
             from renderfarm.loras.assets import library_for
@@ -69,8 +70,22 @@ class NodeLoras:
         try:
             info = self.library.get(name)
         except LoraError as exc:
+            self._due = 0.0  # the library changed since it was published: publish again at the next heartbeat
             raise MissingLora(f"node {self.node}: {exc}") from None
         if sha256 is not None and info.sha256 != sha256:
+            self._due = 0.0
             raise MissingLora(f"node {self.node} holds another copy of LoRA {name!r} (sha256 {info.sha256[:12]}, "
                               f"the job was pinned to {sha256[:12]})")
         return info
+
+    def apply(self, pipe: Any, entry: Any, profile: Any, loras: tuple[tuple[str, str | None, float], ...]) -> Any:
+        """Switch `pipe` (of `entry`, under `profile`) to the job's LoRA set (JobSpec.lora_set()), in the mode the
+        profile allows (actors/lora_apply.py: fused into 16-bit weights, unmerged elsewhere); the empty set is
+        the base model. Returns (lora_apply.AppliedTimings, the (name, weight, short hash) of each LoRA for the
+        infotext). A LoRA this node lacks at the job's hash raises MissingLora."""
+        from renderfarm.actors.lora_apply import apply
+
+        infos = [(self.resolve(name, sha), weight) for name, sha, weight in loras]
+        timings = apply(pipe, entry, profile, tuple(infos))
+        self.applied[entry.name] = [[info.name, info.sha256, weight] for info, weight in infos]
+        return timings, tuple((info.name, weight, info.short_hash) for info, weight in infos)

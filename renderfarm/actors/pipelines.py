@@ -242,6 +242,9 @@ class RenderRequest:
     guidance: float
     seed: int
     num_images: int
+    # The LoRAs applied for it, (name, weight, A1111 short hash), for the infotext; the pipeline has them applied
+    # already (actors/lora_apply.py): a batch shares one set.
+    loras: tuple[tuple[str, float, str], ...] = ()
 
 
 @dataclass
@@ -263,7 +266,7 @@ class RenderResult:
 
 
 # Fields every request of one batch must share: they shape the single pipeline call.
-BATCH_SHARED_FIELDS = ("width", "height", "steps", "guidance")
+BATCH_SHARED_FIELDS = ("width", "height", "steps", "guidance", "loras")
 
 
 class RenderInterrupted(RuntimeError):
@@ -383,6 +386,7 @@ def render_batch(
                 width=width,
                 height=height,
                 model=entry.name,
+                loras=request.loras,
                 **infotext,
             )
             pngs.append(png_bytes(image, text))

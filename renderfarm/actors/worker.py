@@ -28,7 +28,8 @@ from typing import Any
 
 from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.actors.progress import StepProgress
-from renderfarm.cluster.blobs import open_result_store, result_keys
+from renderfarm.actors.results import ResultWriter
+from renderfarm.cluster.blobs import open_result_store
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
@@ -162,14 +163,14 @@ class RenderWorker:
         self._all_gone = False  # set by a renewal that found none of them held any more
         self._stop = threading.Event()
         self.progress = StepProgress(self.timed_store, name)  # the batch's job and step, for the dashboard
-        self.blobs = open_result_store(self.settings)  # where finished images go (Redis keeps their URLs)
-        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"blobs-{name}")
-        self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
-        # The LoRAs this node holds, published to Redis now and re-indexed every LORA_RESCAN_S (actors/node_loras.py).
+        # Where finished images go (cluster/blobs; Redis keeps their URLs), several written at once.
+        self.results = ResultWriter(open_result_store(self.settings), name)
+        # The LoRAs this node holds (actors/node_loras.py), and the set each cached pipeline has applied.
         from renderfarm.actors.node_loras import NodeLoras
 
         self.loras = NodeLoras(name, self.settings, node.get("lora_dir"))
-        self.loras.publish(self.store)
+        self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
+        self.loras.publish(self.store)  # what its library holds, re-indexed every LORA_RESCAN_S
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
 
@@ -322,7 +323,7 @@ class RenderWorker:
                 for job in jobs
             ]
             results, profile, load_s, move_s, escalations, resident = self._render_escalating(
-                entry, requests, should_stop
+                entry, requests, should_stop, jobs[0].spec.lora_set()
             )
             rendered = Rendered(entry, profile.name if profile else "as-loaded", jobs, requests, results, load_s,
                                 move_s, escalations, resident, time.perf_counter() - started)
@@ -368,42 +369,13 @@ class RenderWorker:
         jobs. A store that refuses them (full, read-only, unreachable) is neither the job's fault nor this node's
         (faults.Fault.STORE)."""
         try:
-            blobs = self._store_images(rendered.results)
+            blobs = self.results.store(rendered.results)
         except Exception as exc:
             self._failed([job.id for job in rendered.jobs], rendered.jobs, exc, summary)
             self._idle()
             return summary
         self._finish(rendered, blobs, summary)
         return summary
-
-    def _store_images(self, results: list[Any]) -> list[list[str]]:
-        """Write each result's PNGs to the result store, several at once (a directory store syncs each file
-        to disk, an object store waits on the network); their URLs, per result, in order. On a failure, what
-        this batch wrote is deleted (best effort: retention sweeps what is left) and the first error raised."""
-        pending = [[self._writer.submit(self.blobs.put, key, png)
-                    for key, png in zip(result_keys(result.job_id, len(result.images)), result.images)]
-                   for result in results]
-        written: list[list[str]] = []
-        error: BaseException | None = None
-        for futures in pending:
-            urls = []
-            for future in futures:
-                try:
-                    urls.append(future.result())
-                except Exception as exc:
-                    error = error or exc
-            written.append(urls)
-        if error is not None:
-            self._delete_blobs([url for urls in written for url in urls])
-            raise error
-        return written
-
-    def _delete_blobs(self, urls: list[str]) -> None:
-        for url in urls:
-            try:
-                self.blobs.delete(url)
-            except Exception as exc:  # left for retention to sweep
-                log.warning("node %s: could not delete blob %s: %s", self.name, url, exc)
 
     def _finish(self, rendered: Rendered, blobs: list[list[str]], summary: dict[str, Any]) -> None:
         """Record the batch in one request to Redis: every job's result (exactly once: one cancelled or taken
@@ -450,7 +422,7 @@ class RenderWorker:
                     discarded.append((result, urls))
             count([result for result, _ in discarded], -1)
         for _, urls in discarded:
-            self._delete_blobs(urls)
+            self.results.delete(urls)
         try:
             # The scheduler learns from the summary that the nodes' measurements changed (no request of its own).
             summary["measurements"] = measured()
@@ -460,28 +432,36 @@ class RenderWorker:
             self._publish()
 
     def _render_escalating(
-        self, entry: ModelEntry, requests: list[Any], should_stop: Any = None
+        self, entry: ModelEntry, requests: list[Any], should_stop: Any = None, loras: tuple = ()
     ) -> tuple[list[Any], Profile | None, float, float, list[str], int]:
-        """Render, walking down the ladder on out-of-memory errors (while loading or rendering) until a rung
-        succeeds or the floor fails too (actors/escalation.py). Returns (results, the profile that rendered,
-        seconds reading weights, seconds placing them on the device, escalations, weight bytes on the device
-        when the render began)."""
+        """Render with the batch's LoRA set applied (actors/node_loras.py; the empty set: the base model),
+        walking down the ladder on out-of-memory errors (while loading or rendering) until a rung succeeds or
+        the floor fails too (actors/escalation.py). Returns (results, the profile that rendered, seconds reading
+        weights, seconds placing them on the device, escalations, weight bytes on the device when the render
+        began)."""
         from renderfarm.actors.escalation import render_escalating
         from renderfarm.actors.pipelines import render_batch
 
         width, height = requests[0].width, requests[0].height
         images = sum(r.num_images for r in requests)
+        current = [self.profile_for(entry, width, height, images)]
 
         def stepped(step: str, lower: Profile, host: bool) -> None:
             self.stats["oom_escalations"] += 1
             if host:
                 self.stats["host_memory_escalations"] += 1
-            self.escalated[(entry.name, width, height)] = lower
+            self.escalated[(entry.name, width, height)] = current[0] = lower
+
+        def render(pipe: Any) -> list[Any]:
+            applied, tags = self.loras.apply(pipe, entry, current[0], loras)
+            batch = [dataclasses.replace(r, loras=tags) for r in requests] if tags else requests
+            results = render_batch(pipe, entry, batch, should_stop=should_stop, on_step=self.progress.step)
+            for result in results:  # switching the LoRA set: its own stage of the job's timings
+                result.timings["lora_s"] = applied.total_s
+            return results
 
         outcome = render_escalating(
-            self.cache, entry, self.profile_for(entry, width, height, images),
-            render=lambda pipe: render_batch(pipe, entry, requests, should_stop=should_stop,
-                                             on_step=self.progress.step),
+            self.cache, entry, current[0], render=render,
             lower_for_vram=lambda p: next_rung(entry, self.card, p, width, height, images),
             lower_for_host=lambda p: next_rung_for_host(entry, self.card, p, width, height, images),
             resident_bytes=self._resident_bytes,
@@ -552,6 +532,7 @@ class RenderWorker:
             "profiles": dict(self.profiles),
             "escalated": {f"{m} {w}x{h}": p.name for (m, w, h), p in self.escalated.items()},
             "embedding_cache": embeddings,
+            "applied_loras": self.loras.applied,  # model -> its pipeline's LoRA set (scheduler/workers.py)
             "redis_round_trips": self.store.round_trips,  # starting and finishing batches (per job)
             "redis_round_trips_timed": self.timed_store.round_trips,  # heartbeats, leases renewed, step progress
             **self.stats,

@@ -83,3 +83,34 @@ def test_lora_jobs_go_only_to_the_node_holding_the_file(tmp_path, standin_loras)
         assert held["lacking"]["loras"] == [f"{OTHER} ({client.store.assets()['lacking']['loras'][OTHER]['short_hash']})"]
         rows = {row["name"]: row for row in queries.nodes(client.store, [], 15)}
         assert rows["holder"]["loras"] == held["holder"]["loras"] and rows["lacking"]["lora_problems"] == {}
+
+
+def test_a_lora_changes_the_image_and_the_png_says_which(tmp_path, standin_loras):
+    """The same seed with and without a LoRA, on one node: the LoRA job's image differs, its PNG carries the
+    A1111 tags and hashes, the node's record says which set its pipeline has applied, and a plain job after it
+    renders the base image again (the set is taken off)."""
+    from renderfarm.infotext import parse_a1111_parameters
+    from renderfarm.loras.library import LoraLibrary
+
+    info = LoraLibrary(standin_loras, hash_cache=tmp_path / "h.json").get(STYLE)
+    settings = Settings(data_dir=tmp_path / "farm", **FAST)
+    with Farm(settings, [NodeDeclaration(name="solo", vram_gib=24)], warm_models=["tiny-sd15"],
+              log_to_driver=False) as farm:
+        client = farm.client()
+        plain = client.submit(job(5))
+        client.wait([plain], timeout=300)
+        with_lora = client.submit(job(5, loras=[{"name": STYLE, "weight": 1.0}]))
+        client.wait([with_lora], timeout=300)
+        record = {n["name"]: n for n in client.store.nodes()}["solo"]
+        assert record["applied_loras"]["tiny-sd15"] == [[STYLE, info.sha256, 1.0]]
+        again = client.submit(job(5))
+        client.wait([again], timeout=300)
+        images = {j: client.result(j) for j in (plain, with_lora, again)}
+        (done,) = client.jobs([with_lora])
+    pixels = {j: result.images[0].tobytes() for j, result in images.items()}
+    assert pixels[with_lora] != pixels[plain]
+    assert pixels[again] == pixels[plain], "the LoRA was left on the pipeline"
+    parsed = parse_a1111_parameters(images[with_lora].parameters[0])
+    assert parsed["prompt"] == f"a fox 5 <lora:{STYLE}:1>" and parsed["Lora hashes"] == f"{STYLE}: {info.short_hash}"
+    assert "Lora hashes" not in images[plain].parameters[0]
+    assert done.spec.loras[0].sha256 == info.sha256 and done.timings["lora_s"] >= 0.0

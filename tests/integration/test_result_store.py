@@ -69,7 +69,7 @@ def test_a_full_store_fails_the_batch_as_the_stores_fault_and_loses_nothing(stor
                                                                           models_file):
     from tests.integration.test_leases import make_scheduler
 
-    worker.blobs = _FullStore(tmp_path / "full", {})
+    worker.results.blobs = _FullStore(tmp_path / "full", {})
     ids = ["full-0", "full-1"]
     store.submit([Job(id=j, spec=SPEC) for j in ids], "b")
     out = worker.render(ids, started(store, ids))
@@ -89,7 +89,7 @@ def test_a_full_store_fails_the_batch_as_the_stores_fault_and_loses_nothing(stor
     assert [j.state for j in jobs] == [JobState.FAILED] * 2 and node.failures == 0 and not node.draining
     assert all("blob store full" in j.error and "after 2 attempts" in j.error for j in jobs)
     # Kept: once the store has room, an operator retries them and they render.
-    worker.blobs = LocalBlobStore(tmp_path / "results", {})
+    worker.results.blobs = LocalBlobStore(tmp_path / "results", {})
     for job_id in ids:
         assert store.retry(job_id) is JobState.FAILED
     assert worker.render(ids, started(store, ids))["done"] == ids

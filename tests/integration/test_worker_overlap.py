@@ -61,7 +61,7 @@ def test_the_next_batch_renders_while_the_last_one_finishes_and_the_record_follo
     settings = Settings(data_dir=tmp_path, torch_threads=1, heartbeat_seconds=0.2, lease_seconds=30.0)
     worker = RenderWorker("ov", redis_url, settings.model_dump(mode="json"), NODE)
     a, b = _batch(store, "ova", 2), _batch(store, "ovb", 1)
-    worker.blobs = gated = GatedStore(worker.blobs, set(a))
+    worker.results.blobs = gated = GatedStore(worker.results.blobs, set(a))
     step_threads: list[tuple[str | None, int]] = []
     b_rendering, release_b = threading.Event(), threading.Event()
     real_step = worker.progress.step
@@ -110,7 +110,7 @@ def test_batches_finish_in_the_order_they_rendered(redis_url, store, tmp_path):
     settings = Settings(data_dir=tmp_path, torch_threads=1, heartbeat_seconds=0.2, lease_seconds=30.0)
     worker = RenderWorker("ov", redis_url, settings.model_dump(mode="json"), NODE)
     a, b, c = _batch(store, "ooa", 1), _batch(store, "oob", 1), _batch(store, "ooc", 1)
-    worker.blobs = gated = GatedStore(worker.blobs, set(a))
+    worker.results.blobs = gated = GatedStore(worker.results.blobs, set(a))
     out: dict = {}
     callers: dict = {}
     try:
