@@ -76,22 +76,21 @@ import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from renderfarm.errors import ModelSourceError, SpecError
 from renderfarm.loras.library import LoraInfo
-from renderfarm.planning.catalog import ModelEntry, Role
-from renderfarm.planning.profiles import Placement, Profile, component_formats
+from renderfarm.planning.catalog import ModelEntry
+from renderfarm.planning.loras import MODES, Mode, choose_mode, fuse_refusal
+from renderfarm.planning.profiles import Profile
 
 __all__ = [
     "DEFAULT_MAX_ADAPTERS", "MODES", "AppliedTimings", "LoraFamilyMismatch", "LoraSet", "LoraState", "Mode",
     "adapter_name", "apply", "choose_mode", "fuse_refusal", "lora_state", "text_encoder_key",
 ]
 
-Mode = Literal["unmerged", "fused"]
-MODES: tuple[str, ...] = ("unmerged", "fused")
 LoraSet = tuple[tuple[LoraInfo, float], ...]
 # Loaded adapters kept per pipeline (active or not). A studio LoRA is 20-400 MB in 16 bits; eight of them on a
 # 24 GB card are at most a few GB, and a job carries at most jobs.MAX_LORAS = 8, which must fit together.
@@ -201,53 +200,6 @@ def adapter_name(info: LoraInfo) -> str:
 
 
 # --- which mode ----------------------------------------------------------------------------------------
-
-
-def fuse_refusal(profile: Profile | None, entry: ModelEntry | None = None, lora_set: LoraSet = ()) -> str | None:
-    """Why a LoRA set cannot be fused into `profile`'s weights, or None when it can.
-
-    Fusing needs plain float weights (bf16, fp16, fp32) in every component the set adapts: 4-bit (nf4, fp4,
-    GGUF) and fp8 storage would round the delta away. With `entry` the components' formats are exact
-    (`component_formats`: a T5 in nf4 under a bf16 transformer refuses only a set that adapts T5); without it,
-    the denoiser's format and `text_encoder_weights` both count. Streamed and disk placements refuse too:
-    group offload streams each block from its own host copy (pinned, or files on disk), which a fuse on the
-    device would not reach. Without a profile (a pipeline loaded at one float dtype) nothing refuses."""
-    if profile is None:
-        return None
-    if profile.placement.streams or profile.placement is Placement.DISK_OFFLOAD:
-        return (f"profile {profile.name!r} streams the denoiser from its own host copy ({profile.placement.value}): "
-                "a fused LoRA would not reach it")
-    if entry is not None:
-        formats = component_formats(entry, profile)
-        adapted = {c for info, _ in lora_set for c in info.components}
-        if adapted:
-            formats = {name: fmt for name, fmt in formats.items() if name in adapted}
-        else:
-            vae = {c.name for c in entry.components.values() if c.role is Role.VAE}
-            formats = {name: fmt for name, fmt in formats.items() if name not in vae}
-    else:
-        formats = {"the denoiser": profile.weights}
-        if profile.text_encoder_weights is not None:
-            formats["a text encoder"] = profile.text_encoder_weights
-    for component, fmt in formats.items():
-        if not fmt.is_float:
-            kind = "fp8 storage" if fmt.is_fp8 else "4-bit weights" if fmt.is_bnb else "GGUF weights"
-            return (f"{component} is stored as {fmt.value} under profile {profile.name!r}: fusing into {kind} would "
-                    "round the LoRA's delta into the quantization grid (most of it lost)")
-    return None
-
-
-def choose_mode(profile: Profile | None, prefer: str | None = None, *, entry: ModelEntry | None = None,
-                lora_set: LoraSet = ()) -> Mode:
-    """The mode for `profile`: "fused" where the weights are plain floats (the steps cost what the base
-    model's cost), "unmerged" elsewhere (never fused into 4-bit, GGUF or fp8 weights, see `fuse_refusal`).
-    `prefer="unmerged"` overrides the default (a node that switches sets often); `prefer="fused"` or None
-    takes fused wherever it is allowed and never elsewhere."""
-    if prefer not in (None, "auto", *MODES):
-        raise ValueError(f"unknown LoRA mode {prefer!r}; known: auto, {', '.join(MODES)}")
-    if prefer == "unmerged":
-        return "unmerged"
-    return "unmerged" if fuse_refusal(profile, entry, lora_set) else "fused"
 
 
 # --- apply ---------------------------------------------------------------------------------------------

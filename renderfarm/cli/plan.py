@@ -4,6 +4,7 @@ no farm needed."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from renderfarm.cli.common import EXIT_ERROR, emit, parse_size, settings_from
 from renderfarm.errors import CliError
@@ -25,6 +26,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
                       help="the machine's RAM: profiles whose host memory exceeds it are not chosen "
                            "(default: not checked)")
     plan.add_argument("--steps", type=int, metavar="N", help="denoising steps per job (default: the model's)")
+    plan.add_argument("--lora", action="append", default=[], metavar="NAME:WEIGHT",
+                      help="a LoRA of the library applied (repeat for several; weight 1 when left out): shows the "
+                           "mode the card applies them in and what they cost")
+    plan.add_argument("--lora-dir", type=Path, metavar="PATH", help="the LoRA library (default: the lora_dir setting)")
     plan.set_defaults(func=cmd_plan)
 
 
@@ -51,8 +56,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad --vram or --compute-capability: the device says which and why
         raise CliError(str(exc)) from None
     report = plan_report(entry, device, width, height, args.batch, args.margin, steps=args.steps)
+    choice = choose_profile(entry, device, width, height, args.batch, args.margin, steps=args.steps)
+    loras = _lora_report(args, settings, entry, choice) if args.lora else None
     if args.json:
-        emit(args, {"ok": True, **report})
+        emit(args, {"ok": True, **report, **({"loras": loras} if loras is not None else {})})
     else:
-        print(choose_profile(entry, device, width, height, args.batch, args.margin, steps=args.steps).explain())
+        print(choice.explain())
+        if loras is not None:
+            print(_lora_text(loras))
     return 0 if report["chosen"] else EXIT_ERROR
+
+
+def _lora_report(args: argparse.Namespace, settings, entry, choice) -> dict:
+    """The LoRAs of --lora from the library, and what they cost the chosen profile (planning/loras.py)."""
+    from renderfarm.jobs import LoraRef
+    from renderfarm.loras.assets import library_for
+    from renderfarm.loras.library import LoraError
+    from renderfarm.planning.loras import lora_cost
+
+    if args.lora_dir:
+        settings = settings.model_copy(update={"lora_dir": args.lora_dir})
+    library = library_for(settings)
+    chosen = []
+    for text in args.lora:
+        name, _, weight = text.partition(":")
+        try:
+            ref = LoraRef(name=name, weight=float(weight) if weight else 1.0)
+            info = library.get(ref.name)
+        except (ValueError, LoraError) as exc:
+            raise CliError(f"--lora {text}: {str(exc).splitlines()[0]}") from None
+        if info.family != entry.family.name:
+            raise CliError(f"--lora {text}: LoRA {info.name!r} is made for {info.family} models, "
+                           f"not {entry.family.name}")
+        chosen.append((info, ref.weight))
+    profile = choice.chosen
+    cost = lora_cost(entry, profile, chosen)
+    chosen_candidate = next((c for c in choice.candidates if profile is not None and c.profile == profile), None)
+    per_step = chosen_candidate.prediction.seconds_per_step if chosen_candidate is not None else None
+    return {"profile": profile.name if profile else None,
+            "loras": [{"name": i.name, "weight": w, "rank": i.rank, "size_bytes": i.size_bytes,
+                       "short_hash": i.short_hash} for i, w in chosen],
+            **cost.as_dict(),
+            "seconds_per_step": round(per_step * cost.step_factor, 3) if per_step is not None else None}
+
+
+def _lora_text(report: dict) -> str:
+    names = ", ".join(f"{lo['name']}:{lo['weight']:g}" for lo in report["loras"])
+    lines = [f"LoRAs {names} on {report['profile'] or 'no profile'}: {report['mode']} ({report['reason']})",
+             f"  step x{report['step_factor']:.3f}"
+             + (f" ({report['seconds_per_step']:.3f} s/step)" if report["seconds_per_step"] is not None else "")
+             + f", +{report['device_gib']:.2f} GiB on the card, +{report['host_gib']:.2f} GiB host backup, "
+             f"a switch to them ~{report['switch_s']:.2f} s"]
+    return "\n".join(lines)
