@@ -26,6 +26,8 @@ from renderfarm.cli import main
 from renderfarm.client import MAX_BATCH_JOBS, FarmClient, SpecError
 from renderfarm.jobs import (
     MAX_IMAGES_PER_JOB,
+    MAX_LORA_WEIGHT,
+    MAX_LORAS,
     MAX_PROMPT_CHARS,
     MAX_STEPS,
     MAX_TAGS,
@@ -215,6 +217,24 @@ def bad_values(field: str, model: str, json_only: bool) -> st.SearchStrategy:
                 st.builds(lambda n: "t" * n, st.integers(65, 1000)), texts,
                 with_inserted(st.sampled_from(["\n", "\x01", "\x7f", "\x9f"])), wrong_text), min_size=1, max_size=3)),
             *([] if json_only else [st.frozensets(tags, min_size=1, max_size=2).map(set)]),
+        ),
+        # With no node reporting its LoRAs (as here) a well-formed name is kept unchecked: only the form is bad.
+        "loras": lambda: st.one_of(
+            st.text(max_size=5), st.integers(), st.none(), st.booleans(),
+            st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+            st.lists(st.one_of(st.integers(), st.text(max_size=3), st.none(), st.booleans()), min_size=1, max_size=3),
+            st.builds(lambda w: [{"name": "style", "weight": w}], st.one_of(
+                st.floats(min_value=math.nextafter(MAX_LORA_WEIGHT, math.inf), allow_infinity=not json_only),
+                st.floats(max_value=-math.nextafter(MAX_LORA_WEIGHT, math.inf), allow_infinity=not json_only),
+                st.booleans(), st.text(max_size=3), st.none(),
+                *([] if json_only else [st.sampled_from([math.nan, math.inf])]))),
+            st.builds(lambda n: [{"name": n}], st.one_of(
+                st.just(""), st.text(max_size=5).map(lambda t: t + ":"), st.text(max_size=3).map(lambda t: "<" + t),
+                st.integers(), st.none())),
+            st.just([{"name": "style"}, {"name": "style", "weight": 0.5}]),
+            st.just([{"name": f"l{i}"} for i in range(MAX_LORAS + 1)]),
+            st.just([{"name": "style", "strength": 1.0}]),
+            st.just([{"weight": 1.0}]),
         ),
     }
     return options[field]()
@@ -447,7 +467,7 @@ def expected_spec(spec: dict) -> dict:
     defaults = {"negative_prompt": "", "width": entry.default_size, "height": entry.default_size,
                 "steps": entry.default_steps, "guidance": entry.default_guidance, "num_images": 1, "priority": 0,
                 "team": "default", "tags": ()}
-    return {**defaults, **spec, "tags": tuple(spec.get("tags", ()))}
+    return {**defaults, **spec, "tags": tuple(spec.get("tags", ())), "loras": ()}
 
 
 def check_round_trip(client, ids: list[str], specs: list[dict]) -> None:
