@@ -151,6 +151,15 @@ class NodeView:
     loras: frozenset[tuple[str, str]] = frozenset()  # (name, sha256) of each LoRA it holds (loras/assets.py)
     # model -> the LoRA set its pipeline will have applied once the work sent to it is done (absent: none)
     applied: Mapping[str, tuple] | None = None
+    # model -> why this node cannot load it (its record's `unloadable`: weights not on it, family unsupported)
+    unloadable: Mapping[str, str] | None = None
+
+    def refuses(self, model: str) -> str | None:
+        """Why `model` is never sent here (a node override, or the node cannot load it), or None."""
+        if model in self.forbidden:
+            return f"{model} is forbidden on {self.name} (its node override)"
+        why = (self.unloadable or {}).get(model)
+        return f"{self.name} cannot load {model}: {why}" if why else None
 
     def lacks(self, loras: tuple[tuple[str, str | None, float], ...]) -> str | None:
         """Which LoRA of a job's set this node does not hold (at the job's pinned hash), or None."""
@@ -179,7 +188,7 @@ class NodeView:
             applied = {**(applied or {}), model: loras}
         # The constructor, not dataclasses.replace: this runs once per planned batch, and replace is 5x slower.
         return NodeView(self.name, self.device, loaded, backlog_s, self.slots, self.forbidden, self.max_batch, cache,
-                        self.loras, applied)
+                        self.loras, applied, self.unloadable)
 
 
 @dataclass(frozen=True)
@@ -250,10 +259,12 @@ def why_nothing_fits(
 ) -> str | None:
     """None when `job` fits some node (or fit cannot be judged on one); else one line naming what it needs
     and the largest node."""
-    allowed = [n for n in nodes if job.model not in n.forbidden]
+    allowed = [n for n in nodes if not n.refuses(job.model)]
     if not allowed:
-        return f"{job.describe()}: {job.model} is forbidden on every node" if nodes else \
-            f"{job.describe()}: there are no nodes"
+        if not nodes:
+            return f"{job.describe()}: there are no nodes"
+        return f"{job.describe()}: no node takes {job.model} (" + "; ".join(
+            str(n.refuses(job.model)) for n in sorted(nodes, key=lambda n: n.name)) + ")"
     if job.loras:
         lacking = {n.name: n.lacks(job.loras) for n in allowed}
         allowed = [n for n in allowed if lacking[n.name] is None]

@@ -81,7 +81,7 @@ class DispatchManager:
             NodeView(w.name, w.device, w.loaded, w.backlog(now),
                      # a suspect gets one batch, as a probe (workers.Worker.has_room)
                      (1 if w.suspect else settings.worker_queue_depth - w.inflight) if state.has_room(w) else 0,
-                     w.forbidden, w.max_batch, w.cache.view, w.loras, w.cache.applied)
+                     w.forbidden, w.max_batch, w.cache.view, w.loras, w.cache.applied, w.unloadable)
             for w in state.workers.values() if w.alive and not w.draining
         ]
         free = sum(n.slots for n in nodes)

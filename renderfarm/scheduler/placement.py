@@ -120,8 +120,8 @@ def filter_nodes(
     fitting: list[tuple[NodeView, Fit | None]] = []
     rejected: dict[str, str] = {}
     for node in nodes:
-        if job.model in node.forbidden:
-            rejected[node.name] = f"{job.model} is forbidden on {node.name} (its node override)"
+        if refused := node.refuses(job.model):
+            rejected[node.name] = refused
             continue
         if job.loras and (lacking := node.lacks(job.loras)):
             rejected[node.name] = f"{node.name} lacks {lacking}"
@@ -284,7 +284,7 @@ def plan_dispatch(
     kinds = kinds_of(nodes) if measured else {}
     # A large farm of carded nodes decides through the index (O(kinds x log nodes) per job, see NodeIndex).
     index = NodeIndex(nodes, catalog, measured) if len(nodes) >= INDEX_FROM_NODES and all(
-        n.device is not None and not n.forbidden for n in nodes) else None
+        n.device is not None and not n.forbidden and not n.unloadable for n in nodes) else None
     followers: dict[tuple, deque[PendingJob]] = {}
     for job in pending:
         followers.setdefault(job.batch_key, deque()).append(job)

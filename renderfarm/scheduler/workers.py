@@ -128,6 +128,7 @@ class Worker:
     silent: bool = False  # taken out because its heartbeat went stale (not because Ray reported it dead)
     forbidden: frozenset[str] = frozenset()  # node overrides: models never sent here,
     max_batch: int | None = None  # and the most images per call
+    unloadable: dict[str, str] = field(default_factory=dict)  # model -> why it cannot load it (its record)
     loras: frozenset[tuple[str, str]] = frozenset()  # (name, sha256) of the LoRAs it holds (loras/assets.py)
     assets_version: str | None = None  # the digest of what it published last (node record `assets_version`)
     busy_until: float = 0.0  # epoch seconds its sent batches are expected to be done
@@ -160,7 +161,17 @@ def worker_from_info(name: str, handle: Any, info: dict[str, Any]) -> Worker:
         pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
         forbidden=frozenset(m for m in forbid if isinstance(m, str)) if isinstance(forbid, list) else frozenset(),
         max_batch=max_batch if isinstance(max_batch, int) and max_batch >= 1 else None,
+        unloadable=unloadable_from_record(info),
     )
+
+
+def unloadable_from_record(info: Mapping[str, Any]) -> dict[str, str]:
+    """model -> why the node cannot load it, from its record's `unloadable` (actors/loading.py why_unloadable,
+    written at start); malformed entries are skipped."""
+    raw = info.get("unloadable")
+    if not isinstance(raw, Mapping):
+        return {}
+    return {str(model): str(why) for model, why in raw.items() if isinstance(model, str) and isinstance(why, str)}
 
 
 class WorkerTable:

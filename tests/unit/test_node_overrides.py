@@ -25,7 +25,23 @@ def test_a_forbidden_model_never_goes_to_that_node():
     assert sent["j9"] == "a"
     shape = JobShape("m", 64, 64, 4, 1)
     assert pick(shape, nodes[:1]) is None
-    assert why_nothing_fits(shape, nodes[:1]) == f"{shape.describe()}: m is forbidden on every node"
+    assert why_nothing_fits(shape, nodes[:1]) == \
+        f"{shape.describe()}: no node takes m (m is forbidden on a (its node override))"
+
+
+def test_a_model_a_node_cannot_load_never_goes_there_and_the_reason_says_why():
+    """A node's record says which models it cannot load (its weights are not there): the scheduler sends
+    them elsewhere, whatever the backlogs, and says why when no node can."""
+    lacking = NodeView("a", None, slots=2, unloadable={"m": "weights not found on this node: /models/m"})
+    nodes = [lacking, NodeView("b", None, slots=2, backlog_s=500)]
+    plan = plan_dispatch([job(i) for i in range(3)] + [job(9, model="other")], nodes, max_batch_images=8)
+    sent = {j: a.worker for a in plan.assignments for j in a.job_ids}
+    assert {sent[f"j{i}"] for i in range(3)} == {"b"} and sent["j9"] == "a"
+    shape = JobShape("m", 64, 64, 4, 1)
+    assert why_nothing_fits(shape, [lacking]) == \
+        f"{shape.describe()}: no node takes m (a cannot load m: weights not found on this node: /models/m)"
+    plan = plan_dispatch([job(0)], [lacking], max_batch_images=8)
+    assert not plan.assignments and "a cannot load m" in plan.unplaced["j0"]
 
 
 def test_a_node_batch_cap_limits_coalescing_there_only():
