@@ -28,6 +28,7 @@ class NodeLoras:
     def __init__(self, node: str, settings: Settings, lora_dir: str | None = None):
         """`lora_dir`: the node's own library folder (NodeDeclaration.lora_dir), else the farm's."""
         self.node = node
+        self.models: Any = lambda: {}  # the base models it can load, with fingerprints (set by the worker)
         self.version: str | None = None  # the digest of what was published last
         self.table: dict[str, Any] = {}  # name -> what was published of it (family, sha256, size_bytes, ...)
         self._due = 0.0
@@ -51,10 +52,8 @@ class NodeLoras:
         from renderfarm.loras.assets import LORA_RESCAN_S, node_assets
 
         self._due = time.monotonic() + LORA_RESCAN_S
-        if self.library is None:
-            return
         try:
-            doc, version = node_assets(self.library)
+            doc, version = node_assets(self.library, self.models())
             if version != self.version:
                 store.publish_assets(self.node, doc, version)
                 self.table, self.version = dict(doc["loras"]), version

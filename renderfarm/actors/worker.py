@@ -166,9 +166,11 @@ class RenderWorker:
         # Where finished images go (cluster/blobs; Redis keeps their URLs), several written at once.
         self.results = ResultWriter(open_result_store(self.settings), name)
         # The LoRAs this node holds (actors/node_loras.py), and the set each cached pipeline has applied.
+        from renderfarm.actors.model_assets import model_assets
         from renderfarm.actors.node_loras import NodeLoras
 
         self.loras = NodeLoras(name, self.settings, node.get("lora_dir"))
+        self.loras.models = lambda: model_assets(self.catalog, self.node["loadable"])
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self.loras.publish(self.store)  # what its library holds, re-indexed every LORA_RESCAN_S
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)

@@ -266,6 +266,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      + (f" draining: {node.get('drain_reason') or 'by an operator'}" if node.get("draining") is True else ""))
         held = status["assets"].get(node["name"])
         if held:
+            lines.append(f"       models={', '.join(held['models']) or '-'}")
             lines.append(f"       loras={', '.join(held['loras']) or '-'}"
                          + (f"  unusable={len(held['lora_problems'])}" if held["lora_problems"] else "")
                          + (f"  library: {held['lora_dir_error']}" if held["lora_dir_error"] else ""))

@@ -184,6 +184,7 @@ def node_card(node: dict[str, Any], color: str | None = None) -> None:
         lines = [
             f"Last heartbeat: {'never' if heartbeat is None else duration(heartbeat) + ' ago'}",
             f"Loaded: {md(', '.join(node['loaded'])) or 'nothing'}",
+            f"Models held: {md(', '.join(node['models'])) or 'none reported'}",
             f"LoRAs: {md(', '.join(node['loras'])) or 'none'}"
             + (f" ({len(node['lora_problems'])} files unusable)" if node["lora_problems"] else ""),
             "Profiles: " + (", ".join(f"{md(m)} → {md(p)}" for m, p in node["profiles"].items()) or "none yet"),

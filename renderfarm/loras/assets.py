@@ -38,7 +38,7 @@ def library_for(settings: Any) -> LoraLibrary:
     return LoraLibrary(folder, hash_cache=hash_cache)
 
 
-def node_assets(library: LoraLibrary) -> tuple[dict[str, Any], str]:
+def node_assets(library: LoraLibrary | None, models: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """Index `library` again: (what a node publishes, its digest). Each usable LoRA with its family, hash, rank,
     size and file time (the newest copy wins at submit); the files it cannot use, with why. A missing folder
     is reported as the node's problem, never raised: the node still renders plain jobs."""
@@ -46,8 +46,9 @@ def node_assets(library: LoraLibrary) -> tuple[dict[str, Any], str]:
 
     loras: dict[str, Any] = {}
     problems: dict[str, str] = {}
+    folder_error: str | None = "no LoRA library" if library is None else None
     try:
-        for info in library.scan():
+        for info in library.scan() if library is not None else ():
             try:
                 mtime = os.stat(info.path).st_mtime
             except OSError:
@@ -55,11 +56,13 @@ def node_assets(library: LoraLibrary) -> tuple[dict[str, Any], str]:
             loras[info.name] = {"family": info.family, "sha256": info.sha256, "short_hash": info.short_hash,
                                 "size_bytes": info.size_bytes, "rank": info.rank, "style": info.style,
                                 "components": list(info.components), "mtime": mtime}
-        problems = {p.name: p.error for p in library.problems}
-        folder_error = None
+        problems = {p.name: p.error for p in library.problems} if library is not None else {}
     except LoraError as exc:
         folder_error = str(exc)
-    doc = {"lora_dir": str(library.folder), "loras": loras, "lora_problems": problems, "lora_dir_error": folder_error}
+    doc = {"lora_dir": str(library.folder) if library is not None else None, "loras": loras,
+           "lora_problems": problems, "lora_dir_error": folder_error,
+           # the base models it can load, each with its copy's fingerprint (actors/model_assets.py)
+           "models": models or {}}
     # The digest leaves file times out: touching a file without changing it publishes nothing.
     stable = {**doc, "loras": {n: {k: v for k, v in e.items() if k != "mtime"} for n, e in loras.items()}}
     return doc, hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
@@ -76,12 +79,16 @@ def held(assets: Mapping[str, Any] | None) -> frozenset[tuple[str, str]]:
 
 def summary(assets: Mapping[str, Any] | None) -> dict[str, Any]:
     """What a node's published assets say, for people (`renderfarm status`, the dashboard): its LoRAs as
-    "name (short hash)", sorted, the files it cannot use with why, and its library folder (with its error)."""
+    "name (short hash)", sorted, the files it cannot use with why, its library folder (with its error), and its
+    base models as "name (kind fingerprint)"."""
     doc = assets if isinstance(assets, Mapping) else {}
     table = doc.get("loras") if isinstance(doc.get("loras"), Mapping) else {}
     problems = doc.get("lora_problems") if isinstance(doc.get("lora_problems"), Mapping) else {}
+    models = doc.get("models") if isinstance(doc.get("models"), Mapping) else {}
     return {"loras": sorted(f"{name} ({entry.get('short_hash', '?')})" for name, entry in table.items()
                             if isinstance(entry, Mapping)),
+            "models": sorted(f"{name} ({m.get('kind')} {m.get('fingerprint') or m.get('error') or '-'})"
+                             for name, m in models.items() if isinstance(m, Mapping)),
             "lora_problems": {str(k): str(v) for k, v in problems.items()},
             "lora_dir": doc.get("lora_dir"), "lora_dir_error": doc.get("lora_dir_error")}
 

@@ -81,6 +81,7 @@ def test_lora_jobs_go_only_to_the_node_holding_the_file(tmp_path, standin_loras)
         held = client.status()["assets"]
         assert any(entry.startswith(f"{STYLE} (") for entry in held["holder"]["loras"])
         assert held["lacking"]["loras"] == [f"{OTHER} ({client.store.assets()['lacking']['loras'][OTHER]['short_hash']})"]
+        assert any(m.startswith("tiny-sd15 (standin ") for m in held["lacking"]["models"])
         rows = {row["name"]: row for row in queries.nodes(client.store, [], 15)}
         assert rows["holder"]["loras"] == held["holder"]["loras"] and rows["lacking"]["lora_problems"] == {}
 
