@@ -154,15 +154,19 @@ DEMO_PROMPTS = [
 # (model, size, steps): a mixed batch over the three families and several sizes.
 DEMO_MIX = [
     ("tiny-sd15", 64, 4), ("tiny-sd15", 96, 4), ("tiny-sdxl", 64, 4),
-    ("tiny-sdxl", 128, 4), ("tiny-flux", 64, 4), ("tiny-flux", 128, 4),
+    ("tiny-sdxl", 128, 4), ("tiny-flux", 64, 4), ("tiny-flux", 128, 4), ("tiny-sd3", 64, 4),
 ]
+DEMO_LORA_EVERY = 3  # every third demo job carries its model's stand-in LoRA, written the A1111 way
 
 
 def demo_specs(count: int) -> list[dict[str, Any]]:
     specs = []
     for i in range(count):
         model, size, steps = DEMO_MIX[i % len(DEMO_MIX)]
-        specs.append({"model": model, "prompt": DEMO_PROMPTS[i % len(DEMO_PROMPTS)], "width": size,
+        prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
+        if i % DEMO_LORA_EVERY == DEMO_LORA_EVERY - 1:
+            prompt += f" <lora:{model}-style:0.8>"  # the stand-in LoRAs (renderfarm loras)
+        specs.append({"model": model, "prompt": prompt, "width": size,
                       "height": size, "steps": steps, "seed": 1000 + i, "team": "demo", "tags": ["demo"]})
     return specs
 
