@@ -112,6 +112,23 @@ def text_problem(value: str) -> str | None:
 StrictText = Annotated[str, Field(strict=True)]
 
 
+def _storable(cls: Any, value: Any, info: ValidationInfo) -> Any:
+    """A text field's check before pydantic's own str check, whose message for a lone surrogate does not say what
+    is wrong (a validator of JobSpec and LoraRef)."""
+    if isinstance(value, str) and (problem := text_problem(value)):
+        raise ValueError(f"{info.field_name} {problem}")
+    return value
+
+
+def _finite(cls: Any, value: Any, info: ValidationInfo) -> Any:
+    """A number field takes a finite int or float, never a boolean (a validator of JobSpec and LoraRef)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{info.field_name} must be a number, not a boolean")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{info.field_name} must be a finite number")
+    return value
+
+
 class LoraRules(Protocol):
     """What JobSpec needs to know of the farm's LoRAs (client.py's view of what its nodes hold)."""
 
@@ -129,21 +146,8 @@ class LoraRef(BaseModel):
     weight: float = Field(default=1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, strict=True)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", strict=True)
 
-    @field_validator("name", mode="before")
-    @classmethod
-    def _storable_name(cls, value: Any) -> Any:
-        if isinstance(value, str) and (problem := text_problem(value)):
-            raise ValueError(f"name {problem}")
-        return value
-
-    @field_validator("weight", mode="before")
-    @classmethod
-    def _weight_finite(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("weight must be a number, not a boolean")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("weight must be a finite number")
-        return float(value) if isinstance(value, int) else value
+    _storable_name = field_validator("name", mode="before")(_storable)
+    _weight_finite = field_validator("weight", mode="before")(_finite)
 
     def tag(self) -> str:
         """The A1111 prompt form: <lora:name:weight>."""
@@ -236,13 +240,7 @@ class JobSpec(BaseModel):
         return tuple(lora.model_copy(update={"sha256": rules.resolve(lora.name, lora.sha256, family)})
                      for lora in value)
 
-    @field_validator("model", "prompt", "negative_prompt", "team", mode="before")
-    @classmethod
-    def _storable_text(cls, value: Any, info: ValidationInfo) -> Any:
-        # Before pydantic's own str check, whose message for a lone surrogate does not say what is wrong.
-        if isinstance(value, str) and (problem := text_problem(value)):
-            raise ValueError(f"{info.field_name} {problem}")
-        return value
+    _storable_text = field_validator("model", "prompt", "negative_prompt", "team", mode="before")(_storable)
 
     @field_validator("prompt")
     @classmethod
@@ -251,14 +249,7 @@ class JobSpec(BaseModel):
             raise ValueError("prompt is blank")
         return value
 
-    @field_validator("guidance", mode="before")
-    @classmethod
-    def _guidance_finite(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("guidance must be a number, not a boolean")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("guidance must be a finite number")
-        return value
+    _guidance_finite = field_validator("guidance", mode="before")(_finite)
 
     @field_validator("tags", mode="before")
     @classmethod
