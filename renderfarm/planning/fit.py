@@ -154,11 +154,12 @@ class NodeView:
     # model -> why this node cannot load it (its record's `unloadable`: weights not on it, family unsupported)
     unloadable: Mapping[str, str] | None = None
 
-    def refuses(self, model: str) -> str | None:
-        """Why `model` is never sent here (a node override, or the node cannot load it), or None."""
+    def refuses(self, model: str, loadable_only: bool = True) -> str | None:
+        """Why `model` is not sent here (a node override; with `loadable_only`, the node saying it cannot load
+        it), or None."""
         if model in self.forbidden:
             return f"{model} is forbidden on {self.name} (its node override)"
-        why = (self.unloadable or {}).get(model)
+        why = (self.unloadable or {}).get(model) if loadable_only else None
         return f"{self.name} cannot load {model}: {why}" if why else None
 
     def lacks(self, loras: tuple[tuple[str, str | None, float], ...]) -> str | None:
@@ -259,7 +260,7 @@ def why_nothing_fits(
 ) -> str | None:
     """None when `job` fits some node (or fit cannot be judged on one); else one line naming what it needs
     and the largest node."""
-    allowed = [n for n in nodes if not n.refuses(job.model)]
+    allowed = [n for n in nodes if not n.refuses(job.model)] or [n for n in nodes if not n.refuses(job.model, False)]
     if not allowed:
         if not nodes:
             return f"{job.describe()}: there are no nodes"

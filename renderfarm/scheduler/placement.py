@@ -119,8 +119,12 @@ def filter_nodes(
     and why each other was left out."""
     fitting: list[tuple[NodeView, Fit | None]] = []
     rejected: dict[str, str] = {}
+    # A node that says it cannot load the model is passed over, unless every node says so: then the job goes
+    # where it may run, the node's load fails it as the job's fault (faults.py), and no node is charged; a job
+    # that some node can load never fails on one that cannot.
+    loadable_only = any(not node.refuses(job.model) for node in nodes)
     for node in nodes:
-        if refused := node.refuses(job.model):
+        if refused := node.refuses(job.model, loadable_only):
             rejected[node.name] = refused
             continue
         if job.loras and (lacking := node.lacks(job.loras)):

@@ -115,3 +115,20 @@ def test_a_lora_changes_the_image_and_the_png_says_which(tmp_path, standin_loras
     assert parsed["prompt"] == f"a fox 5 <lora:{STYLE}:1>" and parsed["Lora hashes"] == f"{STYLE}: {info.short_hash}"
     assert "Lora hashes" not in images[plain].parameters[0]
     assert done.spec.loras[0].sha256 == info.sha256 and done.timings["lora_s"] >= 0.0
+
+
+def test_a_lora_job_goes_where_its_set_is_applied_and_a_plain_job_where_none_is(tmp_path):
+    """Two identical idle nodes holding the same LoRAs: the second job of a LoRA set goes to the node whose
+    pipeline has it applied (the other would switch), and a plain job to the node with nothing to take off."""
+    nodes = [NodeDeclaration(name="n1", vram_gib=24), NodeDeclaration(name="n2", vram_gib=24)]
+    settings = Settings(data_dir=tmp_path / "farm", **FAST)
+    with Farm(settings, nodes, warm_models=["tiny-sd15"], log_to_driver=False) as farm:
+        client = farm.client()
+        on = []
+        for spec in (job(40, loras=[{"name": STYLE, "weight": 0.6}]), job(41, loras=[{"name": STYLE, "weight": 0.6}]),
+                     job(42)):
+            (done,) = client.wait([client.submit(spec)], timeout=300)
+            assert done.state is JobState.DONE, done.error
+            on.append(done.node)
+    assert on[1] == on[0], f"the second job of the set switched node {on[1]} instead of reusing {on[0]}"
+    assert on[2] != on[0], "the plain job went to the node that had to take the LoRA off"
