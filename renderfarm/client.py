@@ -105,8 +105,9 @@ class FarmClient:
             entry = self.catalog.get(spec["model"])
             spec = {"width": entry.default_size, "height": entry.default_size, "steps": entry.default_steps,
                     "guidance": entry.default_guidance, **spec}
+        rules = loras if loras is not None else self._farm_loras()  # one read of what the nodes hold, when needed
         try:
-            valid = JobSpec.validate_for(spec, self.catalog, loras if loras is not None else self._farm_loras())
+            valid = JobSpec.validate_for(spec, self.catalog, rules)
         except ValidationError as exc:
             raise SpecError(f"{where}: {describe_validation_error(exc)}") from None
         except UnknownModelError as exc:
@@ -115,6 +116,12 @@ class FarmClient:
             raise SpecError(f"{where}: expected a mapping of job fields, got {type(spec).__name__}") from exc
         if valid.seed is None:
             valid = valid.model_copy(update={"seed": random.randint(0, SEED_MAX)})
+        try:  # the copy of the model it renders with: the one most nodes hold, or the one it names
+            pinned = rules.model_fingerprint(valid.model, valid.model_fingerprint)
+        except ValueError as exc:
+            raise SpecError(f"{where}: model_fingerprint: {exc}") from None
+        if pinned != valid.model_fingerprint:
+            valid = valid.model_copy(update={"model_fingerprint": pinned})
         return valid
 
     def submit(self, spec: JobSpec | dict[str, Any], job_id: str | None = None) -> str:
@@ -548,16 +555,21 @@ class FarmClient:
 
 
 class _FarmLorasOnce:
-    """The farm's LoRAs (loras/assets.py FarmLoras), read from Redis on the first LoRA checked, once: a batch
-    without LoRAs costs no read."""
+    """The farm's LoRAs and model copies (loras/assets.py FarmLoras), read from Redis once, when first asked."""
 
     def __init__(self, store: Store):
         self.store = store
         self._loras: Any = None
 
-    def resolve(self, name: str, sha256: str | None, family: str) -> str | None:
+    def _read(self) -> Any:
         if self._loras is None:
             from renderfarm.loras.assets import FarmLoras
 
-            self._loras = FarmLoras(self.store.assets())
-        return self._loras.resolve(name, sha256, family)
+            self._loras = FarmLoras(self.store.assets(), self.store.nodes())
+        return self._loras
+
+    def resolve(self, name: str, sha256: str | None, family: str) -> str | None:
+        return self._read().resolve(name, sha256, family)
+
+    def model_fingerprint(self, model: str, wanted: str | None = None) -> str | None:
+        return self._read().model_fingerprint(model, wanted)

@@ -203,6 +203,10 @@ class JobSpec(BaseModel):
     tags: tuple[StrictText, ...] = Field(default=(), max_length=MAX_TAGS)
     # LoRAs applied on the base model, each at its weight; `<lora:name:weight>` in the prompt means the same.
     loras: tuple[LoraRef, ...] = Field(default=(), max_length=MAX_LORAS)
+    # The copy of the model the job renders with (actors/model_assets.py fingerprint), pinned at submit to the one
+    # most nodes hold (or the one named): a node holding another copy is treated as lacking the model.
+    model_fingerprint: str | None = Field(default=None, min_length=1, max_length=80, pattern=r"^[0-9A-Za-z]+$",
+                                          strict=True)
 
     @model_validator(mode="before")
     @classmethod

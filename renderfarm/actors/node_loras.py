@@ -29,6 +29,7 @@ class NodeLoras:
         """`lora_dir`: the node's own library folder (NodeDeclaration.lora_dir), else the farm's."""
         self.node = node
         self.models: Any = lambda: {}  # the base models it can load, with fingerprints (set by the worker)
+        self.model_fingerprints: dict[str, str] = {}  # model -> its copy's fingerprint (the node record carries it)
         self.version: str | None = None  # the digest of what was published last
         self.table: dict[str, Any] = {}  # name -> what was published of it (family, sha256, size_bytes, ...)
         self._due = 0.0
@@ -53,7 +54,9 @@ class NodeLoras:
 
         self._due = time.monotonic() + LORA_RESCAN_S
         try:
-            doc, version = node_assets(self.library, self.models())
+            models = self.models()
+            self.model_fingerprints = {m: e["fingerprint"] for m, e in models.items() if e.get("fingerprint")}
+            doc, version = node_assets(self.library, models)
             if version != self.version:
                 store.publish_assets(self.node, doc, version)
                 self.table, self.version = dict(doc["loras"]), version

@@ -171,8 +171,8 @@ class RenderWorker:
 
         self.loras = NodeLoras(name, self.settings, node.get("lora_dir"))
         self.loras.models = lambda: model_assets(self.catalog, self.node["loadable"])
+        self.loras.publish(self.store)  # what it holds (models, LoRAs), re-indexed every LORA_RESCAN_S
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
-        self.loras.publish(self.store)  # what its library holds, re-indexed every LORA_RESCAN_S
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
         self._heartbeat.start()
 
@@ -535,6 +535,7 @@ class RenderWorker:
             "escalated": {f"{m} {w}x{h}": p.name for (m, w, h), p in self.escalated.items()},
             "embedding_cache": embeddings,
             "applied_loras": self.loras.applied,  # model -> its pipeline's LoRA set (scheduler/workers.py)
+            "model_fingerprints": self.loras.model_fingerprints,  # model -> which copy it holds (model_assets.py)
             "redis_round_trips": self.store.round_trips,  # starting and finishing batches (per job)
             "redis_round_trips_timed": self.timed_store.round_trips,  # heartbeats, leases renewed, step progress
             **self.stats,

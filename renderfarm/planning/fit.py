@@ -42,6 +42,7 @@ class JobShape:
     num_images: int = 1
     # Its LoRAs as JobSpec.lora_set() gives them: (name, sha256 or None when not pinned, weight), name order.
     loras: tuple[tuple[str, str | None, float], ...] = ()
+    fingerprint: str | None = None  # the copy of the model it is pinned to (JobSpec.model_fingerprint)
 
     def describe(self) -> str:
         return f"{self.model} at {self.width}x{self.height}, batch {self.num_images}"
@@ -153,12 +154,17 @@ class NodeView:
     applied: Mapping[str, tuple] | None = None
     # model -> why this node cannot load it (its record's `unloadable`: weights not on it, family unsupported)
     unloadable: Mapping[str, str] | None = None
+    # model -> the fingerprint of the copy it holds (its record's `model_fingerprints`; absent: not known)
+    fingerprints: Mapping[str, str] | None = None
 
-    def refuses(self, model: str, loadable_only: bool = True) -> str | None:
+    def refuses(self, model: str, loadable_only: bool = True, fingerprint: str | None = None) -> str | None:
         """Why `model` is not sent here (a node override; with `loadable_only`, the node saying it cannot load
-        it), or None."""
+        it; another copy than the job's `fingerprint`, which counts as lacking it), or None."""
         if model in self.forbidden:
             return f"{model} is forbidden on {self.name} (its node override)"
+        held = (self.fingerprints or {}).get(model)
+        if fingerprint is not None and held is not None and held != fingerprint:
+            return f"{self.name} holds another copy of {model} ({held}, the job's is {fingerprint})"
         why = (self.unloadable or {}).get(model) if loadable_only else None
         return f"{self.name} cannot load {model}: {why}" if why else None
 
@@ -189,7 +195,7 @@ class NodeView:
             applied = {**(applied or {}), model: loras}
         # The constructor, not dataclasses.replace: this runs once per planned batch, and replace is 5x slower.
         return NodeView(self.name, self.device, loaded, backlog_s, self.slots, self.forbidden, self.max_batch, cache,
-                        self.loras, applied, self.unloadable)
+                        self.loras, applied, self.unloadable, self.fingerprints)
 
 
 @dataclass(frozen=True)
@@ -260,12 +266,14 @@ def why_nothing_fits(
 ) -> str | None:
     """None when `job` fits some node (or fit cannot be judged on one); else one line naming what it needs
     and the largest node."""
-    allowed = [n for n in nodes if not n.refuses(job.model)] or [n for n in nodes if not n.refuses(job.model, False)]
+    fp = job.fingerprint
+    allowed = [n for n in nodes if not n.refuses(job.model, True, fp)] or \
+        [n for n in nodes if not n.refuses(job.model, False, fp)]
     if not allowed:
         if not nodes:
             return f"{job.describe()}: there are no nodes"
         return f"{job.describe()}: no node takes {job.model} (" + "; ".join(
-            str(n.refuses(job.model)) for n in sorted(nodes, key=lambda n: n.name)) + ")"
+            str(n.refuses(job.model, True, fp)) for n in sorted(nodes, key=lambda n: n.name)) + ")"
     if job.loras:
         lacking = {n.name: n.lacks(job.loras) for n in allowed}
         allowed = [n for n in allowed if lacking[n.name] is None]

@@ -81,7 +81,7 @@ class DispatchManager:
             NodeView(w.name, w.device, w.loaded, w.backlog(now),
                      # a suspect gets one batch, as a probe (workers.Worker.has_room)
                      (1 if w.suspect else settings.worker_queue_depth - w.inflight) if state.has_room(w) else 0,
-                     w.forbidden, w.max_batch, w.cache.view, w.loras, w.cache.applied, w.unloadable)
+                     w.forbidden, w.max_batch, w.cache.view, w.loras, w.cache.applied, w.unloadable, w.fingerprints)
             for w in state.workers.values() if w.alive and not w.draining
         ]
         free = sum(n.slots for n in nodes)
@@ -153,7 +153,7 @@ class DispatchManager:
             if view is None:
                 s = job.spec
                 view = (queued_view(job), PendingJob(job.id, s.model, s.batch_key(), s.num_images, s.width, s.height,
-                                                     s.steps, s.lora_set()))
+                                                     s.steps, s.lora_set(), s.model_fingerprint))
             fresh[job.id] = view
         self._job_views = fresh
         return fresh

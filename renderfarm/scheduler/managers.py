@@ -19,6 +19,7 @@ from renderfarm.config import Settings
 from renderfarm.errors import CorruptRecord
 from renderfarm.faults import Fault, classify
 from renderfarm.jobs import JobState
+from renderfarm.loras.assets import model_fingerprints
 from renderfarm.scheduler.workers import Worker, WorkerTable, unloadable_from_record, worker_from_info
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ class MembershipManager:
                 worker.alive, worker.silent = True, False
             worker.draining = record.get("draining") is True
             worker.unloadable = unloadable_from_record(record)  # a restarted node may load more, or less
+            worker.fingerprints = model_fingerprints(record)
             # Its pipeline cache as reported, with the batches it has not reported yet loaded on top.
             self.state.workers.report_cache(worker, record, self.state.inflight)
         self._read_assets(assets_changed)

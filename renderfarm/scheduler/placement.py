@@ -80,10 +80,12 @@ class PendingJob:
     height: int = 0
     steps: int = 1
     loras: tuple[tuple[str, str | None, float], ...] = ()  # JobSpec.lora_set()
+    fingerprint: str | None = None  # JobSpec.model_fingerprint
 
     @property
     def shape(self) -> JobShape:
-        return JobShape(self.model, self.width, self.height, self.steps, self.num_images, self.loras)
+        return JobShape(self.model, self.width, self.height, self.steps, self.num_images, self.loras,
+                        self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,9 @@ def filter_nodes(
     # A node that says it cannot load the model is passed over, unless every node says so: then the job goes
     # where it may run, the node's load fails it as the job's fault (faults.py), and no node is charged; a job
     # that some node can load never fails on one that cannot.
-    loadable_only = any(not node.refuses(job.model) for node in nodes)
+    loadable_only = any(not node.refuses(job.model, True, job.fingerprint) for node in nodes)
     for node in nodes:
-        if refused := node.refuses(job.model, loadable_only):
+        if refused := node.refuses(job.model, loadable_only, job.fingerprint):
             rejected[node.name] = refused
             continue
         if job.loras and (lacking := node.lacks(job.loras)):
@@ -289,6 +291,15 @@ def plan_dispatch(
     # A large farm of carded nodes decides through the index (O(kinds x log nodes) per job, see NodeIndex).
     index = NodeIndex(nodes, catalog, measured) if len(nodes) >= INDEX_FROM_NODES and all(
         n.device is not None and not n.forbidden and not n.unloadable for n in nodes) else None
+    copies: dict[tuple[str, str], bool] = {}
+
+    def uniform(job: PendingJob) -> bool:
+        """Whether every node holding a known copy of the job's model holds the job's copy."""
+        key = (job.model, job.fingerprint or "")
+        if key not in copies:
+            copies[key] = all((n.fingerprints or {}).get(job.model) in (None, job.fingerprint) for n in nodes)
+        return copies[key]
+
     followers: dict[tuple, deque[PendingJob]] = {}
     for job in pending:
         followers.setdefault(job.batch_key, deque()).append(job)
@@ -300,8 +311,10 @@ def plan_dispatch(
             break
         if head.id in taken:
             continue
-        # The index knows nothing of LoRAs: a job with some is placed by `pick`, which checks who holds them.
-        decision = index.pick(head.shape) if index and not head.loras else pick(
+        # The index knows nothing of LoRAs nor of model copies: a job with LoRAs, or pinned to a copy that some
+        # node does not hold, is placed by `pick`, which checks who holds them.
+        indexed = index is not None and not head.loras and (head.fingerprint is None or uniform(head))
+        decision = index.pick(head.shape) if indexed else pick(
             head.shape, list(views.values()), catalog, measured, kinds)
         if decision is None:
             plan.unplaced[head.id] = why_nothing_fits(head.shape, list(views.values()), catalog, measured) or "no node"

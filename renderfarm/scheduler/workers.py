@@ -17,6 +17,7 @@ from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from renderfarm.loras.assets import model_fingerprints
 from renderfarm.planning.devices import Device, device_from_record
 from renderfarm.planning.fit import ANY_PROFILE, CachedPipeline, CacheView
 
@@ -100,7 +101,8 @@ class CacheModel:
         self.view = self.view.load(model, profile or None, predicted_bytes)
         self.applied = {**self.applied, model: loras}
 
-    def report(self, reported: CacheView, in_flight: Container[Any], applied: Mapping[str, tuple] | None = None) -> None:
+    def report(self, reported: CacheView, in_flight: Container[Any],
+               applied: Mapping[str, tuple] | None = None) -> None:
         """The worker's record says its cache holds `reported` (with the LoRA sets `applied`); the batches sent
         that are still `in_flight` are loaded on top of it (the others are in the record already)."""
         self._sent = [s for s in self._sent if s[0] in in_flight]
@@ -129,6 +131,7 @@ class Worker:
     forbidden: frozenset[str] = frozenset()  # node overrides: models never sent here,
     max_batch: int | None = None  # and the most images per call
     unloadable: dict[str, str] = field(default_factory=dict)  # model -> why it cannot load it (its record)
+    fingerprints: dict[str, str] = field(default_factory=dict)  # model -> which copy it holds (its record)
     loras: frozenset[tuple[str, str]] = frozenset()  # (name, sha256) of the LoRAs it holds (loras/assets.py)
     assets_version: str | None = None  # the digest of what it published last (node record `assets_version`)
     busy_until: float = 0.0  # epoch seconds its sent batches are expected to be done
@@ -162,6 +165,7 @@ def worker_from_info(name: str, handle: Any, info: dict[str, Any]) -> Worker:
         forbidden=frozenset(m for m in forbid if isinstance(m, str)) if isinstance(forbid, list) else frozenset(),
         max_batch=max_batch if isinstance(max_batch, int) and max_batch >= 1 else None,
         unloadable=unloadable_from_record(info),
+        fingerprints=model_fingerprints(info),
     )
 
 

@@ -218,6 +218,10 @@ def bad_values(field: str, model: str, json_only: bool) -> st.SearchStrategy:
                 with_inserted(st.sampled_from(["\n", "\x01", "\x7f", "\x9f"])), wrong_text), min_size=1, max_size=3)),
             *([] if json_only else [st.frozensets(tags, min_size=1, max_size=2).map(set)]),
         ),
+        "model_fingerprint": lambda: st.one_of(
+            st.just(""), st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2),
+            st.text(max_size=8).filter(lambda t: not re.fullmatch(r"[0-9A-Za-z]+", t)),
+            st.builds(lambda n: "a" * n, st.integers(81, 300))),
         # With no node reporting its LoRAs (as here) a well-formed name is kept unchecked: only the form is bad.
         "loras": lambda: st.one_of(
             st.text(max_size=5), st.integers(), st.none(), st.booleans(),
@@ -467,7 +471,7 @@ def expected_spec(spec: dict) -> dict:
     defaults = {"negative_prompt": "", "width": entry.default_size, "height": entry.default_size,
                 "steps": entry.default_steps, "guidance": entry.default_guidance, "num_images": 1, "priority": 0,
                 "team": "default", "tags": ()}
-    return {**defaults, **spec, "tags": tuple(spec.get("tags", ())), "loras": ()}
+    return {**defaults, **spec, "tags": tuple(spec.get("tags", ())), "loras": (), "model_fingerprint": None}
 
 
 def check_round_trip(client, ids: list[str], specs: list[dict]) -> None:

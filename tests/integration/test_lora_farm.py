@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from renderfarm.actors.model_assets import fingerprint
 from renderfarm.config import NodeDeclaration, Settings
 from renderfarm.dashboard import queries
 from renderfarm.errors import SpecError
@@ -18,6 +19,7 @@ from renderfarm.farm import Farm
 from renderfarm.jobs import JobState
 from renderfarm.loras.library import LoraLibrary
 from renderfarm.loras.standins import ensure_standin_loras
+from renderfarm.planning.catalog import default_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +74,9 @@ def test_lora_jobs_go_only_to_the_node_holding_the_file(tmp_path, standin_loras)
         # pinned at submit to the holder's copies (the lacking node's file of the same name differs)
         assert {lo.sha256 for j in lora_jobs[:4] for lo in j.spec.loras} == {sha}
         assert lora_jobs[0].spec.prompt == "a fox 0" and lora_jobs[0].spec.loras[0].weight == 0.7
+        # and to the copy of the model the nodes hold (a node with another copy would be treated as lacking it)
+        standin = fingerprint(default_catalog().get("tiny-sd15"))["fingerprint"]
+        assert {j.spec.model_fingerprint for j in finished.values()} == {standin}
         # the four jobs of one LoRA set rendered as one batch (max_batch 4), apart from the other set
         assert len({j.timings.get("batch_size") for j in lora_jobs[:4]}) == 1
         assert lora_jobs[0].timings["batch_size"] == 4.0

@@ -94,3 +94,20 @@ def test_the_schedulers_model_of_applied_sets_replays_batches_not_yet_reported()
     cache.report(CacheView(), in_flight={"ref2"}, applied=applied_from_record({"applied_loras": {"m": []}}))
     assert cache.applied == {"m": (), "n": STYLE}
     assert applied_from_record({"applied_loras": {"m": [["style", A, 0.8]], "bad": [["x"]], 3: []}}) == {"m": STYLE}
+
+
+def test_a_job_is_pinned_to_the_model_copy_most_nodes_hold_and_never_sent_to_another_copy():
+    records = [{"name": "n1", "model_fingerprints": {"m": "aaa"}}, {"name": "n2", "model_fingerprints": {"m": "aaa"}},
+               {"name": "old", "model_fingerprints": {"m": "bbb", "x": 3}}, {"name": "none"}]
+    farm = FarmLoras({}, records)
+    assert farm.model_fingerprint("m") == "aaa" and farm.model_fingerprint("m", "bbb") == "bbb"
+    assert farm.model_fingerprint("unknown-model") is None
+    with pytest.raises(ValueError, match=r"no node holds m at fingerprint ccc \(nodes hold aaa \(2 nodes\), bbb"):
+        farm.model_fingerprint("m", "ccc")
+    pinned = PendingJob(id="j0", model="m", batch_key=("m",), width=64, height=64, steps=4, fingerprint="aaa")
+    old = NodeView("old", None, frozenset({"m"}), 0.0, 1, fingerprints={"m": "bbb"})
+    unknown = NodeView("unknown", None, frozenset(), 50.0, 1)  # publishes no fingerprint: not known to differ
+    plan = plan_dispatch([pinned], [old, unknown], max_batch_images=4)
+    assert [a.worker for a in plan.assignments] == ["unknown"]
+    plan = plan_dispatch([pinned], [old], max_batch_images=4)
+    assert not plan.assignments and "old holds another copy of m (bbb, the job's is aaa)" in plan.unplaced["j0"]
