@@ -261,19 +261,33 @@ def fit_for(
     return fit_on(job.model, job.width, job.height, job.num_images, node.device, catalog, measured)
 
 
+def model_takers(job: JobShape, nodes: Sequence[NodeView]) -> tuple[list[NodeView], dict[str, str]]:
+    """The nodes `job`'s model may go to, and why each other may not: never where it is forbidden or where another
+    copy of it is held; not where the node says it cannot load it, unless every node says so: then it goes where
+    it may run, the node's load fails it as the job's fault (faults.py) and no node is charged, while a job that
+    some node can load never fails on one that cannot."""
+    loadable_only = any(not n.refuses(job.model, True, job.fingerprint) for n in nodes)
+    takers: list[NodeView] = []
+    refused: dict[str, str] = {}
+    for node in nodes:
+        if why := node.refuses(job.model, loadable_only, job.fingerprint):
+            refused[node.name] = why
+        else:
+            takers.append(node)
+    return takers, refused
+
+
 def why_nothing_fits(
     job: JobShape, nodes: Sequence[NodeView], catalog: Catalog | None = None, measured: Measurements = EMPTY
 ) -> str | None:
     """None when `job` fits some node (or fit cannot be judged on one); else one line naming what it needs
     and the largest node."""
-    fp = job.fingerprint
-    allowed = [n for n in nodes if not n.refuses(job.model, True, fp)] or \
-        [n for n in nodes if not n.refuses(job.model, False, fp)]
+    allowed, refused = model_takers(job, nodes)
     if not allowed:
         if not nodes:
             return f"{job.describe()}: there are no nodes"
         return f"{job.describe()}: no node takes {job.model} (" + "; ".join(
-            str(n.refuses(job.model, True, fp)) for n in sorted(nodes, key=lambda n: n.name)) + ")"
+            why for _, why in sorted(refused.items())) + ")"
     if job.loras:
         lacking = {n.name: n.lacks(job.loras) for n in allowed}
         allowed = [n for n in allowed if lacking[n.name] is None]

@@ -39,6 +39,7 @@ from renderfarm.planning.fit import (  # noqa: F401 (JobShape, NodeView: the pla
     fit_for,
     fit_on,
     largest_batch,
+    model_takers,
     plannable,
     why_nothing_fits,
 )
@@ -120,15 +121,8 @@ def filter_nodes(
     """The nodes where some profile of `job` fits (or fit cannot be judged: None), with planning's verdict;
     and why each other was left out."""
     fitting: list[tuple[NodeView, Fit | None]] = []
-    rejected: dict[str, str] = {}
-    # A node that says it cannot load the model is passed over, unless every node says so: then the job goes
-    # where it may run, the node's load fails it as the job's fault (faults.py), and no node is charged; a job
-    # that some node can load never fails on one that cannot.
-    loadable_only = any(not node.refuses(job.model, True, job.fingerprint) for node in nodes)
-    for node in nodes:
-        if refused := node.refuses(job.model, loadable_only, job.fingerprint):
-            rejected[node.name] = refused
-            continue
+    takers, rejected = model_takers(job, nodes)
+    for node in takers:
         if job.loras and (lacking := node.lacks(job.loras)):
             rejected[node.name] = f"{node.name} lacks {lacking}"
             continue
