@@ -89,9 +89,9 @@ class FarmClient:
 
     # --- submit ---------------------------------------------------------------------------------------
 
-    def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec", loras: Any = None) -> JobSpec:
-        """Check one spec against the catalog and, for a job with LoRAs, against what the farm's nodes hold (each
-        LoRA pinned to a copy's sha256: loras/assets.py FarmLoras; `loras`: one read for many specs). Omitted
+    def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec", farm: _FarmView | None = None) -> JobSpec:
+        """Check one spec against the catalog and against what the farm's nodes hold (each LoRA pinned to a copy's
+        sha256, the model to the copy most nodes hold: loras/assets.py; `farm`: one read for many specs). Omitted
         size, steps and guidance take the model's defaults (flux-dev: 1024 px, 28 steps, 3.5); a random seed is
         drawn (and recorded) when none is given. Raises SpecError, naming `where` and each bad field, and
         nothing else for any input."""
@@ -105,9 +105,9 @@ class FarmClient:
             entry = self.catalog.get(spec["model"])
             spec = {"width": entry.default_size, "height": entry.default_size, "steps": entry.default_steps,
                     "guidance": entry.default_guidance, **spec}
-        rules = loras if loras is not None else self._farm_loras()  # one read of what the nodes hold, when needed
+        farm = farm if farm is not None else _FarmView(self.store)
         try:
-            valid = JobSpec.validate_for(spec, self.catalog, rules)
+            valid = JobSpec.validate_for(spec, self.catalog, farm)
         except ValidationError as exc:
             raise SpecError(f"{where}: {describe_validation_error(exc)}") from None
         except UnknownModelError as exc:
@@ -117,7 +117,7 @@ class FarmClient:
         if valid.seed is None:
             valid = valid.model_copy(update={"seed": random.randint(0, SEED_MAX)})
         try:  # the copy of the model it renders with: the one most nodes hold, or the one it names
-            pinned = rules.model_fingerprint(valid.model, valid.model_fingerprint)
+            pinned = farm.model_copies().pin(valid.model, valid.model_fingerprint)
         except ValueError as exc:
             raise SpecError(f"{where}: model_fingerprint: {exc}") from None
         if pinned != valid.model_fingerprint:
@@ -192,14 +192,14 @@ class FarmClient:
         if batch_id is not None and (problem := id_problem("batch_id", batch_id)):
             raise SpecError(problem)
         errors, valid = [], []
-        loras = self._farm_loras()  # read once for the batch, and only if a spec has LoRAs
+        farm = _FarmView(self.store)  # the nodes' records read once for the batch, their LoRAs only if a spec has some
         for i, spec in enumerate(specs):
             try:
-                valid.append(self.validate(spec, where=f"jobs[{i}]", loras=loras))
+                valid.append(self.validate(spec, where=f"jobs[{i}]", farm=farm))
             except SpecError as exc:
                 errors.append(str(exc))
         if not errors:
-            errors = self._unrenderable(valid) or self._fits_nowhere(valid)
+            errors = self._unrenderable(valid, farm.records()) or self._fits_nowhere(valid, farm.records())
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
@@ -209,9 +209,6 @@ class FarmClient:
         jobs = [Job(id=job_id, spec=spec, created_at=now) for job_id, spec in zip(ids, valid)]
         self.store.submit(jobs, batch_id or new_job_id())
         return ids
-
-    def _farm_loras(self) -> _FarmLorasOnce:
-        return _FarmLorasOnce(self.store)
 
     def _for_my_team(self, specs: list[JobSpec]) -> list[JobSpec]:
         """In token mode a team token submits for its own team: a spec that leaves `team` at its default gets
@@ -230,13 +227,13 @@ class FarmClient:
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
         return out
 
-    def _unrenderable(self, specs: Sequence[JobSpec]) -> list[str]:
+    def _unrenderable(self, specs: Sequence[JobSpec], records: list[dict[str, Any]]) -> list[str]:
         """One error per spec whose model no worker renders (a family the catalog lists for planning only),
         or that no registered node can load: each node reports in its record what it cannot load and why
         (actors/worker.py). A node that reports nothing, or does not know the model, might load it; with no
         node registered yet, only the catalog's word counts."""
         reports = []
-        for record in self.store.nodes():
+        for record in records:
             unloadable = record.get("unloadable") if isinstance(record, dict) else None
             if not isinstance(unloadable, dict):
                 return self._planning_only(specs)  # a node that might load anything: no refusal by nodes
@@ -254,11 +251,11 @@ class FarmClient:
                 "worker renders it yet" for i, spec in enumerate(specs)
                 if (family := self.catalog.get(spec.model).family).planning_only]
 
-    def _fits_nowhere(self, specs: Sequence[JobSpec]) -> list[str]:
-        """One error per spec that no registered node can run in any profile (the planner's reason).
+    def _fits_nowhere(self, specs: Sequence[JobSpec], records: list[dict[str, Any]]) -> list[str]:
+        """One error per spec that no registered node (`records`) can run in any profile (the planner's reason).
         With no node registered yet, nothing can be judged and everything is accepted."""
         nodes = []
-        for record in self.store.nodes():
+        for record in records:
             try:
                 device = device_from_record(record)
             except CorruptRecord:  # one bad node record must not refuse every submit: judged without it
@@ -554,22 +551,32 @@ class FarmClient:
                 "assets": {node: summary(doc) for node, doc in self.store.assets().items()}}
 
 
-class _FarmLorasOnce:
-    """The farm's LoRAs and model copies (loras/assets.py FarmLoras), read from Redis once, when first asked."""
+class _FarmView:
+    """What the farm's nodes hold, as a submit checks it: their records (read once, when first asked) and the
+    LoRAs they published (loras/assets.py; read only when a spec has a LoRA to check)."""
 
     def __init__(self, store: Store):
         self.store = store
+        self._records: list[dict[str, Any]] | None = None
         self._loras: Any = None
+        self._models: Any = None
 
-    def _read(self) -> Any:
+    def records(self) -> list[dict[str, Any]]:
+        if self._records is None:
+            self._records = self.store.nodes()
+        return self._records
+
+    def model_copies(self) -> Any:
+        if self._models is None:
+            from renderfarm.loras.assets import ModelCopies
+
+            self._models = ModelCopies(self.records())
+        return self._models
+
+    def resolve(self, name: str, sha256: str | None, family: str) -> str | None:
+        """jobs.LoraRules: the copy of LoRA `name` a job is pinned to (loras/assets.py FarmLoras.resolve)."""
         if self._loras is None:
             from renderfarm.loras.assets import FarmLoras
 
-            self._loras = FarmLoras(self.store.assets(), self.store.nodes())
-        return self._loras
-
-    def resolve(self, name: str, sha256: str | None, family: str) -> str | None:
-        return self._read().resolve(name, sha256, family)
-
-    def model_fingerprint(self, model: str, wanted: str | None = None) -> str | None:
-        return self._read().model_fingerprint(model, wanted)
+            self._loras = FarmLoras(self.store.assets())
+        return self._loras.resolve(name, sha256, family)

@@ -149,10 +149,6 @@ class LoraRef(BaseModel):
     _storable_name = field_validator("name", mode="before")(_storable)
     _weight_finite = field_validator("weight", mode="before")(_finite)
 
-    def tag(self) -> str:
-        """The A1111 prompt form: <lora:name:weight>."""
-        return f"<lora:{self.name}:{self.weight:g}>"
-
 
 def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
     """Take A1111's `<lora:name:weight>` tags out of a prompt: (the prompt without them, the LoRAs they name, in

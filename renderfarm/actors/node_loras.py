@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from renderfarm.cluster.store import Store
@@ -25,22 +25,21 @@ class MissingLora(LookupError):
 
 
 class NodeLoras:
-    def __init__(self, node: str, settings: Settings, lora_dir: str | None = None):
-        """`lora_dir`: the node's own library folder (NodeDeclaration.lora_dir), else the farm's."""
+    def __init__(self, node: str, settings: Settings, lora_dir: str | None = None,
+                 models: Callable[[], dict[str, Any]] = dict):
+        """`lora_dir`: the node's own library folder (NodeDeclaration.lora_dir), else the farm's. `models`: the
+        base models it can load, each with its copy's fingerprint (actors/model_assets.py), published with them."""
         self.node = node
-        self.models: Any = lambda: {}  # the base models it can load, with fingerprints (set by the worker)
+        self.models = models
         self.model_fingerprints: dict[str, str] = {}  # model -> its copy's fingerprint (the node record carries it)
         self.version: str | None = None  # the digest of what was published last
-        self.table: dict[str, Any] = {}  # name -> what was published of it (family, sha256, size_bytes, ...)
         self._due = 0.0
         self.applied: dict[str, list[list[Any]]] = {}  # model -> [[name, sha256, weight], ...] (the node record)
         self.library: Any = None
         try:
             from renderfarm.loras.assets import library_for
 
-            if lora_dir:
-                settings = settings.model_copy(update={"lora_dir": Path(lora_dir).expanduser()})
-            self.library = library_for(settings)
+            self.library = library_for(settings, lora_dir)
         except Exception as exc:  # a broken library costs the LoRA jobs, never the node
             log.error("node %s: no LoRA library: %s", node, exc)
 
@@ -59,7 +58,7 @@ class NodeLoras:
             doc, version = node_assets(self.library, models)
             if version != self.version:
                 store.publish_assets(self.node, doc, version)
-                self.table, self.version = dict(doc["loras"]), version
+                self.version = version
         except Exception:
             log.warning("node %s: could not publish its LoRAs", self.node, exc_info=True)
 

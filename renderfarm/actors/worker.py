@@ -150,7 +150,7 @@ class RenderWorker:
         # written and its jobs completed, the next one starts and renders. Every torch call runs on ONE thread of
         # its own (`_torch`, which also renders batches one at a time, in the order they came): libgomp spins
         # only while the threads it manages are no more than the CPUs, so torch from two threads at two torch
-        # threads each made every render ~2x slower on a 2-core node (tests/unit/test_torch_thread.py).
+        # threads each made every render ~2x slower on a 2-core node (bench/torch_threads.py).
         # `_finishing`: one batch finishes at a time, in the order they rendered (taken on the torch thread
         # before it takes the next batch, released by the call thread when its batch is finished); `_books`:
         # the node's state, stats and record writes, which both touch.
@@ -169,8 +169,8 @@ class RenderWorker:
         from renderfarm.actors.model_assets import model_assets
         from renderfarm.actors.node_loras import NodeLoras
 
-        self.loras = NodeLoras(name, self.settings, node.get("lora_dir"))
-        self.loras.models = lambda: model_assets(self.catalog, self.node["loadable"])
+        self.loras = NodeLoras(name, self.settings, node.get("lora_dir"),
+                               models=lambda: model_assets(self.catalog, self.node["loadable"]))
         self.loras.publish(self.store)  # what it holds (models, LoRAs), re-indexed every LORA_RESCAN_S
         self.store.register_node(name, {**self.node, "state": self.state, **self._record()})
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)

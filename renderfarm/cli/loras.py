@@ -27,10 +27,7 @@ def cmd_loras(args: argparse.Namespace) -> int:
     from renderfarm.loras.assets import library_for
     from renderfarm.loras.library import LoraError
 
-    settings = settings_from(args)
-    if args.dir:
-        settings = settings.model_copy(update={"lora_dir": args.dir})
-    library = library_for(settings)  # the folder a node of these settings indexes
+    library = library_for(settings_from(args), args.dir)  # the folder a node of these settings indexes
     try:
         loras = library.scan()
     except LoraError as exc:

@@ -74,9 +74,7 @@ def _lora_report(args: argparse.Namespace, settings, entry, choice) -> dict:
     from renderfarm.loras.library import LoraError
     from renderfarm.planning.loras import lora_cost
 
-    if args.lora_dir:
-        settings = settings.model_copy(update={"lora_dir": args.lora_dir})
-    library = library_for(settings)
+    library = library_for(settings, args.lora_dir)
     chosen = []
     for text in args.lora:
         name, _, weight = text.partition(":")

@@ -21,6 +21,7 @@ from renderfarm.cluster.blobs import BlobStoreError, options_from_published, rea
 from renderfarm.cluster.store import Store
 from renderfarm.errors import CorruptRecord, JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobState
+from renderfarm.loras.assets import summary as assets_summary
 
 HOUR = 3600.0
 JOB_LIMIT = 50  # job rows read per shown state
@@ -212,17 +213,11 @@ def nodes(
             "jobs_failed": int(_num(record.get("jobs_failed")) or 0),
             "images": int(_num(record.get("images")) or 0),
             "failed_1h": failed_1h.get(record["name"], 0),
-            **lora_summary(assets.get(record["name"])),
+            **assets_summary(assets.get(record["name"])),
             **progress(record),
             **throughput_now(record, samples, now),
         })
     return rows
-
-
-def lora_summary(assets: dict[str, Any] | None) -> dict[str, Any]:
-    from renderfarm.loras.assets import summary  # torch-free
-
-    return summary(assets)
 
 
 def progress(record: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from renderfarm.loras.library import HASH_CACHE_FILE, LoraLibrary, default_hash_cache
@@ -26,10 +27,11 @@ from renderfarm.loras.library import HASH_CACHE_FILE, LoraLibrary, default_hash_
 LORA_RESCAN_S = 30.0  # a node re-indexes its library this often (files added to a share show up within it)
 
 
-def library_for(settings: Any) -> LoraLibrary:
-    """The LoRA library `settings` name (config.Settings): `lora_dir`, else the stand-in LoRAs (built offline on
-    first use), with its hash cache beside the model cache."""
-    folder = settings.lora_dir
+def library_for(settings: Any, folder: str | Path | None = None) -> LoraLibrary:
+    """The LoRA library in `folder` (a node's own, a command's --dir), else the one `settings` name
+    (config.Settings `lora_dir`), else the stand-in LoRAs (built offline on first use); its hash cache beside the
+    model cache."""
+    folder = Path(folder).expanduser() if folder else settings.lora_dir
     if folder is None:
         from renderfarm.loras.standins import ensure_standin_loras
 
@@ -102,20 +104,38 @@ def model_fingerprints(record: Mapping[str, Any] | None) -> dict[str, str]:
     return {model: fp for model, fp in table.items() if isinstance(model, str) and isinstance(fp, str)}
 
 
-class FarmLoras:
-    """The LoRAs and model copies a farm's nodes hold (`assets`: node name -> its published assets,
-    Store.assets()): the `LoraRules` that JobSpec.validate_for checks a job's LoRAs with, and the model copy a
-    job is pinned to."""
+class ModelCopies:
+    """Which copy of each model the farm's nodes hold, from their records (Store.nodes(): `model_fingerprints` is
+    small, so it rides in the record every reader reads anyway): the copy a job is pinned to at submit."""
 
-    def __init__(self, assets: Mapping[str, Mapping[str, Any]], records: Sequence[Mapping[str, Any]] = ()):
-        """`records`: the nodes' records (Store.nodes()), whose `model_fingerprints` say which copy of each model
-        a node holds (small, so kept in the record, which every reader reads anyway)."""
-        self.copies: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
-        self.reported = False  # whether any node published a LoRA table at all
+    def __init__(self, records: Sequence[Mapping[str, Any]]):
         self.models: dict[str, dict[str, list[str]]] = {}  # model -> fingerprint -> the nodes holding that copy
         for record in records:
             for model, fingerprint in model_fingerprints(record).items():
                 self.models.setdefault(model, {}).setdefault(fingerprint, []).append(str(record.get("name")))
+
+    def pin(self, model: str, wanted: str | None = None) -> str | None:
+        """The copy of `model` a job is pinned to: `wanted` if some node holds it, else the copy most nodes hold
+        (ties: the first fingerprint in order); None when no node published one (a hub model not yet fetched, or
+        nodes that publish none). ValueError when no node holds `wanted`."""
+        copies = self.models.get(model, {})
+        if wanted is not None:
+            if copies and wanted not in copies:
+                held_copies = ", ".join(f"{fp} ({len(nodes)} nodes)" for fp, nodes in sorted(copies.items()))
+                raise ValueError(f"no node holds {model} at fingerprint {wanted} (nodes hold {held_copies})")
+            return wanted
+        if not copies:
+            return None
+        return min(copies, key=lambda fp: (-len(copies[fp]), fp))
+
+
+class FarmLoras:
+    """The LoRAs a farm's nodes hold (`assets`: node name -> its published assets, Store.assets()), as the
+    `LoraRules` that JobSpec.validate_for checks a job's LoRAs with."""
+
+    def __init__(self, assets: Mapping[str, Mapping[str, Any]]):
+        self.copies: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+        self.reported = False  # whether any node published a LoRA table at all
         for node, doc in sorted(assets.items()):
             table = doc.get("loras") if isinstance(doc, Mapping) else None
             if not isinstance(table, Mapping):
@@ -147,20 +167,6 @@ class FarmLoras:
             return sha256
         newest = max(copies, key=lambda c: (float(c[1].get("mtime") or 0.0), c[1]["sha256"]))
         return str(newest[1]["sha256"])
-
-    def model_fingerprint(self, model: str, wanted: str | None = None) -> str | None:
-        """The copy of `model` a job is pinned to: `wanted` if some node holds it, else the copy most nodes hold
-        (ties: the first fingerprint in order); None when no node published one (a hub model not yet fetched, or
-        nodes that publish none). ValueError when no node holds `wanted`."""
-        copies = self.models.get(model, {})
-        if wanted is not None:
-            if copies and wanted not in copies:
-                held_copies = ", ".join(f"{fp} ({len(nodes)} nodes)" for fp, nodes in sorted(copies.items()))
-                raise ValueError(f"no node holds {model} at fingerprint {wanted} (nodes hold {held_copies})")
-            return wanted
-        if not copies:
-            return None
-        return min(copies, key=lambda fp: (-len(copies[fp]), fp))
 
     def holders(self, name: str, sha256: str | None) -> list[str]:
         """The nodes holding LoRA `name` (at `sha256`, when given)."""

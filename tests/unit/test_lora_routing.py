@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from renderfarm.loras.assets import FarmLoras, held
+from renderfarm.loras.assets import FarmLoras, ModelCopies, held
 from renderfarm.planning.fit import CacheView, NodeView
 from renderfarm.scheduler.placement import PendingJob, lora_switch_seconds, plan_dispatch
 from renderfarm.scheduler.workers import CacheModel, applied_from_record
@@ -15,7 +15,8 @@ A, B, C = "a" * 64, "b" * 64, "c" * 64
 
 
 def assets(**loras) -> dict:
-    return {"loras": {name: {"family": fam, "sha256": sha, "mtime": mtime} for name, (fam, sha, mtime) in loras.items()}}
+    return {"loras": {name: {"family": fam, "sha256": sha, "mtime": mtime}
+                      for name, (fam, sha, mtime) in loras.items()}}
 
 
 def test_a_lora_is_pinned_to_the_newest_copy_or_the_one_asked_for():
@@ -99,11 +100,11 @@ def test_the_schedulers_model_of_applied_sets_replays_batches_not_yet_reported()
 def test_a_job_is_pinned_to_the_model_copy_most_nodes_hold_and_never_sent_to_another_copy():
     records = [{"name": "n1", "model_fingerprints": {"m": "aaa"}}, {"name": "n2", "model_fingerprints": {"m": "aaa"}},
                {"name": "old", "model_fingerprints": {"m": "bbb", "x": 3}}, {"name": "none"}]
-    farm = FarmLoras({}, records)
-    assert farm.model_fingerprint("m") == "aaa" and farm.model_fingerprint("m", "bbb") == "bbb"
-    assert farm.model_fingerprint("unknown-model") is None
+    farm = ModelCopies(records)
+    assert farm.pin("m") == "aaa" and farm.pin("m", "bbb") == "bbb"
+    assert farm.pin("unknown-model") is None
     with pytest.raises(ValueError, match=r"no node holds m at fingerprint ccc \(nodes hold aaa \(2 nodes\), bbb"):
-        farm.model_fingerprint("m", "ccc")
+        farm.pin("m", "ccc")
     pinned = PendingJob(id="j0", model="m", batch_key=("m",), width=64, height=64, steps=4, fingerprint="aaa")
     old = NodeView("old", None, frozenset({"m"}), 0.0, 1, fingerprints={"m": "bbb"})
     unknown = NodeView("unknown", None, frozenset(), 50.0, 1)  # publishes no fingerprint: not known to differ
