@@ -3,6 +3,7 @@ farm with one worker, and through a direct loop on one pipeline in this process,
 
     python bench/overhead.py [--json] [--jobs 32] [--rounds 5] [--sizes 1,8]
     python bench/overhead.py --quick [--json]        # 8 jobs, 2 rounds (tests/bench runs this)
+    python bench/overhead.py --image-size 128 --steps 8 # more work per job: the farm's cost per job is fixed
 
 Like for like:
 - the same jobs: each round renders the same specs on both sides, with prompts new to that round (so no side
@@ -49,7 +50,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODEL, SIZE, STEPS, GUIDANCE = "tiny-sd15", 64, 2, 5.0
+MODEL, GUIDANCE = "tiny-sd15", 5.0
+SIZE, STEPS = 64, 2  # the work of one job (--image-size, --steps)
 GOAL_RATIO = 1.10
 
 
@@ -262,6 +264,9 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
         # against a direct loop that also writes each PNG (synced to disk) as the farm's node does
         "wall_ratio_saving": round(fw["median"] / sw["median"], 3),
         "cpu_ratio_saving": round(fc["median"] / sc["median"], 3),
+        # what the farm adds to each job, in ms: a fixed cost, so the ratio falls as a job's work grows
+        "added_wall_ms": round((fw["median"] - dw["median"]) * 1e3, 2),
+        "added_cpu_ms": round((fc["median"] - dc["median"]) * 1e3, 2),
         "wall_ratio": round(fw["median"] / dw["median"], 3),
         "cpu_ratio": round(fc["median"] / dc["median"], 3),
         "goal_ratio": GOAL_RATIO,
@@ -274,9 +279,11 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
 
 
 def run(jobs: int, rounds: int, sizes: list[int], quiet: bool, ray_niceness: int | None = None,
-        threads: int | None = None) -> dict[str, Any]:
+        threads: int | None = None, image_size: int = SIZE, steps: int = STEPS) -> dict[str, Any]:
     import torch
 
+    global SIZE, STEPS
+    SIZE, STEPS = image_size, steps  # read by specs_for and the direct loop
     from renderfarm.actors.pipelines import PipelineCache
     from renderfarm.config import NodeDeclaration
     from renderfarm.planning.catalog import default_catalog
@@ -315,6 +322,9 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {s['batch']:>5} {cell('farm_wall_ms'):>22} {cell('direct_wall_ms'):>22} {s['wall_ratio']:>6.2f} "
               f"{cell('farm_cpu_ms'):>22} {cell('direct_cpu_ms'):>22} {s['cpu_ratio']:>6.2f}  "
               f"<= {s['goal_ratio']:.2f} {verdict}")
+    for s in report["sizes"]:
+        print(f"  batch {s['batch']}: the farm adds {s['added_wall_ms']:.1f} ms wall and {s['added_cpu_ms']:.1f} ms CPU "
+              "to each job")
     print("  the direct loop also writing each PNG to the same kind of result store (synced), one after another:")
     for s in report["sizes"]:
         w, c = s["direct_saving_wall_ms"], s["direct_saving_cpu_ms"]
@@ -362,10 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads of the node and of the direct loop alike (default: every core; 1 on a "
                              "2-core machine leaves the farm's scheduler, Redis and client a core of their own)")
+    parser.add_argument("--image-size", type=int, default=SIZE,
+                        help=f"width and height of every job, a multiple of 8 within 64..512 (default {SIZE})")
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"denoising steps of every job, 1..50 (default {STEPS})")
     parser.add_argument("--quick", action="store_true", help="8 jobs, 2 rounds: a smoke run (tests/bench)")
     args = parser.parse_args(argv)
     jobs, rounds, sizes = round_plan(parser, args, quick=(8, 2))
-    report = run(jobs, rounds, sizes, quiet=args.json, ray_niceness=args.ray_niceness, threads=args.torch_threads)
+    if not 64 <= args.image_size <= 512 or args.image_size % 8:
+        parser.error(f"--image-size {args.image_size}: expected a multiple of 8 within 64..512")
+    if not 1 <= args.steps <= 50:
+        parser.error(f"--steps {args.steps}: expected 1..50")
+    report = run(jobs, rounds, sizes, quiet=args.json, ray_niceness=args.ray_niceness, threads=args.torch_threads,
+                 image_size=args.image_size, steps=args.steps)
     if args.json:
         print(json.dumps(report))
     else:
