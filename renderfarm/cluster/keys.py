@@ -51,6 +51,12 @@ class Keys:
     def metrics(self, name: str) -> str:
         return self._key("metrics", name)
 
+    def histogram(self, name: str) -> str:
+        """A histogram of job durations (`JOB_WAIT_HISTOGRAM`, `JOB_RENDER_HISTOGRAM`), for renderfarm/metrics.py:
+        a hash with one field per bucket upper bound (HISTOGRAM_INF above the last) holding the observations in
+        that bucket alone (the exporter makes them cumulative), and HISTOGRAM_SUM, HISTOGRAM_COUNT."""
+        return self._key("metrics", "histogram", name)
+
     @property
     def pending(self) -> str:
         return self.index(JobState.QUEUED)
@@ -148,6 +154,14 @@ class Keys:
 
     def all_indexes(self) -> list[str]:
         return [self.index(state) for state in JobState]
+
+
+# --- the job-duration histograms (Keys.histogram) --------------------------------------------------------
+
+JOB_WAIT_HISTOGRAM = "job_wait_seconds"  # created -> started, observed when the job is done
+JOB_RENDER_HISTOGRAM = "job_render_seconds"  # started -> finished (done)
+HISTOGRAM_SUM, HISTOGRAM_COUNT, HISTOGRAM_INF = "sum", "count", "+Inf"
+OBSERVED_FIELD = "observed"  # in a job's hash: its durations are in the histograms (counted once)
 
 
 # --- fields of the calibration hashes (Keys.calib_peaks, Keys.calib_speeds) ----------------------------

@@ -38,7 +38,7 @@ __all__ = [
     "ReconcileReport", "Round", "Store", "job_from_hash", "job_to_hash", "queue_score",
 ]
 
-SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile", "lead")
+SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile", "lead", "observe")
 
 
 def script_source(name: str) -> str:

@@ -12,11 +12,12 @@ and reads the events since its last look. Each is one `Round`:
 
 redis-py sends a pipeline's commands in one write and reads the replies back together; a script in a
 pipeline would cost one more request (redis-py asks SCRIPT EXISTS first), so scripts go in as EVALSHA by
-their digest, and a server that does not know one yet (a new or restarted Redis) answers NOSCRIPT: the script
-is loaded and the whole round sent again. That is safe because every operation put in a round is idempotent:
-state changes carry their operation token (scripts/transition.lua), the rest are writes of the same values
-or reads. The round is not a transaction: each operation is atomic on its own (a script, a command), as the
-same calls made one by one would be.
+their digest, and a server that does not know one yet (a new or restarted Redis) answers NOSCRIPT: the scripts
+it lacks are loaded (one request for all of them) and the whole round sent again. That is safe because every
+operation put in a round is idempotent: state changes carry their operation token (scripts/transition.lua),
+the job-duration histograms mark each job they count (scripts/observe.lua), the rest are writes of the same
+values or reads. The round is not a transaction: each operation is atomic on its own (a script, a command), as
+the same calls made one by one would be.
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ class Round:
             if not unknown or attempt:
                 self._replies = replies
                 return
+            teach = self.store.redis.pipeline(transaction=False)  # every script it lacks, in one request
             for script in unknown.values():
-                script.sha = self.store.redis.script_load(script.script)
+                teach.script_load(script.script)
+            for script, sha in zip(unknown.values(), teach.execute()):
+                script.sha = sha
 
     def _add(self, script: Script | None, queue: Callable[[redis.client.Pipeline], Any]) -> Callable[[], Any]:
         index = len(self._ops)

@@ -1,5 +1,5 @@
 """What the farm measures and publishes: ETAs, fair-share usage, dashboard samples, online calibration,
-counters."""
+counters, job-duration histograms."""
 
 from __future__ import annotations
 
@@ -10,12 +10,24 @@ from typing import Any
 
 import redis
 
-from renderfarm.cluster.keys import Keys, peak_field, speed_field
+from renderfarm.cluster.keys import (
+    HISTOGRAM_COUNT,
+    HISTOGRAM_INF,
+    HISTOGRAM_SUM,
+    JOB_RENDER_HISTOGRAM,
+    JOB_WAIT_HISTOGRAM,
+    OBSERVED_FIELD,
+    Keys,
+    peak_field,
+    speed_field,
+)
 from renderfarm.errors import CorruptRecord
 from renderfarm.jobs import JobState
 
 SAMPLES_MAXLEN = 4320  # 6 hours of samples at one per 5 s
 MEASURE_ALPHA = 0.3  # weight of a new speed or load time in its moving average
+# Upper bounds (seconds) of the job-duration histograms' buckets: a 64x64 stand-in to an hour-long batch.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
 class Telemetry:
@@ -153,6 +165,26 @@ class Telemetry:
             return out
 
         return records(self.keys.calib_peaks), records(self.keys.calib_speeds), bad
+
+    def queue_observe_finished(self, rnd: Any, node: str, job_ids: Sequence[str]) -> Callable[[], int]:
+        """Count the jobs `node` completes in round `rnd` in the job-duration histograms (Keys.histogram: wait,
+        created -> started; render, started -> finished), as part of that round: no request of its own. Queue it
+        after the jobs' completions: only those done on `node` count, each once (scripts/observe.lua). The
+        getter returns how many were counted, or raises CorruptRecord when a histogram is not a hash of numbers
+        (nothing written)."""
+        keys = [self.keys.histogram(JOB_WAIT_HISTOGRAM), self.keys.histogram(JOB_RENDER_HISTOGRAM),
+                *(self.keys.job(job_id) for job_id in job_ids)]
+        args = [node, ",".join(repr(float(b)) for b in DURATION_BUCKETS), HISTOGRAM_SUM, HISTOGRAM_COUNT,
+                HISTOGRAM_INF, OBSERVED_FIELD]
+        reply = rnd.script(self._observe, keys, args)
+
+        def counted() -> int:
+            status, value = reply()
+            if status == b"badkey":
+                raise CorruptRecord(f"job durations not counted: {value.decode(errors='replace')}")
+            return int(value)
+
+        return counted
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to the farm-wide counter `name` (late results, expired leases, quarantined records...)."""
