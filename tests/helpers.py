@@ -80,3 +80,38 @@ def legacy_result(store, job_id: str, pngs, ttl: int = 3600) -> None:
         store.redis.hset(key, mapping={str(i): png for i, png in enumerate(pngs)})
         store.redis.expire(key, ttl)
     store.redis.hset(store.keys.job(job_id), "images", len(pngs))
+
+
+class ApiServer:
+    """The real HTTP API (renderfarm/api on uvicorn) on a free loopback port, in a thread of this process:
+    `with ApiServer(redis_url) as api: httpx.get(api.url + "/v1/health")`. Stops its server on exit."""
+
+    def __init__(self, redis_url: str, **context):
+        self.redis_url, self.context = redis_url, context
+
+    def __enter__(self) -> "ApiServer":
+        import socket
+        import threading
+
+        import uvicorn
+
+        from renderfarm.api import ApiContext, create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        webhooks = self.context.pop("webhooks", False)
+        settings = self.context.pop("settings", None)
+        self.ctx = ApiContext(self.redis_url, **self.context)
+        app = create_app(self.ctx, webhooks=webhooks, settings=settings)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    access_log=False, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, name="api-under-test", daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: self.server.started, 30, "the API to start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

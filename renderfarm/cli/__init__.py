@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from renderfarm.cli import bench, farm, jobs, loras, plan, tokens
+from renderfarm.cli import api, bench, farm, jobs, loras, plan, tokens
 from renderfarm.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -29,7 +29,7 @@ from renderfarm.errors import RenderfarmError, UsageError
 
 __all__ = ["build_parser", "main"]
 
-COMMAND_GROUPS = (farm, jobs, plan, loras, bench, tokens)
+COMMAND_GROUPS = (farm, jobs, plan, loras, bench, tokens, api)
 
 
 class _Parser(argparse.ArgumentParser):

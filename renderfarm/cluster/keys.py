@@ -51,6 +51,10 @@ class Keys:
     def metrics(self, name: str) -> str:
         return self._key("metrics", name)
 
+    def api(self, *parts: str) -> str:
+        """What the HTTP API keeps (renderfarm/api: e.g. A1111 options per team); the API holds no state itself."""
+        return self._key("api", *parts)
+
     def histogram(self, name: str) -> str:
         """A histogram of job durations (`JOB_WAIT_HISTOGRAM`, `JOB_RENDER_HISTOGRAM`), for renderfarm/metrics.py:
         a hash with one field per bucket upper bound (HISTOGRAM_INF above the last) holding the observations in

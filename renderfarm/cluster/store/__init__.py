@@ -67,11 +67,13 @@ class Store(JobRecords, NodeRecords, Telemetry, Reconciler, Leadership):
         """Requests sent to Redis on this Store's client so far (a pipeline or a round is one)."""
         return self.trips.value
 
-    def events(self, *, from_start: bool = False, finished_only: bool = False) -> EventCursor:
-        """A cursor on the event stream: what happens from now on, or (`from_start`) everything kept. With
-        `finished_only`, on the stream of moves to a terminal state only (Keys.finished)."""
+    def events(self, *, from_start: bool = False, finished_only: bool = False, after: str | None = None) -> EventCursor:
+        """A cursor on the event stream: what happens from now on, (`from_start`) everything kept, or what came
+        after the entry `after`. With `finished_only`, on the stream of moves to a terminal state only
+        (Keys.finished)."""
         stream = self.keys.finished if finished_only else self.keys.events
-        return EventCursor(self.redis, stream, from_start=from_start, counters=self.keys.metrics("counters"))
+        return EventCursor(self.redis, stream, from_start=from_start, counters=self.keys.metrics("counters"),
+                           after=after)
 
     def close(self) -> None:
         """Close the client's connections (a Store made for one call must not leave them open)."""

@@ -9,6 +9,7 @@ counters hash, the cursor counts each such entry it reads there (`malformed_even
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ import redis
 
 from renderfarm.jobs import JobState
 
-__all__ = ["Event", "EventCursor"]
+__all__ = ["STREAM_ID", "Event", "EventCursor"]
+
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,17 @@ def _event(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
 
 class EventCursor:
     """A position in the event stream. `from_start=False` (the default) follows only what happens after
-    the cursor was made; `from_start=True` reads the whole (capped) stream first."""
+    the cursor was made; `from_start=True` reads the whole (capped) stream first; `after` (an entry id read
+    before) resumes after that entry (ValueError when it is not an entry id)."""
 
-    def __init__(self, client: redis.Redis, stream: str, *, from_start: bool = False, counters: str | None = None):
+    def __init__(self, client: redis.Redis, stream: str, *, from_start: bool = False, counters: str | None = None,
+                 after: str | None = None):
         self._redis, self._stream, self._counters = client, stream, counters
-        if from_start:
+        if after is not None:  # resume after an entry read before (an SSE client's Last-Event-ID)
+            if not STREAM_ID.fullmatch(after):
+                raise ValueError(f"{after!r} is not an event id (expected <milliseconds>-<sequence>)")
+            self._position = after.encode()
+        elif from_start:
             self._position = b"0-0"
         else:
             last = client.xrevrange(stream, count=1)
