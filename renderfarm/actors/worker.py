@@ -111,8 +111,15 @@ class RenderWorker:
             node = {**node, "vram_gib": round(self.card.vram_gib, 2)}
         # Loaded pipelines share the card: evict least recently used ones beyond its VRAM (less a margin).
         budget_gib = self.settings.pipeline_cache_gib or max(0.5, self.card.vram_gib - DEFAULT_MARGIN_GIB)
+        from renderfarm.actors.loading import load_pipeline
+
+        def load(entry: ModelEntry, profile: Profile | None = None) -> Any:  # the cache's own loader, counted
+            pipe = load_pipeline(entry, self.settings.cache_dir, device=self.device, profile=profile)
+            self.stats["model_loads"] += 1  # (no lock: only the torch thread loads; _books would wait on the cache)
+            return pipe
+
         self.cache = PipelineCache(
-            cache_dir=self.settings.cache_dir, device=self.device, max_bytes=int(budget_gib * 2**30)
+            cache_dir=self.settings.cache_dir, device=self.device, max_bytes=int(budget_gib * 2**30), loader=load
         )
         self.node = {
             **node,
@@ -136,6 +143,7 @@ class RenderWorker:
             "images": 0,
             "megapixels": 0.0,  # width x height x images rendered, in millions
             "batches": 0,
+            "model_loads": 0,  # pipelines loaded (a model under a profile): the first, after evictions, escalations
             "render_seconds": 0.0,
             "last_s_per_step": None,
             "oom_escalations": 0,
@@ -381,8 +389,8 @@ class RenderWorker:
 
     def _finish(self, rendered: Rendered, blobs: list[list[str]], summary: dict[str, Any]) -> None:
         """Record the batch in one request to Redis: every job's result (exactly once: one cancelled or taken
-        back meanwhile is discarded), what it measured, and the node's new totals with its idle state (unless
-        the next batch renders already)."""
+        back meanwhile is discarded), what it measured, the jobs' wait and render times (the metrics'
+        histograms), and the node's new totals with its idle state (unless the next batch renders already)."""
         entry, profile_name, jobs, requests, results = (rendered.entry, rendered.profile, rendered.jobs,
                                                         rendered.requests, rendered.results)
         load_s, move_s = rendered.load_s, rendered.move_s
@@ -408,6 +416,8 @@ class RenderWorker:
                 ))
             measured = self._measured(rnd, entry.name, profile_name, requests, results[0], rendered.resident,
                                       load_s + move_s)
+            # The jobs' wait and render times into the farm's histograms (renderfarm/metrics.py), in this round.
+            observed = self.store.queue_observe_finished(rnd, self.name, [r.job_id for r in results])
             count(results)
             self.profiles[entry.name] = profile_name
             self.stats["batches"] += 1
@@ -430,6 +440,10 @@ class RenderWorker:
             summary["measurements"] = measured()
         except Exception:  # a lost measurement costs accuracy, never a render
             log.warning("node %s: could not record its measurement", self.name, exc_info=True)
+        try:
+            observed()
+        except Exception:  # nor does a lost metric
+            log.warning("node %s: could not count its jobs' durations", self.name, exc_info=True)
         if discarded:
             self._publish()
 
