@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from renderfarm.client import FarmClient
 from renderfarm.cluster import auth
@@ -235,6 +235,16 @@ def create_app(ctx: ApiContext, *, webhooks: bool = False, settings: Any = None)
     app.state.ctx = ctx
     app.openapi = lambda: documented_schema(app, ctx)
     install_error_handlers(app)
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    def metrics(request: Request, who: Caller = Depends(caller)) -> Response:
+        """The farm's metrics for Prometheus (renderfarm/metrics.py), read from Redis at each scrape. In token mode
+        a scrape needs a token (Prometheus: `authorization: {credentials_file: ...}`)."""
+        from renderfarm.metrics import render_metrics
+
+        body, content_type = render_metrics(who.client.store, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     app.include_router(native.router)
     app.include_router(sse.router)
     app.include_router(a1111.router)

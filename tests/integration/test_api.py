@@ -203,3 +203,17 @@ def test_a1111_fields_map_or_are_refused(http):
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
     assert http.post("/sdapi/v1/options", json={"sd_vae": "auto"}).status_code == 422
     assert http.post("/sdapi/v1/img2img", json={}).status_code == 501
+
+
+def test_metrics_scraped(http, farm):
+    """/metrics parses as Prometheus text and counts what the farm did (the jobs the tests above finished)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = http.get("/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(reply.text)}
+    done = farm.client().store.counts()["done"]
+    jobs = {s.labels["state"]: s.value for s in families["renderfarm_jobs"].samples}
+    assert jobs["done"] == done > 0
+    images = sum(s.value for s in families["renderfarm_node_images"].samples if s.name.endswith("_total"))
+    assert images >= done
