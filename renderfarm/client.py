@@ -48,6 +48,7 @@ from renderfarm.jobs import (
     describe_validation_error,
     new_job_id,
     shown,
+    webhook_refusal,
 )
 from renderfarm.planning.catalog import Catalog, UnknownModelError, default_catalog
 from renderfarm.planning.devices import device_from_record
@@ -107,7 +108,7 @@ class FarmClient:
                     "guidance": entry.default_guidance, **spec}
         farm = farm if farm is not None else _FarmView(self.store)
         try:
-            valid = JobSpec.validate_for(spec, self.catalog, farm)
+            valid = JobSpec.validate_for(spec, self.catalog, farm, webhooks=farm)
         except ValidationError as exc:
             raise SpecError(f"{where}: {describe_validation_error(exc)}") from None
         except UnknownModelError as exc:
@@ -127,10 +128,10 @@ class FarmClient:
     def submit(self, spec: JobSpec | dict[str, Any], job_id: str | None = None) -> str:
         return self.submit_batch([spec], job_ids=[job_id] if job_id else None)[0]
 
-    def submit_file(self, path: str | Path, *, batch_id: str | None = None) -> list[str]:
+    def submit_file(self, path: str | Path, *, batch_id: str | None = None, webhook: str | None = None) -> list[str]:
         """Submit every spec of a job spec file (a JSON list, or JSON Lines: renderfarm/specfile.py) as one
-        batch. Every spec is checked first; any problem raises SpecFileError naming the path and the spec
-        (`jobs[3] (line 5): width: ...`), and then nothing was enqueued."""
+        batch (`webhook`: see `submit_batch`). Every spec is checked first; any problem raises SpecFileError
+        naming the path and the spec (`jobs[3] (line 5): width: ...`), and then nothing was enqueued."""
         entries = read_spec_file(path)
         if not entries:
             raise SpecFileError(f"{path}: the file holds no job specs")
@@ -146,7 +147,7 @@ class FarmClient:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecFileError(f"{path}: " + "; ".join(errors[:5]) + more + "; nothing was enqueued")
         try:
-            return self.submit_batch(valid, batch_id=batch_id)
+            return self.submit_batch(valid, batch_id=batch_id, webhook=webhook)
         except SpecError as exc:  # e.g. no registered node can run one of them
             raise SpecFileError(f"{path}: {exc}") from None
 
@@ -156,10 +157,13 @@ class FarmClient:
         *,
         job_ids: Sequence[str] | None = None,
         batch_id: str | None = None,
+        webhook: str | None = None,
     ) -> list[str]:
         """Validate every spec, then enqueue all of them in one transaction, or none.
 
         Passing the same `job_ids` again is a no-op for the jobs that already exist (safe retries).
+        `webhook`: a URL the farm POSTs to once every job of the batch is done, failed or cancelled (all of one
+        team: it signs with that team's secret); a spec's own `webhook` is called when that job finishes.
         Any bad input raises SpecError (and only SpecError); then nothing was enqueued.
         """
         from collections.abc import Mapping
@@ -191,8 +195,10 @@ class FarmClient:
                 raise SpecError("job_ids contains duplicates")
         if batch_id is not None and (problem := id_problem("batch_id", batch_id)):
             raise SpecError(problem)
-        errors, valid = [], []
         farm = _FarmView(self.store)  # the nodes' records read once for the batch, their LoRAs only if a spec has some
+        if webhook is not None and (problem := webhook_refusal(webhook, farm)):
+            raise SpecError(f"webhook: {problem}; nothing was enqueued")
+        errors, valid = [], []
         for i, spec in enumerate(specs):
             try:
                 valid.append(self.validate(spec, where=f"jobs[{i}]", farm=farm))
@@ -207,7 +213,11 @@ class FarmClient:
         ids = list(job_ids) if job_ids else [new_job_id() for _ in specs]
         now = time.time()
         jobs = [Job(id=job_id, spec=spec, created_at=now) for job_id, spec in zip(ids, valid)]
-        self.store.submit(jobs, batch_id or new_job_id())
+        if webhook is not None and len(teams := sorted({spec.team for spec in valid})) > 1:
+            raise SpecError(f"webhook: a batch webhook needs every job of one team (signed with its secret), not "
+                            f"{', '.join(teams)}; nothing was enqueued")
+        hook = None if webhook is None else {"url": webhook, "team": valid[0].team}
+        self.store.submit(jobs, batch_id or new_job_id(), webhook=hook)
         return ids
 
     def _for_my_team(self, specs: list[JobSpec]) -> list[JobSpec]:
@@ -560,6 +570,7 @@ class _FarmView:
         self._records: list[dict[str, Any]] | None = None
         self._loras: Any = None
         self._models: Any = None
+        self._webhook_private: bool | None = None
 
     def records(self) -> list[dict[str, Any]]:
         if self._records is None:
@@ -572,6 +583,12 @@ class _FarmView:
 
             self._models = ModelCopies(self.records())
         return self._models
+
+    def allow_private_webhooks(self) -> bool:
+        """jobs.WebhookRules: the webhook_allow_private the head published (read once, only if a webhook is given)."""
+        if self._webhook_private is None:
+            self._webhook_private = self.store.published_settings().get("webhook_allow_private") is True
+        return self._webhook_private
 
     def resolve(self, name: str, sha256: str | None, family: str) -> str | None:
         """jobs.LoraRules: the copy of LoRA `name` a job is pinned to (loras/assets.py FarmLoras.resolve)."""

@@ -94,6 +94,13 @@ class Settings(BaseModel):
     eta_seconds: float = Field(default=2.0, gt=0)  # how often the scheduler republishes ETAs and positions
     sample_seconds: float = Field(default=5.0, gt=0)  # how often it samples queue depth and node totals
     dead_after_seconds: float = Field(default=15.0, gt=0)  # a node silent this long is shown dead
+    # Webhooks (renderfarm/webhooks): a delivery to a loopback, private, link-local or otherwise non-public
+    # address is refused (at submit for a literal address, at delivery for every address a name resolves to)
+    # unless this is set; a failed delivery is retried with backoff for `webhook_retry_s`, each attempt
+    # waiting at most `webhook_timeout_s` for the receiver.
+    webhook_allow_private: bool = False
+    webhook_retry_s: float = Field(default=600.0, ge=0, le=7 * 24 * 3600)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
     def job_timeout_s(self, steps: int, width: int, height: int, images: int) -> float:
         """Seconds a batch of `images` images at `width` x `height` with `steps` steps may render."""
@@ -180,7 +187,8 @@ class Settings(BaseModel):
 # (`renderfarm worker`) takes them over its own settings file.
 FARM_WIDE = ("max_attempts", "lease_seconds", "job_timeout_base_s", "job_timeout_s_per_megapixel_step",
              "drain_after_failures", "max_batch", "worker_queue_depth", "result_ttl_seconds", "heartbeat_seconds",
-             "dead_after_seconds", "result_store", "result_store_endpoint", "result_store_region")
+             "dead_after_seconds", "result_store", "result_store_endpoint", "result_store_region",
+             "webhook_allow_private", "webhook_retry_s", "webhook_timeout_s")
 
 
 def farm_wide(settings: Settings) -> dict[str, Any]:

@@ -249,6 +249,7 @@ class Farm(_Started):
         self._workers: dict[str, Any] = {}
         self._scheduler: Any = None
         self._claim: DataDirClaim | None = None  # the data directory, while this farm runs on it
+        self._webhooks: Any = None  # webhooks.WebhookDispatcher, with its own Redis client
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -263,6 +264,7 @@ class Farm(_Started):
         cleaned = self._claim.acquire()  # one farm per data dir; stops what a killed predecessor left running
         self._start_redis()
         self._claim.record(redis_pid=self.redis_pid)
+        self._start_webhooks()
 
         nodes = node_plan(self.declared, self.settings) if self.local_workers else []
         if cleaned and nodes:  # the killed farm's workers were stopped with it: their jobs come back now
@@ -308,6 +310,19 @@ class Farm(_Started):
             Store(client, Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
             Store(client, Keys(self.key_prefix)).mark_farm()  # a client given the wrong database finds no marker
 
+    def _start_webhooks(self) -> None:
+        """The head delivers webhooks (renderfarm/webhooks) in daemon threads of its own process, beside any
+        API process's dispatcher: never in the scheduler, never waiting on it."""
+        from renderfarm.webhooks import WebhookDispatcher
+
+        self._webhooks = WebhookDispatcher(connect(self.redis_url), Keys(self.key_prefix), self.settings).start()
+
+    def _stop_webhooks(self) -> None:
+        if self._webhooks is not None:
+            self._webhooks.stop()
+            self._webhooks.store.close()
+            self._webhooks = None
+
     def _embedded_redis(self, port: int | None = None) -> EmbeddedRedis:
         """This farm's embedded redis-server, not started: `start()` and `crash_redis()` both make it here, so a
         restarted one has the same address, password and data directory. On a head other machines reach it:
@@ -330,6 +345,7 @@ class Farm(_Started):
         """Stop everything this farm started, in reverse order; safe to call twice."""
         import ray
 
+        self._stop_webhooks()  # first: what finishes meanwhile stays in the stream for the next dispatcher
         if self._scheduler is not None:
             try:
                 ray.get(self._scheduler.stop.remote(), timeout=10)

@@ -8,6 +8,7 @@ from renderfarm.jobs import JobState
 
 DEFAULT_PREFIX = "rf"
 CALIB_BUCKET_PX = 64  # calibration sizes round up to a multiple of this to form a bucket
+WEBHOOK_GROUP = "webhooks"  # the consumer group on Keys.finished that webhook dispatchers share
 CALIB_SEP = "|"  # joins calibration field parts; model, profile and node names never contain it (checked)
 
 # One sorted set per state: "what is queued / running / done" is one cheap query, and a state change
@@ -125,6 +126,34 @@ class Keys:
     def tokens(self) -> str:
         """Team tokens: SHA-256 hex digest -> JSON {team, admin, created, label} (cluster/auth.py)."""
         return self._key("tokens")
+
+    @property
+    def webhook_secrets(self) -> str:
+        """Per-team webhook signing secrets: team -> JSON {secret, created, previous, previous_until}, kept in
+        clear because the farm signs with them (renderfarm/webhooks/secrets.py)."""
+        return self._key("webhook", "secrets")
+
+    def webhook_delivery(self, delivery_id: str) -> str:
+        """One webhook delivery's record (JSON, expiring): its target, body, attempts and outcome."""
+        return self._key("webhook", "delivery", delivery_id)
+
+    @property
+    def webhook_deliveries(self) -> str:
+        """Every kept delivery's id, scored by creation time (capped): what `renderfarm webhooks deliveries` lists."""
+        return self._key("webhook", "deliveries")
+
+    @property
+    def webhook_due(self) -> str:
+        """Pending deliveries, scored by when their next attempt is due (a claimed one: by when its claim lapses)."""
+        return self._key("webhook", "due")
+
+    def batch_webhook(self, batch_id: str) -> str:
+        """A batch's webhook (a hash: url, team, created, fired), written with the batch by the submit script."""
+        return self._key("webhook", "batch", batch_id)
+
+    def batch_open(self, batch_id: str) -> str:
+        """The jobs of a batch with a webhook that have not been seen finished yet (a set)."""
+        return self._key("webhook", "open", batch_id)
 
     @property
     def settings(self) -> str:

@@ -10,8 +10,9 @@ The Store uses the client it is given as it is: the retry policy that rides out 
 whoever built the client (`RedisSettings.client()`), not to the Store.
 
 One class over five parts, each in its own module: `JobRecords` (jobs.py), `NodeRecords` (nodes.py),
-`Telemetry` (telemetry.py), `Reconciler` (reconcile.py: the indexes checked against the job hashes), and
-`EventCursor` (events.py). They are mixins rather than sub-objects so that
+`Telemetry` (telemetry.py), `Reconciler` (reconcile.py: the indexes checked against the job hashes),
+`WebhookRecords` (webhooks.py: webhook deliveries), and `EventCursor` (events.py). They are mixins rather
+than sub-objects so that
 callers keep one `store` and one flat vocabulary (`store.lease`, `store.nodes()`, `store.events()`).
 """
 
@@ -32,6 +33,7 @@ from renderfarm.cluster.store.nodes import NodeRecords
 from renderfarm.cluster.store.reconcile import Reconciler, ReconcileReport
 from renderfarm.cluster.store.round import Round
 from renderfarm.cluster.store.telemetry import MEASURE_ALPHA, SAMPLES_MAXLEN, Telemetry
+from renderfarm.cluster.store.webhooks import WEBHOOK_SCRIPTS, WebhookRecords
 
 __all__ = [
     "EVENTS_MAXLEN", "MEASURE_ALPHA", "SAMPLES_MAXLEN", "Event", "EventCursor", "Fenced", "LeaseLive", "OwnershipLost",
@@ -39,13 +41,14 @@ __all__ = [
 ]
 
 SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile", "lead", "observe")
+SCRIPTS += WEBHOOK_SCRIPTS
 
 
 def script_source(name: str) -> str:
     return resources.files(__package__).joinpath("scripts", f"{name}.lua").read_text()
 
 
-class Store(JobRecords, NodeRecords, Telemetry, Reconciler, Leadership):
+class Store(JobRecords, NodeRecords, Telemetry, Reconciler, Leadership, WebhookRecords):
     """The farm's system of record. One instance per process; thread-safe as redis-py is."""
 
     def __init__(self, client: redis.Redis, keys: Keys | None = None):

@@ -84,12 +84,17 @@ class JobRecords:
     redis: redis.Redis
     keys: Keys
 
-    def submit(self, jobs: Sequence[Job], batch_id: str) -> list[bool]:
-        """Enqueue `jobs` as one batch in one transaction; True per job that was new, False if it existed."""
+    def submit(self, jobs: Sequence[Job], batch_id: str, webhook: dict[str, str] | None = None) -> list[bool]:
+        """Enqueue `jobs` as one batch in one transaction; True per job that was new, False if it existed.
+        `webhook`: the batch's webhook ({url, team}: renderfarm/webhooks), written in the same transaction (kept
+        from the first submit that gave one)."""
         if not jobs:
             return []
-        keys = [self.keys.pending, self.keys.events, self.keys.batch(batch_id), self.keys.queues]
-        args: list[Any] = [EVENTS_MAXLEN, repr(time.time())]
+        keys = [self.keys.pending, self.keys.events, self.keys.batch(batch_id), self.keys.queues,
+                self.keys.batch_webhook(batch_id), self.keys.batch_open(batch_id)]
+        hook = "" if webhook is None else json.dumps({**{k: str(v) for k, v in webhook.items()},
+                                                       "created": repr(time.time())})
+        args: list[Any] = [EVENTS_MAXLEN, repr(time.time()), hook]
         for job in jobs:
             fields = job_to_hash(job.model_copy(update={"batch_id": batch_id}))
             fields["queue"] = self.keys.queue(job.spec.team, job.spec.priority)

@@ -1,18 +1,31 @@
 -- Insert jobs that do not exist yet; skip (and report) those that do. Atomic: all new jobs of the batch
 -- become visible together or not at all.
 -- Each job also joins its (team, priority) queue, named in its hash's `queue` field (built by Keys).
---   KEYS: pending, events, batch, queues set, job keys...    ARGV: maxlen, now, then per job: id, score, hash-json
+-- A batch may carry a webhook (renderfarm/webhooks): its hash (url, team, created) is written with the batch's
+-- first new jobs, and every new job of a batch with a webhook joins the batch's open set (the jobs not yet
+-- seen finished: scripts/webhook_batch.lua).
+--   KEYS: pending, events, batch, queues set, batch webhook, batch open set, job keys...
+--   ARGV: maxlen, now, batch webhook fields-json ('' = none), then per job: id, score, hash-json
 -- Returns 1 per job created, 0 per job that existed; or {'corrupt', why} with nothing written: every job and
 -- key is checked before the first write (Redis does not roll a script back, and a batch is all or nothing).
 local function key_type(key) return redis.call('TYPE', key)['ok'] end
 local function holds(key, want) local t = key_type(key); return t == 'none' or t == want end
-for i, want in ipairs({'zset', 'stream', 'set', 'set'}) do
+for i, want in ipairs({'zset', 'stream', 'set', 'set', 'hash', 'set'}) do
   if not holds(KEYS[i], want) then return {'corrupt', KEYS[i] .. ' holds a ' .. key_type(KEYS[i]) .. ', not a ' .. want} end
 end
-local n = #KEYS - 4
+local hook
+if ARGV[3] ~= '' then
+  local ok, value = pcall(cjson.decode, ARGV[3])
+  if not ok or type(value) ~= 'table' or type(value['url']) ~= 'string' then
+    return {'corrupt', 'the batch webhook is not a JSON object with a url'}
+  end
+  hook = value
+end
+local hooked = hook ~= nil or redis.call('EXISTS', KEYS[5]) == 1
+local n = #KEYS - 6
 local decoded = {}
 for i = 1, n do
-  local id, score, fields = ARGV[3*i], ARGV[3*i + 1], ARGV[3*i + 2]
+  local id, score, fields = ARGV[3*i + 1], ARGV[3*i + 2], ARGV[3*i + 3]
   local ok, value = pcall(cjson.decode, fields)
   if not ok or type(value) ~= 'table' then return {'corrupt', 'job ' .. id .. ': its fields are not a JSON object'} end
   if not tonumber(score) then return {'corrupt', 'job ' .. id .. ': score ' .. score .. ' is not a number'} end
@@ -26,8 +39,8 @@ for i = 1, n do
 end
 local created = {}
 for i = 1, n do
-  local jkey = KEYS[4 + i]
-  local id, score = ARGV[3*i], ARGV[3*i + 1]
+  local jkey = KEYS[6 + i]
+  local id, score = ARGV[3*i + 1], ARGV[3*i + 2]
   if redis.call('EXISTS', jkey) == 0 then
     local flat = {}
     for k, v in pairs(decoded[i]) do flat[#flat + 1] = k; flat[#flat + 1] = v end
@@ -38,10 +51,16 @@ for i = 1, n do
       redis.call('SADD', KEYS[4], decoded[i]['queue'])
     end
     redis.call('SADD', KEYS[3], id)
+    if hooked then redis.call('SADD', KEYS[6], id) end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'job', id, 'state', 'queued', 'ts', ARGV[2])
     created[#created + 1] = 1
   else
     created[#created + 1] = 0
   end
+end
+if hook and redis.call('EXISTS', KEYS[5]) == 0 and redis.call('SCARD', KEYS[6]) > 0 then
+  local flat = {}
+  for k, v in pairs(hook) do flat[#flat + 1] = k; flat[#flat + 1] = tostring(v) end
+  redis.call('HSET', KEYS[5], unpack(flat))
 end
 return created
