@@ -244,7 +244,7 @@ def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> s
     link-local, multicast, reserved, unspecified, or any other range that is not public), or None."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    for kind in ("unspecified", "loopback", "link_local", "private", "multicast", "reserved"):
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
         if getattr(address, f"is_{kind}"):
             return f"{address} is a {kind.replace('_', '-')} address"
     if not address.is_global:

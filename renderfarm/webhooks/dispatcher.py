@@ -103,6 +103,7 @@ class WebhookDispatcher:
         self._in_flight = 0
         self._read_own_pending = True  # at start, and after an error: events this consumer read and never acked
         self._next_reclaim = 0.0
+        self._created = 0  # deliveries created in this step
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -189,9 +190,11 @@ class WebhookDispatcher:
         if self._read_own_pending:
             handled += self._handle(self.store.read_finished(self.consumer, READ_COUNT, None, own_pending=True))
             self._read_own_pending = False
-        wait = 0.0 if self._free_senders() and self._any_due() else block_s
-        handled += self._handle(self.store.read_finished(self.consumer, READ_COUNT, wait))
-        self._dispatch_due()
+        self._dispatch_due()  # retries that came due (their senders run while this thread waits for events)
+        self._created = 0
+        handled += self._handle(self.store.read_finished(self.consumer, READ_COUNT, block_s))
+        if self._created:  # new deliveries are due at once
+            self._dispatch_due()
         return handled
 
     # --- events -> deliveries ---------------------------------------------------------------------------
@@ -199,7 +202,8 @@ class WebhookDispatcher:
     def _handle(self, events: Sequence[Event]) -> int:
         if not events:
             return 0
-        sources = self.store.webhook_sources([e.job for e in events])
+        sources = self.store.webhook_sources([e.job for e in events])  # one request for the lot
+        batches: list[tuple[str, str]] = []
         for event, source in zip(events, sources):
             if source is None or event.state is None or not event.state.terminal:
                 continue
@@ -212,9 +216,13 @@ class WebhookDispatcher:
             if isinstance(url, str) and url:
                 self._job_delivery(event, url, str(spec.get("team") or "default"))
             if batch_id:
-                due = self.store.batch_webhook_due(batch_id, event.job)
-                if due is not None:
-                    self._batch_delivery(batch_id, *due)
+                batches.append((batch_id, event.job))
+        fired = {}  # a batch whose last jobs finish in one read fires once
+        for (batch_id, _), due in zip(batches, self.store.batch_webhooks_due(batches)):  # one request too
+            if due is not None:
+                fired[batch_id] = due
+        for batch_id, (url, team) in fired.items():
+            self._batch_delivery(batch_id, url, team)
         self.store.ack_finished([e.id for e in events])
         return len(events)
 
@@ -247,6 +255,7 @@ class WebhookDispatcher:
                   "last_error": None, "created": now, "updated": now, "next_at": now, "finished": None,
                   "payload": payload}
         if self.store.enqueue_delivery(record, due_at=now):
+            self._created += 1
             log.debug("webhooks: %s %s for %s", kind, delivery_id, record["url"])
 
     # --- deliveries -> attempts ------------------------------------------------------------------------
@@ -255,12 +264,9 @@ class WebhookDispatcher:
         with self._lock:
             return self.senders - self._in_flight
 
-    def _any_due(self) -> bool:
-        return bool(self.store.redis.zcount(self.store.keys.webhook_due, "-inf", repr(time.time())))
-
     def _dispatch_due(self) -> None:
         free = self._free_senders()
-        if free <= 0 or self._pool is None and self._thread is not None:
+        if free <= 0 or (self._pool is None and self._thread is not None):  # busy, or stopping
             return
         now = time.time()
         ids = self.store.claim_deliveries(now, now + self.settings.webhook_timeout_s + CLAIM_MARGIN_S, free)

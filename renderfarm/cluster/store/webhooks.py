@@ -127,16 +127,23 @@ class WebhookRecords:
 
     # --- batches ------------------------------------------------------------------------------------
 
-    def batch_webhook_due(self, batch_id: str, job_id: str, ttl_s: int = DELIVERY_TTL_S) -> tuple[str, str] | None:
-        """Job `job_id` of batch `batch_id` has finished: (url, team) of the batch's webhook when the whole batch
-        has (then and afterwards: the caller creates its delivery once, by id), else None."""
-        reply = self._webhook_batch(
-            keys=[self.keys.batch_webhook(batch_id), self.keys.batch_open(batch_id), self.keys.batch(batch_id)],
-            args=[job_id, self.keys.job(""), int(ttl_s)],
-        )
-        if not reply or _text(reply[0]) != "fire":
-            return None
-        return _text(reply[1]), _text(reply[2])
+    def batch_webhooks_due(self, finished: Sequence[tuple[str, str]], ttl_s: int = DELIVERY_TTL_S
+                           ) -> list[tuple[str, str] | None]:
+        """Each (batch id, job id) of `finished` (that job of that batch has finished), in one request: (url,
+        team) of the batch's webhook when the whole batch has finished (then and afterwards: the caller creates
+        its delivery once, by id), else None (no webhook, or jobs of the batch still to finish)."""
+        if not finished:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id, job_id in finished:
+            self._webhook_batch(
+                keys=[self.keys.batch_webhook(batch_id), self.keys.batch_open(batch_id), self.keys.batch(batch_id)],
+                args=[job_id, self.keys.job(""), int(ttl_s)], client=pipe)
+        out: list[tuple[str, str] | None] = []
+        for reply in pipe.execute():
+            fired = bool(reply) and _text(reply[0]) == "fire"
+            out.append((_text(reply[1]), _text(reply[2])) if fired else None)
+        return out
 
     def batch_webhook(self, batch_id: str) -> dict[str, str] | None:
         """A batch's webhook record (url, team, created, fired), None when it has none."""
