@@ -166,8 +166,6 @@ def test_every_file_compose_mounts_is_in_the_repository(rendered):
             assert DOCKER in source.parents, f"{name} mounts {source} from outside docker/"
             mounted[target] = source
     assert mounted["/etc/prometheus/prometheus.yml"] == PROMETHEUS
-    command = rendered["services"]["prometheus"]["command"]
-    assert "--config.file=/etc/prometheus/prometheus.yml" in command
     # Grafana: the data source and dashboard providers, and the dashboard where the provider looks for it.
     provisioning = {target: yaml.safe_load(source.read_text()) for target, source in mounted.items()
                     if target.startswith("/etc/grafana/provisioning")}
@@ -185,7 +183,7 @@ def test_every_file_compose_mounts_is_in_the_repository(rendered):
 def test_no_secret_is_written_in_compose_yaml():
     text = COMPOSE.read_text()
     for name, value in _env_example().items():
-        assert value not in text, f"{name}'s value is in compose.yaml"
+        assert not value or value not in text, f"{name}'s value is in compose.yaml"
     raw = yaml.safe_load(text)
     for name, service in raw["services"].items():
         for key, value in (service.get("environment") or {}).items():
@@ -198,17 +196,31 @@ def test_no_secret_is_written_in_compose_yaml():
 # --- docker/prometheus.yml and docker/grafana-dashboard.json ---------------------------------------------
 
 
-def test_prometheus_scrapes_the_api_once(rendered):
+def test_prometheus_scrapes_the_api_once_with_a_token(rendered, tmp_path):
     config = yaml.safe_load(PROMETHEUS.read_text())
     (job,) = config["scrape_configs"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for group in job["static_configs"] for t in group["targets"]]
     api = rendered["services"]["api"]["command"]
     assert targets == [f"api:{api[api.index('--port') + 1]}"], "one address for the farm: every replica reports it all"
+    # In token mode /metrics wants a token: the file Prometheus reads it from is the one its container writes first.
+    token_file = job["authorization"]["credentials_file"]
+    prometheus = rendered["services"]["prometheus"]
+    (script,) = prometheus["command"]
+    assert prometheus["entrypoint"] == ["/bin/sh", "-c"]
+    writes = rf"umask 077 && printf '%s' \"\$+RENDERFARM_METRICS_TOKEN\" > {token_file} &&\s+exec /bin/prometheus "
+    assert re.search(writes, script), script
+    assert "--config.file=/etc/prometheus/prometheus.yml" in script
+    assert "RENDERFARM_METRICS_TOKEN" in prometheus["environment"]
+    assert "RENDERFARM_METRICS_TOKEN=" in ENV_EXAMPLE.read_text()
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
-    done = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=60)
+    token = tmp_path / "token"
+    token.write_text("rft_example")
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(PROMETHEUS.read_text().replace(token_file, str(token)))  # promtool checks the file exists
+    done = subprocess.run([promtool, "check", "config", str(checked)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
