@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,9 @@ class RenderRequest:
     # The LoRAs applied for it, (name, weight, A1111 short hash), for the infotext; the pipeline has them applied
     # already (actors/lora_apply.py): a batch shares one set.
     loras: tuple[tuple[str, float, str], ...] = ()
+    # A1111's sampler name and schedule type (renderfarm/samplers.py); None: the pipeline's own scheduler.
+    sampler: str | None = None
+    schedule: str | None = None
 
 
 @dataclass
@@ -266,7 +269,7 @@ class RenderResult:
 
 
 # Fields every request of one batch must share: they shape the single pipeline call.
-BATCH_SHARED_FIELDS = ("width", "height", "steps", "guidance", "loras")
+BATCH_SHARED_FIELDS = ("width", "height", "steps", "guidance", "loras", "sampler", "schedule")
 
 
 class RenderInterrupted(RuntimeError):
@@ -329,19 +332,22 @@ def render_batch(
             _synchronize(device)
             denoise_start = time.perf_counter()
 
-            # 3. Denoise: the whole batch in one pipeline call, which stops at the latents.
-            latents = pipe(
-                **embeddings,
-                **family.call_arguments(pipe),
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                num_images_per_prompt=1,
-                generator=generators,
-                output_type="latent",
-                callback_on_step_end=on_step_end,
-            ).images
+            # 3. Denoise: the whole batch in one pipeline call, which stops at the latents (with the batch's sampler:
+            # the pipeline's own scheduler is back in place after it, whatever happens).
+            with sampler_for_call(pipe, first.sampler, first.schedule):
+                latents = pipe(
+                    **embeddings,
+                    **family.call_arguments(pipe),
+                    height=height,
+                    width=width,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    num_images_per_prompt=1,
+                    generator=generators,
+                    output_type="latent",
+                    callback_on_step_end=on_step_end,
+                ).images
+                infotext = family.infotext_fields(pipe, guidance)  # names the scheduler that rendered
             _synchronize(device)
             decode_start = time.perf_counter()
 
@@ -370,7 +376,6 @@ def render_batch(
         # Cache-and-offload: text encoders moved to the device and back for this batch's encode.
         "move_s": (info.encoder_moves_s - moves_before) if info is not None else 0.0,
     }
-    infotext = family.infotext_fields(pipe, guidance)
     results: list[RenderResult] = []
     offset = 0
     for request, job_seeds in zip(requests, seeds):
@@ -410,6 +415,23 @@ def render_batch(
     for result in results:
         result.timings["total_s"] = total_s
     return results
+
+
+@contextlib.contextmanager
+def sampler_for_call(pipe: Any, sampler: str | None, schedule: str | None) -> Iterator[None]:
+    """The pipeline renders with `sampler` (A1111 name) and `schedule` inside the block, its own scheduler again
+    after it (renderfarm/samplers.py). None for both: its own, untouched."""
+    if sampler is None and schedule in (None, "Automatic"):
+        yield
+        return
+    from renderfarm.samplers import scheduler_for
+
+    own = pipe.scheduler
+    pipe.scheduler = scheduler_for(own, sampler, schedule)
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
 
 
 def _check_batch(entry: ModelEntry, requests: list[RenderRequest]) -> None:

@@ -124,6 +124,11 @@ class Family(BaseModel):
     def __hash__(self) -> int:  # frozen models stay hashable despite their dict fields
         return hash(self.name)
 
+    @property
+    def flow_matching(self) -> bool:
+        """A flow-matching model (Flux, SD 3.x): only flow-matching samplers render it (renderfarm/samplers.py)."""
+        return self.pipeline.startswith(("Flux", "StableDiffusion3"))
+
     def latent_tokens(self, width: int, height: int) -> int:
         side = self.vae_scale_factor * self.patch_size
         return (width // side) * (height // side)

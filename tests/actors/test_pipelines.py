@@ -132,7 +132,8 @@ def test_renders_at_any_size_the_family_allows(cache, name, width, height):
     assert parse_a1111_parameters(result.parameters[0])["Size"] == f"{width}x{height}"
 
 
-@pytest.mark.parametrize("field, value", [("width", 128), ("height", 32), ("steps", 3), ("guidance", 2.0)])
+@pytest.mark.parametrize("field, value", [("width", 128), ("height", 32), ("steps", 3), ("guidance", 2.0),
+                                          ("sampler", "DDIM"), ("schedule", "Karras")])
 def test_batch_requests_must_share_shape_steps_and_guidance(cache, field, value):
     model = entry("tiny-sd15")
     pipe, _ = cache.get(model)
@@ -260,3 +261,31 @@ def test_infotext_version_falls_back_to_the_source_trees_pyproject(monkeypatch):
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     expected = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, flags=re.MULTILINE).group(1)
     assert infotext._version() == expected != "unknown"
+
+
+@pytest.mark.parametrize("name, sampler, schedule", [("tiny-sd15", "Euler a", None), ("tiny-sdxl", "DPM++ 2M", "Karras"),
+                                                     ("tiny-flux", "Euler", "Karras")])
+def test_a_sampler_renders_its_batch_and_the_pipeline_gets_its_own_back(cache, name, sampler, schedule):
+    """renderfarm/samplers.py through render_batch: the batch renders with the sampler asked for (its infotext says
+    so, and the image differs from the model's own sampler's), each image still depends on its own seed only,
+    and the pipeline's own scheduler is back afterwards, also after a failed render."""
+    model = entry(name)
+    pipe, _ = cache.get(model)
+    own = pipe.scheduler
+    plain = render_batch(pipe, model, [request("a", steps=3)])[0]
+    asked = dict(steps=3, sampler=sampler, schedule=schedule)
+    alone = render_batch(pipe, model, [request("a", **asked)])[0]
+    assert pipe.scheduler is own
+    assert f"Sampler: {sampler}" in alone.parameters[0]
+    if schedule:
+        assert f"Schedule type: {schedule}" in alone.parameters[0]
+    assert pixels(alone.images[0]).tolist() != pixels(plain.images[0]).tolist()
+    both = render_batch(pipe, model, [request("a", **asked), request("b", seed=7, **asked)])
+    assert_same_image(both[0].images[0], alone.images[0])
+
+    def broken(*_):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        render_batch(pipe, model, [request("a", **asked)], should_stop=None, on_step=broken)
+    assert pipe.scheduler is own
