@@ -15,6 +15,7 @@ its own), delivering is one object:
 
     WebhookDispatcher(redis_client: redis.Redis, keys: Keys | None = None, settings: Settings | None = None, *,
                       senders=4, consumer=None, poll_s=0.5, claim_idle_s=60.0, follow_published=True)
+    WebhookDispatcher.for_settings(store: Store, settings: Settings | None = None, **options)   # on a Store
 
 Several dispatchers on one farm share the work through a Redis consumer group: each finish is handled by one,
 each delivery created once and attempted by one at a time (dispatcher.py). For whoever shows deliveries:

@@ -105,6 +105,12 @@ class WebhookDispatcher:
         self._next_reclaim = 0.0
         self._created = 0  # deliveries created in this step
 
+    @classmethod
+    def for_settings(cls, store: Store, settings: Settings | None = None, **options: Any) -> WebhookDispatcher:
+        """A dispatcher on an existing Store's client and keys (stop() leaves that client open), with `settings`
+        (None: the defaults, under what the head published) and the keyword options of the constructor."""
+        return cls(store.redis, store.keys, settings, **options)
+
     # --- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> WebhookDispatcher:

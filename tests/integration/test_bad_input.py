@@ -218,6 +218,12 @@ def bad_values(field: str, model: str, json_only: bool) -> st.SearchStrategy:
                 with_inserted(st.sampled_from(["\n", "\x01", "\x7f", "\x9f"])), wrong_text), min_size=1, max_size=3)),
             *([] if json_only else [st.frozensets(tags, min_size=1, max_size=2).map(set)]),
         ),
+        # Loopback and private targets are refused here: this farm published no webhook_allow_private.
+        "webhook": lambda: st.one_of(
+            st.just(""), st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2),
+            st.sampled_from(["ftp://example.com/", "https://u:p@example.com/", "http://127.0.0.1/", "http://localhost/",
+                             "https://exa mple.com/", "http:///x", "example.com", "http://[::1/", "https://h:99999/"]),
+            st.builds(lambda n: "https://example.com/" + "a" * n, st.integers(2030, 3000))),
         "model_fingerprint": lambda: st.one_of(
             st.just(""), st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2),
             st.text(max_size=8).filter(lambda t: not re.fullmatch(r"[0-9A-Za-z]+", t)),
@@ -471,7 +477,8 @@ def expected_spec(spec: dict) -> dict:
     defaults = {"negative_prompt": "", "width": entry.default_size, "height": entry.default_size,
                 "steps": entry.default_steps, "guidance": entry.default_guidance, "num_images": 1, "priority": 0,
                 "team": "default", "tags": ()}
-    return {**defaults, **spec, "tags": tuple(spec.get("tags", ())), "loras": (), "model_fingerprint": None}
+    return {**defaults, **spec, "tags": tuple(spec.get("tags", ())), "loras": (), "model_fingerprint": None,
+            "webhook": spec.get("webhook")}
 
 
 def check_round_trip(client, ids: list[str], specs: list[dict]) -> None:

@@ -381,3 +381,16 @@ def test_dispatcher_restart_resumes_a_scheduled_retry(store, redis_url, receiver
         assert done["attempts"] == 2
     finally:
         second.stop()
+
+
+def test_a_dispatcher_on_a_store_follows_the_heads_settings_and_leaves_the_client_open(store, receiver, tmp_path):
+    """How the HTTP API starts one: on its own Store, the head's published webhook settings winning."""
+    hook = receiver()
+    store.publish_settings({"webhook_allow_private": True, "webhook_timeout_s": 3.0})
+    with WebhookDispatcher.for_settings(store, None, poll_s=0.05) as d:
+        assert d.settings.webhook_allow_private and d.settings.webhook_timeout_s == 3.0
+        store.submit([make_job("j1", webhook=hook.url)], "b1")
+        finish(store, "j1", tmp_path)
+        assert json.loads(hook.next()["body"])["job"]["id"] == "j1"
+        wait_until(lambda: record_in(store, "delivered", job="j1"), WAIT, "the delivered record")
+    assert not d.running and store.redis.ping()
