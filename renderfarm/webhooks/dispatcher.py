@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CLAIM_MARGIN_S = 30.0  # a claimed delivery is someone else's to try again this long after its attempt's timeout
 READ_COUNT = 100  # finish events read at once
+FORGET_CONSUMER_S = 24 * 3600  # a consumer silent this long and holding nothing died: the group forgets it
 
 
 def retry_delay(attempts: int, base_s: float = 1.0, cap_s: float = 120.0) -> float:
@@ -193,6 +194,7 @@ class WebhookDispatcher:
             self._next_reclaim = now + max(1.0, self.claim_idle_s / 2)
             self._refresh_settings()
             handled += self._handle(self.store.claim_stale_finished(self.consumer, self.claim_idle_s))
+            self.store.forget_idle_consumers(FORGET_CONSUMER_S)
         if self._read_own_pending:
             handled += self._handle(self.store.read_finished(self.consumer, READ_COUNT, None, own_pending=True))
             self._read_own_pending = False

@@ -394,3 +394,11 @@ def test_a_dispatcher_on_a_store_follows_the_heads_settings_and_leaves_the_clien
         assert json.loads(hook.next()["body"])["job"]["id"] == "j1"
         wait_until(lambda: record_in(store, "delivered", job="j1"), WAIT, "the delivered record")
     assert not d.running and store.redis.ping()
+
+
+def test_a_dead_consumer_holding_nothing_is_forgotten(store):
+    store.ensure_webhook_group()
+    store.redis.xgroup_createconsumer(store.keys.finished, "webhooks", "gone")  # a dispatcher that held nothing
+    assert store.forget_idle_consumers(idle_s=3600) == 0, "not idle long enough"
+    assert store.forget_idle_consumers(idle_s=0) == 1
+    assert store.redis.xinfo_consumers(store.keys.finished, "webhooks") == []

@@ -207,6 +207,16 @@ class WebhookRecords:
         except redis.ResponseError:  # no group (the database was emptied): nothing to forget
             pass
 
+    def forget_idle_consumers(self, idle_s: float) -> int:
+        """Forget the group's consumers idle for `idle_s` that hold nothing (dispatchers that died: what they
+        held was claimed by others); how many."""
+        forgotten = 0
+        for consumer in self.redis.xinfo_consumers(self.keys.finished, WEBHOOK_GROUP):
+            if consumer.get("pending") == 0 and consumer.get("idle", 0) >= idle_s * 1000:
+                self.redis.xgroup_delconsumer(self.keys.finished, WEBHOOK_GROUP, consumer["name"])
+                forgotten += 1
+        return forgotten
+
     def webhook_sources(self, job_ids: Sequence[str]) -> list[tuple[str, str] | None]:
         """Per job: (its spec's JSON, its batch id) from one request; None for a job without a record."""
         pipe = self.redis.pipeline(transaction=False)
