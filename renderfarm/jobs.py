@@ -309,6 +309,9 @@ class JobSpec(BaseModel):
                                           strict=True)
     # Where the farm POSTs a signed JSON body when the job reaches done, failed or cancelled (renderfarm/webhooks).
     webhook: str | None = Field(default=None, strict=True)
+    # The sampler by its A1111 name and the schedule type (renderfarm/samplers.py); None: the model's own scheduler.
+    sampler: str | None = Field(default=None, min_length=1, max_length=40, strict=True)
+    schedule: str | None = Field(default=None, min_length=1, max_length=40, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -353,6 +356,38 @@ class JobSpec(BaseModel):
     def _webhook_valid(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and (problem := webhook_refusal(value, (info.context or {}).get("webhooks"))):
             raise ValueError(problem)
+        return value
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler_suits_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A sampler the farm knows (renderfarm/samplers.py) that can render the model's family (with the catalog)."""
+        from renderfarm.samplers import check
+
+        catalog = (info.context or {}).get("catalog")
+        family = catalog.get(info.data["model"]).family if catalog is not None and "model" in info.data else None
+        problem = check(value, None, flow=bool(family and family.flow_matching), family=family.name if family else "")
+        if problem and (family is not None or problem.startswith("unknown")):  # without a catalog: the name only
+            raise ValueError(problem)
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_suits_sampler(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A schedule type that the job's sampler takes (none without a sampler, but Automatic)."""
+        from renderfarm.samplers import SAMPLERS, SCHEDULES
+
+        if value is None or value == "Automatic":
+            return value
+        if value not in SCHEDULES:
+            raise ValueError(f"unknown schedule type {value!r}; known: {', '.join(SCHEDULES)}")
+        sampler = info.data.get("sampler")
+        if sampler is None:
+            if "sampler" in info.data:  # (an invalid sampler has already said what is wrong)
+                raise ValueError(f"the {value} schedule needs a sampler to go with it (sampler)")
+            return value
+        if all(value not in variant.schedules for variant in SAMPLERS.get(sampler, ())):
+            raise ValueError(f"sampler {sampler!r} has no {value} schedule")
         return value
 
     @field_validator("prompt")
@@ -424,8 +459,10 @@ class JobSpec(BaseModel):
         return tuple(sorted((lora.name, lora.sha256, lora.weight) for lora in self.loras))
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with the same key can share one pipeline call: the same model, size, steps, guidance and LoRAs."""
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.lora_set())
+        """Jobs with the same key can share one pipeline call: the same model, size, steps, guidance, LoRAs and
+        sampler."""
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.lora_set(), self.sampler,
+                self.schedule)
 
 
 def shown(value: str, limit: int = 40) -> str:

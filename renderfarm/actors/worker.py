@@ -329,6 +329,8 @@ class RenderWorker:
                     guidance=job.spec.guidance,
                     seed=job.spec.seed or 0,
                     num_images=job.spec.num_images,
+                    sampler=job.spec.sampler,
+                    schedule=job.spec.schedule,
                 )
                 for job in jobs
             ]

@@ -6,7 +6,7 @@
     GET  /sdapi/v1/loras         the LoRAs the nodes hold (use them as <lora:name:weight> in the prompt)
     GET  /sdapi/v1/progress      the caller's current A1111 job: step, ETA
     GET/POST /sdapi/v1/options   sd_model_checkpoint (kept per team in Redis: the API itself holds no state)
-    GET  /sdapi/v1/samplers, /schedulers, /scripts (what the farm honours: its models' own samplers)
+    GET  /sdapi/v1/samplers, /schedulers, /scripts (what the farm honours)
     POST /sdapi/v1/img2img       501 until the farm takes image inputs
 
 How a txt2img request maps: `n_iter` jobs of `batch_size` images each, submitted as one batch (so the
@@ -17,9 +17,10 @@ gives them (-1: a random seed); `cfg_scale` is the guidance, `steps` the steps, 
 Fields the farm cannot honour are refused with a 422 naming them (never ignored): a field is accepted only at
 a value that changes nothing (A1111's own neutral value, e.g. `restore_faces: false`, `subseed_strength: 0`,
 the hires fields while `enable_hr` is false), or when it concerns A1111's own bookkeeping (`save_images`,
-`do_not_save_grid`: the farm keeps every result in its result store for `result_ttl_seconds`). Samplers: the
-farm renders each model with the scheduler its pipeline comes with (the infotext names it); `sampler_name`
-must be left out or be "Default" (`webuiapi.WebUIApi(sampler="Default")`).
+`do_not_save_grid`: the farm keeps every result in its result store for `result_ttl_seconds`). Samplers:
+`sampler_name` (or the older `sampler_index`, or a combined "DPM++ 2M Karras") and `scheduler` map to the job's
+`sampler` and `schedule` (renderfarm/samplers.py); "Default" / "automatic" keep the model's own; one that
+cannot render the model (e.g. "Euler a" on Flux) is a 422 naming it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 Who = Annotated[Caller, Depends(caller)]
 TAG = "a1111"  # every job submitted here carries it (progress finds the caller's current one by it)
 MAX_ITERATIONS = 100
-NEUTRAL_SAMPLERS = ("", "Default", "default")
+NEUTRAL_SAMPLERS = ("", "Default", "default")  # the model's own scheduler
 NEUTRAL_SCHEDULERS = ("", "automatic", "Automatic")
 OPTIONS_KEY = "options"  # Keys.api(OPTIONS_KEY, team): a hash of the A1111 options a team set
 
@@ -79,7 +80,8 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "do_not_save_samples": _any,  # A1111's outputs folder: the farm keeps results in its store regardless
     "do_not_save_grid": _any,
     "save_images": _any,
-    "eta": _is(None, 0, 0.0, 1, 1.0),  # webuiapi sends 1.0; the farm's samplers take no eta
+    # webuiapi sends 1.0, A1111's default: full ancestral noise, which is what "Euler a" does here; 0 is plain DDIM's
+    "eta": _is(None, 0, 0.0, 1, 1.0),
     "s_min_uncond": _is(None, 0, 0.0),
     "s_churn": _is(None, 0, 0.0),
     "s_tmax": _is(None, 0, 0.0),
@@ -100,21 +102,13 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "denoising_strength": _any,  # txt2img uses it only for the hires pass (enable_hr)
     "firstphase_width": _is(0, None),
     "firstphase_height": _is(0, None),
-    "sampler_name": lambda v: v is None or v in NEUTRAL_SAMPLERS,
-    "sampler_index": lambda v: v is None or v in NEUTRAL_SAMPLERS,
-    "scheduler": lambda v: v is None or v in NEUTRAL_SCHEDULERS,
 }
 HIRES = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
          "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules",
          "hr_cfg", "hr_distilled_cfg")
 MAPPED = ("prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
-          "send_images", "override_settings", "distilled_cfg_scale")
+          "send_images", "override_settings", "distilled_cfg_scale", "sampler_name", "sampler_index", "scheduler")
 WHY = {
-    "sampler_name": "the farm renders each model with the scheduler its pipeline comes with (the infotext names "
-                    "it); leave sampler_name out or send \"Default\"",
-    "sampler_index": "the farm renders each model with the scheduler its pipeline comes with; leave it out or "
-                     "send \"Default\"",
-    "scheduler": "the farm uses each model's own sigma schedule; leave it out or send \"automatic\"",
     "enable_hr": "the hires fix is not on the farm yet (job chains: issue 19)",
     "restore_faces": "no face restoration on the farm",
     "tiling": "no tiling on the farm",
@@ -238,10 +232,34 @@ def job_specs(body: dict[str, Any], who: Caller) -> tuple[list[dict[str, Any]], 
             spec[key] = _number(body, field, kind, None, low, high)
     if distilled is not None and entry is not None and not entry.family.uses_cfg:
         spec["guidance"] = _number(body, "distilled_cfg_scale", float, guidance_default, 0.0, 1000.0)
+    spec.update(sampler_fields(body))
     specs = [{**spec, "seed": seed + i * batch_size} for i in range(n_iter)]
     info = {"sd_model_name": model, "batch_size": batch_size, "n_iter": n_iter, "seed": seed,
             "all_seeds": [seed + i for i in range(batch_size * n_iter)]}
     return specs, info
+
+
+def sampler_fields(body: dict[str, Any]) -> dict[str, str]:
+    """The job's `sampler` and `schedule` from A1111's `sampler_name` (or the older `sampler_index`) and `scheduler`:
+    "Default"/"automatic" leave the model's own; an old combined name ("DPM++ 2M Karras") is split as A1111 does.
+    Whether they suit the model is the job spec's check (422 naming sampler or schedule)."""
+    from renderfarm.samplers import SAMPLERS, SCHEDULES
+
+    out: dict[str, str] = {}
+    name = body.get("sampler_name") if body.get("sampler_name") is not None else body.get("sampler_index")
+    if name is not None and not isinstance(name, str):
+        raise _refuse("sampler_name", name, "expected a sampler's name")
+    if name and name not in NEUTRAL_SAMPLERS:
+        for schedule in SCHEDULES:
+            if name.endswith(f" {schedule}") and name.removesuffix(f" {schedule}") in SAMPLERS:
+                name, out["schedule"] = name.removesuffix(f" {schedule}"), schedule
+        out["sampler"] = name
+    schedule = body.get("scheduler")
+    if schedule is not None and not isinstance(schedule, str):
+        raise _refuse("scheduler", schedule, "expected a schedule type's name")
+    if schedule and schedule not in NEUTRAL_SCHEDULERS:
+        out["schedule"] = schedule[:1].upper() + schedule[1:]  # A1111 sends "karras", diffusers' docs "Karras"
+    return out
 
 
 def _wait(who: Caller, ids: list[str], timeout_s: float) -> list[Any]:
@@ -336,13 +354,21 @@ def loras(who: Who) -> list[dict[str, Any]]:
 
 @router.get("/samplers")
 def samplers() -> list[dict[str, Any]]:
-    """The one sampler the farm honours: each model's own (the infotext of each image names which it is)."""
-    return [{"name": "Default", "aliases": [], "options": {}}]
+    """The samplers the farm renders with ("Default": each model's own; Flux and SD 3.x take Euler only)."""
+    from renderfarm.samplers import SAMPLERS
+
+    return [{"name": "Default", "aliases": [], "options": {}}] + [
+        {"name": name, "aliases": [], "options": {"flow_matching": str(any(v.flow for v in variants)).lower()}}
+        for name, variants in SAMPLERS.items()]
 
 
 @router.get("/schedulers")
 def schedulers() -> list[dict[str, Any]]:
-    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+    """The schedule types ("automatic": the sampler's own spacing)."""
+    from renderfarm.samplers import SCHEDULES
+
+    return [{"name": name.lower(), "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for name in SCHEDULES]
 
 
 @router.get("/scripts")

@@ -9,13 +9,14 @@
     POST /v1/batches/{id}/cancel     cancel every job of the batch
     GET  /v1/jobs/{id}/images/{i}    a done job's i-th PNG (its infotext in the PNG's "parameters" chunk)
     GET  /v1/jobs/{id}/result        the same as JSON: base64 PNGs and their infotexts
+    GET  /v1/webhooks/deliveries     webhook deliveries: attempts, last status, state
     GET  /v1/models, /v1/loras, /v1/nodes, /v1/status, /v1/health
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -43,6 +44,9 @@ class BatchRequest(BaseModel):
     batch_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     job_ids: list[str] | None = Field(default=None, max_length=MAX_BATCH_JOBS,
                                       description="your own ids (resubmitting the same ids is a no-op: safe retries)")
+    webhook: str | None = Field(default=None, max_length=2048, description=(
+        "a URL the farm POSTs to (signed: docs/webhooks.md) once every job of the batch is finished; a spec's own "
+        "`webhook` is called when that job finishes"))
 
 
 class Submitted(BaseModel):
@@ -61,9 +65,10 @@ def job_view(job: Job, estimate: dict[str, Any] | None = None) -> dict[str, Any]
     return out
 
 
-def _submit(who: Caller, specs: list[dict[str, Any]], batch_id: str | None, job_ids: list[str] | None) -> Submitted:
+def _submit(who: Caller, specs: list[dict[str, Any]], batch_id: str | None, job_ids: list[str] | None,
+            webhook: str | None = None) -> Submitted:
     batch_id = batch_id or new_job_id()
-    ids = who.client.submit_batch(specs, job_ids=job_ids, batch_id=batch_id)
+    ids = who.client.submit_batch(specs, job_ids=job_ids, batch_id=batch_id, webhook=webhook)
     return Submitted(batch_id=batch_id, job_ids=ids)
 
 
@@ -71,7 +76,7 @@ def _submit(who: Caller, specs: list[dict[str, Any]], batch_id: str | None, job_
 def submit_batch(body: BatchRequest, who: Who) -> Submitted:
     """Submit a batch: every spec is checked against the catalog and the farm's nodes first; any problem is a 422
     naming the job and the field, and then nothing was enqueued."""
-    return _submit(who, body.jobs, body.batch_id, body.job_ids)
+    return _submit(who, body.jobs, body.batch_id, body.job_ids, body.webhook)
 
 
 @router.post("/jobs", status_code=201, response_model=Submitted)
@@ -237,6 +242,22 @@ def loras(who: Who) -> dict[str, Any]:
 def nodes(who: Who) -> dict[str, Any]:
     """The farm's nodes: card, state, what they hold and have done."""
     return {"nodes": [{k: record[k] for k in NodeView if k in record} for record in who.client.store.nodes()]}
+
+
+@router.get("/webhooks/deliveries")
+def webhook_deliveries(
+    who: Who,
+    job: Annotated[str | None, Query(max_length=64)] = None,
+    batch: Annotated[str | None, Query(max_length=64)] = None,
+    state: Annotated[Literal["pending", "delivered", "failed"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> dict[str, Any]:
+    """Webhook deliveries, newest first: target (query string redacted), event, attempts, last status or error,
+    state. A team token sees its team's."""
+    from renderfarm.webhooks import deliveries
+
+    return {"deliveries": deliveries(who.client.store, job=job, state=state, limit=limit, batch=batch,
+                                     team=who.team)}
 
 
 @router.get("/status")

@@ -2,7 +2,8 @@
 progress go to stderr) and --debug (tracebacks and debug logs).
 
 One module per command group, each registering its own subcommands beside its code: `farm` (up, worker,
-demo, dashboard), `jobs` (submit, status, jobs, cancel, retry, drain), `tokens`, `plan`, `loras`, `bench`. A
+demo, dashboard), `jobs` (submit, status, jobs, cancel, retry, drain), `tokens`, `plan`, `loras`, `bench`, `api`
+(the HTTP API), `webhooks` (secrets, deliveries). A
 user-facing error (`RenderfarmError`, renderfarm/errors.py) is one `renderfarm CMD: error: ...` line and exit
 code 1; any other exception is a bug and keeps its traceback. Exit codes: cli/common.py (EXIT_*).
 
@@ -17,7 +18,7 @@ import logging
 import os
 import sys
 
-from renderfarm.cli import api, bench, farm, jobs, loras, plan, tokens
+from renderfarm.cli import api, bench, farm, jobs, loras, plan, tokens, webhooks
 from renderfarm.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -29,7 +30,7 @@ from renderfarm.errors import RenderfarmError, UsageError
 
 __all__ = ["build_parser", "main"]
 
-COMMAND_GROUPS = (farm, jobs, plan, loras, bench, tokens, api)
+COMMAND_GROUPS = (farm, jobs, plan, loras, bench, tokens, api, webhooks)
 
 
 class _Parser(argparse.ArgumentParser):

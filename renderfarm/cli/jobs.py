@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     submit.add_argument("--steps", metavar="N", help="default: the model's")
     submit.add_argument("--guidance", metavar="X", help="default: the model's")
     submit.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    submit.add_argument("--sampler", metavar="NAME", help="by its A1111 name: Euler a, DPM++ 2M, ... (default: the "
+                        "model's own)")
+    submit.add_argument("--schedule", metavar="TYPE", help="Karras, Exponential or Beta (with --sampler)")
     submit.add_argument("--count", metavar="N", help="jobs per prompt (seeds seed, seed+1, ...; default 1)")
     submit.add_argument("--images", metavar="N", help="images per job (default 1)")
     submit.add_argument("--seed", metavar="N")
@@ -56,6 +59,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     submit.add_argument("--out", default="renders")
     submit.add_argument("--timeout", metavar="SECONDS", help="default: wait as long as it takes")
     submit.add_argument("--no-wait", action="store_true", help="print the job ids and return")
+    submit.add_argument("--webhook", metavar="URL", help="POSTed to (signed: docs/webhooks.md) once the whole "
+                        "batch is finished; goes with --specs too (a spec's own `webhook` field: that job)")
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", parents=[common, with_redis], help="queue, nodes, or given jobs")
@@ -91,7 +96,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 
 # Flags that describe the jobs: --specs takes all of that from its file, so none of these go with it.
 SUBMIT_SPEC_FLAGS = ("prompt", "prompts", "model", "size", "steps", "guidance", "negative", "count", "images",
-                     "seed", "priority", "team", "tag")
+                     "seed", "priority", "team", "tag", "sampler", "schedule")
 
 
 def _submit_file(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]:
@@ -101,10 +106,10 @@ def _submit_file(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]:
              if getattr(args, name) is not None]
     if mixed:
         raise CliError(f"--specs takes every job field from its file; drop {', '.join(mixed)} "
-                       "(only --no-wait, --out, --timeout, --json and --redis go with --specs)")
+                       "(only --no-wait, --out, --timeout, --webhook, --json and --redis go with --specs)")
     client = client_from(args)
     try:
-        return client, client.submit_file(args.specs, batch_id=batch)
+        return client, client.submit_file(args.specs, batch_id=batch, webhook=args.webhook)
     except SpecFileError as exc:
         raise CliError(f"--specs {exc}") from None
 
@@ -139,11 +144,14 @@ def _submit_flags(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]
         fixed["steps"] = steps
     if (guidance := flag_float("--guidance", args.guidance)) is not None:
         fixed["guidance"] = guidance
+    for name in ("sampler", "schedule"):
+        if getattr(args, name) is not None:
+            fixed[name] = getattr(args, name)
     seed = flag_int("--seed", args.seed)
     specs = [{**fixed, "prompt": prompt, **({"seed": seed + i} if seed is not None else {})}
              for prompt in prompts for i in range(count)]
     client = client_from(args)
-    return client, client.submit_batch(specs, batch_id=batch)
+    return client, client.submit_batch(specs, batch_id=batch, webhook=args.webhook)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -184,9 +184,15 @@ def test_webuiapi_client(api, farm):
     with pytest.raises(RuntimeError) as refused:
         client.txt2img(prompt="x", width=64, height=64, steps=2, restore_faces=True)
     assert refused.value.args[0] == 422 and "restore_faces" in refused.value.args[1]
-    with pytest.raises(RuntimeError) as sampler:
-        webuiapi.WebUIApi(host=host, port=int(port)).txt2img(prompt="x", width=64, height=64, steps=2)
-    assert sampler.value.args[0] == 422 and "sampler" in sampler.value.args[1]
+    default = webuiapi.WebUIApi(host=host, port=int(port))  # webuiapi's own default sampler: "Euler a"
+    ancestral = default.txt2img(prompt="a red kite over hills", width=64, height=64, steps=2, seed=1234)
+    assert "Sampler: Euler a" in ancestral.info["infotexts"][0]
+    assert ancestral.images[0].tobytes() != result.images[0].tobytes()  # another sampler, another image
+    karras = default.txt2img(prompt="x", width=64, height=64, steps=2, seed=1, sampler_name="DPM++ 2M Karras")
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in karras.info["infotexts"][0]
+    with pytest.raises(RuntimeError) as flux:
+        default.txt2img(prompt="x", width=64, height=64, steps=2, override_settings={"sd_model_checkpoint": "tiny-flux"})
+    assert flux.value.args[0] == 422 and "sampler" in flux.value.args[1] and "Euler" in flux.value.args[1]
     assert client.get_progress()["state"]["job_count"] == 0
     assert isinstance(client.get_loras(), list)
 

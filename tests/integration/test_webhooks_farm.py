@@ -60,3 +60,34 @@ def test_a_rendered_job_and_its_batch_are_posted_by_the_head(webhook_farm):
     finally:
         client.store.close()
         hook.close()
+
+
+def test_a_batch_webhook_through_the_http_api(webhook_farm):
+    """POST /v1/batches with a `webhook`: posted once when the batch finishes, although the API process runs a
+    dispatcher of its own beside the head's; the delivery is listed by /v1/webhooks/deliveries."""
+    import httpx
+
+    from tests.helpers import ApiServer
+
+    hook = Receiver()
+    try:
+        with ApiServer(webhook_farm.redis_url, webhooks=True, settings=webhook_farm.settings) as api:
+            with httpx.Client(base_url=api.url, timeout=60) as http:
+                spec = {"model": "tiny-sd15", "prompt": "a harbour", "width": 64, "height": 64, "steps": 2}
+                reply = http.post("/v1/batches", json={"jobs": [spec, {**spec, "seed": 2}], "webhook": hook.url})
+                assert reply.status_code == 201, reply.text
+                batch = reply.json()["batch_id"]
+                posted = hook.next()
+                assert posted["headers"]["X-Renderfarm-Event"] == "batch.finished"
+                assert json.loads(posted["body"])["batch"]["id"] == batch
+                listed = wait_until(lambda: http.get(f"/v1/webhooks/deliveries?batch={batch}").json()["deliveries"],
+                                    WAIT, "the delivery listed")
+                assert [d["state"] for d in listed] == ["delivered"]
+                bad = http.post("/v1/batches", json={"jobs": [spec], "webhook": "ftp://example.com/x"})
+                assert bad.status_code == 422 and "webhook" in bad.json()["detail"]
+        import queue
+
+        with pytest.raises(queue.Empty):  # nothing more arrives: the batch was posted once, by one dispatcher
+            hook.requests.get(timeout=3)
+    finally:
+        hook.close()

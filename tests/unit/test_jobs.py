@@ -32,7 +32,8 @@ def error_of(**kw) -> str:
 def test_valid_spec_keeps_fields():
     s = spec(seed=7, tags=["a", "b"], team="lighting")
     assert (s.width, s.height, s.seed, s.tags, s.team) == (64, 64, 7, ("a", "b"), "lighting")
-    assert s.batch_key() == ("tiny-sd15", 64, 64, 2, 5.0, ())
+    assert s.batch_key() == ("tiny-sd15", 64, 64, 2, 5.0, (), None, None)
+    assert spec(sampler="Euler a").batch_key() != s.batch_key()  # another sampler: another pipeline call
 
 
 @pytest.mark.parametrize(

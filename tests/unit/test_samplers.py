@@ -8,12 +8,17 @@ import pytest
 from renderfarm.samplers import SAMPLERS, SCHEDULES, check, scheduler_for
 
 
-def test_every_sampler_is_a_diffusers_scheduler():
+def test_every_sampler_is_a_diffusers_scheduler_taking_the_schedules_listed():
+    """The table is written out (a submit must not import diffusers): it must say what diffusers' classes take."""
+    import inspect
+
     import diffusers
 
     for variants in SAMPLERS.values():
         for variant in variants:
-            assert hasattr(diffusers, variant.scheduler), variant
+            takes = inspect.signature(getattr(diffusers, variant.scheduler).__init__).parameters
+            honoured = tuple(name for name, flag in SCHEDULES.items() if flag is not None and flag in takes)
+            assert variant.schedules == honoured, variant
 
 
 def test_unknown_and_family_mismatch_are_refused_with_reasons():
