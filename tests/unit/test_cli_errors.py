@@ -45,7 +45,7 @@ def test_every_command_group_registers_its_own_subcommands():
     parser = cli.build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 (argparse has no public way)
     assert commands == {"up", "worker", "demo", "dashboard", "submit", "status", "jobs", "cancel", "retry", "drain",
-                        "plan", "bench", "token", "loras"}
+                        "plan", "bench", "token", "loras", "api", "webhooks"}
 
 
 def test_version_is_the_installed_packages(capsys):
