@@ -232,6 +232,13 @@ def bad_values(field: str, model: str, json_only: bool) -> st.SearchStrategy:
             st.builds(lambda n: "E" * n, st.integers(41, 200))),
         "schedule": lambda: st.one_of(
             st.just(""), st.integers(), st.booleans(), st.sampled_from(["karras", "Simple", "Normal", "Uniform"])),
+        "init_image": lambda: st.one_of(
+            st.just(""), st.integers(), st.booleans(), st.sampled_from(["a.png", "sha256:xyz", "sha256:" + "A" * 64]),
+            st.just("sha256:" + "a" * 64)),  # well-formed, but not rendered yet: refused naming init_image
+        "mask": lambda: st.one_of(st.just(""), st.integers(), st.just("sha256:" + "a" * 64)),  # without init_image
+        "strength": lambda: st.one_of(st.booleans(), st.just(math.nan), st.floats(1.01, 10), st.just(0.5)),
+        "mask_blur": lambda: st.one_of(st.booleans(), st.integers(65, 1000), st.integers(max_value=-1), st.just(4.0)),
+        "resize_mode": lambda: st.one_of(st.just(""), st.integers(0, 3), st.sampled_from(["Resize", "just resize"])),
         "model_fingerprint": lambda: st.one_of(
             st.just(""), st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2),
             st.text(max_size=8).filter(lambda t: not re.fullmatch(r"[0-9A-Za-z]+", t)),
@@ -486,7 +493,8 @@ def expected_spec(spec: dict) -> dict:
                 "steps": entry.default_steps, "guidance": entry.default_guidance, "num_images": 1, "priority": 0,
                 "team": "default", "tags": ()}
     return {**defaults, **spec, "tags": tuple(spec.get("tags", ())), "loras": (), "model_fingerprint": None,
-            "webhook": spec.get("webhook"), "sampler": spec.get("sampler"), "schedule": spec.get("schedule")}
+            "webhook": spec.get("webhook"), "sampler": spec.get("sampler"), "schedule": spec.get("schedule"),
+            "init_image": None, "mask": None, "strength": None, "mask_blur": 4, "resize_mode": "none"}
 
 
 def check_round_trip(client, ids: list[str], specs: list[dict]) -> None:
