@@ -39,6 +39,7 @@ from renderfarm.errors import (
     SpecFileError,
     WaitTimeout,
 )
+from renderfarm.farm_view import FarmView, fits_nowhere, unrenderable
 from renderfarm.jobs import (
     SEED_MAX,
     IllegalTransition,
@@ -51,9 +52,6 @@ from renderfarm.jobs import (
     webhook_refusal,
 )
 from renderfarm.planning.catalog import Catalog, UnknownModelError, default_catalog
-from renderfarm.planning.devices import device_from_record
-from renderfarm.planning.fit import JobShape, NodeView, why_nothing_fits
-from renderfarm.planning.measured import snapshot
 from renderfarm.specfile import read_spec_file
 
 MAX_BATCH_JOBS = 10_000
@@ -90,7 +88,7 @@ class FarmClient:
 
     # --- submit ---------------------------------------------------------------------------------------
 
-    def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec", farm: _FarmView | None = None) -> JobSpec:
+    def validate(self, spec: JobSpec | dict[str, Any], where: str = "spec", farm: FarmView | None = None) -> JobSpec:
         """Check one spec against the catalog and against what the farm's nodes hold (each LoRA pinned to a copy's
         sha256, the model to the copy most nodes hold: loras/assets.py; `farm`: one read for many specs). Omitted
         size, steps and guidance take the model's defaults (flux-dev: 1024 px, 28 steps, 3.5); a random seed is
@@ -106,7 +104,7 @@ class FarmClient:
             entry = self.catalog.get(spec["model"])
             spec = {"width": entry.default_size, "height": entry.default_size, "steps": entry.default_steps,
                     "guidance": entry.default_guidance, **spec}
-        farm = farm if farm is not None else _FarmView(self.store)
+        farm = farm if farm is not None else FarmView(self.store)
         try:
             valid = JobSpec.validate_for(spec, self.catalog, farm, webhooks=farm)
         except ValidationError as exc:
@@ -195,7 +193,7 @@ class FarmClient:
                 raise SpecError("job_ids contains duplicates")
         if batch_id is not None and (problem := id_problem("batch_id", batch_id)):
             raise SpecError(problem)
-        farm = _FarmView(self.store)  # the nodes' records read once for the batch, their LoRAs only if a spec has some
+        farm = FarmView(self.store)  # the nodes' records read once for the batch, their LoRAs only if a spec has some
         if webhook is not None and (problem := webhook_refusal(webhook, farm)):
             raise SpecError(f"webhook: {problem}; nothing was enqueued")
         errors, valid = [], []
@@ -205,7 +203,8 @@ class FarmClient:
             except SpecError as exc:
                 errors.append(str(exc))
         if not errors:
-            errors = self._unrenderable(valid, farm.records()) or self._fits_nowhere(valid, farm.records())
+            errors = (unrenderable(self.catalog, valid, farm.records())
+                      or fits_nowhere(self.store, self.catalog, valid, farm.records()))
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
@@ -236,57 +235,6 @@ class FarmClient:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
         return out
-
-    def _unrenderable(self, specs: Sequence[JobSpec], records: list[dict[str, Any]]) -> list[str]:
-        """One error per spec whose model no worker renders (a family the catalog lists for planning only),
-        or that no registered node can load: each node reports in its record what it cannot load and why
-        (actors/worker.py). A node that reports nothing, or does not know the model, might load it; with no
-        node registered yet, only the catalog's word counts."""
-        reports = []
-        for record in records:
-            unloadable = record.get("unloadable") if isinstance(record, dict) else None
-            if not isinstance(unloadable, dict):
-                return self._planning_only(specs)  # a node that might load anything: no refusal by nodes
-            reports.append((str(record.get("name")), unloadable))
-        errors = self._planning_only(specs)
-        for i, spec in enumerate(specs if not errors else ()):
-            whys = {name: unloadable.get(spec.model) for name, unloadable in reports}
-            if whys and all(isinstance(why, str) for why in whys.values()):
-                reasons = "; ".join(f"{name}: {why}" for name, why in sorted(whys.items()))
-                errors.append(f"jobs[{i}]: model: no node of this farm can load {spec.model!r} ({reasons})")
-        return errors
-
-    def _planning_only(self, specs: Sequence[JobSpec]) -> list[str]:
-        return [f"jobs[{i}]: model: {spec.model!r} (family {family.name}) is listed for planning only: no "
-                "worker renders it yet" for i, spec in enumerate(specs)
-                if (family := self.catalog.get(spec.model).family).planning_only]
-
-    def _fits_nowhere(self, specs: Sequence[JobSpec], records: list[dict[str, Any]]) -> list[str]:
-        """One error per spec that no registered node (`records`) can run in any profile (the planner's reason).
-        With no node registered yet, nothing can be judged and everything is accepted."""
-        nodes = []
-        for record in records:
-            try:
-                device = device_from_record(record)
-            except CorruptRecord:  # one bad node record must not refuse every submit: judged without it
-                self.store.count("malformed_node")
-                continue
-            if device is not None:
-                nodes.append(NodeView(record["name"], device))
-        if not nodes:
-            return []
-        measured, bad = snapshot(self.store.calibration_records())  # what nodes measured raises the estimates, never lowers them
-        if bad:
-            self.store.count("malformed_calibration", len(bad))
-        errors = []
-        for i, spec in enumerate(specs):
-            if not self.catalog.get(spec.model).components:
-                continue  # a model without component data cannot be planned: let the node try
-            shape = JobShape(spec.model, spec.width, spec.height, spec.steps, spec.num_images)
-            reason = why_nothing_fits(shape, nodes, self.catalog, measured)
-            if reason:
-                errors.append(f"jobs[{i}]: {reason}")
-        return errors
 
     # --- access (cluster/auth.py) --------------------------------------------------------------------
 
@@ -559,41 +507,3 @@ class FarmClient:
                 "counters": self.store.counters(), "quarantined": self.store.quarantined(),
                 # what each node holds (its LoRA library), as loras/assets.py summarises it
                 "assets": {node: summary(doc) for node, doc in self.store.assets().items()}}
-
-
-class _FarmView:
-    """What the farm's nodes hold, as a submit checks it: their records (read once, when first asked) and the
-    LoRAs they published (loras/assets.py; read only when a spec has a LoRA to check)."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._records: list[dict[str, Any]] | None = None
-        self._loras: Any = None
-        self._models: Any = None
-        self._webhook_private: bool | None = None
-
-    def records(self) -> list[dict[str, Any]]:
-        if self._records is None:
-            self._records = self.store.nodes()
-        return self._records
-
-    def model_copies(self) -> Any:
-        if self._models is None:
-            from renderfarm.loras.assets import ModelCopies
-
-            self._models = ModelCopies(self.records())
-        return self._models
-
-    def allow_private_webhooks(self) -> bool:
-        """jobs.WebhookRules: the webhook_allow_private the head published (read once, only if a webhook is given)."""
-        if self._webhook_private is None:
-            self._webhook_private = self.store.published_settings().get("webhook_allow_private") is True
-        return self._webhook_private
-
-    def resolve(self, name: str, sha256: str | None, family: str) -> str | None:
-        """jobs.LoraRules: the copy of LoRA `name` a job is pinned to (loras/assets.py FarmLoras.resolve)."""
-        if self._loras is None:
-            from renderfarm.loras.assets import FarmLoras
-
-            self._loras = FarmLoras(self.store.assets())
-        return self._loras.resolve(name, sha256, family)
