@@ -40,6 +40,7 @@ from renderfarm.errors import (
     WaitTimeout,
 )
 from renderfarm.farm_view import FarmView, fits_nowhere, unrenderable
+from renderfarm.inputs import InputStore, SubmitInputs, image_bytes
 from renderfarm.jobs import (
     SEED_MAX,
     IllegalTransition,
@@ -85,6 +86,7 @@ class FarmClient:
         # The team token (cluster/auth.py); checked on every call, so a revoked token stops working at once.
         self._token = token if token is not None else (os.environ.get("RENDERFARM_TOKEN") or None)
         self._blob_options = blob_options
+        self._inputs: InputStore | None = None
 
     # --- submit ---------------------------------------------------------------------------------------
 
@@ -162,6 +164,10 @@ class FarmClient:
         Passing the same `job_ids` again is a no-op for the jobs that already exist (safe retries).
         `webhook`: a URL the farm POSTs to once every job of the batch is done, failed or cancelled (all of one
         team: it signs with that team's secret); a spec's own `webhook` is called when that job finishes.
+        A spec's `init_image` / `mask` may be an uploaded image's reference ("sha256:<hex>", `upload`) or the image
+        itself (bytes, a pathlib.Path, a PIL image): each is checked first (renderfarm/inputs.py: format, size,
+        the job's size unless `resize_mode` fits it, a mask of its init image's size), then uploaded once per
+        batch, just before the jobs are enqueued.
         Any bad input raises SpecError (and only SpecError); then nothing was enqueued.
         """
         from collections.abc import Mapping
@@ -197,13 +203,14 @@ class FarmClient:
         if webhook is not None and (problem := webhook_refusal(webhook, farm)):
             raise SpecError(f"webhook: {problem}; nothing was enqueued")
         errors, valid = [], []
+        inputs = SubmitInputs(self.inputs)  # image inputs: checked now, uploaded once everything is valid
         for i, spec in enumerate(specs):
             try:
-                valid.append(self.validate(spec, where=f"jobs[{i}]", farm=farm))
+                valid.append(self.validate(inputs.take(spec, f"jobs[{i}]"), where=f"jobs[{i}]", farm=farm))
             except SpecError as exc:
                 errors.append(str(exc))
         if not errors:
-            errors = (unrenderable(self.catalog, valid, farm.records())
+            errors = (inputs.check(valid) or unrenderable(self.catalog, valid, farm.records())
                       or fits_nowhere(self.store, self.catalog, valid, farm.records()))
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
@@ -216,8 +223,23 @@ class FarmClient:
             raise SpecError(f"webhook: a batch webhook needs every job of one team (signed with its secret), not "
                             f"{', '.join(teams)}; nothing was enqueued")
         hook = None if webhook is None else {"url": webhook, "team": valid[0].team}
+        # Content-addressed, so an upload whose submit then fails harms nothing: it is kept until it expires.
+        inputs.upload()
         self.store.submit(jobs, batch_id or new_job_id(), webhook=hook)
         return ids
+
+    def inputs(self) -> InputStore:
+        """The farm's image inputs (renderfarm/inputs.py): where they are uploaded, how long they are kept, the caps,
+        as the head published them; opened once per client."""
+        if self._inputs is None:
+            self._inputs = InputStore.for_farm(self.store, self._blob_options)
+        return self._inputs
+
+    def upload(self, image: Any, what: str = "init_image") -> str:
+        """Upload an image input (bytes, a pathlib.Path or a PIL image) as `what` ("init_image" or "mask"), once:
+        its reference ("sha256:<hex>") for a spec's `init_image` or `mask`. InvalidImage naming `what` and why."""
+        inputs = self.inputs()
+        return inputs.put(image_bytes(image, what, max_bytes=inputs.max_bytes), what)[0]
 
     def _for_my_team(self, specs: list[JobSpec]) -> list[JobSpec]:
         """In token mode a team token submits for its own team: a spec that leaves `team` at its default gets

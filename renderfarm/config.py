@@ -78,6 +78,15 @@ class Settings(BaseModel):
     # AWS_DEFAULT_REGION / AWS_REGION). Credentials come from the environment only (AWS_ACCESS_KEY_ID, ...).
     result_store_endpoint: str | None = None
     result_store_region: str | None = None
+    # Image inputs (img2img, inpainting: renderfarm/inputs.py, docs/inputs.md), stored in the result store under
+    # inputs/. An input is kept input_ttl_seconds from its last upload, never longer than result_ttl_seconds (the
+    # result store's sweep deletes every blob older than that). An upload is refused past input_max_bytes (the
+    # file as sent) or input_max_pixels (read from its header, before decoding): 8192 x 4096 by default, a
+    # 134 MB RGBA decode at most, and below Pillow's own decompression-bomb threshold (89.5 MP), so that never
+    # fires first. The cap on pixels is at most 8192 x 8192: every side is 8..8192 anyway.
+    input_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    input_max_bytes: int = Field(default=20 * 2**20, ge=1024, le=256 * 2**20)
+    input_max_pixels: int = Field(default=8192 * 4096, ge=64, le=8192 * 8192)
     # How often the scheduler deletes blobs older than result_ttl_seconds (a sweep lists the whole store).
     result_sweep_seconds: float = Field(default=300.0, gt=0)
     heartbeat_seconds: float = Field(default=2.0, gt=0)
@@ -188,11 +197,14 @@ class Settings(BaseModel):
 FARM_WIDE = ("max_attempts", "lease_seconds", "job_timeout_base_s", "job_timeout_s_per_megapixel_step",
              "drain_after_failures", "max_batch", "worker_queue_depth", "result_ttl_seconds", "heartbeat_seconds",
              "dead_after_seconds", "result_store", "result_store_endpoint", "result_store_region",
-             "webhook_allow_private", "webhook_retry_s", "webhook_timeout_s")
+             "webhook_allow_private", "webhook_retry_s", "webhook_timeout_s", "input_ttl_seconds", "input_max_bytes",
+             "input_max_pixels")
 
 
 def farm_wide(settings: Settings) -> dict[str, Any]:
-    return {name: getattr(settings, name) for name in FARM_WIDE}
+    """The FARM_WIDE settings, and where inputs are uploaded to (`input_store_url`: the result store's resolved
+    URL, which a client cannot work out for itself when `result_store` is None: <the head's data_dir>/results)."""
+    return {**{name: getattr(settings, name) for name in FARM_WIDE}, "input_store_url": settings.result_store_url()}
 
 
 def with_farm_wide(settings: Settings, published: dict[str, Any]) -> Settings:

@@ -40,6 +40,11 @@ class Keys:
     def result(self, job_id: str) -> str:
         return self._key("result", job_id)
 
+    def input(self, sha256_hex: str) -> str:
+        """An uploaded image input's record (JSON: size, mode, bytes, its blob's URL), by the SHA-256 of its
+        normalised PNG; it expires with the input (renderfarm/inputs.py)."""
+        return self._key("input", sha256_hex)
+
     def batch(self, batch_id: str) -> str:
         return self._key("batch", batch_id)
 
