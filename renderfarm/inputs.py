@@ -118,12 +118,12 @@ class ValidImage:
 def _looks_like(data: bytes) -> str:
     for magic, name in _LOOKS_LIKE:
         if data.startswith(magic):
-            return name
+            return f"it looks like {name}"
     if data[4:8] == b"ftyp":
-        return "an HEIC/AVIF/MP4 file"
+        return "it looks like an HEIC/AVIF/MP4 file"
     if data.lstrip()[:1] == b"<":
-        return "text (SVG or HTML?)"
-    return "unrecognised bytes"
+        return "it looks like text: SVG or HTML?"
+    return "its first bytes match no image format"
 
 
 def check_image(data: bytes, what: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -149,7 +149,7 @@ def check_image(data: bytes, what: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
         try:
             image = Image.open(io.BytesIO(data), formats=list(FORMATS))
         except UnidentifiedImageError:
-            raise InvalidImage(what, f"not a PNG, JPEG or WebP image (it looks like {_looks_like(data)}): "
+            raise InvalidImage(what, f"not a PNG, JPEG or WebP image ({_looks_like(data)}): "
                                "convert it to PNG") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InvalidImage(what, f"declares too many pixels (a decompression bomb?): {exc}") from None
@@ -415,6 +415,7 @@ class SubmitInputs:
         self._make = inputs
         self._inputs: InputStore | None = None
         self.pending: dict[str, ValidImage] = {}  # ref -> checked image, not uploaded yet
+        self._seen: dict[tuple[str, Any], ValidImage] = {}  # the same object (or bytes) in many specs: checked once
         self.named: dict[str, dict[str, Any] | None] = {}  # ref given directly -> its record (None: missing)
 
     @property
@@ -431,12 +432,16 @@ class SubmitInputs:
             return spec
         spec = dict(spec)
         for what in WHATS:
-            if is_image_object(spec.get(what)):
+            value = spec.get(what)
+            if is_image_object(value):
+                value = bytes(value) if isinstance(value, (bytearray, memoryview)) else value
+                seen = (what, value if isinstance(value, (bytes, Path)) else id(value))
                 try:
-                    data = image_bytes(spec[what], what, max_bytes=self.inputs.max_bytes)
-                    valid = self.inputs.check(data, what)
+                    valid = self._seen.get(seen) or self.inputs.check(
+                        image_bytes(value, what, max_bytes=self.inputs.max_bytes), what)
                 except InvalidImage as exc:
                     raise SpecError(f"{where}: {exc}") from None
+                self._seen[seen] = valid
                 self.pending.setdefault(valid.ref, valid)
                 spec[what] = valid.ref
         return spec

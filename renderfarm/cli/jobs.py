@@ -25,7 +25,7 @@ from renderfarm.cli.common import (
     read_flag_file,
 )
 from renderfarm.client import MAX_BATCH_JOBS
-from renderfarm.errors import CliError, SpecFileError
+from renderfarm.errors import CliError, SpecError, SpecFileError
 from renderfarm.jobs import JobState, new_job_id, shown
 
 log = logging.getLogger("renderfarm")
@@ -50,6 +50,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     submit.add_argument("--sampler", metavar="NAME", help="by its A1111 name: Euler a, DPM++ 2M, ... (default: the "
                         "model's own)")
     submit.add_argument("--schedule", metavar="TYPE", help="Karras, Exponential or Beta (with --sampler)")
+    submit.add_argument("--init", metavar="IMG", help="an init image (PNG, JPEG or WebP): img2img from it, one upload "
+                        "for every job (docs/inputs.md)")
+    submit.add_argument("--mask", metavar="IMG", help="with --init: inpaint where the mask is white (its size "
+                        "must be the init image's)")
+    submit.add_argument("--strength", metavar="S", help="with --init: 0..1, how much is repainted (default 0.75)")
+    submit.add_argument("--mask-blur", metavar="N", help="with --mask: pixels of the mask's edge blurred (default 4)")
+    submit.add_argument("--resize-mode", metavar="MODE", help="with --init of another size than --size: none "
+                        "(refused), resize, crop or fill")
     submit.add_argument("--count", metavar="N", help="jobs per prompt (seeds seed, seed+1, ...; default 1)")
     submit.add_argument("--images", metavar="N", help="images per job (default 1)")
     submit.add_argument("--seed", metavar="N")
@@ -96,13 +104,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 
 # Flags that describe the jobs: --specs takes all of that from its file, so none of these go with it.
 SUBMIT_SPEC_FLAGS = ("prompt", "prompts", "model", "size", "steps", "guidance", "negative", "count", "images",
-                     "seed", "priority", "team", "tag", "sampler", "schedule")
+                     "seed", "priority", "team", "tag", "sampler", "schedule", "init", "mask", "strength",
+                     "mask_blur", "resize_mode")
+# The image-input flags, by the job field they fill: an error naming the field names the flag too.
+INPUT_FLAGS = {"init_image": "--init", "mask": "--mask", "strength": "--strength", "mask_blur": "--mask-blur",
+               "resize_mode": "--resize-mode"}
 
 
 def _submit_file(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]:
     """Submit a --specs file as one batch (FarmClient.submit_file): every spec is checked first, and any
     error enqueues nothing."""
-    mixed = [f"--{name}" if name != "prompt" else "PROMPT" for name in SUBMIT_SPEC_FLAGS
+    mixed = [f"--{name.replace('_', '-')}" if name != "prompt" else "PROMPT" for name in SUBMIT_SPEC_FLAGS
              if getattr(args, name) is not None]
     if mixed:
         raise CliError(f"--specs takes every job field from its file; drop {', '.join(mixed)} "
@@ -147,11 +159,39 @@ def _submit_flags(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]
     for name in ("sampler", "schedule"):
         if getattr(args, name) is not None:
             fixed[name] = getattr(args, name)
+    fixed.update(_input_fields(args))
     seed = flag_int("--seed", args.seed)
     specs = [{**fixed, "prompt": prompt, **({"seed": seed + i} if seed is not None else {})}
              for prompt in prompts for i in range(count)]
     client = client_from(args)
-    return client, client.submit_batch(specs, batch_id=batch, webhook=args.webhook)
+    try:
+        return client, client.submit_batch(specs, batch_id=batch, webhook=args.webhook)
+    except SpecError as exc:
+        message = str(exc)
+        for field, flag in INPUT_FLAGS.items():
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                message = message.replace(f": {field}: ", f": {flag} ({field}): ")
+        raise SpecError(message) from None
+
+
+def _input_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The image-input fields of --init, --mask, --strength, --mask-blur and --resize-mode: each image read once
+    here (one upload for every job, checked by the client), the numbers parsed, the rest JobSpec's to check."""
+    out: dict[str, Any] = {}
+    for flag, field in (("--init", "init_image"), ("--mask", "mask")):
+        path = getattr(args, flag[2:])
+        if path is not None:
+            try:
+                out[field] = Path(path).read_bytes()
+            except OSError as exc:
+                raise CliError(f"{flag} {shown(path)}: cannot read it: {exc.strerror or exc}") from None
+    if (strength := flag_float("--strength", args.strength)) is not None:
+        out["strength"] = strength
+    if (blur := flag_int("--mask-blur", args.mask_blur)) is not None:
+        out["mask_blur"] = blur
+    if args.resize_mode is not None:
+        out["resize_mode"] = args.resize_mode
+    return out
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
