@@ -97,11 +97,15 @@ def a1111_parameters(
     distilled_cfg_scale: float | None = None,
     version: str | None = None,
     loras: tuple[tuple[str, float, str], ...] = (),
+    denoising_strength: float | None = None,
+    mask_blur: int | None = None,
 ) -> str:
     """The infotext AUTOMATIC1111 / Forge write into a PNG's `parameters` chunk. `loras`: (name, weight, short
     hash) of each LoRA applied, written the A1111 way: a `<lora:name:weight>` tag per LoRA after the prompt (the
     prompt as an artist would have typed it) and `Lora hashes: "name: hash, ..."` (A1111's short hash of the
-    file, loras/library.py), which A1111's and Civitai's readers match LoRAs by."""
+    file, loras/library.py), which A1111's and Civitai's readers match LoRAs by. `denoising_strength` (img2img and
+    inpainting) and `mask_blur` (inpainting) go where A1111's `create_infotext` puts them: the strength after the
+    model, the mask blur with the extra generation parameters (before the LoRA hashes, which A1111 adds later)."""
     fields: dict[str, Any] = {"Steps": steps, "Sampler": sampler}
     if schedule_type:
         fields["Schedule type"] = schedule_type
@@ -111,6 +115,10 @@ def a1111_parameters(
     fields["Seed"] = seed
     fields["Size"] = f"{width}x{height}"
     fields["Model"] = model
+    if denoising_strength is not None:
+        fields["Denoising strength"] = float(denoising_strength)
+    if mask_blur is not None:
+        fields["Mask blur"] = mask_blur
     if loras:
         fields["Lora hashes"] = ", ".join(f"{name}: {short}" for name, _, short in loras)
         prompt = " ".join([prompt, *(f"<lora:{name}:{weight:g}>" for name, weight, _ in loras)])

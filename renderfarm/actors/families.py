@@ -55,6 +55,9 @@ class Family:
     original_key_names: ClassVar[str | None] = None
     # Its activations overflow float16, so a profile may clamp them (quantize.add_fp16_clamp).
     fp16_clamp: ClassVar[bool] = False
+    # The diffusers classes that render this family's img2img and inpainting from the loaded text-to-image
+    # pipeline's components (actors/tasks.py); None: diffusers has none.
+    task_pipelines: ClassVar[dict[str, str]] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} family {self.name!r}>"
@@ -84,6 +87,18 @@ class Family:
     def decode(self, pipe: Any, latents: torch.Tensor, height: int, width: int, device: torch.device) -> list:
         """The PIL images of `latents`, decoded as the family's pipeline does after its denoising loop."""
         raise NotImplementedError
+
+    def encode_image(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """`pixels` (a batch in [-1, 1]) as the latents `decode` takes: the mode of the VAE's posterior, scaled
+        as the family's img2img pipeline scales its init latents. Used where no denoising step runs (strength 0),
+        so the image is the VAE round trip of the init image."""
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(get_module_execution_device(vae), vae.dtype)).latent_dist.mode()
+        return self.scale_latents(pipe, latents)
+
+    def scale_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents into the denoiser's space (the inverse of what `decode` undoes)."""
+        return latents * pipe.vae.config.scaling_factor
 
     # --- infotext ---------------------------------------------------------------------------------------
 
@@ -122,6 +137,7 @@ class SD15(Family):
     denoiser_class = "UNet2DConditionModel"
     text_encoders = ("text_encoder",)
     gguf_arch = "sd1"
+    task_pipelines = {"img2img": "StableDiffusionImg2ImgPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 
     def encode(self, pipe, prompts, negative_prompts, do_cfg, device):
         prompt_embeds, negative_embeds = pipe.encode_prompt(
@@ -147,6 +163,17 @@ class SDXL(Family):
     denoiser_class = "UNet2DConditionModel"
     text_encoders = ("text_encoder", "text_encoder_2")
     gguf_arch = "sdxl"
+    task_pipelines = {"img2img": "StableDiffusionXLImg2ImgPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}
+
+    def scale_latents(self, pipe, latents):
+        config = pipe.vae.config
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        if mean is None or std is None:
+            return latents * config.scaling_factor
+        channels = latents.shape[1]
+        mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        return (latents - mean) * config.scaling_factor / std
 
     def encode(self, pipe, prompts, negative_prompts, do_cfg, device):
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
@@ -201,6 +228,13 @@ class Flux(Family):
     gguf_arch = "flux"
     original_key_names = "bfl"
     fp16_clamp = True
+    task_pipelines = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+
+    def scale_latents(self, pipe, latents):
+        config = pipe.vae.config
+        latents = (latents - config.shift_factor) * config.scaling_factor
+        batch, channels, height, width = latents.shape
+        return pipe._pack_latents(latents, batch, channels, height, width)  # the packed form `decode` unpacks
 
     def does_cfg(self, pipe, guidance):
         # Guidance-distilled: guidance is an input of the transformer, never a second pass.
@@ -266,6 +300,11 @@ class SD3(Family):
     large_text_encoder = "text_encoder_3"
     large_text_encoder_optional = True
     gguf_arch = "sd3"
+    task_pipelines = {"img2img": "StableDiffusion3Img2ImgPipeline", "inpaint": "StableDiffusion3InpaintPipeline"}
+
+    def scale_latents(self, pipe, latents):
+        config = pipe.vae.config
+        return (latents - config.shift_factor) * config.scaling_factor
 
     def does_cfg(self, pipe, guidance):
         # The pipeline's own rule (`do_classifier_free_guidance`): guidance above 1 runs a second pass.

@@ -46,9 +46,20 @@ from renderfarm.actors.loading import (
 )
 from renderfarm.actors.lora_apply import text_encoder_key
 from renderfarm.actors.peak_memory import PeakMemory
+from renderfarm.actors.tasks import (
+    apply_overlay,
+    image_tensor,
+    model_offload_for,
+    prepare_inputs,
+    task_call_arguments,
+    task_pipeline,
+    vae_as_loaded,
+)
 from renderfarm.infotext import a1111_parameters, png_bytes
+from renderfarm.jobs import DEFAULT_STRENGTH
 from renderfarm.planning.catalog import ModelEntry
 from renderfarm.planning.profiles import Profile
+from renderfarm.planning.vram import effective_steps
 
 DEFAULT_MAX_PIPELINES = 2
 
@@ -248,6 +259,24 @@ class RenderRequest:
     # A1111's sampler name and schedule type (renderfarm/samplers.py); None: the pipeline's own scheduler.
     sampler: str | None = None
     schedule: str | None = None
+    # Image inputs (actors/tasks.py): the init image (img2img) as PNG bytes, and a mask (inpainting, white
+    # repaints) as a single-channel PNG; `strength` (None: A1111's 0.75 with an init image), `mask_blur` and
+    # `resize_mode` as JobSpec names them.
+    init_image: bytes | None = None
+    mask: bytes | None = None
+    strength: float | None = None
+    mask_blur: int = 4
+    resize_mode: str = "none"
+
+    @property
+    def task(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img" if self.init_image is not None else "txt2img"
+
+    @property
+    def effective_strength(self) -> float | None:
+        if self.init_image is None:
+            return None
+        return DEFAULT_STRENGTH if self.strength is None else self.strength
 
 
 @dataclass
@@ -269,7 +298,8 @@ class RenderResult:
 
 
 # Fields every request of one batch must share: they shape the single pipeline call.
-BATCH_SHARED_FIELDS = ("width", "height", "steps", "guidance", "loras", "sampler", "schedule")
+BATCH_SHARED_FIELDS = ("width", "height", "steps", "guidance", "loras", "sampler", "schedule", "task",
+                       "effective_strength", "mask_blur", "resize_mode")
 
 
 class RenderInterrupted(RuntimeError):
@@ -308,6 +338,16 @@ def render_batch(
     # One generator per image: the image depends on its own seed only, never on its batch neighbours.
     generators = [torch.Generator(device).manual_seed(seed) for job_seeds in seeds for seed in job_seeds]
     do_cfg = family.does_cfg(pipe, guidance)
+    # Img2img and inpainting: the inputs fitted to the job's size (a bad one fails here, before anything runs),
+    # the task pipeline on the same weights, and the steps the pipeline really runs under the strength.
+    task, strength = first.task, first.effective_strength
+    inputs = prepare_inputs(requests, width, height) if task != "txt2img" else None
+    call_pipe = task_pipeline(pipe, family, task) if task != "txt2img" else pipe
+    denoise_steps = effective_steps(steps, strength, entry.family.flow_matching)
+    if task != "txt2img":
+        size_arguments = task_call_arguments(call_pipe, task, inputs, strength, width, height)
+    else:
+        size_arguments = {"height": height, "width": width}
 
     step_ends: list[float] = []
 
@@ -315,7 +355,7 @@ def render_batch(
         _synchronize(device)
         step_ends.append(time.perf_counter())
         if on_step is not None:
-            on_step(min(_step + 1, steps), steps)
+            on_step(min(_step + 1, denoise_steps), denoise_steps)
         reason = should_stop() if should_stop is not None else None
         if reason:
             raise RenderInterrupted(reason)
@@ -334,26 +374,33 @@ def render_batch(
 
             # 3. Denoise: the whole batch in one pipeline call, which stops at the latents (with the batch's sampler:
             # the pipeline's own scheduler is back in place after it, whatever happens).
-            with sampler_for_call(pipe, first.sampler, first.schedule):
-                latents = pipe(
-                    **embeddings,
-                    **family.call_arguments(pipe),
-                    height=height,
-                    width=width,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    num_images_per_prompt=1,
-                    generator=generators,
-                    output_type="latent",
-                    callback_on_step_end=on_step_end,
-                ).images
-                infotext = family.infotext_fields(pipe, guidance)  # names the scheduler that rendered
+            with sampler_for_call(call_pipe, first.sampler, first.schedule), _task_guards(pipe, call_pipe):
+                if denoise_steps == 0:
+                    # No step runs at this strength (diffusers' pipelines refuse it): the init image's VAE round trip.
+                    latents = family.encode_image(pipe, image_tensor(pipe, inputs.images))
+                else:
+                    latents = call_pipe(
+                        **embeddings,
+                        **family.call_arguments(pipe),
+                        **size_arguments,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        num_images_per_prompt=1,
+                        generator=generators,
+                        output_type="latent",
+                        callback_on_step_end=on_step_end,
+                    ).images
+                infotext = family.infotext_fields(call_pipe, guidance)  # names the scheduler that rendered
             _synchronize(device)
             decode_start = time.perf_counter()
 
             # 4. Decode, as the family's pipeline does after its denoising loop.
             images = family.decode(pipe, latents, height=height, width=width, device=device)
             _offload_after_decode(pipe)
+            if inputs is not None and inputs.overlays is not None:
+                # Inpainting: the original outside the (blurred) mask, as A1111 composites it.
+                images = [apply_overlay(image, original, overlay)
+                          for image, original, overlay in zip(images, inputs.images, inputs.overlays)]
             _synchronize(device)
             decode_end = time.perf_counter()
     except BaseException:
@@ -366,7 +413,7 @@ def render_batch(
         # Steady state: leaves out the pipeline's set-up before the first step.
         per_step = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
     else:
-        per_step = denoise_s / steps
+        per_step = denoise_s / max(denoise_steps, 1)
     timings = {
         "load_s": 0.0,
         "encode_s": denoise_start - total_start,
@@ -392,6 +439,8 @@ def render_batch(
                 height=height,
                 model=entry.name,
                 loras=request.loras,
+                denoising_strength=strength,
+                mask_blur=request.mask_blur if task == "inpaint" else None,
                 **infotext,
             )
             pngs.append(png_bytes(image, text))
@@ -415,6 +464,17 @@ def render_batch(
     for result in results:
         result.timings["total_s"] = total_s
     return results
+
+
+@contextlib.contextmanager
+def _task_guards(pipe: Any, call_pipe: Any) -> Iterator[None]:
+    """A task pipeline renders with its own model-offload hook chain, and leaves the shared VAE's dtype as it
+    found it (actors/tasks.py)."""
+    if call_pipe is pipe:
+        yield
+        return
+    with model_offload_for(pipe, call_pipe), vae_as_loaded(pipe):
+        yield
 
 
 @contextlib.contextmanager

@@ -107,6 +107,19 @@ PINNED_BLOCKS_IN_CACHE = 3
 PAGEABLE_EFFICIENCY = 0.5
 
 
+def effective_steps(steps: int, strength: float | None, flow_matching: bool) -> int:
+    """The denoising steps a pipeline call of `steps` runs at img2img/inpaint `strength` (None: text-to-image,
+    all of them), as diffusers' `get_timesteps` counts them, float arithmetic included (tests/actors/test_tasks.py
+    checks it against the pipelines): the SD and SDXL pipelines run int(steps * strength); the flow-matching ones
+    (Flux, SD 3.x) run steps - int(steps - steps * strength), which rounds the other way (7 of 10 at 0.65, not 6).
+    0: no step runs (the worker returns the init image's VAE round trip)."""
+    if strength is None:
+        return steps
+    if flow_matching:
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+    return steps - max(steps - min(int(steps * strength), steps), 0)
+
+
 class Stage(str, Enum):
     LOAD = "load"
     TEXT_ENCODE = "text-encode"
