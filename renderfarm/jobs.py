@@ -407,15 +407,6 @@ class JobSpec(BaseModel):
 
     _strength_finite = field_validator("strength", mode="before")(_finite)
 
-    @field_validator("init_image")
-    @classmethod
-    def _inputs_rendered(cls, value: str | None, info: ValidationInfo) -> str | None:
-        # Until the nodes render image inputs (issue 19, in progress), a submit refuses them rather than render the
-        # prompt alone. Records read back (no catalog in the context) are not judged.
-        if value is not None and (info.context or {}).get("catalog") is not None:
-            raise ValueError("image inputs are not rendered by the farm yet (img2img and inpainting are coming)")
-        return value
-
     @field_validator("mask", "strength")
     @classmethod
     def _needs_init_image(cls, value: Any, info: ValidationInfo) -> Any:

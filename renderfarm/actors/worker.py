@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from renderfarm.actors.escalation import DoesNotFit
+from renderfarm.actors.job_inputs import InputReader, render_requests
 from renderfarm.actors.progress import StepProgress
 from renderfarm.actors.results import ResultWriter
 from renderfarm.cluster.blobs import open_result_store
@@ -34,6 +35,7 @@ from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.faults import Fault, classify
+from renderfarm.inputs import InputStore
 from renderfarm.jobs import Job, JobSpec
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.choose import DEFAULT_MARGIN_GIB, choose_profile, next_rung, next_rung_for_host
@@ -173,6 +175,8 @@ class RenderWorker:
         self.progress = StepProgress(self.timed_store, name)  # the batch's job and step, for the dashboard
         # Where finished images go (cluster/blobs; Redis keeps their URLs), several written at once.
         self.results = ResultWriter(open_result_store(self.settings), name)
+        # Jobs' uploaded images (renderfarm/inputs.py), in the same store under inputs/: opened when first needed.
+        self.inputs = InputReader(lambda: InputStore.for_settings(self.store, self.settings))
         # The LoRAs this node holds (actors/node_loras.py), and the set each cached pipeline has applied.
         from renderfarm.actors.model_assets import model_assets
         from renderfarm.actors.node_loras import NodeLoras
@@ -298,7 +302,7 @@ class RenderWorker:
                           summary: dict[str, Any]) -> Rendered | None:
         """Start the jobs and render them. None when nothing rendered (lost, stopped or failed: `summary` says
         which, and the record is written)."""
-        from renderfarm.actors.pipelines import RenderInterrupted, RenderRequest
+        from renderfarm.actors.pipelines import RenderInterrupted
 
         started = time.perf_counter()
         jobs, summary["lost"], timeout_s = self._begin(job_ids, specs)
@@ -318,22 +322,7 @@ class RenderWorker:
 
         try:
             entry = self.catalog.get(jobs[0].spec.model)
-            requests = [
-                RenderRequest(
-                    job_id=job.id,
-                    prompt=job.spec.prompt,
-                    negative_prompt=job.spec.negative_prompt,
-                    width=job.spec.width,
-                    height=job.spec.height,
-                    steps=job.spec.steps,
-                    guidance=job.spec.guidance,
-                    seed=job.spec.seed or 0,
-                    num_images=job.spec.num_images,
-                    sampler=job.spec.sampler,
-                    schedule=job.spec.schedule,
-                )
-                for job in jobs
-            ]
+            requests = render_requests(jobs, self.inputs)
             results, profile, load_s, move_s, escalations, resident = self._render_escalating(
                 entry, requests, should_stop, jobs[0].spec.lora_set()
             )

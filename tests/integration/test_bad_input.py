@@ -234,7 +234,7 @@ def bad_values(field: str, model: str, json_only: bool) -> st.SearchStrategy:
             st.just(""), st.integers(), st.booleans(), st.sampled_from(["karras", "Simple", "Normal", "Uniform"])),
         "init_image": lambda: st.one_of(
             st.just(""), st.integers(), st.booleans(), st.sampled_from(["a.png", "sha256:xyz", "sha256:" + "A" * 64]),
-            st.just("sha256:" + "a" * 64)),  # well-formed, but not rendered yet: refused naming init_image
+            st.just("sha256:" + "a" * 64)),  # well-formed, but never uploaded: refused naming init_image
         "mask": lambda: st.one_of(st.just(""), st.integers(), st.just("sha256:" + "a" * 64)),  # without init_image
         "strength": lambda: st.one_of(st.booleans(), st.just(math.nan), st.floats(1.01, 10), st.just(0.5)),
         "mask_blur": lambda: st.one_of(st.booleans(), st.integers(65, 1000), st.integers(max_value=-1), st.just(4.0)),
