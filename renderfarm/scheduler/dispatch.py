@@ -20,6 +20,7 @@ from renderfarm.jobs import Job
 from renderfarm.planning.catalog import Catalog
 from renderfarm.planning.fit import NodeView
 from renderfarm.planning.measured import EMPTY, Measurements, snapshot
+from renderfarm.planning.vram import effective_steps
 from renderfarm.scheduler.fairness import FairShare, Queued
 from renderfarm.scheduler.managers import SchedulerState
 from renderfarm.scheduler.placement import PendingJob, Plan, plan_dispatch
@@ -139,7 +140,8 @@ class DispatchManager:
             state.workers.add_loaded(worker, assignment.model, assignment.profile, assignment.weights_bytes, ref,
                                      assignment.loras)
             for job_id in leased:
-                self.fair.charge(by_id[job_id].spec.team, queued_view(by_id[job_id]).cost, now)
+                self.fair.charge(by_id[job_id].spec.team, queued_view(by_id[job_id], run_steps(by_id[job_id].spec,
+                                                                                               self.catalog)).cost, now)
             self._fair_unsaved = True  # saved with the next round's leases (or within a heartbeat)
             state.counters["dispatched"] += len(leased)
 
@@ -152,8 +154,9 @@ class DispatchManager:
             view = known.get(job.id)
             if view is None:
                 s = job.spec
-                view = (queued_view(job), PendingJob(job.id, s.model, s.batch_key(), s.num_images, s.width, s.height,
-                                                     s.steps, s.lora_set(), s.model_fingerprint))
+                steps = run_steps(s, self.catalog)
+                view = (queued_view(job, steps), PendingJob(job.id, s.model, s.batch_key(), s.num_images, s.width,
+                                                            s.height, steps, s.lora_set(), s.model_fingerprint))
             fresh[job.id] = view
         self._job_views = fresh
         return fresh
@@ -214,8 +217,19 @@ class DispatchManager:
         self.state.counters["eta_rounds"] += 1
 
 
-def queued_view(job: Job) -> Queued:
-    """What fairness needs of a job; its cost is its work in megapixel-steps (images x pixels x steps), a
-    measure that needs no node: the share is of work, wherever it runs."""
+def queued_view(job: Job, steps: int | None = None) -> Queued:
+    """What fairness needs of a job; its cost is its work in megapixel-steps (images x pixels x the steps it runs:
+    `steps`, else all of its spec's), a measure that needs no node: the share is of work, wherever it runs."""
     s = job.spec
-    return Queued(job.id, s.team, s.priority, job.created_at, max(1e-6, s.num_images * s.width * s.height * s.steps / 1e6))
+    steps = s.steps if steps is None else steps
+    return Queued(job.id, s.team, s.priority, job.created_at, max(1e-6, s.num_images * s.width * s.height * steps / 1e6))
+
+
+def run_steps(spec: Any, catalog: Catalog) -> int:
+    """The denoising steps a job's render runs: all of them for text-to-image; under an img2img or inpainting
+    strength, as diffusers counts them (planning/vram.py effective_steps): what its finish time and its fair-share
+    cost are made of."""
+    if spec.init_image is None:
+        return spec.steps
+    flow = spec.model in catalog and catalog.get(spec.model).family.flow_matching
+    return effective_steps(spec.steps, spec.effective_strength, flow)
