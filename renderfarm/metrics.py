@@ -80,6 +80,7 @@ from renderfarm.cluster.keys import (
     JOB_WAIT_HISTOGRAM,
 )
 from renderfarm.cluster.store import Store
+from renderfarm.cluster.store.codec import finite_number
 from renderfarm.cluster.store.telemetry import DURATION_BUCKETS
 from renderfarm.jobs import JobState
 
@@ -232,7 +233,7 @@ class FarmCollector(Collector):
             value = json.loads(settings).get("dead_after_seconds") if settings else None
         except (ValueError, AttributeError):
             value = None
-        number = _number(value)
+        number = finite_number(value)
         return number if number is not None and number > 0 else DEFAULT_DEAD_AFTER_S
 
     def _nodes(self, records: dict[str, Any], dead_after: float) -> Iterator[Metric]:
@@ -250,7 +251,7 @@ class FarmCollector(Collector):
                 log.error("metrics: node record %s is not a hash: %s", name, raw)
                 continue
             record = dict(zip(NODE_FIELDS, (_json(v) for v in raw)))
-            heartbeat = _number(record["heartbeat"])
+            heartbeat = finite_number(record["heartbeat"])
             current = _node_state(record, heartbeat, now, dead_after)
             up.add_metric([name], 0.0 if current == "dead" else 1.0)
             for candidate in NODE_STATES:
@@ -260,11 +261,11 @@ class FarmCollector(Collector):
             if isinstance(record["loaded"], list):
                 loaded.add_metric([name], len(record["loaded"]))
             for field, family in counters.items():
-                value = _number(record[field])
+                value = finite_number(record[field])
                 if value is not None:
                     family.add_metric([name], value * NODE_COUNTERS[field][2])
             for field, family in gauges.items():
-                value = _number(record[field])
+                value = finite_number(record[field])
                 if value is not None:
                     family.add_metric([name], value * NODE_GAUGES[field][2])
         yield from (up, state, beat, loaded, *counters.values(), *gauges.values())
@@ -272,7 +273,7 @@ class FarmCollector(Collector):
     @staticmethod
     def _counters(counters: dict[str, Any]) -> Iterator[Metric]:
         def value(name: str) -> float:
-            number = _number(_json(counters.get(name)))
+            number = finite_number(_json(counters.get(name)))
             return number if number is not None else 0.0
 
         deliveries = CounterMetricFamily(PREFIX + "webhook_deliveries", "Webhook deliveries that ended, by outcome "
@@ -285,7 +286,7 @@ class FarmCollector(Collector):
         events = CounterMetricFamily(PREFIX + "farm_events", "The farm's other counters: leases expired, timeouts, "
                                      "late results, quarantined records...", labels=["event"])
         for name in sorted(counters):
-            if name not in WEBHOOK_OUTCOMES and name != WEBHOOK_ATTEMPTS and _number(_json(counters[name])) is not None:
+            if name not in WEBHOOK_OUTCOMES and name != WEBHOOK_ATTEMPTS and finite_number(_json(counters[name])) is not None:
                 events.add_metric([name], value(name))
         yield events
 
@@ -297,7 +298,7 @@ def _histogram(name: str, documentation: str, raw: dict[bytes, bytes]) -> Metric
     own: dict[float, float] = {float(b): 0.0 for b in DURATION_BUCKETS}
     total = 0.0
     for field, value in raw.items():
-        key, number = _text(field), _number(_text(value))
+        key, number = _text(field), finite_number(_text(value))
         if number is None:
             continue
         if key == HISTOGRAM_SUM:
@@ -305,7 +306,7 @@ def _histogram(name: str, documentation: str, raw: dict[bytes, bytes]) -> Metric
         elif key == HISTOGRAM_COUNT:
             continue  # the +Inf bucket's cumulative count is the count (the script keeps them equal)
         else:
-            bound = math.inf if key == HISTOGRAM_INF else _number(key)
+            bound = math.inf if key == HISTOGRAM_INF else finite_number(key)
             if bound is not None:
                 own[bound] = own.get(bound, 0.0) + number
     own.setdefault(math.inf, 0.0)
@@ -345,14 +346,3 @@ def _json(raw: bytes | None) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
-
-
-def _number(value: Any) -> float | None:
-    """`value` as a finite float, or None (records are written by others: trust nothing)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None

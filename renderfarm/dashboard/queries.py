@@ -11,7 +11,6 @@ No streamlit here: every function returns plain dicts and lists (easy to test, e
 from __future__ import annotations
 
 import io
-import math
 import time
 import zlib
 from itertools import pairwise
@@ -19,6 +18,7 @@ from typing import Any
 
 from renderfarm.cluster.blobs import BlobStoreError, options_from_published, read_blob
 from renderfarm.cluster.store import Store
+from renderfarm.cluster.store.codec import finite_number
 from renderfarm.errors import CorruptRecord, JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobState
 from renderfarm.loras.assets import summary as assets_summary
@@ -36,17 +36,6 @@ CHART_WINDOW_S = 60.0  # the throughput chart: each point is the rate over the m
 NODE_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
                 "#9c755f", "#bab0ac")
 PENDING = (JobState.QUEUED, JobState.LEASED, JobState.RUNNING)
-
-
-def _num(value: Any) -> float | None:
-    """`value` as a finite float, or None (records are JSON written by others: trust nothing)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 # --- overview ----------------------------------------------------------------------------------------
@@ -76,7 +65,7 @@ def queue_history(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         counts = sample.get("counts")
         if not isinstance(counts, dict):
             continue
-        rows.append({"t": sample["t"], **{s.value: int(_num(counts.get(s.value)) or 0) for s in PENDING}})
+        rows.append({"t": sample["t"], **{s.value: int(finite_number(counts.get(s.value)) or 0) for s in PENDING}})
     return rows
 
 
@@ -86,7 +75,7 @@ def queue_history(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def node_state(record: dict[str, Any], now: float, dead_after: float) -> str:
     """dead (heartbeat older than `dead_after` s, or none), else draining (set by an operator), else what the
     worker last said (idle, busy, stopped)."""
-    heartbeat = _num(record.get("heartbeat"))
+    heartbeat = finite_number(record.get("heartbeat"))
     if heartbeat is None or now - heartbeat > dead_after:
         return "dead"
     if record.get("draining") is True:
@@ -103,8 +92,8 @@ def _rates(held: list[tuple[float, dict[str, Any]]]) -> dict[str, float] | None:
         return None
     d_images = d_mp = 0.0
     for (_, before), (_, after) in pairwise(held):
-        images = (_num(before.get("images")), _num(after.get("images")))
-        megapixels = (_num(before.get("megapixels")), _num(after.get("megapixels")))
+        images = (finite_number(before.get("images")), finite_number(after.get("images")))
+        megapixels = (finite_number(before.get("megapixels")), finite_number(after.get("megapixels")))
         if None in images or None in megapixels:
             return None
         d_images += images[1] - images[0] if images[1] >= images[0] else images[1]
@@ -117,7 +106,7 @@ def _held(samples: list[dict[str, Any]], name: str) -> list[tuple[float, dict[st
     """(t, totals) of node `name` in every sample that holds it, in order."""
     out = []
     for sample in samples:
-        nodes, t = sample.get("nodes"), _num(sample.get("t"))
+        nodes, t = sample.get("nodes"), finite_number(sample.get("t"))
         if t is not None and isinstance(nodes, dict) and isinstance(nodes.get(name), dict):
             out.append((t, nodes[name]))
     return out
@@ -136,13 +125,13 @@ def throughput_now(
     source = "samples"
     if rates is None:
         source = "totals"
-        seconds = _num(record.get("render_seconds")) or 0.0
-        images, megapixels = _num(record.get("images")) or 0.0, _num(record.get("megapixels")) or 0.0
+        seconds = finite_number(record.get("render_seconds")) or 0.0
+        images, megapixels = finite_number(record.get("images")) or 0.0, finite_number(record.get("megapixels")) or 0.0
         rates = {
             "images_per_min": images / seconds * 60.0 if seconds > 0 else None,
             "mp_per_s": megapixels / seconds if seconds > 0 else None,
         }
-    return {**rates, "s_per_step": _num(record.get("last_s_per_step")), "source": source}
+    return {**rates, "s_per_step": finite_number(record.get("last_s_per_step")), "source": source}
 
 
 def throughput_history(samples: list[dict[str, Any]], window: float = CHART_WINDOW_S) -> list[dict[str, Any]]:
@@ -185,7 +174,7 @@ def nodes(
     assets = store.assets()  # the LoRAs each node holds (loras/assets.py), written when they change
     rows = []
     for record in store.nodes():
-        heartbeat = _num(record.get("heartbeat"))
+        heartbeat = finite_number(record.get("heartbeat"))
         card = record.get("card") if isinstance(record.get("card"), dict) else {}
         profiles = record.get("profiles") if isinstance(record.get("profiles"), dict) else {}
         loaded = record.get("loaded") if isinstance(record.get("loaded"), list) else []
@@ -197,21 +186,21 @@ def nodes(
             "gpu": str(record.get("gpu") or card.get("name") or "unknown GPU"),
             "kind": "simulated" if simulated is True else "real" if simulated is False else "unknown",
             "device": str(record.get("device") or ""),
-            "vram_used_gib": _num(record.get("vram_used_gib")),
-            "vram_total_gib": _num(record.get("vram_gib")) or _num(card.get("vram_gib")),
+            "vram_used_gib": finite_number(record.get("vram_used_gib")),
+            "vram_total_gib": finite_number(record.get("vram_gib")) or finite_number(card.get("vram_gib")),
             # The RAM the node plans against (None: not checked) and what its machine has and had free.
-            "ram_planned_gib": _num(card.get("ram_gib")),
-            "ram_total_gib": _num(host.get("ram_gib")),
-            "ram_available_gib": _num(host.get("ram_available_gib")),
+            "ram_planned_gib": finite_number(card.get("ram_gib")),
+            "ram_total_gib": finite_number(host.get("ram_gib")),
+            "ram_available_gib": finite_number(host.get("ram_available_gib")),
             "profiles": {str(k): str(v) for k, v in profiles.items()},
             "loaded": [str(m) for m in loaded],
             "heartbeat": heartbeat,
             "heartbeat_age_s": None if heartbeat is None else max(0.0, now - heartbeat),
             "draining": record.get("draining") is True,
             "drain_reason": str(record.get("drain_reason") or ""),
-            "jobs_done": int(_num(record.get("jobs_done")) or 0),
-            "jobs_failed": int(_num(record.get("jobs_failed")) or 0),
-            "images": int(_num(record.get("images")) or 0),
+            "jobs_done": int(finite_number(record.get("jobs_done")) or 0),
+            "jobs_failed": int(finite_number(record.get("jobs_failed")) or 0),
+            "images": int(finite_number(record.get("images")) or 0),
             "failed_1h": failed_1h.get(record["name"], 0),
             **assets_summary(assets.get(record["name"])),
             **progress(record),
@@ -223,10 +212,10 @@ def nodes(
 def progress(record: dict[str, Any]) -> dict[str, Any]:
     """What the node renders now, as its worker publishes it between two denoising steps (actors/progress.py):
     {"current_job" (None when nothing), "batch_jobs", "step", "steps"}."""
-    job, step, steps = record.get("current_job"), _num(record.get("step")), _num(record.get("steps"))
+    job, step, steps = record.get("current_job"), finite_number(record.get("step")), finite_number(record.get("steps"))
     if not isinstance(job, str) or not job:
         return {"current_job": None, "batch_jobs": 0, "step": None, "steps": None}
-    return {"current_job": job, "batch_jobs": int(_num(record.get("batch_jobs")) or 1),
+    return {"current_job": job, "batch_jobs": int(finite_number(record.get("batch_jobs")) or 1),
             "step": None if step is None else int(step), "steps": None if steps is None else int(steps)}
 
 
@@ -289,7 +278,7 @@ def _row(job: Job, eta: dict[str, Any] | None, now: float) -> dict[str, Any]:
         "error": job.error or "",
     }
     if eta is not None:
-        position, finish = eta.get("position"), _num(eta.get("finish"))
+        position, finish = eta.get("position"), finite_number(eta.get("finish"))
         row["position"] = int(position) if isinstance(position, int) and not isinstance(position, bool) else None
         row["eta_s"] = None if finish is None else max(0.0, finish - now)
         row["waiting"] = str(eta.get("waiting") or "")

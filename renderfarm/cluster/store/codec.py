@@ -4,6 +4,7 @@ parse raises CorruptRecord naming it."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,6 +16,18 @@ from renderfarm.jobs import Job, JobSpec, JobState
 def queue_score(priority: int, created_at: float) -> float:
     """Higher priority first, then first come first served (ZRANGE ascending)."""
     return -priority * 1e10 + created_at
+
+
+def finite_number(value: Any) -> float | None:
+    """`value` (a field of a record written by others: trust nothing) as a finite float, or None. The metrics and
+    the dashboard read node records and samples with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def text(value: Any) -> str:
