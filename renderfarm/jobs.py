@@ -287,6 +287,18 @@ INPUT_REF = r"^sha256:[0-9a-f]{64}$"  # an uploaded image, by the SHA-256 of its
 DEFAULT_STRENGTH = 0.75  # A1111's "Denoising strength" default for img2img
 
 
+def image_task(init_image: Any, mask: Any) -> str:
+    """"txt2img", "img2img" (an init image) or "inpaint" (an init image and a mask): of a spec or a render request."""
+    return "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
+
+
+def strength_used(init_image: Any, strength: float | None) -> float | None:
+    """The strength a render uses: None for text-to-image, DEFAULT_STRENGTH when an init image has none given."""
+    if init_image is None:
+        return None
+    return DEFAULT_STRENGTH if strength is None else strength
+
+
 class JobSpec(BaseModel):
     """One image request: text-to-image, or with image inputs img2img and inpainting. Unknown fields are errors,
     not silently ignored."""
@@ -417,15 +429,11 @@ class JobSpec(BaseModel):
 
     @property
     def task(self) -> str:
-        """"txt2img", "img2img" (an init image) or "inpaint" (an init image and a mask)."""
-        return "inpaint" if self.mask is not None else "img2img" if self.init_image is not None else "txt2img"
+        return image_task(self.init_image, self.mask)
 
     @property
     def effective_strength(self) -> float | None:
-        """The strength the render uses: None for text-to-image."""
-        if self.init_image is None:
-            return None
-        return DEFAULT_STRENGTH if self.strength is None else self.strength
+        return strength_used(self.init_image, self.strength)
 
     @field_validator("prompt")
     @classmethod

@@ -56,7 +56,7 @@ from renderfarm.actors.tasks import (
     vae_as_loaded,
 )
 from renderfarm.infotext import a1111_parameters, png_bytes
-from renderfarm.jobs import DEFAULT_STRENGTH
+from renderfarm.jobs import image_task, strength_used
 from renderfarm.planning.catalog import ModelEntry
 from renderfarm.planning.profiles import Profile
 from renderfarm.planning.vram import effective_steps
@@ -270,13 +270,11 @@ class RenderRequest:
 
     @property
     def task(self) -> str:
-        return "inpaint" if self.mask is not None else "img2img" if self.init_image is not None else "txt2img"
+        return image_task(self.init_image, self.mask)
 
     @property
     def effective_strength(self) -> float | None:
-        if self.init_image is None:
-            return None
-        return DEFAULT_STRENGTH if self.strength is None else self.strength
+        return strength_used(self.init_image, self.strength)
 
 
 @dataclass
