@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from renderfarm.jobs import JobSpec
 
 __all__ = [
-    "InputMissing", "InputStore", "InvalidImage", "SubmitInputs", "ValidImage", "check_image", "image_bytes",
-    "read_input",
+    "InputMissing", "InputStore", "InvalidImage", "SubmitInputs", "ValidImage", "check_image", "decode_base64_image",
+    "image_bytes", "read_input",
 ]
 
 WHATS = ("init_image", "mask")
@@ -233,6 +233,28 @@ def image_bytes(value: Any, what: str, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
         return buffer.getvalue()
     raise InvalidImage(what, f"expected a 'sha256:<hex>' reference, image bytes, a pathlib.Path or a PIL image, "
                        f"got {type(value).__name__}")
+
+
+def decode_base64_image(text: Any, what: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of an image sent as base64 text, bare (A1111's init_images) or as a `data:image/...;base64,` URL;
+    InvalidImage naming `what` when it is not base64, or decodes past `max_bytes` (checked before decoding)."""
+    if not isinstance(text, str):
+        raise InvalidImage(what, f"expected base64 image text, got {type(text).__name__}")
+    body = text.strip()
+    if body.startswith("data:"):
+        header, comma, body = body.partition(",")
+        if not comma or not header.endswith(";base64") or not header.startswith("data:image/"):
+            raise InvalidImage(what, "a data URL must read data:image/<png|jpeg|webp>;base64,<data>")
+    if len(body) * 3 // 4 > max_bytes + 3:
+        raise InvalidImage(what, f"about {len(body) * 3 // 4} bytes is more than the farm's cap of {max_bytes} bytes "
+                           "per image (input_max_bytes)", too_large=True)
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(what, f"not valid base64: {exc}") from None
 
 
 def is_pil_image(value: Any) -> bool:

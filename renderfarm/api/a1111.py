@@ -7,7 +7,7 @@
     GET  /sdapi/v1/progress      the caller's current A1111 job: step, ETA
     GET/POST /sdapi/v1/options   sd_model_checkpoint (kept per team in Redis: the API itself holds no state)
     GET  /sdapi/v1/samplers, /schedulers, /scripts (what the farm honours)
-    POST /sdapi/v1/img2img       501 until the farm takes image inputs
+    POST /sdapi/v1/img2img       img2img and inpainting (init_images[0], mask): see img2img_fields
 
 How a txt2img request maps: `n_iter` jobs of `batch_size` images each, submitted as one batch (so the
 iterations render in parallel on whichever nodes fit), seeds `seed`, `seed+1`, ... across all images as A1111
@@ -108,6 +108,19 @@ HIRES = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_r
          "hr_cfg", "hr_distilled_cfg")
 MAPPED = ("prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
           "send_images", "override_settings", "distilled_cfg_scale", "sampler_name", "sampler_index", "scheduler")
+# img2img's own fields. Mapped: the init image, the mask and how it is used (see img2img_fields).
+IMG2IMG_MAPPED = ("init_images", "mask", "denoising_strength", "mask_blur", "mask_blur_x", "mask_blur_y", "resize_mode",
+                  "inpainting_fill", "inpaint_full_res", "inpainting_mask_invert")
+IMG2IMG_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "image_cfg_scale": _any,  # instruct-pix2pix models only: none on the farm
+    "inpaint_full_res_padding": _any,  # only with inpaint_full_res, which is refused
+    "initial_noise_multiplier": _is(None, 1, 1.0),
+    "include_init_images": _any,  # whether the answer repeats the init images: it does not here
+    "latent_mask": _empty,
+    "mask_round": _is(None, True),
+    "use_deprecated_controlnet": _is(None, False),
+}
+RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill"}  # A1111: just resize, crop and resize, resize and fill
 WHY = {
     "enable_hr": "the hires fix is not on the farm yet (job chains: issue 19)",
     "restore_faces": "no face restoration on the farm",
@@ -127,13 +140,16 @@ def _refuse(field: str, value: Any, why: str) -> HTTPException:
                                "detail": f"{field}: {shown} is not supported: {why}; nothing was enqueued"})
 
 
-def check_fields(body: dict[str, Any]) -> None:
-    """422 naming the first field the farm cannot honour (see the module docstring); nothing else."""
+def check_fields(body: dict[str, Any], img2img: bool = False) -> None:
+    """422 naming the first field the farm cannot honour (see the module docstring); nothing else. `img2img`:
+    a /img2img request, which takes its own fields too (IMG2IMG_MAPPED, IMG2IMG_NEUTRAL)."""
     hires = bool(body.get("enable_hr"))
+    mapped = MAPPED + IMG2IMG_MAPPED if img2img else MAPPED
+    neutral = {**NEUTRAL, **IMG2IMG_NEUTRAL} if img2img else NEUTRAL
     for field, value in body.items():
-        if field in MAPPED or (field in HIRES and not hires):
+        if field in mapped or (field in HIRES and not hires):
             continue
-        accepted = NEUTRAL.get(field)
+        accepted = neutral.get(field)
         if accepted is None:
             raise _refuse(field, value, "not a field the farm knows (A1111 extensions' fields included)")
         if not accepted(value):
@@ -197,9 +213,10 @@ def current_model(who: Caller) -> str | None:
     return models[0] if models else None
 
 
-def job_specs(body: dict[str, Any], who: Caller) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The farm's job specs for an A1111 txt2img request, and what A1111's `info` reports of it."""
-    check_fields(body)
+def job_specs(body: dict[str, Any], who: Caller, img2img: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The farm's job specs for an A1111 txt2img (or, `img2img`, img2img) request, and what A1111's `info` reports
+    of it."""
+    check_fields(body, img2img)
     override = body.get("override_settings") or {}
     if not isinstance(override, dict):
         raise _refuse("override_settings", override, "expected an object")
@@ -233,10 +250,90 @@ def job_specs(body: dict[str, Any], who: Caller) -> tuple[list[dict[str, Any]], 
     if distilled is not None and entry is not None and not entry.family.uses_cfg:
         spec["guidance"] = _number(body, "distilled_cfg_scale", float, guidance_default, 0.0, 1000.0)
     spec.update(sampler_fields(body))
+    if img2img:
+        spec.update(img2img_fields(body, who))
     specs = [{**spec, "seed": seed + i * batch_size} for i in range(n_iter)]
     info = {"sd_model_name": model, "batch_size": batch_size, "n_iter": n_iter, "seed": seed,
             "all_seeds": [seed + i for i in range(batch_size * n_iter)]}
     return specs, info
+
+
+def _invalid(field: str, detail: str) -> HTTPException:
+    return HTTPException(422, {"error": "InvalidField", "field": field, "detail": f"{field}: {detail}; nothing was "
+                               "enqueued"})
+
+
+def img2img_fields(body: dict[str, Any], who: Caller) -> dict[str, Any]:
+    """The job's image-input fields from an A1111 img2img request: `init_images[0]` (base64) the init image,
+    `mask` (base64) the mask (inverted here for `inpainting_mask_invert: 1`), `denoising_strength` the strength,
+    `mask_blur` (or equal mask_blur_x and _y) the blur, `resize_mode` 0/1/2 resize/crop/fill (3, latent upscale,
+    is refused). What the farm does not do is a 422 naming it: another `inpainting_fill` than 1 (original), or
+    `inpaint_full_res` (only masked) with a mask. The images are checked by the client (renderfarm/inputs.py)."""
+    from renderfarm.inputs import InvalidImage, decode_base64_image
+
+    cap = who.client.inputs().max_bytes
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise _invalid("init_images", "give one init image (base64)")
+    if len(images) > 1:
+        raise _refuse("init_images", f"{len(images)} images", "one init image per request on the farm")
+    out: dict[str, Any] = {}
+    try:
+        out["init_image"] = decode_base64_image(images[0], "init_image", max_bytes=cap)
+        if not _empty(body.get("mask")):
+            out["mask"] = decode_base64_image(body["mask"], "mask", max_bytes=cap)
+    except InvalidImage as exc:
+        field = "init_images[0]" if exc.what == "init_image" else "mask"
+        raise HTTPException(413 if exc.too_large else 422, {"error": "InvalidImage", "field": field,
+                            "detail": f"{field}: {exc.reason}; nothing was enqueued"}) from None
+    if body.get("denoising_strength") is not None:
+        out["strength"] = _number(body, "denoising_strength", float, 0.75, 0.0, 1.0)
+    blurs = {f: _number(body, f, int, None, 0, 64) for f in ("mask_blur", "mask_blur_x", "mask_blur_y")
+             if body.get(f) is not None}
+    if "mask_blur_x" in blurs and "mask_blur_y" in blurs and blurs["mask_blur_x"] != blurs["mask_blur_y"]:
+        raise _refuse("mask_blur_y", blurs["mask_blur_y"], "one blur for both directions (mask_blur) on the farm")
+    blur = blurs.get("mask_blur", blurs.get("mask_blur_x", blurs.get("mask_blur_y")))
+    if blur is not None:
+        out["mask_blur"] = blur
+    mode = body.get("resize_mode", 0)
+    if mode == 3:
+        raise _refuse("resize_mode", mode, "latent upscale (3) is not on the farm: use 0 (just resize), 1 (crop and "
+                      "resize) or 2 (resize and fill)")
+    if isinstance(mode, bool) or mode not in RESIZE_MODES:
+        raise _invalid("resize_mode", f"{json.dumps(mode, default=str)[:40]} is not 0, 1 or 2")
+    out["resize_mode"] = RESIZE_MODES[mode]
+    if "mask" in out:
+        if body.get("inpainting_fill", 1) not in (1, None):
+            raise _refuse("inpainting_fill", body["inpainting_fill"], "the farm starts the masked area from the "
+                          "original image only: send 1 (original)")
+        if body.get("inpaint_full_res") not in (False, 0, None):
+            raise _refuse("inpaint_full_res", body["inpaint_full_res"], "the farm inpaints the whole picture, not the "
+                          "masked area at full resolution: send false")
+        invert = body.get("inpainting_mask_invert", 0)
+        if invert not in (0, 1, None) or isinstance(invert, bool):
+            raise _invalid("inpainting_mask_invert", "0 (paint the masked area) or 1 (paint the rest)")
+        if invert == 1:
+            out["mask"] = _inverted_mask(out["mask"], who)
+    return out
+
+
+def _inverted_mask(data: bytes, who: Caller) -> bytes:
+    """A1111's `inpainting_mask_invert: 1`: the mask checked and made single-channel as the farm stores it, then
+    inverted (white repainted becomes black kept)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from renderfarm.inputs import InvalidImage
+
+    try:
+        valid = who.client.inputs().check(data, "mask")
+    except InvalidImage as exc:
+        raise HTTPException(413 if exc.too_large else 422, {"error": "InvalidImage", "field": "mask",
+                            "detail": f"mask: {exc.reason}; nothing was enqueued"}) from None
+    buffer = io.BytesIO()
+    ImageOps.invert(Image.open(io.BytesIO(valid.png))).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def sampler_fields(body: dict[str, Any]) -> dict[str, str]:
@@ -276,12 +373,27 @@ def txt2img(request: Request, who: Who, body: Annotated[dict[str, Any], Body()])
     """Render through the farm and answer as A1111 does: base64 PNGs, the request's `parameters`, and `info`
     (a JSON string: seeds, prompts, infotexts)."""
     specs, info = job_specs(body, who)
+    return _render(request, who, body, specs, info)
+
+
+@router.post("/img2img")
+def img2img(request: Request, who: Who, body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
+    """img2img and inpainting through the farm, answered as A1111 does (as txt2img). `init_images[0]` and `mask`
+    are base64 images; see img2img_fields for how the rest maps."""
+    specs, info = job_specs(body, who, img2img=True)
+    return _render(request, who, body, specs, info, img2img=True)
+
+
+def _render(request: Request, who: Caller, body: dict[str, Any], specs: list[dict[str, Any]], info: dict[str, Any],
+            img2img: bool = False) -> JSONResponse:
     try:
         ids = who.client.submit_batch(specs)
     except SpecError as exc:  # the client's message names jobs[i].field: say which A1111 field it came from
+        extra = (", init_images[0], mask, denoising_strength, mask_blur and resize_mode map to init_image, mask, "
+                 "strength, mask_blur and resize_mode") if img2img else ""
         raise HTTPException(422, {"error": "InvalidField", "detail": f"{exc} (steps, width, height, cfg_scale, "
                                   "prompt and the model map to the job's steps, width, height, guidance, prompt "
-                                  "and model)"}) from None
+                                  f"and model{extra})"}) from None
     jobs = _wait(who, ids, request.app.state.ctx.a1111_timeout_s)
     failed = [job for job in jobs if job.state is not JobState.DONE]
     if failed:
@@ -302,7 +414,7 @@ def txt2img(request: Request, who: Who, body: Annotated[dict[str, Any], Body()])
         "width": first.width, "height": first.height, "sampler_name": _sampler_of(infotexts),
         "cfg_scale": first.guidance, "steps": first.steps, "batch_size": info["batch_size"], "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": first.model, "sd_model_hash": first.model_fingerprint,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": first.effective_strength,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(jobs[0].created_at)), "clip_skip": 1,
         "is_using_inpainting_conditioning": False,
@@ -319,13 +431,6 @@ def _sampler_of(infotexts: list[str]) -> str:
             if part.startswith("Sampler: "):
                 return part.removeprefix("Sampler: ")
     return "Default"
-
-
-@router.post("/img2img")
-def img2img() -> JSONResponse:
-    """Not yet: the farm takes text-to-image jobs only (image inputs are issue 19)."""
-    return JSONResponse({"error": "NotImplemented", "detail": "img2img: the farm takes text-to-image jobs only "
-                         "for now (image inputs are coming); use /sdapi/v1/txt2img"}, status_code=501)
 
 
 @router.get("/sd-models")

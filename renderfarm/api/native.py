@@ -2,6 +2,7 @@
 
     POST /v1/batches                 submit a batch (all or nothing)          201 {batch_id, job_ids}
     POST /v1/jobs                    submit one job                           201 {batch_id, job_ids}
+    POST /v1/inputs                  upload an image input (raw PNG/JPEG/WebP) 201 {ref, width, height}
     GET  /v1/jobs                    the newest jobs, filtered
     GET  /v1/jobs/{id}               one job (with position and ETA while queued)
     GET  /v1/batches/{id}            a batch's jobs, counts by state, ETA
@@ -24,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from renderfarm.api.app import Caller, caller
 from renderfarm.client import JOB_ID_PATTERN, MAX_BATCH_JOBS
-from renderfarm.errors import JobNotFound, ResultUnavailable
+from renderfarm.errors import JobNotFound, ResultUnavailable, SpecError
+from renderfarm.inputs import WHATS, InvalidImage, decode_base64_image
 from renderfarm.jobs import Job, JobState, new_job_id
 
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -65,9 +67,27 @@ def job_view(job: Job, estimate: dict[str, Any] | None = None) -> dict[str, Any]
     return out
 
 
+def with_image_bytes(who: Caller, specs: list[Any]) -> list[Any]:
+    """The specs with each `init_image` / `mask` sent as a `data:image/...;base64,` URL decoded to its bytes (the
+    client checks and uploads them); a reference ("sha256:...") stays. SpecError naming jobs[i] and the field."""
+    out = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, dict) and any(isinstance(spec.get(f), str) and spec[f].startswith("data:") for f in WHATS):
+            spec = dict(spec)
+            for field in WHATS:
+                if isinstance(spec.get(field), str) and spec[field].startswith("data:"):
+                    try:
+                        spec[field] = decode_base64_image(spec[field], field, max_bytes=who.client.inputs().max_bytes)
+                    except InvalidImage as exc:
+                        raise SpecError(f"jobs[{i}]: {exc}; nothing was enqueued") from None
+        out.append(spec)
+    return out
+
+
 def _submit(who: Caller, specs: list[dict[str, Any]], batch_id: str | None, job_ids: list[str] | None,
             webhook: str | None = None) -> Submitted:
     batch_id = batch_id or new_job_id()
+    specs = with_image_bytes(who, specs)
     ids = who.client.submit_batch(specs, job_ids=job_ids, batch_id=batch_id, webhook=webhook)
     return Submitted(batch_id=batch_id, job_ids=ids)
 
@@ -83,6 +103,48 @@ def submit_batch(body: BatchRequest, who: Who) -> Submitted:
 def submit_job(spec: dict[str, Any], who: Who) -> Submitted:
     """Submit one job (a JobSpec as JSON)."""
     return _submit(who, [spec], None, None)
+
+
+INPUT_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
+
+
+@router.post("/inputs", status_code=201, responses={413: {"description": "past the farm's size cap"},
+                                                     415: {"description": "not an image Content-Type"},
+                                                     422: {"description": "not an image the farm takes"}})
+async def upload_input(request: Request, who: Who,
+                       what: Annotated[Literal["init_image", "mask"], Query()] = "init_image") -> JSONResponse:
+    """Upload an image input: the raw PNG, JPEG or WebP bytes as the body (Content-Type image/png, image/jpeg or
+    image/webp), `?what=mask` for a mask. 201 {ref, width, height, mode, bytes, expires}: put `ref` in a spec's
+    `init_image` or `mask`. The same image again is stored once. 413 past input_max_bytes, 422 naming the reason
+    for anything else that is not an image the farm takes (docs/inputs.md)."""
+    from starlette.concurrency import run_in_threadpool
+
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in INPUT_TYPES:
+        raise HTTPException(415, f"{what}: Content-Type {kind or 'missing'!r}: send the image's bytes as image/png, "
+                                 "image/jpeg or image/webp")
+    inputs = await run_in_threadpool(who.client.inputs)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > inputs.max_bytes:
+        return _too_large(what, int(declared), inputs.max_bytes)
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > inputs.max_bytes:
+            return _too_large(what, len(body), inputs.max_bytes)
+    try:
+        ref, valid = await run_in_threadpool(inputs.put, bytes(body), what)
+    except InvalidImage as exc:
+        return JSONResponse({"detail": str(exc), "field": what, "reason": exc.reason},
+                            status_code=413 if exc.too_large else 422)
+    record = inputs.describe(ref) or {}
+    return JSONResponse({"ref": ref, "width": valid.width, "height": valid.height, "mode": valid.mode,
+                         "bytes": len(valid.png), "expires": record.get("expires")}, status_code=201)
+
+
+def _too_large(what: str, size: int, cap: int) -> JSONResponse:
+    return JSONResponse({"detail": f"{what}: {size} bytes or more is past the farm's cap of {cap} bytes per image "
+                                   "(input_max_bytes)", "field": what, "reason": "too large"}, status_code=413)
 
 
 @router.get("/jobs")

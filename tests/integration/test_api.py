@@ -208,7 +208,8 @@ def test_a1111_fields_map_or_are_refused(http):
     assert too_many.status_code == 422 and "batch_size" in too_many.text
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
     assert http.post("/sdapi/v1/options", json={"sd_vae": "auto"}).status_code == 422
-    assert http.post("/sdapi/v1/img2img", json={}).status_code == 501
+    no_image = http.post("/sdapi/v1/img2img", json={})  # img2img takes init_images[0] (tests/integration/test_inputs_api.py)
+    assert no_image.status_code == 422 and "init_images" in no_image.text
 
 
 def test_metrics_scraped(http, farm):

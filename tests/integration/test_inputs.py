@@ -1,11 +1,7 @@
 """Image inputs through a real Redis and a directory blob store (renderfarm/inputs.py, FarmClient.submit_batch):
 stored once, read back by reference, expiring no later than their blob; a submit with images as bytes, Path
 or PIL image checks every input before writing anything, and a bad one (fuzzed: truncated, huge, bombs, wrong
-modes, garbage, other formats) is refused naming jobs[i] and the field, with nothing enqueued or uploaded.
-
-JobSpec still refuses init_image at submit (`_inputs_rendered`, until the nodes render image inputs: the
-rendering side removes it). These tests replace JobSpec in the client by a subclass without that one validator
-(`rendered`), to test the upload path as it will run then."""
+modes, garbage, other formats) is refused naming jobs[i] and the field, with nothing enqueued or uploaded."""
 
 from __future__ import annotations
 
@@ -15,31 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydantic import field_validator
 
 from renderfarm.client import FarmClient, SpecError
 from renderfarm.cluster.blobs import open_blob_store
 from renderfarm.inputs import InputMissing, InputStore, InvalidImage, read_input
-from renderfarm.jobs import JobSpec
 from tests.unit.test_inputs import OTHER_FORMATS, SAMPLES, bad_or_odd_images, encoded, png_claiming
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-sd15"
-
-
-class RenderedSpec(JobSpec):
-    """JobSpec without `_inputs_rendered` (see the module docstring)."""
-
-    @field_validator("init_image")
-    @classmethod
-    def _inputs_rendered(cls, value, info):
-        return value
-
-
-@pytest.fixture
-def rendered(monkeypatch):
-    monkeypatch.setattr("renderfarm.client.JobSpec", RenderedSpec)
 
 
 @pytest.fixture
@@ -135,7 +115,7 @@ def test_the_client_finds_the_store_and_caps_the_head_published(client, blob_dir
 
 # --- submit -------------------------------------------------------------------------------------------------
 
-def test_submit_takes_bytes_a_path_and_a_pil_image_and_uploads_each_image_once(client, rendered, tmp_path, blob_dir):
+def test_submit_takes_bytes_a_path_and_a_pil_image_and_uploads_each_image_once(client, tmp_path, blob_dir):
     path = tmp_path / "init.png"
     path.write_bytes(png())
     mask = Image.new("L", (64, 64), 255)
@@ -151,7 +131,7 @@ def test_submit_takes_bytes_a_path_and_a_pil_image_and_uploads_each_image_once(c
     assert client.job(again).spec.init_image == next(iter(refs))
 
 
-def test_a_bad_image_refuses_the_batch_naming_the_job_and_field(client, rendered, redis_client, blob_dir):
+def test_a_bad_image_refuses_the_batch_naming_the_job_and_field(client, redis_client, blob_dir):
     before = redis_client.dbsize()
     cases = [
         ([spec(), spec(init_image=b"GIF89a" + b"\x00" * 40)], r"jobs\[1\]: init_image: not a PNG, JPEG or WebP"),
@@ -171,28 +151,21 @@ def test_a_bad_image_refuses_the_batch_naming_the_job_and_field(client, rendered
         assert redis_client.dbsize() == before and blobs(blob_dir) == []
 
 
-def test_a_mask_reference_used_as_an_init_image_is_refused(client, rendered):
+def test_a_mask_reference_used_as_an_init_image_is_refused(client):
     mask_ref = client.upload(png(mode="L", color=255), "mask")
     with pytest.raises(SpecError, match=r"jobs\[0\]: init_image: .* was uploaded as a mask \(L\)"):
         client.submit(spec(init_image=mask_ref))
 
 
-def test_resize_mode_lets_another_size_through(client, rendered):
+def test_resize_mode_lets_another_size_through(client):
     job = client.job(client.submit(spec(init_image=png((128, 96)), resize_mode="crop")))
     assert client.inputs().describe(job.spec.init_image)["width"] == 128
-
-
-def test_until_the_nodes_render_inputs_jobspec_refuses_them(client, redis_client, blob_dir):
-    """Without the test's stand-in, today's JobSpec refuses the image after it was checked: nothing is written."""
-    with pytest.raises(SpecError, match=r"jobs\[0\]: init_image"):
-        client.submit(spec(init_image=png()))
-    assert blobs(blob_dir) == [] and redis_client.keys("rf:job:*") == []
 
 
 @settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=bad_or_odd_images(), field=st.sampled_from(["init_image", "mask"]), at=st.integers(0, 2))
-def test_fuzz_a_bad_image_anywhere_in_a_batch_enqueues_nothing(client, rendered, redis_client, blob_dir, data, field,
+def test_fuzz_a_bad_image_anywhere_in_a_batch_enqueues_nothing(client, redis_client, blob_dir, data, field,
                                                                at):
     if data in SAMPLES:  # a good image is not this test's business
         return
@@ -215,7 +188,7 @@ def test_fuzz_a_bad_image_anywhere_in_a_batch_enqueues_nothing(client, rendered,
     client.store.publish_settings({"input_store_url": blob_dir.as_uri()})
 
 
-def test_other_formats_through_the_client(client, rendered, redis_client, blob_dir):
+def test_other_formats_through_the_client(client, redis_client, blob_dir):
     for data in OTHER_FORMATS:
         with pytest.raises(SpecError, match=r"jobs\[0\]: init_image: not a PNG, JPEG or WebP"):
             client.submit(spec(init_image=data))

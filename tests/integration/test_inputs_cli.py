@@ -1,6 +1,5 @@
 """`renderfarm submit PROMPT --init IMG [--mask IMG] [--strength S] [--mask-blur N] [--resize-mode M]`, in-process
-against a real Redis: one upload for every job, and each bad flag refused naming the flag, nothing enqueued.
-(JobSpec's `_inputs_rendered` is replaced as in test_inputs.py: the nodes do not render inputs yet.)"""
+against a real Redis: one upload for every job, and each bad flag refused naming the flag, nothing enqueued."""
 
 from __future__ import annotations
 
@@ -10,14 +9,13 @@ import pytest
 from PIL import Image
 
 from renderfarm.cli import main
-from tests.integration.test_inputs import RenderedSpec, encoded
+from tests.integration.test_inputs import encoded
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def farm(redis_url, store, tmp_path, monkeypatch):
-    monkeypatch.setattr("renderfarm.client.JobSpec", RenderedSpec)
+def farm(redis_url, store, tmp_path):
     store.mark_farm()
     store.publish_settings({"input_store_url": (tmp_path / "blobs").as_uri()})
     (tmp_path / "init.png").write_bytes(encoded(Image.new("RGB", (64, 64), "red")))
