@@ -202,9 +202,15 @@ FARM_WIDE = ("max_attempts", "lease_seconds", "job_timeout_base_s", "job_timeout
 
 
 def farm_wide(settings: Settings) -> dict[str, Any]:
-    """The FARM_WIDE settings, and where inputs are uploaded to (`input_store_url`: the result store's resolved
-    URL, which a client cannot work out for itself when `result_store` is None: <the head's data_dir>/results)."""
-    return {**{name: getattr(settings, name) for name in FARM_WIDE}, "input_store_url": settings.result_store_url()}
+    """The FARM_WIDE settings: what every node runs with (its record shows them)."""
+    return {name: getattr(settings, name) for name in FARM_WIDE}
+
+
+def head_published(settings: Settings) -> dict[str, Any]:
+    """What the head publishes: the FARM_WIDE settings, and where inputs are uploaded to (`input_store_url`: the
+    result store's resolved URL, which a client cannot work out for itself when `result_store` is None: <the head's
+    data_dir>/results). A joining node takes the settings, not the URL: it reads each input by its record's URL."""
+    return {**farm_wide(settings), "input_store_url": settings.result_store_url()}
 
 
 def with_farm_wide(settings: Settings, published: dict[str, Any]) -> Settings:

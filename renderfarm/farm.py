@@ -30,7 +30,7 @@ from renderfarm.cluster.store import Store
 from renderfarm.config import (
     NodeDeclaration,
     Settings,
-    farm_wide,
+    head_published,
     load_nodes,
     with_farm_wide,
 )
@@ -307,7 +307,7 @@ class Farm(_Started):
             self.redis_url = self._embedded.start()
         log.info("redis: %s", redact(self.redis_url))
         with connect(self.redis_url) as client:
-            Store(client, Keys(self.key_prefix)).publish_settings(farm_wide(self.settings))
+            Store(client, Keys(self.key_prefix)).publish_settings(head_published(self.settings))
             Store(client, Keys(self.key_prefix)).mark_farm()  # a client given the wrong database finds no marker
 
     def _start_webhooks(self) -> None:
