@@ -16,7 +16,7 @@ from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.processes import is_alive
 from renderfarm.cluster.redis_server import EmbeddedRedis, connect
 from renderfarm.cluster.store import Store
-from renderfarm.config import Settings, farm_wide
+from renderfarm.config import Settings, head_published
 from renderfarm.farm import REDIS_PASSWORD_FILE, Farm, WorkerNode
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_crash_redis_restarts_a_head_redis_with_its_host_password_and_data(head_
     assert head_farm.redis_pid not in (None, first_pid)
     with redis.Redis(host=advertise_ip, port=port, password=password, socket_timeout=2) as authed:
         assert authed.ping()  # AUTH with the farm's password, on the same address and port
-        assert Store(authed, Keys("rf")).published_settings() == farm_wide(head_farm.settings), "same data dir"
+        assert Store(authed, Keys("rf")).published_settings() == head_published(head_farm.settings), "same data dir"
     # No retries: redis-py retries an AuthenticationError (a ConnectionError) with backoff by default.
     anonymous = redis.Redis(host=advertise_ip, port=port, socket_timeout=2, retry=Retry(NoBackoff(), 0))
     with anonymous, pytest.raises(redis.AuthenticationError):
@@ -86,7 +86,7 @@ def test_a_farm_started_without_head_restarts_on_loopback_without_password(tmp_p
         farm.crash_redis(down_seconds=0.1)
         with connect(url) as client:
             assert client.ping()
-            assert Store(client, Keys("rf")).published_settings() == farm_wide(farm.settings)
+            assert Store(client, Keys("rf")).published_settings() == head_published(farm.settings)
     finally:
         farm.stop()
 
