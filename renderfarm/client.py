@@ -260,6 +260,15 @@ class FarmClient:
 
     # --- access (cluster/auth.py) --------------------------------------------------------------------
 
+    def for_token(self, token: str | None) -> FarmClient:
+        """This client speaking for another team token (None or "": none), sharing its Redis connection pool and
+        catalog: what a server answering many callers makes per request (renderfarm/api)."""
+        import copy
+
+        other = copy.copy(self)
+        other._token = token or None
+        return other
+
     def access(self) -> auth.Access:
         """What this client's token may touch: every team on an open farm or with an admin token, else its
         own team. Raises AuthError in token mode when the client has no valid token."""

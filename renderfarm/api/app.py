@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,9 +52,7 @@ class ApiContext:
     def client(self, token: str | None) -> FarmClient:
         """A FarmClient speaking for `token` on the shared connection pool (a client per request would open a
         connection per request)."""
-        client = copy.copy(self.base)
-        client._token = token or None
-        return client
+        return self.base.for_token(token)
 
 
 @dataclass(frozen=True)
@@ -115,6 +112,18 @@ def spec_errors(message: str) -> list[str]:
     return [part.strip() for part in message.removesuffix("; nothing was enqueued").split("; ") if part.strip()]
 
 
+# The farm's errors answered with their message and nothing else, by status.
+PLAIN_STATUSES: dict[type[Exception], int] = {JobNotFound: 404, AuthError: 403, ResultUnavailable: 409,
+                                              RedisUnavailable: 503, WaitTimeout: 504, NoFarm: 503}
+
+
+def _plain(status: int):
+    def handler(_: Request, exc: Exception) -> JSONResponse:
+        return _error(status, str(exc))
+
+    return handler
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The farm's errors as HTTP statuses: a refused spec 422 (naming the job and field; nothing was enqueued),
     no such job 404, a token that may not 403, not done or expired 409, Redis or the result store down 503, a
@@ -124,38 +133,17 @@ def install_error_handlers(app: FastAPI) -> None:
     def _spec(_: Request, exc: SpecError) -> JSONResponse:
         return _error(422, str(exc), errors=spec_errors(str(exc)), enqueued=0)
 
-    @app.exception_handler(JobNotFound)
-    def _missing(_: Request, exc: JobNotFound) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(AuthError)
-    def _denied(_: Request, exc: AuthError) -> JSONResponse:
-        return _error(403, str(exc))
-
-    @app.exception_handler(ResultUnavailable)
-    def _unavailable(_: Request, exc: ResultUnavailable) -> JSONResponse:
-        return _error(409, str(exc))
-
-    @app.exception_handler(RedisUnavailable)
-    def _redis(_: Request, exc: RedisUnavailable) -> JSONResponse:
-        return _error(503, str(exc))
+    for error, status in PLAIN_STATUSES.items():
+        app.add_exception_handler(error, _plain(status))
 
     @app.exception_handler(BlobStoreError)
     def _blobs(_: Request, exc: BlobStoreError) -> JSONResponse:
         return _error(503 if exc.kind in ("unreachable", "unavailable") else 502, str(exc))
 
-    @app.exception_handler(WaitTimeout)
-    def _timeout(_: Request, exc: WaitTimeout) -> JSONResponse:
-        return _error(504, str(exc))
-
     @app.exception_handler(CorruptRecord)
     def _corrupt(_: Request, exc: CorruptRecord) -> JSONResponse:
         log.error("a corrupt record: %s", exc)
         return _error(500, f"a record of the farm does not parse (the scheduler quarantines it): {exc}")
-
-    @app.exception_handler(NoFarm)
-    def _nofarm(_: Request, exc: NoFarm) -> JSONResponse:
-        return _error(503, str(exc))
 
     @app.exception_handler(RenderfarmError)
     def _other(_: Request, exc: RenderfarmError) -> JSONResponse:
