@@ -80,9 +80,11 @@ def test_a_batch_webhook_through_the_http_api(webhook_farm):
                 posted = hook.next()
                 assert posted["headers"]["X-Renderfarm-Event"] == "batch.finished"
                 assert json.loads(posted["body"])["batch"]["id"] == batch
-                listed = wait_until(lambda: http.get(f"/v1/webhooks/deliveries?batch={batch}").json()["deliveries"],
-                                    WAIT, "the delivery listed")
-                assert [d["state"] for d in listed] == ["delivered"]
+                # (the receiver has the POST before the sender records its answer: wait for the record, not the POST)
+                listed = wait_until(lambda: [d["state"] for d in http.get(
+                    f"/v1/webhooks/deliveries?batch={batch}").json()["deliveries"]] == ["delivered"],
+                    WAIT, "the delivery listed as delivered")
+                assert listed
                 bad = http.post("/v1/batches", json={"jobs": [spec], "webhook": "ftp://example.com/x"})
                 assert bad.status_code == 422 and "webhook" in bad.json()["detail"]
         import queue
