@@ -38,6 +38,7 @@ from renderfarm.errors import (
     SpecError,
     SpecFileError,
     WaitTimeout,
+    shown,
 )
 from renderfarm.farm_view import FarmView, fits_nowhere, unrenderable
 from renderfarm.inputs import InputStore, SubmitInputs, image_bytes
@@ -49,11 +50,10 @@ from renderfarm.jobs import (
     JobState,
     describe_validation_error,
     new_job_id,
-    shown,
-    webhook_refusal,
 )
 from renderfarm.planning.catalog import Catalog, UnknownModelError, default_catalog
 from renderfarm.specfile import read_spec_file
+from renderfarm.webhook_urls import webhook_refusal
 
 MAX_BATCH_JOBS = 10_000
 LIST_SCAN_MAX = 100_000  # `list_jobs` reads at most this many records per state index

@@ -14,8 +14,13 @@ __all__ = [
     "AuthError", "BlobStoreError", "CliError", "ConfigError", "CorruptRecord", "DoesNotFit", "FarmError", "InsecureRedis",
     "JobNotFound", "ModelSourceError", "NoFarm", "RedisUnavailable", "RenderfarmError", "ResultUnavailable", "SpecError",
     "SpecFileError", "UnknownModelError", "UnsupportedFamily",
-    "UsageError", "WaitTimeout",
+    "UsageError", "WaitTimeout", "shown",
 ]
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """`value` quoted and cut short, with non-printable characters (newlines, RTL marks) escaped."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
 
 
 class RenderfarmError(Exception):

@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from renderfarm.errors import SpecFileError
-from renderfarm.jobs import shown
+from renderfarm.errors import SpecFileError, shown
 
 __all__ = ["read_spec_file", "read_text"]
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from renderfarm.config import Settings
-from renderfarm.errors import CliError, SpecFileError
-from renderfarm.jobs import shown
+from renderfarm.errors import CliError, SpecFileError, shown
 
 # Exit codes (README, "Submit and follow"): 0 all went as asked; 1 an error, or jobs that failed or could not
 # be found, cancelled or retried; 2 a command line argparse cannot read; 3 `submit --timeout` expired with jobs

@@ -25,8 +25,8 @@ from renderfarm.cli.common import (
     read_flag_file,
 )
 from renderfarm.client import MAX_BATCH_JOBS
-from renderfarm.errors import CliError, SpecError, SpecFileError
-from renderfarm.jobs import JobState, new_job_id, shown
+from renderfarm.errors import CliError, SpecError, SpecFileError, shown
+from renderfarm.jobs import JobState, new_job_id
 
 log = logging.getLogger("renderfarm")
 

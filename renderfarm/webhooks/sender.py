@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from renderfarm.jobs import address_problem, webhook_private_problem, webhook_problem
+from renderfarm.webhook_urls import address_problem, webhook_private_problem, webhook_problem
 
 __all__ = ["Attempt", "post", "redact_url"]
 

@@ -11,13 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from renderfarm.jobs import (
-    MAX_WEBHOOK_CHARS,
-    JobSpec,
-    describe_validation_error,
-    webhook_private_problem,
-    webhook_problem,
-)
+from renderfarm.jobs import JobSpec, describe_validation_error
+from renderfarm.webhook_urls import MAX_WEBHOOK_CHARS, webhook_private_problem, webhook_problem
 from renderfarm.webhooks import SignatureError, post, redact_url, retry_delay, sign, signed_headers, verify
 from renderfarm.webhooks.payloads import encode
 
