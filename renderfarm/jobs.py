@@ -238,6 +238,10 @@ class JobSpec(BaseModel):
     strength: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
     mask_blur: int = Field(default=4, ge=0, le=64, strict=True)
     resize_mode: Literal["none", "resize", "crop", "fill"] = "none"
+    # Inpainting's area (A1111's "Inpaint area"): "whole" picture, or "masked" only: the mask's bounding box grown
+    # by `mask_padding` pixels is cut out, rendered at the job's size, and pasted back ("Only masked padding").
+    inpaint_area: Literal["whole", "masked"] = "whole"
+    mask_padding: int = Field(default=32, ge=0, le=256, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -404,12 +408,13 @@ class JobSpec(BaseModel):
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with the same key can share one pipeline call: the same model, size, steps, guidance, LoRAs,
-        sampler, and task with its strength, mask blur and resize mode (their images may differ)."""
+        sampler, and task with its strength, mask blur, resize mode and inpaint area (their images may differ)."""
         key = (self.model, self.width, self.height, self.steps, self.guidance, self.lora_set(), self.sampler,
                self.schedule)
         if self.init_image is None:
             return key
-        return (*key, self.task, self.effective_strength, self.mask_blur, self.resize_mode)
+        key = (*key, self.task, self.effective_strength, self.mask_blur, self.resize_mode)
+        return key if self.mask is None else (*key, self.inpaint_area, self.mask_padding)
 
 
 def _loc_part(part: int | str) -> str:

@@ -66,5 +66,7 @@ def render_requests(jobs: list[Job], reader: InputReader) -> list[Any]:
             strength=spec.effective_strength,
             mask_blur=spec.mask_blur,
             resize_mode=spec.resize_mode,
+            inpaint_area=spec.inpaint_area,
+            mask_padding=spec.mask_padding,
         ))
     return requests

@@ -261,12 +261,14 @@ class RenderRequest:
     schedule: str | None = None
     # Image inputs (actors/tasks.py): the init image (img2img) as PNG bytes, and a mask (inpainting, white
     # repaints) as a single-channel PNG; `strength` (None: A1111's 0.75 with an init image), `mask_blur` and
-    # `resize_mode` as JobSpec names them.
+    # `resize_mode`, `inpaint_area` and `mask_padding` as JobSpec names them.
     init_image: bytes | None = None
     mask: bytes | None = None
     strength: float | None = None
     mask_blur: int = 4
     resize_mode: str = "none"
+    inpaint_area: str = "whole"
+    mask_padding: int = 32
 
     @property
     def task(self) -> str:
