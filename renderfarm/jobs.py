@@ -50,6 +50,7 @@ class JobState(str, Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    WAITING = "waiting"  # held until the jobs it runs `after` are done (renderfarm/chains.py)
 
     @property
     def terminal(self) -> bool:
@@ -60,14 +61,16 @@ TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}
 
 # Every legal move. `leased -> queued` and `running -> queued` are retries (worker died, lease expired,
 # recoverable error); `failed -> queued` and `cancelled -> queued` are explicit retries by an operator
-# (`renderfarm retry`). Done is final.
+# (`renderfarm retry`), `-> waiting` when the job still has parents to wait for. A waiting job is queued when
+# its parents are done, failed or cancelled with them (the store's scripts do both, chain.lua). Done is final.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.LEASED, JobState.CANCELLED}),
     JobState.LEASED: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED, JobState.CANCELLED}),
     JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset({JobState.QUEUED}),
-    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.WAITING}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.WAITING}),
+    JobState.WAITING: frozenset({JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
 }
 
 
@@ -182,6 +185,8 @@ def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
     return rest, found
 
 
+JOB_REF = r"(#[0-9]{1,5}|[A-Za-z0-9_-]{1,80})"  # a job's id, or "#N": the Nth spec of the same batch (0-based)
+MAX_PARENTS = 32
 INPUT_REF = r"^sha256:[0-9a-f]{64}$"  # an uploaded image, by the SHA-256 of its stored bytes (renderfarm/inputs.py)
 DEFAULT_STRENGTH = 0.75  # A1111's "Denoising strength" default for img2img
 
@@ -196,6 +201,19 @@ def strength_used(init_image: Any, strength: float | None) -> float | None:
     if init_image is None:
         return None
     return DEFAULT_STRENGTH if strength is None else strength
+
+
+class HiresFix(BaseModel):
+    """A1111's "Hires. fix": a second, img2img pass at `scale` times the size (the first pass's images resized
+    with Lanczos), `strength` its denoising strength, `steps` its steps (0: the first pass's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(default=2.0, gt=1.0, le=4.0, strict=True)
+    strength: float = Field(default=0.7, ge=0.0, le=1.0, strict=True)
+    steps: int = Field(default=0, ge=0, le=MAX_STEPS, strict=True)
+
+    _finite_numbers = field_validator("scale", "strength", mode="before")(_finite)
 
 
 class JobSpec(BaseModel):
@@ -228,6 +246,14 @@ class JobSpec(BaseModel):
     # The sampler by its A1111 name and the schedule type (renderfarm/samplers.py); None: the model's own scheduler.
     sampler: str | None = Field(default=None, min_length=1, max_length=40, strict=True)
     schedule: str | None = Field(default=None, min_length=1, max_length=40, strict=True)
+    # Chains (renderfarm/chains.py): the jobs this one waits for (ids, or "#N" for the batch's Nth spec); it is
+    # queued when all are done, and failed or cancelled with the first that fails or is cancelled. `init_from`:
+    # an earlier job's output as the init image ("JOB": its image k for this job's image k; "JOB:i": its image
+    # i for all), which implies waiting for it. `hires`: a high-resolution pass after this text-to-image job
+    # (the client builds the two-job chain); on a job with `init_from` it marks the hires pass itself.
+    after: tuple[Annotated[str, Field(pattern=rf"^{JOB_REF}$", strict=True)], ...] = Field(
+        default=(), max_length=MAX_PARENTS)
+    init_from: str | None = Field(default=None, pattern=rf"^{JOB_REF}(:[0-9]{{1,2}})?$", strict=True)
     # Image inputs (img2img, inpainting): references to uploaded images, content-addressed ("sha256:<hex>"), which
     # the client makes when it uploads them (renderfarm/inputs.py); `mask` needs `init_image`. `strength`: how much
     # of the init image is repainted (0: kept, 1: ignored; None: 0.75 with an init image); `mask_blur`: pixels of
@@ -242,6 +268,7 @@ class JobSpec(BaseModel):
     # by `mask_padding` pixels is cut out, rendered at the job's size, and pasted back ("Only masked padding").
     inpaint_area: Literal["whole", "masked"] = "whole"
     mask_padding: int = Field(default=32, ge=0, le=256, strict=True)
+    hires: HiresFix | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -322,21 +349,44 @@ class JobSpec(BaseModel):
 
     _strength_finite = field_validator("strength", mode="before")(_finite)
 
+    @field_validator("after")
+    @classmethod
+    def _parents_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{sorted({p for p in value if value.count(p) > 1})[0]!r} is named twice")
+        return value
+
+    @field_validator("init_image")
+    @classmethod
+    def _one_init_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("init_from") is not None:
+            raise ValueError("a job takes its init image from init_image or from an earlier job (init_from), not both")
+        return value
+
     @field_validator("mask", "strength")
     @classmethod
     def _needs_init_image(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None and info.data.get("init_image") is None and "init_image" in info.data:
+        if value is not None and "init_image" in info.data and info.data.get("init_image") is None \
+                and info.data.get("init_from") is None:
             what = "inpainting needs the image to paint in" if info.field_name == "mask" else "only an image input has one"
-            raise ValueError(f"{what}: give init_image too")
+            raise ValueError(f"{what}: give init_image (or init_from) too")
+        return value
+
+    @field_validator("hires")
+    @classmethod
+    def _hires_after_txt2img(cls, value: HiresFix | None, info: ValidationInfo) -> HiresFix | None:
+        if value is not None and info.data.get("init_from") is None and (
+                info.data.get("init_image") is not None or info.data.get("mask") is not None):
+            raise ValueError("a hires fix follows a text-to-image pass, and this job has an init image")
         return value
 
     @property
     def task(self) -> str:
-        return image_task(self.init_image, self.mask)
+        return image_task(self.init_image or self.init_from, self.mask)
 
     @property
     def effective_strength(self) -> float | None:
-        return strength_used(self.init_image, self.strength)
+        return strength_used(self.init_image or self.init_from, self.strength)
 
     @field_validator("prompt")
     @classmethod
@@ -411,7 +461,7 @@ class JobSpec(BaseModel):
         sampler, and task with its strength, mask blur, resize mode and inpaint area (their images may differ)."""
         key = (self.model, self.width, self.height, self.steps, self.guidance, self.lora_set(), self.sampler,
                self.schedule)
-        if self.init_image is None:
+        if self.task == "txt2img":
             return key
         key = (*key, self.task, self.effective_strength, self.mask_blur, self.resize_mode)
         return key if self.mask is None else (*key, self.inpaint_area, self.mask_padding)
@@ -461,6 +511,7 @@ class Job(BaseModel):
     images: int = 0
     profile: str | None = None  # the profile the node rendered it with
     escalations: list[str] = Field(default_factory=list)  # out-of-memory retries: "from -> to"
+    blocked_by: str | None = None  # the parent whose failure or cancel ended this job (chains)
 
     def transition(self, target: JobState) -> None:
         """Change state in memory, refusing illegal moves (the store does the same in Redis)."""

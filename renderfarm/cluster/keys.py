@@ -20,6 +20,7 @@ _INDEX_NAMES = {
     JobState.DONE: "done",  # scored by finish time
     JobState.FAILED: "failed",  # scored by finish time
     JobState.CANCELLED: "cancelled",  # scored by finish time
+    JobState.WAITING: "waiting",  # scored as in the queue: waiting for other jobs to finish (chains)
 }
 
 
@@ -44,6 +45,10 @@ class Keys:
         """An uploaded image input's record (JSON: size, mode, bytes, its blob's URL), by the SHA-256 of its
         normalised PNG; it expires with the input (renderfarm/inputs.py)."""
         return self._key("input", sha256_hex)
+
+    def children(self, job_id: str) -> str:
+        """The set of jobs that wait for `job_id` (renderfarm/chains.py): settled when it finishes."""
+        return self._key("children", job_id)
 
     def batch(self, batch_id: str) -> str:
         return self._key("batch", batch_id)

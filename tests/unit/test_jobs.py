@@ -72,9 +72,11 @@ def test_sizes_checked_without_catalog_too():
 def test_transition_table_covers_every_state_and_done_is_final():
     assert set(TRANSITIONS) == set(JobState)
     assert JobState.DONE.terminal and TRANSITIONS[JobState.DONE] == frozenset()
-    # failed and cancelled jobs leave only by an operator's retry
-    assert TRANSITIONS[JobState.FAILED] == TRANSITIONS[JobState.CANCELLED] == {JobState.QUEUED}
-    assert sources_of(JobState.LEASED) == {JobState.QUEUED}
+    # failed and cancelled jobs leave only by an operator's retry: to the queue, or to wait for their parents
+    assert TRANSITIONS[JobState.FAILED] == TRANSITIONS[JobState.CANCELLED] == {JobState.QUEUED, JobState.WAITING}
+    assert sources_of(JobState.LEASED) == {JobState.QUEUED}  # a waiting job is queued before any node leases it
+    assert not JobState.WAITING.terminal and TRANSITIONS[JobState.WAITING] == {
+        JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import redis
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.round_trips import count_round_trips
+from renderfarm.cluster.store.chains import ChainBlocked, ChainRecords
 from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, queue_score
 from renderfarm.cluster.store.events import Event, EventCursor
 from renderfarm.cluster.store.jobs import EVENTS_MAXLEN, Fenced, JobRecords, LeaseLive, OwnershipLost
@@ -37,18 +38,22 @@ from renderfarm.cluster.store.webhooks import WEBHOOK_SCRIPTS, WebhookRecords
 
 __all__ = [
     "EVENTS_MAXLEN", "MEASURE_ALPHA", "SAMPLES_MAXLEN", "Event", "EventCursor", "Fenced", "LeaseLive", "OwnershipLost",
-    "ReconcileReport", "Round", "Store", "job_from_hash", "job_to_hash", "queue_score",
+    "ChainBlocked", "ReconcileReport", "Round", "Store", "job_from_hash", "job_to_hash", "queue_score",
 ]
 
-SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile", "lead", "observe")
+SCRIPTS = ("submit", "transition", "renew", "expired", "quarantine", "measure", "reconcile", "lead", "observe", "settle")
 SCRIPTS += WEBHOOK_SCRIPTS
+PRELUDES = {"transition": "chain", "settle": "chain"}  # Lua shared by scripts: prepended to each that uses it
 
 
 def script_source(name: str) -> str:
-    return resources.files(__package__).joinpath("scripts", f"{name}.lua").read_text()
+    scripts = resources.files(__package__).joinpath("scripts")
+    source = scripts.joinpath(f"{name}.lua").read_text()
+    prelude = PRELUDES.get(name)
+    return source if prelude is None else scripts.joinpath(f"{prelude}.lua").read_text() + "\n" + source
 
 
-class Store(JobRecords, NodeRecords, Telemetry, Reconciler, Leadership, WebhookRecords):
+class Store(JobRecords, ChainRecords, NodeRecords, Telemetry, Reconciler, Leadership, WebhookRecords):
     """The farm's system of record. One instance per process; thread-safe as redis-py is."""
 
     def __init__(self, client: redis.Redis, keys: Keys | None = None):

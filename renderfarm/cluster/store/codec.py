@@ -53,6 +53,9 @@ def job_to_hash(job: Job) -> dict[str, str]:
         "profile": text(job.profile),
         "escalations": json.dumps(job.escalations),
         "score": repr(queue_score(job.spec.priority, job.created_at)),
+        "blocked_by": text(job.blocked_by),
+        # The jobs it waits for (the submit script keeps those not done yet, and sets the state to waiting).
+        **({"parents": json.dumps(list(job.spec.after))} if job.spec.after else {}),
     }
 
 
@@ -76,6 +79,7 @@ def job_from_hash(raw: dict[bytes, bytes]) -> Job:
             images=int(data.get("images") or 0),
             profile=data.get("profile") or None,
             escalations=json.loads(data.get("escalations") or "[]"),
+            blocked_by=data.get("blocked_by") or None,
         )
     except (KeyError, ValueError, ValidationError, json.JSONDecodeError) as exc:
         raise CorruptRecord(f"job record {data.get('id', '?')!r} does not parse: {exc}") from None

@@ -15,7 +15,7 @@ import redis
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.store.codec import job_from_hash, job_to_hash, quarantine_reason, text
 from renderfarm.cluster.store.round import Round
-from renderfarm.errors import CorruptRecord, JobNotFound
+from renderfarm.errors import CorruptRecord, JobNotFound, SpecError
 from renderfarm.jobs import IllegalTransition, Job, JobState, sources_of
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,10 @@ class JobRecords:
         if not jobs:
             return []
         keys = [self.keys.pending, self.keys.events, self.keys.batch(batch_id), self.keys.queues,
-                self.keys.batch_webhook(batch_id), self.keys.batch_open(batch_id)]
+                self.keys.batch_webhook(batch_id), self.keys.batch_open(batch_id), self.keys.index(JobState.WAITING)]
         hook = "" if webhook is None else json.dumps({**{k: str(v) for k, v in webhook.items()},
                                                        "created": repr(time.time())})
-        args: list[Any] = [EVENTS_MAXLEN, repr(time.time()), hook]
+        args: list[Any] = [EVENTS_MAXLEN, repr(time.time()), hook, self.keys.job(""), self.keys.children("")]
         for job in jobs:
             fields = job_to_hash(job.model_copy(update={"batch_id": batch_id}))
             fields["queue"] = self.keys.queue(job.spec.team, job.spec.priority)
@@ -103,6 +103,10 @@ class JobRecords:
         created = self._submit(keys=keys, args=args)
         if created and created[0] == b"corrupt":  # checked before any write: nothing was enqueued
             raise CorruptRecord(f"batch {batch_id!r} not enqueued: {created[1].decode(errors='replace')}")
+        if created and created[0] == b"parent":
+            job_id, parent, state = (part.decode(errors="replace") for part in created[1:4])
+            why = "does not exist" if state == "missing" else f"is {state}: retry it first, or leave it out"
+            raise SpecError(f"job {job_id}: after: job {parent} {why}; nothing was enqueued")
         return [bool(flag) for flag in created]
 
     def get(self, job_id: str) -> Job:
@@ -241,6 +245,8 @@ class JobRecords:
             op or uuid.uuid4().hex,
             "" if fence is None else str(int(fence)),
             json.dumps({k: float(v) for k, v in (timed_fields or {}).items()}),
+            self.keys.job(""),
+            self.keys.children(""),
         ]
         keys = [
             self.keys.job(job_id), self.keys.events, *self.keys.all_indexes(),
@@ -426,15 +432,6 @@ class JobRecords:
         except (IllegalTransition, JobNotFound, OwnershipLost, LeaseLive, CorruptRecord):
             return False
         return True
-
-    def retry(self, job_id: str) -> JobState:
-        """failed or cancelled -> queued, at its original place, by an operator: a fresh set of attempts, no
-        node, no error. Returns the state it left; raises JobNotFound, IllegalTransition (any other state)
-        or CorruptRecord (see `transition`)."""
-        return self.transition(
-            job_id, JobState.QUEUED, allowed_from={JobState.FAILED, JobState.CANCELLED},
-            fields={"attempts": 0, "error": "", "node": "", "started_at": "", "finished_at": "", "run_deadline": ""},
-        )
 
     def cancel(self, job_id: str) -> JobState:
         """Cancel from any non-terminal state; returns the state it left. A rendering job's node sees it at

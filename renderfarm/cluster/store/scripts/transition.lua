@@ -9,7 +9,8 @@
 --         has passed by the server's clock), 12 operation token ('' = none), 13 fence ('' = none: else the
 --         scheduler's leadership epoch, and the move is refused as `fenced` unless it is still the farm's
 --         current one), 14 timed-fields-json (field -> seconds after the server's clock: the field is set to
---         that moment, e.g. a running job's run deadline)
+--         that moment, e.g. a running job's run deadline), 15 job key prefix, 16 children key prefix: a job
+--         that finishes settles the jobs waiting for it (chain.lua, prepended by the Store)
 -- Returns {status, current-state}: status is ok | missing | state | node | live | fenced, or {status, why}: corrupt (the
 -- job's record cannot be moved as it stands: the Store quarantines it) | badkey (a farm key holds the wrong
 -- type: nobody's job is at fault). Redis does not roll a script back, so every check comes before the first
@@ -109,5 +110,11 @@ local node = redis.call('HGET', jkey, 'node') or ''
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3], 'node', node, 'ts', ARGV[6])
 if ARGV[3] == 'done' or ARGV[3] == 'failed' or ARGV[3] == 'cancelled' then
   redis.call('XADD', finished_key, 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[1], 'state', ARGV[3], 'node', node, 'ts', ARGV[6])
+  local kids = chain_children({children_prefix = ARGV[16]}, ARGV[1])
+  if #kids > 0 then
+    local C = {job_prefix = ARGV[15], children_prefix = ARGV[16], index = chain_indexes(ARGV[10], 3),
+               queues = queues_key, events = KEYS[2], finished = finished_key, maxlen = ARGV[9], now = ARGV[6]}
+    if chain_keys_ok(C) then chain_settle(C, kids) end  -- else the reconciling's settle says what is wrong
+  end
 end
 return {'ok', state}
