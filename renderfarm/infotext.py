@@ -99,13 +99,17 @@ def a1111_parameters(
     loras: tuple[tuple[str, float, str], ...] = (),
     denoising_strength: float | None = None,
     mask_blur: int | None = None,
+    masked_area_padding: int | None = None,
 ) -> str:
     """The infotext AUTOMATIC1111 / Forge write into a PNG's `parameters` chunk. `loras`: (name, weight, short
     hash) of each LoRA applied, written the A1111 way: a `<lora:name:weight>` tag per LoRA after the prompt (the
     prompt as an artist would have typed it) and `Lora hashes: "name: hash, ..."` (A1111's short hash of the
     file, loras/library.py), which A1111's and Civitai's readers match LoRAs by. `denoising_strength` (img2img and
     inpainting) and `mask_blur` (inpainting) go where A1111's `create_infotext` puts them: the strength after the
-    model, the mask blur with the extra generation parameters (before the LoRA hashes, which A1111 adds later)."""
+    model, the mask blur with the extra generation parameters (before the LoRA hashes, which A1111 adds later).
+    `masked_area_padding`: an inpainting that rendered only the masked area ("Only masked"), with that padding:
+    A1111 writes "Inpaint area: Only masked" and "Masked area padding" after the mask blur, and nothing about the
+    area otherwise (the whole picture, or an all-black mask, for which A1111 falls back to plain img2img)."""
     fields: dict[str, Any] = {"Steps": steps, "Sampler": sampler}
     if schedule_type:
         fields["Schedule type"] = schedule_type
@@ -119,6 +123,9 @@ def a1111_parameters(
         fields["Denoising strength"] = float(denoising_strength)
     if mask_blur is not None:
         fields["Mask blur"] = mask_blur
+    if masked_area_padding is not None:
+        fields["Inpaint area"] = "Only masked"
+        fields["Masked area padding"] = masked_area_padding
     if loras:
         fields["Lora hashes"] = ", ".join(f"{name}: {short}" for name, _, short in loras)
         prompt = " ".join([prompt, *(f"<lora:{name}:{weight:g}>" for name, weight, _ in loras)])

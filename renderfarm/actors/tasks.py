@@ -25,6 +25,17 @@ The inputs (`prepare_inputs`): each init image fitted to the job's size by its r
 `images.resize_image` does, each mask blurred by `mask_blur` as A1111's img2img does (a Gaussian of that sigma,
 in x then in y, kernel 2 * int(2.5 * sigma + 0.5) + 1, edges reflected as OpenCV's default) and then fitted
 the same way; `apply_overlay` composites the original back outside the mask as A1111's `apply_overlay` does.
+
+Inpaint area "masked" (A1111's "Only masked", `inpaint_full_res`): per job, the box of the blurred, fitted mask's
+nonzero pixels grown by `mask_padding` (A1111's `get_crop_region_v2`), widened or heightened to the job's aspect
+ratio and kept inside the image (`expand_crop_region`). That crop of the fitted init image and of the mask is
+resized to the job's size (resize and fill), rendered, and the result resized back to the crop (crop and resize)
+and composited into the fitted init image through the blurred mask, not doubled (A1111's `mask_for_overlay` in
+that mode): outside the mask, the original pixels exactly. A1111 cuts the crop from the init image at its own
+size and answers at that size; the farm cuts it from the init image fitted to the job's size and answers at the
+job's size (the same when the init image is the job's size). An all-black mask has no box: A1111 then renders
+plain img2img (the whole picture repainted); the farm renders that job's whole picture, which through an
+all-black mask gives the init image back unchanged (nothing to repaint), in a batch as alone.
 """
 
 from __future__ import annotations
@@ -230,9 +241,77 @@ def overlay_mask(mask: Image.Image) -> Image.Image:
     return Image.fromarray(values, mode="L")
 
 
-def apply_overlay(generated: Image.Image, original: Image.Image, overlay: Image.Image) -> Image.Image:
+# --- inpaint area "masked" ----------------------------------------------------------------------------
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2: PIL's crop box (x2, y2 exclusive)
+
+
+def mask_box(mask: Image.Image, padding: int) -> Box | None:
+    """A1111's `masking.get_crop_region_v2`: the box of the mask's nonzero pixels, grown by `padding` on every
+    side and clipped to the mask; None when the mask is all black."""
+    box = mask.getbbox()
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    return max(x1 - padding, 0), max(y1 - padding, 0), min(x2 + padding, mask.width), min(y2 + padding, mask.height)
+
+
+def expand_crop_region(box: Box, width: int, height: int, image_width: int, image_height: int) -> Box:
+    """A1111's `masking.expand_crop_region`: `box` grown on its short side, about its centre, to the aspect ratio
+    of width x height (the size it is rendered at), shifted back inside the image where it would stick out and
+    clipped only when the image itself is too small for it (the rounding as A1111's, so the crop is A1111's)."""
+    x1, y1, x2, y2 = box
+    if (x2 - x1) / (y2 - y1) > width / height:
+        grow = int((x2 - x1) / (width / height) - (y2 - y1))
+        y1, y2 = _grow_inside(y1 - grow // 2, y2 + grow - grow // 2, image_height)
+    else:
+        grow = int((y2 - y1) * (width / height) - (x2 - x1))
+        x1, x2 = _grow_inside(x1 - grow // 2, x2 + grow - grow // 2, image_width)
+    return x1, y1, x2, y2
+
+
+def _grow_inside(start: int, stop: int, size: int) -> tuple[int, int]:
+    if stop >= size:  # past the far edge: shift back
+        start, stop = start - (stop - size), size
+    if start < 0:  # past the near edge: shift forward
+        start, stop = 0, stop - start
+    return start, min(stop, size)
+
+
+def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> Box | None:
+    """The crop rendered for inpaint area "masked": the mask's box grown by `padding`, then expanded to the
+    width x height aspect ratio inside the mask's bounds (A1111's `init`, `inpaint_full_res` branch). None for an
+    all-black mask (nothing to repaint)."""
+    box = mask_box(mask, padding)
+    return None if box is None else expand_crop_region(box, width, height, mask.width, mask.height)
+
+
+@dataclass(frozen=True)
+class PasteBack:
+    """How the render of a crop goes back (A1111's `paste_to` and overlay image for "Only masked"): resized to
+    `box` (crop and resize), pasted into `original` (the fitted init image), and composited through `mask` (the
+    blurred, fitted mask, not doubled: A1111's `mask_for_overlay` in that mode). `padding`: the job's mask
+    padding, for the infotext."""
+
+    original: Image.Image
+    mask: Image.Image
+    box: Box
+    padding: int
+
+    def paste(self, generated: Image.Image) -> Image.Image:
+        x1, y1, x2, y2 = self.box
+        pasted = self.original.copy()
+        pasted.paste(fit_image(generated.convert("RGB"), x2 - x1, y2 - y1, "crop"), (x1, y1))
+        return pasted
+
+
+def apply_overlay(generated: Image.Image, original: Image.Image, overlay: Image.Image | PasteBack) -> Image.Image:
     """A1111's inpainting overlay: the original, with alpha = 255 - overlay mask (premultiplied, as A1111 pastes
-    it), alpha-composited over the generated image. Where the overlay mask is 0 the pixel is the original's."""
+    it), alpha-composited over the generated image. Where the overlay mask is 0 the pixel is the original's.
+    A `PasteBack` overlay (inpaint area "masked"): `generated` is the render of its crop and `original` the crop it
+    was rendered from; the render is pasted back into the whole init image first, which is the original then."""
+    if isinstance(overlay, PasteBack):
+        generated, original, overlay = overlay.paste(generated), overlay.original, overlay.mask
     masked = Image.new("RGBa", original.size)
     masked.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(overlay))
     image = generated.convert("RGBA")
@@ -244,32 +323,49 @@ def apply_overlay(generated: Image.Image, original: Image.Image, overlay: Image.
 class TaskInputs:
     """The inputs of a batch, one entry per image (a job's inputs repeated for each of its images)."""
 
-    images: list[Image.Image]  # RGB, the job's size
-    masks: list[Image.Image] | None  # L, blurred and fitted: what the pipeline's mask is
-    overlays: list[Image.Image] | None  # L: A1111's overlay masks
+    images: list[Image.Image]  # RGB, the job's size: what the pipeline starts from (for "masked": the crop)
+    masks: list[Image.Image] | None  # L, blurred and fitted (and cropped): what the pipeline's mask is
+    overlays: list[Image.Image | PasteBack] | None  # L: A1111's overlay masks; PasteBack: a crop's way back
+
+    def masked_area_padding(self, index: int) -> int | None:
+        """The mask padding of image `index` when only its masked area was rendered, else None (the whole
+        picture; an all-black mask too): A1111 writes "Inpaint area: Only masked" and "Masked area padding" into
+        the infotext in the first case only."""
+        overlay = self.overlays[index] if self.overlays is not None else None
+        return overlay.padding if isinstance(overlay, PasteBack) else None
 
 
 def prepare_inputs(requests: list[Any], width: int, height: int) -> TaskInputs:
     """Decode, fit and blur each request's init image and mask (`RenderRequest.init_image` / `.mask`, PNG bytes),
-    repeated for each of its images. SpecError (the job's fault) for an unreadable image or a size that does
-    not fit without a resize mode."""
+    repeated for each of its images; for inpaint area "masked", the crop of each (its own region per job) at the
+    job's size. SpecError (the job's fault) for an unreadable image or a size that does not fit without a resize
+    mode."""
     images: list[Image.Image] = []
     masks: list[Image.Image] = []
-    overlays: list[Image.Image] = []
+    overlays: list[Image.Image | PasteBack] = []
     inpaint = requests[0].mask is not None
     for request in requests:
         if request.init_image is None:
             raise SpecError(f"job {request.job_id}: {request.task} needs an init image")
         image = fit_image(open_image(request.init_image, f"job {request.job_id}: init_image", "RGB"),
                           width, height, request.resize_mode, f"job {request.job_id}: init_image")
-        images += [image] * request.num_images
-        if inpaint:
-            mask = open_image(request.mask, f"job {request.job_id}: mask", "L")
-            # As A1111: blurred at its own size, then fitted as the image is.
-            mask = fit_image(blur_mask(mask, request.mask_blur), width, height, request.resize_mode,
-                             f"job {request.job_id}: mask")
-            masks += [mask] * request.num_images
-            overlays += [overlay_mask(mask)] * request.num_images
+        if not inpaint:
+            images += [image] * request.num_images
+            continue
+        mask = open_image(request.mask, f"job {request.job_id}: mask", "L")
+        # As A1111: blurred at its own size, then fitted as the image is.
+        mask = fit_image(blur_mask(mask, request.mask_blur), width, height, request.resize_mode,
+                         f"job {request.job_id}: mask")
+        box = crop_region(mask, request.mask_padding, width, height) if request.inpaint_area == "masked" else None
+        if box is None:  # the whole picture ("whole", or "masked" with an all-black mask: see the module's doc)
+            rendered, rendered_mask, overlay = image, mask, overlay_mask(mask)
+        else:
+            rendered = fit_image(image.crop(box), width, height, "fill")
+            rendered_mask = fit_image(mask.crop(box), width, height, "fill")
+            overlay = PasteBack(original=image, mask=mask, box=box, padding=request.mask_padding)
+        images += [rendered] * request.num_images
+        masks += [rendered_mask] * request.num_images
+        overlays += [overlay] * request.num_images
     return TaskInputs(images=images, masks=masks if inpaint else None, overlays=overlays if inpaint else None)
 
 

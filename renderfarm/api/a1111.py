@@ -110,10 +110,9 @@ MAPPED = ("prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", 
           "send_images", "override_settings", "distilled_cfg_scale", "sampler_name", "sampler_index", "scheduler")
 # img2img's own fields. Mapped: the init image, the mask and how it is used (see img2img_fields).
 IMG2IMG_MAPPED = ("init_images", "mask", "denoising_strength", "mask_blur", "mask_blur_x", "mask_blur_y", "resize_mode",
-                  "inpainting_fill", "inpaint_full_res", "inpainting_mask_invert")
+                  "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert")
 IMG2IMG_NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "image_cfg_scale": _any,  # instruct-pix2pix models only: none on the farm
-    "inpaint_full_res_padding": _any,  # only with inpaint_full_res, which is refused
     "initial_noise_multiplier": _is(None, 1, 1.0),
     "include_init_images": _any,  # whether the answer repeats the init images: it does not here
     "latent_mask": _empty,
@@ -267,8 +266,10 @@ def img2img_fields(body: dict[str, Any], who: Caller) -> dict[str, Any]:
     """The job's image-input fields from an A1111 img2img request: `init_images[0]` (base64) the init image,
     `mask` (base64) the mask (inverted here for `inpainting_mask_invert: 1`), `denoising_strength` the strength,
     `mask_blur` (or equal mask_blur_x and _y) the blur, `resize_mode` 0/1/2 resize/crop/fill (3, latent upscale,
-    is refused). What the farm does not do is a 422 naming it: another `inpainting_fill` than 1 (original), or
-    `inpaint_full_res` (only masked) with a mask. The images are checked by the client (renderfarm/inputs.py)."""
+    is refused), `inpaint_full_res` true (or 1) the inpaint area "masked" ("Only masked"; false, 0 or absent: the
+    whole picture) with `inpaint_full_res_padding` its mask padding (absent: 0, A1111's API default). What the
+    farm does not do is a 422 naming it: another `inpainting_fill` than 1 (original). The images are checked by
+    the client (renderfarm/inputs.py)."""
     from renderfarm.inputs import InvalidImage, decode_base64_image
 
     cap = who.client.inputs().max_bytes
@@ -306,9 +307,14 @@ def img2img_fields(body: dict[str, Any], who: Caller) -> dict[str, Any]:
         if body.get("inpainting_fill", 1) not in (1, None):
             raise _refuse("inpainting_fill", body["inpainting_fill"], "the farm starts the masked area from the "
                           "original image only: send 1 (original)")
-        if body.get("inpaint_full_res") not in (False, 0, None):
-            raise _refuse("inpaint_full_res", body["inpaint_full_res"], "the farm inpaints the whole picture, not the "
-                          "masked area at full resolution: send false")
+        full_res = body.get("inpaint_full_res")
+        if full_res not in (False, True, None):  # 0 and 1 included
+            raise _invalid("inpaint_full_res", f"{json.dumps(full_res, default=str)[:40]} is not true/1 (only the "
+                           "masked area) or false/0 (the whole picture)")
+        if full_res:
+            out["inpaint_area"] = "masked"
+            # A1111's API default is 0 (its UI's is 32, JobSpec's too); the farm's cap is JobSpec's.
+            out["mask_padding"] = _number(body, "inpaint_full_res_padding", int, 0, 0, 256)
         invert = body.get("inpainting_mask_invert", 0)
         if invert not in (0, 1, None) or isinstance(invert, bool):
             raise _invalid("inpainting_mask_invert", "0 (paint the masked area) or 1 (paint the rest)")
@@ -389,8 +395,9 @@ def _render(request: Request, who: Caller, body: dict[str, Any], specs: list[dic
     try:
         ids = who.client.submit_batch(specs)
     except SpecError as exc:  # the client's message names jobs[i].field: say which A1111 field it came from
-        extra = (", init_images[0], mask, denoising_strength, mask_blur and resize_mode map to init_image, mask, "
-                 "strength, mask_blur and resize_mode") if img2img else ""
+        extra = (", init_images[0], mask, denoising_strength, mask_blur, resize_mode, inpaint_full_res and "
+                 "inpaint_full_res_padding map to init_image, mask, strength, mask_blur, resize_mode, inpaint_area "
+                 "and mask_padding") if img2img else ""
         raise HTTPException(422, {"error": "InvalidField", "detail": f"{exc} (steps, width, height, cfg_scale, "
                                   "prompt and the model map to the job's steps, width, height, guidance, prompt "
                                   f"and model{extra})"}) from None

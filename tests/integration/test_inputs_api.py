@@ -125,7 +125,16 @@ def test_img2img_maps_onto_the_jobs_input_fields(http, store, monkeypatch):
     ({"resize_mode": 3}, "resize_mode", 422),
     ({"resize_mode": 7}, "resize_mode", 422),
     ({"mask": b64(png(mode="L")), "inpainting_fill": 0}, "inpainting_fill", 422),
-    ({"mask": b64(png(mode="L")), "inpaint_full_res": True}, "inpaint_full_res", 422),
+    ({"mask": b64(png(mode="L")), "inpaint_full_res": 2}, "inpaint_full_res", 422),
+    ({"mask": b64(png(mode="L")), "inpaint_full_res": "yes"}, "inpaint_full_res", 422),
+    ({"mask": b64(png(mode="L")), "inpaint_full_res": True, "inpaint_full_res_padding": 257},
+     "inpaint_full_res_padding", 422),
+    ({"mask": b64(png(mode="L")), "inpaint_full_res": 1, "inpaint_full_res_padding": -1},
+     "inpaint_full_res_padding", 422),
+    ({"mask": b64(png(mode="L")), "inpaint_full_res": True, "inpaint_full_res_padding": 1.5},
+     "inpaint_full_res_padding", 422),
+    ({"mask": b64(png(mode="L")), "inpaint_full_res": True, "inpaint_full_res_padding": "32"},
+     "inpaint_full_res_padding", 422),
     ({"mask": b64(png(mode="L")), "inpainting_mask_invert": 2}, "inpainting_mask_invert", 422),
     ({"init_images": []}, "init_images", 422),
     ({"init_images": [b64(png()), b64(png())]}, "init_images", 422),
@@ -143,3 +152,42 @@ def test_img2img_refuses_what_the_farm_does_not_do(http, store, fields, field, s
     assert answer.status_code == status, answer.text
     assert f"{field}: " in answer.json()["detail"]["detail"], answer.text
     assert store.redis.dbsize() == before
+
+
+@pytest.mark.parametrize("fields,area,padding", [
+    ({"inpaint_full_res": True, "inpaint_full_res_padding": 16}, "masked", 16),
+    ({"inpaint_full_res": 1, "inpaint_full_res_padding": 256}, "masked", 256),
+    ({"inpaint_full_res": True}, "masked", 0),  # A1111's API default padding
+    ({"inpaint_full_res": True, "inpaint_full_res_padding": None}, "masked", 0),
+    ({"inpaint_full_res": False, "inpaint_full_res_padding": 16}, "whole", 32),  # the padding unused, as in A1111
+    ({"inpaint_full_res": 0}, "whole", 32),
+    ({}, "whole", 32),
+])
+def test_img2img_maps_inpaint_full_res_onto_the_inpaint_area(http, store, monkeypatch, fields, area, padding):
+    submitted = []
+
+    def no_wait(who, ids, timeout):
+        submitted.extend(ids)
+        raise Submitted
+
+    monkeypatch.setattr("renderfarm.api.a1111._wait", no_wait)
+    with pytest.raises(Submitted):
+        answer = http.post("/sdapi/v1/img2img", json=a1111(mask=b64(png(mode="L")), inpainting_fill=1, **fields))
+        pytest.fail(answer.text)
+    [job] = store.get_many(submitted)
+    assert (job.spec.task, job.spec.inpaint_area, job.spec.mask_padding) == ("inpaint", area, padding)
+
+
+def test_img2img_without_a_mask_ignores_inpaint_full_res_as_a1111_does(http, store, monkeypatch):
+    submitted = []
+
+    def no_wait(who, ids, timeout):
+        submitted.extend(ids)
+        raise Submitted
+
+    monkeypatch.setattr("renderfarm.api.a1111._wait", no_wait)
+    with pytest.raises(Submitted):
+        answer = http.post("/sdapi/v1/img2img", json=a1111(inpaint_full_res=True, inpaint_full_res_padding=999))
+        pytest.fail(answer.text)
+    [job] = store.get_many(submitted)
+    assert (job.spec.task, job.spec.inpaint_area) == ("img2img", "whole")
