@@ -24,11 +24,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from renderfarm.chains import plan_chains
 from renderfarm.cluster import auth
 from renderfarm.cluster.blobs import BlobStoreError, options_from_published, store_for
 from renderfarm.cluster.keys import Keys
 from renderfarm.cluster.redis_settings import RedisSettings
-from renderfarm.cluster.store import Store
+from renderfarm.cluster.store import ChainBlocked, Store
 from renderfarm.errors import (
     AuthError,
     CorruptRecord,
@@ -209,14 +210,22 @@ class FarmClient:
                 valid.append(self.validate(inputs.take(spec, f"jobs[{i}]"), where=f"jobs[{i}]", farm=farm))
             except SpecError as exc:
                 errors.append(str(exc))
+        given = list(job_ids) if job_ids else [new_job_id() for _ in specs]
+        ids = given
+        if not errors and not (errors := inputs.check(valid)):
+            try:  # chains: "#N" resolved, hires fixes built (two jobs each), parents checked (renderfarm/chains.py)
+                valid, ids = plan_chains(
+                    valid, given, validate=lambda data, where: self.validate(data, where, farm), read=self.store.get_many,
+                    may_touch=lambda team: self.access().may_touch(team), size_multiple=lambda m: self.catalog.get(m).family.size_multiple)
+            except SpecError as exc:
+                errors = [str(exc).removesuffix("; nothing was enqueued")]
         if not errors:
-            errors = (inputs.check(valid) or unrenderable(self.catalog, valid, farm.records())
+            errors = (unrenderable(self.catalog, valid, farm.records())
                       or fits_nowhere(self.store, self.catalog, valid, farm.records()))
         if errors:
             more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
             raise SpecError("; ".join(errors[:5]) + more + "; nothing was enqueued")
         valid = self._for_my_team(valid)  # token mode: the token's team, or SpecError naming `team`
-        ids = list(job_ids) if job_ids else [new_job_id() for _ in specs]
         now = time.time()
         jobs = [Job(id=job_id, spec=spec, created_at=now) for job_id, spec in zip(ids, valid)]
         if webhook is not None and len(teams := sorted({spec.team for spec in valid})) > 1:
@@ -226,7 +235,7 @@ class FarmClient:
         # Content-addressed, so an upload whose submit then fails harms nothing: it is kept until it expires.
         inputs.upload()
         self.store.submit(jobs, batch_id or new_job_id(), webhook=hook)
-        return ids
+        return given  # a hires fix's id is its second pass, the job whose images were asked for
 
     def inputs(self) -> InputStore:
         """The farm's image inputs (renderfarm/inputs.py): where they are uploaded, how long they are kept, the caps,
@@ -465,10 +474,18 @@ class FarmClient:
 
     def retry(self, job_ids: Iterable[str]) -> dict[str, str]:
         """Put each failed or cancelled job back in the queue at its original place, with a fresh set of
-        attempts; returns per id what happened (a team token retries its own team's jobs only)."""
-        return self._each_own_job(
-            job_ids, "retried", lambda job_id: f"queued (was {self.store.retry(job_id).value})",
-            lambda state: f"it is {state} (only failed or cancelled jobs are retried)")
+        attempts (to wait, if jobs it runs after are not done; the chain a job's failure ended comes back with
+        it); returns per id what happened (a team token retries its own team's jobs only)."""
+        def retry(job_id: str) -> str:
+            try:
+                left = self.store.retry(job_id)
+            except ChainBlocked as exc:
+                return f"not retried: {exc}"
+            waiting = self.store.state(job_id) is JobState.WAITING  # for jobs it runs after
+            return f"{'waiting' if waiting else 'queued'} (was {left.value})"
+
+        return self._each_own_job(job_ids, "retried", retry,
+                                  lambda state: f"it is {state} (only failed or cancelled jobs are retried)")
 
     def cancel(self, job_ids: Iterable[str]) -> dict[str, str]:
         """Cancel each job; returns per id the state it left, or why it could not be cancelled (a team

@@ -100,6 +100,7 @@ def a1111_parameters(
     denoising_strength: float | None = None,
     mask_blur: int | None = None,
     masked_area_padding: int | None = None,
+    hires: tuple[float, int] | None = None,
 ) -> str:
     """The infotext AUTOMATIC1111 / Forge write into a PNG's `parameters` chunk. `loras`: (name, weight, short
     hash) of each LoRA applied, written the A1111 way: a `<lora:name:weight>` tag per LoRA after the prompt (the
@@ -109,7 +110,9 @@ def a1111_parameters(
     model, the mask blur with the extra generation parameters (before the LoRA hashes, which A1111 adds later).
     `masked_area_padding`: an inpainting that rendered only the masked area ("Only masked"), with that padding:
     A1111 writes "Inpaint area: Only masked" and "Masked area padding" after the mask blur, and nothing about the
-    area otherwise (the whole picture, or an all-black mask, for which A1111 falls back to plain img2img)."""
+    area otherwise (the whole picture, or an all-black mask, for which A1111 falls back to plain img2img).
+    `hires`: (scale, steps or 0) of a hires fix's second pass: A1111 writes the first pass's Size and Steps, then
+    "Hires upscale", "Hires steps" (when not 0: the first pass's) and "Hires upscaler" with the extra parameters."""
     fields: dict[str, Any] = {"Steps": steps, "Sampler": sampler}
     if schedule_type:
         fields["Schedule type"] = schedule_type
@@ -126,6 +129,11 @@ def a1111_parameters(
     if masked_area_padding is not None:
         fields["Inpaint area"] = "Only masked"
         fields["Masked area padding"] = masked_area_padding
+    if hires is not None:  # the second pass of a hires fix: `width`, `height`, `steps` are the first pass's
+        fields["Hires upscale"] = float(hires[0])
+        if hires[1]:
+            fields["Hires steps"] = hires[1]
+        fields["Hires upscaler"] = "Lanczos"
     if loras:
         fields["Lora hashes"] = ", ".join(f"{name}: {short}" for name, _, short in loras)
         prompt = " ".join([prompt, *(f"<lora:{name}:{weight:g}>" for name, weight, _ in loras)])

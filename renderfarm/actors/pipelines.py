@@ -262,13 +262,16 @@ class RenderRequest:
     # Image inputs (actors/tasks.py): the init image (img2img) as PNG bytes, and a mask (inpainting, white
     # repaints) as a single-channel PNG; `strength` (None: A1111's 0.75 with an init image), `mask_blur` and
     # `resize_mode`, `inpaint_area` and `mask_padding` as JobSpec names them.
-    init_image: bytes | None = None
+    init_image: bytes | list[bytes] | None = None  # a list: one per image (init_from an earlier job, renderfarm/chains.py)
     mask: bytes | None = None
     strength: float | None = None
     mask_blur: int = 4
     resize_mode: str = "none"
     inpaint_area: str = "whole"
     mask_padding: int = 32
+    # The second pass of a hires fix (renderfarm/chains.py): (scale, its steps or 0, the first pass's width,
+    # height and steps), for the infotext, which A1111 writes with the first pass's size and steps.
+    hires: tuple[float, int, int, int, int] | None = None
 
     @property
     def task(self) -> str:
@@ -433,14 +436,16 @@ def render_batch(
                 # A negative prompt acts only through classifier-free guidance: Flux (guidance-distilled)
                 # and CFG scale <= 1 never see it, so the infotext does not claim it.
                 negative_prompt=request.negative_prompt if do_cfg else "",
-                steps=steps,
+                steps=request.hires[4] if request.hires else steps,
                 seed=seed,
-                width=width,
-                height=height,
+                width=request.hires[2] if request.hires else width,
+                height=request.hires[3] if request.hires else height,
                 model=entry.name,
                 loras=request.loras,
                 denoising_strength=strength,
                 mask_blur=request.mask_blur if task == "inpaint" else None,
+                masked_area_padding=inputs.masked_area_padding(offset) if inputs is not None else None,
+                hires=request.hires[:2] if request.hires else None,
                 **infotext,
             )
             pngs.append(png_bytes(image, text))

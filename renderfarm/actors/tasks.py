@@ -337,7 +337,7 @@ class TaskInputs:
 
 def prepare_inputs(requests: list[Any], width: int, height: int) -> TaskInputs:
     """Decode, fit and blur each request's init image and mask (`RenderRequest.init_image` / `.mask`, PNG bytes),
-    repeated for each of its images; for inpaint area "masked", the crop of each (its own region per job) at the
+    repeated for each of its images (or one init image per image: a list, from `init_from`); for inpaint area "masked", the crop of each (its own region per job) at the
     job's size. SpecError (the job's fault) for an unreadable image or a size that does not fit without a resize
     mode."""
     images: list[Image.Image] = []
@@ -347,25 +347,31 @@ def prepare_inputs(requests: list[Any], width: int, height: int) -> TaskInputs:
     for request in requests:
         if request.init_image is None:
             raise SpecError(f"job {request.job_id}: {request.task} needs an init image")
-        image = fit_image(open_image(request.init_image, f"job {request.job_id}: init_image", "RGB"),
-                          width, height, request.resize_mode, f"job {request.job_id}: init_image")
-        if not inpaint:
-            images += [image] * request.num_images
-            continue
-        mask = open_image(request.mask, f"job {request.job_id}: mask", "L")
-        # As A1111: blurred at its own size, then fitted as the image is.
-        mask = fit_image(blur_mask(mask, request.mask_blur), width, height, request.resize_mode,
-                         f"job {request.job_id}: mask")
-        box = crop_region(mask, request.mask_padding, width, height) if request.inpaint_area == "masked" else None
-        if box is None:  # the whole picture ("whole", or "masked" with an all-black mask: see the module's doc)
-            rendered, rendered_mask, overlay = image, mask, overlay_mask(mask)
-        else:
-            rendered = fit_image(image.crop(box), width, height, "fill")
-            rendered_mask = fit_image(mask.crop(box), width, height, "fill")
-            overlay = PasteBack(original=image, mask=mask, box=box, padding=request.mask_padding)
-        images += [rendered] * request.num_images
-        masks += [rendered_mask] * request.num_images
-        overlays += [overlay] * request.num_images
+        # One init image for all the job's images, or (init_from an earlier job, image for image) one each.
+        sources = request.init_image if isinstance(request.init_image, list) else [request.init_image]
+        if len(sources) not in (1, request.num_images):
+            raise SpecError(f"job {request.job_id}: {len(sources)} init images for {request.num_images} images")
+        mask = None
+        if inpaint:  # as A1111: blurred at its own size, then fitted as the image is
+            mask = fit_image(blur_mask(open_image(request.mask, f"job {request.job_id}: mask", "L"), request.mask_blur),
+                             width, height, request.resize_mode, f"job {request.job_id}: mask")
+        repeat = request.num_images // len(sources)
+        for source in sources:
+            image = fit_image(open_image(source, f"job {request.job_id}: init_image", "RGB"),
+                              width, height, request.resize_mode, f"job {request.job_id}: init_image")
+            if mask is None:
+                images += [image] * repeat
+                continue
+            box = crop_region(mask, request.mask_padding, width, height) if request.inpaint_area == "masked" else None
+            if box is None:  # the whole picture ("whole", or "masked" with an all-black mask: see the module's doc)
+                rendered, rendered_mask, overlay = image, mask, overlay_mask(mask)
+            else:
+                rendered = fit_image(image.crop(box), width, height, "fill")
+                rendered_mask = fit_image(mask.crop(box), width, height, "fill")
+                overlay = PasteBack(original=image, mask=mask, box=box, padding=request.mask_padding)
+            images += [rendered] * repeat
+            masks += [rendered_mask] * repeat
+            overlays += [overlay] * repeat
     return TaskInputs(images=images, masks=masks if inpaint else None, overlays=overlays if inpaint else None)
 
 

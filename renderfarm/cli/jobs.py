@@ -58,6 +58,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     submit.add_argument("--mask-blur", metavar="N", help="with --mask: pixels of the mask's edge blurred (default 4)")
     submit.add_argument("--resize-mode", metavar="MODE", help="with --init of another size than --size: none "
                         "(refused), resize, crop or fill")
+    submit.add_argument("--after", action="append", metavar="JOB", help="each job waits until JOB is done, and "
+                        "fails or is cancelled with it (repeat for more: docs/chains.md)")
+    submit.add_argument("--init-from", metavar="JOB[:I]", help="img2img from an earlier job's images (image for image, "
+                        "or its image I for all); waits for it")
+    submit.add_argument("--hires", metavar="SCALE", help="a hires fix: a second, img2img pass at SCALE times the size "
+                        "(1..4), its own job routed on its own; the ids printed are the second passes'")
+    submit.add_argument("--hires-strength", metavar="S", help="with --hires: its denoising strength (default 0.7)")
+    submit.add_argument("--hires-steps", metavar="N", help="with --hires: its steps (default: the first pass's)")
     submit.add_argument("--count", metavar="N", help="jobs per prompt (seeds seed, seed+1, ...; default 1)")
     submit.add_argument("--images", metavar="N", help="images per job (default 1)")
     submit.add_argument("--seed", metavar="N")
@@ -105,10 +113,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 # Flags that describe the jobs: --specs takes all of that from its file, so none of these go with it.
 SUBMIT_SPEC_FLAGS = ("prompt", "prompts", "model", "size", "steps", "guidance", "negative", "count", "images",
                      "seed", "priority", "team", "tag", "sampler", "schedule", "init", "mask", "strength",
-                     "mask_blur", "resize_mode")
+                     "mask_blur", "resize_mode", "after", "init_from", "hires", "hires_strength", "hires_steps")
 # The image-input flags, by the job field they fill: an error naming the field names the flag too.
 INPUT_FLAGS = {"init_image": "--init", "mask": "--mask", "strength": "--strength", "mask_blur": "--mask-blur",
-               "resize_mode": "--resize-mode"}
+               "resize_mode": "--resize-mode", "after": "--after", "init_from": "--init-from", "hires": "--hires"}
 
 
 def _submit_file(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]:
@@ -175,8 +183,9 @@ def _submit_flags(args: argparse.Namespace, batch: str) -> tuple[Any, list[str]]
 
 
 def _input_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The image-input fields of --init, --mask, --strength, --mask-blur and --resize-mode: each image read once
-    here (one upload for every job, checked by the client), the numbers parsed, the rest JobSpec's to check."""
+    """The image-input and chain fields of --init, --mask, --strength, --mask-blur, --resize-mode, --after,
+    --init-from and --hires: each image read once here (one upload for every job, checked by the client), the
+    numbers parsed, the rest JobSpec's to check."""
     out: dict[str, Any] = {}
     for flag, field in (("--init", "init_image"), ("--mask", "mask")):
         path = getattr(args, flag[2:])
@@ -191,6 +200,16 @@ def _input_fields(args: argparse.Namespace) -> dict[str, Any]:
         out["mask_blur"] = blur
     if args.resize_mode is not None:
         out["resize_mode"] = args.resize_mode
+    if args.after:
+        out["after"] = args.after
+    if args.init_from is not None:
+        out["init_from"] = args.init_from
+    hires = {"scale": flag_float("--hires", args.hires), "strength": flag_float("--hires-strength", args.hires_strength),
+             "steps": flag_int("--hires-steps", args.hires_steps)}
+    if hires["scale"] is None and any(v is not None for v in hires.values()):
+        raise CliError("--hires-strength and --hires-steps go with --hires SCALE")
+    if hires["scale"] is not None:
+        out["hires"] = {k: v for k, v in hires.items() if v is not None}
     return out
 
 
@@ -249,6 +268,12 @@ def _job_row(client, job) -> dict[str, Any]:
         row["waits_for"] = estimate.get("node")
         if estimate.get("waiting"):
             row["waiting"] = estimate["waiting"]
+    if job.spec.after:
+        row["after"] = list(job.spec.after)
+        if job.state.value == "waiting":  # what it waits for: the jobs it runs after that are not done
+            row["waits_on"] = [{"job": p, "state": st} for p, st in client.store.waits_for([job]).get(job.id, [])]
+    if job.blocked_by:
+        row["blocked_by"] = job.blocked_by
     return row
 
 
@@ -285,6 +310,8 @@ def _job_block(r: dict[str, Any]) -> str:
             + (f" position={r['queue_position']}" if r.get("queue_position") is not None else "")
             + (f" eta={r['eta_s']:.1f}s on {r['waits_for']}" if r.get("eta_s") is not None else "")
             + (f" waiting: {r['waiting']}" if r.get("waiting") else "")
+            + (" waits for " + ", ".join(f"{w['job']} ({w['state']})" for w in r["waits_on"])
+               if r.get("waits_on") else "")
             + (f" error={r['error']}" if r["error"] else ""))
     lines = [head, f"  prompt: {_one_line(r['prompt'], 200)}"]
     if r["negative_prompt"]:

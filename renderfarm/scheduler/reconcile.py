@@ -6,7 +6,10 @@ left to block a queue forever. A full pass over a large farm takes several round
 It also keeps the result store's retention: every `result_sweep_seconds` it deletes blobs older than
 `result_ttl_seconds` (cluster/blobs `sweep`), in a thread of its own, since listing a large store (a NAS
 directory, a bucket) takes seconds the loop must not wait; one sweep at a time. Each sweep's count goes to the
-farm's `blobs_swept` counter."""
+farm's `blobs_swept` counter.
+
+And it settles waiting jobs a slice at a time (`Store.settle_waiting`): a job whose parents finished without
+anything settling it (a retry that raced its parent) is queued, or failed with its parent, within a pass."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class ReconcileManager:
         self.every_s = every_s
         self.slice_size = slice_size
         self.cursor = (0, 0)
+        self.settle_cursor = 0  # where the next slice of the waiting index starts (chains)
         self.next_due = 0.0
         self.next_sweep = 0.0  # the first sweep at the first round: a restarted scheduler catches up at once
         self.sweeping: threading.Thread | None = None
@@ -44,6 +48,9 @@ class ReconcileManager:
         if report.moved or report.quarantined:
             log.error("reconcile: %d index entries moved where their job record says, %d quarantined",
                       report.moved, report.quarantined)
+        settled, self.settle_cursor = self.state.store.settle_waiting(self.settle_cursor, self.slice_size)
+        if settled:  # each finishing parent settles its children itself: this catches what nothing settled
+            log.warning("reconcile: %d waiting jobs settled whose parents had finished", settled)
 
     def _sweep_if_due(self) -> None:
         now = time.time()
