@@ -15,6 +15,10 @@ Scenarios (`SCENARIOS`):
   weights    besides the batch, jobs for a model whose weights no node has (queued as if before the nodes
              reported; a submit now refuses them): each fails once with the reason, no node is drained.
 
+Every fifth job of the batch is a chain's second pass (img2img of the job before it: renderfarm/chains.py), so
+faults land between passes too; `detail["chains"]` counts the chains, their second passes done, those out of
+order (a second pass started before its first was done: never), and the chains between passes at the fault.
+
 Each run counts, from what Redis holds afterwards: `done`, `lost` (submitted jobs that are missing or never
 reached a terminal state), `duplicates` (jobs with more than one "done" event in the event stream, or with a
 result that does not hold exactly its images: its blob URLs, each present in the blob store) and `recovery_s`,
@@ -39,6 +43,7 @@ SCENARIOS = ("worker", "scheduler", "redis", "stall", "outage", "weights")
 ABSENT_MODEL = "sdxl"  # the packaged catalog's; offline (HF_HUB_OFFLINE=1, as the chaos bench sets) no node has it
 ABSENT_JOBS = 3
 VICTIM_NODE = "small"  # the worker scenario kills this node's process
+CHAIN_EVERY = 5  # every 5th job of the batch is the second pass of the one before it
 
 
 @dataclass
@@ -77,8 +82,13 @@ def chaos_nodes():
 
 
 def chaos_specs(jobs: int) -> list[dict[str, Any]]:
-    return [{"model": "tiny-sd15", "prompt": f"chaos {i}", "width": 128, "height": 128, "steps": 12, "seed": i,
-             "team": "chaos"} for i in range(jobs)]
+    """The batch: text-to-image jobs, every CHAIN_EVERY-th of them a second pass (img2img of the job before it,
+    `init_from`: renderfarm/chains.py), so that faults land between the passes of some chains too."""
+    specs: list[dict[str, Any]] = [{"model": "tiny-sd15", "prompt": f"chaos {i}", "width": 128, "height": 128,
+                                    "steps": 12, "seed": i, "team": "chaos"} for i in range(jobs)]
+    for i in range(CHAIN_EVERY - 1, jobs, CHAIN_EVERY):
+        specs[i].update(init_from=f"#{i - 1}", strength=0.5)
+    return specs
 
 
 def run_scenario(
@@ -108,6 +118,7 @@ def run_scenario(
             # The stall must land once the batch's time limit is fixed in Redis (its node does that right
             # after it starts the jobs): the limit is what ends a hung render (see the module docstring).
             in_flight = _wait_mid_render(client, ids, victim, deadline_fixed=scenario == "stall")
+            between = _between_passes(client, ids)
             fault_at = time.monotonic()
             detail = _inject(farm, scenario)
             say(f"{scenario}: fault injected with {len(in_flight)} jobs in flight ({detail})")
@@ -115,6 +126,7 @@ def run_scenario(
             total_s = time.monotonic() - started
             farm.wait_scheduler(60)  # a restarted scheduler is back before the farm stops
             result = _count(client, scenario, ids, in_flight, recovery_s, total_s, detail)
+            result.detail["chains"] = {**_chain_order(client, ids), "between_passes_at_fault": between}
             if absent:
                 _wait_finished(client, absent, [], fault_at, started + timeout)
                 result.detail["absent_weights"] = [
@@ -140,6 +152,33 @@ def _wait_mid_render(client, ids: list[str], node: str | None, timeout: float = 
             return [j.id for j in jobs if j and j.state in (JobState.LEASED, JobState.RUNNING)]
         time.sleep(0.02)
     raise TimeoutError(f"no job started rendering{f' on {node}' if node else ''} within {timeout:.0f} s")
+
+
+def _pairs(ids: list[str]) -> list[tuple[str, str]]:
+    """(first pass, second pass) of each chain in the batch (`chaos_specs`)."""
+    return [(ids[i - 1], ids[i]) for i in range(CHAIN_EVERY - 1, len(ids), CHAIN_EVERY)]
+
+
+def _between_passes(client, ids: list[str]) -> int:
+    """Chains whose first pass is done and whose second is not yet: what a fault now lands between."""
+    from renderfarm.jobs import JobState
+
+    pairs = _pairs(ids)
+    states = {j.id: j.state for j in client.store.get_many([i for pair in pairs for i in pair]) if j is not None}
+    return sum(1 for first, second in pairs
+               if states.get(first) is JobState.DONE and states.get(second) is not JobState.DONE)
+
+
+def _chain_order(client, ids: list[str]) -> dict[str, int]:
+    """Of the chains: how many, how many second passes done, and how many started (last) before their first pass
+    was done (which must never happen)."""
+    from renderfarm.jobs import JobState
+
+    pairs = _pairs(ids)
+    jobs = {j.id: j for j in client.store.get_many([i for pair in pairs for i in pair]) if j is not None}
+    done = [(jobs[a], jobs[b]) for a, b in pairs if a in jobs and b in jobs and jobs[b].state is JobState.DONE]
+    early = [b for a, b in done if a.finished_at is None or b.started_at is None or b.started_at < a.finished_at]
+    return {"pairs": len(pairs), "second_passes_done": len(done), "out_of_order": len(early)}
 
 
 def _enqueue_absent(client) -> list[str]:

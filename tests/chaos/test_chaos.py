@@ -1,6 +1,7 @@
 """The chaos suite: 50 jobs through a real local farm (real redis-server, real Ray, real diffusers stand-ins)
 while a worker process, the scheduler, or redis-server is killed mid-render. Every job must finish exactly
-once: 50 done, 0 lost, 0 duplicated results. The figures are also printed by `renderfarm bench chaos`."""
+once: 50 done, 0 lost, 0 duplicated results; the batch's ten chains (a second pass from the job before it) run
+in order, whatever lands between their passes. The figures are also printed by `renderfarm bench chaos`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def check(result) -> None:
     assert (result.submitted, result.done, result.failed, result.lost, result.duplicates) == (JOBS, JOBS, 0, 0, 0)
     assert result.recovery_s is not None, "every job in flight at the fault was done again"
     assert result.detail["drained"] == [], "no scenario here is a reason to drain a node"
+    chains = result.detail["chains"]  # every 5th job is the second pass of the one before it
+    assert chains["pairs"] == JOBS // 5 and chains["second_passes_done"] == JOBS // 5 and chains["out_of_order"] == 0
 
 
 def test_a_worker_killed_mid_render_loses_no_job(tmp_path):
