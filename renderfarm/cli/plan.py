@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
                       help="the machine's RAM: profiles whose host memory exceeds it are not chosen "
                            "(default: not checked)")
     plan.add_argument("--steps", type=int, metavar="N", help="denoising steps per job (default: the model's)")
+    plan.add_argument("--task", choices=("txt2img", "img2img", "inpaint"), default="txt2img",
+                      help="what the job renders: img2img and inpaint add the VAE encode of the init image "
+                           "(default txt2img)")
     plan.add_argument("--lora", action="append", default=[], metavar="NAME:WEIGHT",
                       help="a LoRA of the library applied (repeat for several; weight 1 when left out): shows the "
                            "mode the card applies them in and what they cost")
@@ -55,8 +58,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device = device_from_spec(args.gpu or f"{args.vram:g} GiB card", args.vram, cc, ram_gib=args.ram)
     except ValueError as exc:  # a bad --vram or --compute-capability: the device says which and why
         raise CliError(str(exc)) from None
-    report = plan_report(entry, device, width, height, args.batch, args.margin, steps=args.steps)
-    choice = choose_profile(entry, device, width, height, args.batch, args.margin, steps=args.steps)
+    report = plan_report(entry, device, width, height, args.batch, args.margin, steps=args.steps, task=args.task)
+    choice = choose_profile(entry, device, width, height, args.batch, args.margin, steps=args.steps, task=args.task)
     loras = _lora_report(args, settings, entry, choice) if args.lora else None
     if args.json:
         emit(args, {"ok": True, **report, **({"loras": loras} if loras is not None else {})})

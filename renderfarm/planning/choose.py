@@ -21,7 +21,7 @@ from renderfarm.planning.profiles import (
     ladder,
     unavailable_reason,
 )
-from renderfarm.planning.vram import Prediction, predict
+from renderfarm.planning.vram import Prediction, check_task, predict
 
 # --- choosing ---------------------------------------------------------------------------------------
 
@@ -49,6 +49,7 @@ class ProfileChoice:
     candidates: tuple[Candidate, ...]
     reason: str
     steps: int = 28  # the job length the choice was timed for
+    task: str = "txt2img"  # "img2img" and "inpaint" add the VAE encode (planning/vram.py)
 
     @property
     def usable_gib(self) -> float:
@@ -64,9 +65,10 @@ class ProfileChoice:
         host = d.host_budget_gib
         ram = (f"; RAM {d.ram_gib:g} GiB, {host:.2f} usable for weights" if host is not None and d.is_cuda
                else "; RAM not given: host memory not checked" if d.is_cuda else "")
+        task = f" {self.task}," if self.task != "txt2img" else ""
         lines = [
             (
-                f"{self.model} {self.width}x{self.height} x{self.batch}, {self.steps} steps, on {d.name} "
+                f"{self.model}{task} {self.width}x{self.height} x{self.batch}, {self.steps} steps, on {d.name} "
                 f"({d.vram_gib:g} GiB, {cc}; usable {self.usable_gib:.2f} GiB after a {self.margin_gib:g} GiB "
                 f"margin{ram})"
             ),
@@ -82,11 +84,12 @@ class ProfileChoice:
         return "\n".join(lines)
 
 
-def _check_job(entry: ModelEntry, width: int, height: int, batch: int) -> None:
+def _check_job(entry: ModelEntry, width: int, height: int, batch: int, task: str = "txt2img") -> None:
     entry.check_size("width", width)
     entry.check_size("height", height)
     if batch < 1:
         raise ValueError(f"batch={batch} must be at least 1")
+    check_task(task)
 
 
 def _measured(pred: Prediction) -> str:
@@ -95,11 +98,11 @@ def _measured(pred: Prediction) -> str:
 
 def _evaluate(
     entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, usable: float,
-    floors: Mapping[str, float], host_usable: float | None,
+    floors: Mapping[str, float], host_usable: float | None, task: str = "txt2img",
 ) -> Candidate:
     def estimate(p: Profile) -> Prediction:
         """The prediction, raised to the measured floor where a node measured this profile here."""
-        pred = predict(entry, p, device, width, height, batch)
+        pred = predict(entry, p, device, width, height, batch, task)
         floor = floors.get(p.name)
         return replace(pred, peak_gib=floor, measured=True) if floor is not None and floor > pred.peak_gib else pred
 
@@ -161,6 +164,7 @@ def choose_profile(
     margin_gib: float = DEFAULT_MARGIN_GIB,
     floors: Mapping[str, float] | None = None,
     steps: int | None = None,
+    task: str = "txt2img",
 ) -> ProfileChoice:
     """The rung of `entry`'s ladder predicted to finish a job soonest among those whose predicted peak fits
     `device` with `margin_gib` to spare and whose host-memory peak fits the machine's RAM (when known).
@@ -169,13 +173,14 @@ def choose_profile(
     A rung that drops a text encoder (SD3's T5) is taken only where no rung that keeps it fits.
     Each rung is tried with a full VAE decode, then tiled; every rung's prediction and verdict come along in
     `candidates`. `floors` (profile name -> GiB, from planning.measured) raises a prediction to what a node
-    measured for that profile at this size: an estimate never goes below it."""
-    _check_job(entry, width, height, batch)
+    measured for that profile at this size: an estimate never goes below it. `task` ("img2img", "inpaint")
+    predicts the render with its VAE encode (planning/vram.py)."""
+    _check_job(entry, width, height, batch, task)
     steps = steps or entry.default_steps
     usable = device.vram_gib - margin_gib
     host_usable = device.host_budget_gib if device.is_cuda else None
     candidates = tuple(
-        _evaluate(entry, rung, device, width, height, batch, usable, floors or {}, host_usable)
+        _evaluate(entry, rung, device, width, height, batch, usable, floors or {}, host_usable, task)
         for rung in ladder(entry, device)
     )
     fitting = _keeping_text_encoders([c for c in candidates if c.fits])
@@ -211,20 +216,21 @@ def choose_profile(
             reason = f"nothing fits: {device.name} can run no rung of {entry.name}"
     return ProfileChoice(
         model=entry.name, device=device, width=width, height=height, batch=batch, margin_gib=margin_gib,
-        chosen=chosen.profile if chosen else None, candidates=candidates, reason=reason, steps=steps,
+        chosen=chosen.profile if chosen else None, candidates=candidates, reason=reason, steps=steps, task=task,
     )
 
 
 def next_rung(
-    entry: ModelEntry, device: Device, current: Profile, width: int, height: int, batch: int = 1
+    entry: ModelEntry, device: Device, current: Profile, width: int, height: int, batch: int = 1,
+    task: str = "txt2img",
 ) -> Profile | None:
     """Where to go after an out-of-memory error with `current`: first the same profile with a tiled VAE,
-    then the next rung down (tiled too, and group offload at its smallest) that predicts a lower peak.
-    None at the floor."""
-    _check_job(entry, width, height, batch)
+    then the next rung down (tiled too, and group offload at its smallest) that predicts a lower peak (for
+    `task`). None at the floor."""
+    _check_job(entry, width, height, batch, task)
     if current.vae is not VaeMode.TILED:
         return current.with_vae(VaeMode.TILED)
-    current_peak = predict(entry, current, device, width, height, batch).peak_gib
+    current_peak = predict(entry, current, device, width, height, batch, task).peak_gib
     rungs = ladder(entry, device)
     base = current.base_name
     names = [r.name for r in rungs]
@@ -233,22 +239,22 @@ def next_rung(
         if unavailable_reason(entry, rung, device):
             continue
         candidate = rung.with_vae(VaeMode.TILED)
-        if predict(entry, candidate, device, width, height, batch).peak_gib < current_peak:
+        if predict(entry, candidate, device, width, height, batch, task).peak_gib < current_peak:
             return candidate
     return None
 
 
 def next_rung_for_host(
     entry: ModelEntry, device: Device, current: Profile, width: int, height: int, batch: int = 1,
-    margin_gib: float = DEFAULT_MARGIN_GIB,
+    margin_gib: float = DEFAULT_MARGIN_GIB, task: str = "txt2img",
 ) -> Profile | None:
     """Where to go after HOST memory ran out with `current` (a pinned allocation failed): the fastest rung that
     fits the card and predicts a smaller host-memory peak than `current`. None when there is none. (Walking
     down the VRAM ladder instead would reach leaf offload, which pins the most.)"""
-    _check_job(entry, width, height, batch)
-    ceiling = predict(entry, current, device, width, height, batch).host_peak_gib
+    _check_job(entry, width, height, batch, task)
+    ceiling = predict(entry, current, device, width, height, batch, task).host_peak_gib
     unknown_ram = replace(device, ram_gib=None, ram_available_gib=None)
-    choice = choose_profile(entry, unknown_ram, width, height, batch, margin_gib)
+    choice = choose_profile(entry, unknown_ram, width, height, batch, margin_gib, task=task)
     lighter = _keeping_text_encoders(
         [c for c in choice.candidates if c.fits and c.prediction.host_peak_gib < ceiling])
     if not lighter:
@@ -260,11 +266,13 @@ def plan_report(
     entry: ModelEntry, device: Device, width: int, height: int, batch: int = 1,
     margin_gib: float = DEFAULT_MARGIN_GIB,
     steps: int | None = None,
+    task: str = "txt2img",
 ) -> dict[str, Any]:
     """What `renderfarm plan` prints as JSON: the device, the chosen profile and every candidate."""
-    choice = choose_profile(entry, device, width, height, batch, margin_gib, steps=steps)
+    choice = choose_profile(entry, device, width, height, batch, margin_gib, steps=steps, task=task)
     return {
         "model": entry.name,
+        "task": task,
         "device": device.as_dict(),
         "size": [width, height],
         "batch": batch,
@@ -290,6 +298,7 @@ def plan_report(
                 "host_peak_gib": round(c.prediction.host_peak_gib, 2),
                 "pinned_gib": round(c.prediction.pinned_gib, 2),
                 "seconds_per_step": round(c.prediction.seconds_per_step, 3),
+                "vae_encode_s": round(c.prediction.vae_encode_s, 3),
                 "seconds_per_job": round(c.prediction.seconds_per_job(choice.steps), 2),
                 "fits": c.fits,
                 "reason": c.reason,

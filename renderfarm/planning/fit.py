@@ -33,7 +33,8 @@ ANY_PROFILE = "*"
 
 @dataclass(frozen=True)
 class JobShape:
-    """What placement needs of a job: the model, the size, the steps and the images in one call."""
+    """What placement needs of a job: the model, the size, the steps and the images in one call, and its task
+    (JobSpec.task: "txt2img", or "img2img" and "inpaint", which the VAE-encode stage makes larger and longer)."""
 
     model: str
     width: int
@@ -43,9 +44,11 @@ class JobShape:
     # Its LoRAs as JobSpec.lora_set() gives them: (name, sha256 or None when not pinned, weight), name order.
     loras: tuple[tuple[str, str | None, float], ...] = ()
     fingerprint: str | None = None  # the copy of the model it is pinned to (JobSpec.model_fingerprint)
+    task: str = "txt2img"
 
     def describe(self) -> str:
-        return f"{self.model} at {self.width}x{self.height}, batch {self.num_images}"
+        task = f" {self.task}" if self.task != "txt2img" else ""
+        return f"{self.model}{task} at {self.width}x{self.height}, batch {self.num_images}"
 
 
 def base_profile(profile: str | None) -> str | None:
@@ -210,19 +213,21 @@ class Fit:
     weights_gib: float  # the chosen profile's weights as stored: what a load moves
     usable_gib: float
     reason: str
+    encode_s: float = 0.0  # the chosen profile's VAE encode of the batch (an image task; 0 for txt2img)
 
 
 @lru_cache(maxsize=65536)
 def fit_on(
     model: str, width: int, height: int, batch: int, device: Device, catalog: Catalog | None = None,
-    measured: Measurements = EMPTY,
+    measured: Measurements = EMPTY, task: str = "txt2img",
 ) -> Fit:
-    """Planning's verdict for `batch` images of `model` at `width` x `height` on `device` (cached), with the
-    models of `catalog` (default: the packaged one) and the peaks nodes measured (`measured`, a snapshot)."""
+    """Planning's verdict for `batch` images of `model` at `width` x `height` rendered as `task` on `device`
+    (cached), with the models of `catalog` (default: the packaged one) and the peaks nodes measured (`measured`,
+    a snapshot; they are keyed without the task, so a measured peak is a floor for every task)."""
     try:
         entry = (catalog or default_catalog()).get(model)
         floors = measured.floors(model, width, height, batch) if measured else None
-        choice = choose_profile(entry, device, width, height, batch, floors=floors)
+        choice = choose_profile(entry, device, width, height, batch, floors=floors, task=task)
     except ValueError as exc:  # unknown model, size not allowed for the model
         return Fit(False, None, math.inf, math.inf, math.inf, 0.0, 0.0, str(exc))
     runnable = [c for c in choice.candidates if not c.reason.startswith("unavailable")]
@@ -239,6 +244,7 @@ def fit_on(
         weights_gib=sum(used.prediction.weights_gib.values()) if used else 0.0,
         usable_gib=choice.usable_gib,
         reason=choice.reason,
+        encode_s=used.prediction.vae_encode_s if used else 0.0,
     )
 
 
@@ -258,7 +264,7 @@ def fit_for(
     such a job is assumed to fit."""
     if node.device is None or not plannable(job.model, catalog):
         return None
-    return fit_on(job.model, job.width, job.height, job.num_images, node.device, catalog, measured)
+    return fit_on(job.model, job.width, job.height, job.num_images, node.device, catalog, measured, job.task)
 
 
 def model_takers(job: JobShape, nodes: Sequence[NodeView]) -> tuple[list[NodeView], dict[str, str]]:
@@ -314,18 +320,18 @@ def why_nothing_fits(
 
 def largest_batch(
     model: str, width: int, height: int, node: NodeView | Device, limit: int = 64, catalog: Catalog | None = None,
-    measured: Measurements = EMPTY,
+    measured: Measurements = EMPTY, task: str = "txt2img",
 ) -> int:
-    """The most images of `model` at `width` x `height` predicted to fit in one call on `node` (0: not
-    even one), at most `limit`. Peaks (predicted and measured floors alike) grow with the batch, so a binary
-    search suffices."""
+    """The most images of `model` at `width` x `height` (rendered as `task`) predicted to fit in one call on
+    `node` (0: not even one), at most `limit`. Peaks (predicted and measured floors alike) grow with the batch, so
+    a binary search suffices."""
     device = node.device if isinstance(node, NodeView) else node
-    if not fit_on(model, width, height, 1, device, catalog, measured).fits:
+    if not fit_on(model, width, height, 1, device, catalog, measured, task).fits:
         return 0
     low, high = 1, limit  # low fits; find the largest that does
     while low < high:
         mid = (low + high + 1) // 2
-        if fit_on(model, width, height, mid, device, catalog, measured).fits:
+        if fit_on(model, width, height, mid, device, catalog, measured, task).fits:
             low = mid
         else:
             high = mid - 1

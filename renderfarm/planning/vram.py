@@ -2,10 +2,10 @@
 
     peak = reserve + max over stages (weights resident in that stage + activations of that stage)
 
-Stages: load, text encode, denoise, decode. Weights are each component's parameters times the bytes per parameter
-of its format (profiles.component_formats), with the parts a quantizer leaves alone counted at their own
-width (catalog: `unquantized_params`, `keep_fp32_params`). What is resident per stage follows the placement,
-as actors/loading.py applies it:
+Stages: load, text encode, VAE encode (img2img and inpainting only: see below), denoise, decode. Weights are each
+component's parameters times the bytes per parameter of its format (profiles.component_formats), with the parts a
+quantizer leaves alone counted at their own width (catalog: `unquantized_params`, `keep_fp32_params`). What is
+resident per stage follows the placement, as actors/loading.py applies it:
 - gpu: every component, all the time; text encoders only while encoding unless the policy keeps them.
 - model offload (accelerate): one component at a time, so a stage holds only its own component.
 - group offload: the denoiser streams block by block, two blocks in flight (with CUDA streams diffusers
@@ -22,6 +22,18 @@ with CUDA streams (diffusers pins a copy of every streamed tensor; torch's pinne
 up to a power of two: `Component.pinned_factor`), and the setup transients: `from_pretrained` converts into
 host memory every component it loads in a dtype other than its files' (`ModelEntry.checkpoint_dtype`; in
 their own dtype they stay memory-mapped), and group offload pins its copies while the originals still exist.
+
+Image tasks (`task`: "img2img", "inpaint"; "txt2img" by default). diffusers' img2img and inpaint pipelines run the
+VAE's encoder over the init image, and the inpaint ones over the masked image too (SD, SDXL, Flux and SD 3.x alike),
+one encode after the other, in the VAE's own dtype (actors/tasks.py `vae_as_loaded`; tests/actors/
+test_vae_encode_pins.py pins all of it). That is the VAE-encode stage: the VAE's weights as the placement holds them
+when it encodes (those of the decode stage) plus the encoder's working set at the job's size and batch, the pixel
+batch on the device and the latents it returns. Under model offload the VAE, last in the pipelines'
+`model_cpu_offload_seq`, stays on the card once it has encoded: accelerate's hook on the denoiser offloads only the
+component before it in the chain, so an image task's denoise stage holds the VAE beside the denoiser. Inpainting
+also holds latent-sized tensors through the denoise (the mask and the masked image's latents; with a 4-channel UNet
+or a 16-channel transformer the init latents and noise it blends back each step; with a 9-channel inpainting UNet
+the 9-channel input it concatenates). The encode's seconds (`Prediction.vae_encode_s`) count in the job's time.
 
 What the prediction means: `peak_gib` is the memory the device must have: torch's peak *reserved* memory
 (`torch.cuda.max_memory_reserved`, allocator fragmentation included) plus the CUDA context, which torch does
@@ -77,6 +89,19 @@ DECODE_KIB_PER_PX = {ComputeDtype.FP16: 2.75, ComputeDtype.BF16: 4.0, ComputeDty
 # held out (bench/vram_calibration.py).
 DECODE_BATCH_SLOPE = 0.5
 VAE_TILE_PX = 512  # tiled decode works on 512x512-pixel tiles (pipelines set the VAE's tile size to this)
+# VAE encode per input pixel, as a fraction of the decode's figure above, under the same rules (batch slope, tiles,
+# slices): the encoder's live-tensor peak over the decoder's on the AutoencoderKL of SD, SDXL, Flux and SD 3.x
+# (channels 128-256-512-512; the encoder has two resnets per level, the decoder three, and it upsamples 256
+# channels to full resolution): 2.5 vs 3.0 KiB per pixel in fp32, 1.25 vs 1.5 in bf16, at batch 1 and 2 (counted
+# by tensor storage on the CPU, random weights; no card measured). Rounded up.
+ENCODE_DECODE_RATIO = 0.85
+# The encoder's FLOPs per pixel at 128 full-resolution channels (its convolutions, counted on the same
+# architecture: 4.13 M; the decoder's 9.46 M), scaling with the square of the width. A VAE's convolutions at full
+# resolution reach a smaller share of the tensor rate than a denoiser's matmuls: VAE_MFU is a guess, not fitted.
+ENCODER_FLOPS_PER_PX = 4.13e6
+VAE_MFU = 0.3
+VAE_FP32_SLOWDOWN = 4.0  # an fp32 VAE on a card: TF32 or plain fp32 convolutions, not 16-bit tensor cores
+TASKS = ("txt2img", "img2img", "inpaint")
 
 # --- speed constants ---------------------------------------------------------------------------------
 MFU = 0.6  # achieved fraction of dense tensor TFLOPS (Flux on an H100: 0.22 s/step predicted, ~0.24 seen)
@@ -123,8 +148,20 @@ def effective_steps(steps: int, strength: float | None, flow_matching: bool) -> 
 class Stage(str, Enum):
     LOAD = "load"
     TEXT_ENCODE = "text-encode"
+    VAE_ENCODE = "vae-encode"  # img2img and inpainting only
     DENOISE = "denoise"
     DECODE = "decode"
+
+
+def task_stages(task: str) -> tuple[Stage, ...]:
+    """The stages a render of `task` goes through (the VAE encode only where there is an init image)."""
+    check_task(task)
+    return tuple(s for s in Stage if s is not Stage.VAE_ENCODE or task != "txt2img")
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
 
 
 @dataclass(frozen=True)
@@ -146,10 +183,12 @@ class Prediction:
     # Seconds per job beside the denoising steps: moving offloaded components on and off the card.
     seconds_per_job_overhead: float = 0.0
     measured: bool = False  # peak_gib was raised to a node's measured peak (planning.measured)
+    task: str = "txt2img"
+    vae_encode_s: float = 0.0  # seconds the VAE encodes of an image task take, the whole batch (0: txt2img)
 
     def seconds_per_job(self, steps: int) -> float:
         """Predicted seconds for one pipeline call of `steps` denoising steps (loading not included)."""
-        return steps * self.seconds_per_step + self.seconds_per_job_overhead
+        return steps * self.seconds_per_step + self.seconds_per_job_overhead + self.vae_encode_s
 
     @property
     def allocator_peak_gib(self) -> float:
@@ -181,9 +220,13 @@ def denoiser_bytes(entry: ModelEntry, profile: Profile) -> float:
     return component_bytes(entry.denoiser, profile.weights, profile.compute_dtype)
 
 
-def _stage_weights(entry: ModelEntry, profile: Profile, sizes: dict[str, float]) -> tuple[dict[Stage, float], float]:
+def _stage_weights(
+    entry: ModelEntry, profile: Profile, sizes: dict[str, float], task: str = "txt2img"
+) -> tuple[dict[Stage, float], float]:
     """Weight bytes on the device in each render stage (load is `_load_weights`), and the denoiser's bytes in
-    flight while denoising."""
+    flight while denoising. The VAE encode holds what the decode holds; under model offload an image task's
+    denoise holds the VAE too (it encoded just before, and the denoiser's hook offloads only the component before
+    it in the offload chain, never the VAE after it)."""
     den = entry.denoiser
     vae_bytes = sizes[entry.vae.name] if entry.vae else 0.0
     per_param = {c.name: sizes[c.name] / c.params for c in entry.components.values()}
@@ -198,8 +241,9 @@ def _stage_weights(entry: ModelEntry, profile: Profile, sizes: dict[str, float])
         at = {stage: in_flight + vae_bytes for stage in Stage}
     elif placement is Placement.MODEL_OFFLOAD:
         in_flight = sizes[den.name]
-        at[Stage.DENOISE] += in_flight
+        at[Stage.DENOISE] += in_flight + (vae_bytes if task != "txt2img" else 0.0)
         at[Stage.DECODE] += vae_bytes
+        at[Stage.VAE_ENCODE] += vae_bytes
     else:
         if placement is Placement.LEAF_OFFLOAD:
             in_flight = streamed(den, den.layer_params)
@@ -220,6 +264,8 @@ def _stage_weights(entry: ModelEntry, profile: Profile, sizes: dict[str, float])
         else:  # moved on together to encode, off again after
             at[Stage.TEXT_ENCODE] += sum(sizes[t.name] for t in encoders)
     at[Stage.LOAD] = 0.0
+    if task == "txt2img":
+        del at[Stage.VAE_ENCODE]
     return at, in_flight
 
 
@@ -313,7 +359,9 @@ def _host(
     return steady, pinned, max(steady, at_load, at_pin)
 
 
-def _activations(entry: ModelEntry, profile: Profile, width: int, height: int, batch: int) -> dict[Stage, float]:
+def _activations(
+    entry: ModelEntry, profile: Profile, width: int, height: int, batch: int, task: str = "txt2img"
+) -> dict[Stage, float]:
     family = entry.family
     compute_bytes = _bytes(WeightsFormat(profile.compute_dtype.value))
     cfg = 2 if family.uses_cfg else 1
@@ -329,21 +377,57 @@ def _activations(entry: ModelEntry, profile: Profile, width: int, height: int, b
         default=0.0,
     )
 
-    decode = 0.0
+    decode = vae_encode = 0.0
+    pixels = width * height
     if entry.vae is not None:
         vae_dtype = profile.vae_dtype or profile.compute_dtype
         per_px = DECODE_KIB_PER_PX[vae_dtype] * 1024 * entry.vae.width / 128
-        pixels = width * height
-        if profile.vae is VaeMode.TILED:
-            working = per_px * min(pixels, VAE_TILE_PX**2)
-        elif profile.vae is VaeMode.SLICED:
-            working = per_px * pixels
-        else:  # the first image's figure holds fixed workspace; each further one adds about half of it
-            working = per_px * pixels * (1 + DECODE_BATCH_SLOPE * (batch - 1))
+        working = _vae_working(profile.vae, per_px, pixels, batch)
         # The decoded batch stays on the device (tiled decode also holds its tiles: ~3 images' worth).
         output = batch * pixels * 3 * _bytes(WeightsFormat(vae_dtype.value)) * 3
         decode = working + output
-    return {Stage.LOAD: 0.0, Stage.TEXT_ENCODE: encode, Stage.DENOISE: denoise, Stage.DECODE: decode}
+        if task != "txt2img":
+            # The largest encoder pass: the whole batch unless the VAE slices or tiles (Flux's and SD3's inpaint
+            # pipelines encode the masked batch at once; the worker's strength-0 round trip encodes its batch);
+            # the pixel batch on the device in the compute dtype, one pass's copy in the VAE's dtype; the latents
+            # it returns (the init image's, and the masked image's for inpainting).
+            inputs = batch * pixels * 3 * compute_bytes + pixels * 3 * _bytes(WeightsFormat(vae_dtype.value))
+            latents = (2 if task == "inpaint" else 1) * batch * _latent_bytes(entry, width, height, compute_bytes)
+            vae_encode = _vae_working(profile.vae, per_px * ENCODE_DECODE_RATIO, pixels, batch) + inputs + latents
+    if task == "inpaint":
+        denoise += _inpaint_latents(entry, width, height, batch, compute_bytes)
+    stages = {Stage.LOAD: 0.0, Stage.TEXT_ENCODE: encode, Stage.DENOISE: denoise, Stage.DECODE: decode}
+    if task != "txt2img":
+        stages[Stage.VAE_ENCODE] = vae_encode
+    return stages
+
+
+def _vae_working(mode: VaeMode, per_px: float, pixels: int, batch: int) -> float:
+    """A VAE pass's working set over its input or output pixels: one tile when tiled, one image when sliced, else
+    the whole batch (the first image's figure holds fixed workspace; each further one adds about half of it)."""
+    if mode is VaeMode.TILED:
+        return per_px * min(pixels, VAE_TILE_PX**2)
+    if mode is VaeMode.SLICED:
+        return per_px * pixels
+    return per_px * pixels * (1 + DECODE_BATCH_SLOPE * (batch - 1))
+
+
+def _latent_bytes(entry: ModelEntry, width: int, height: int, compute_bytes: float) -> float:
+    """One image's latents (all the VAE's channels), in the compute dtype."""
+    family = entry.family
+    return family.latent_channels * (width // family.vae_scale_factor) * (height // family.vae_scale_factor) * (
+        compute_bytes)
+
+
+def _inpaint_latents(entry: ModelEntry, width: int, height: int, batch: int, compute_bytes: float) -> float:
+    """What inpainting holds through the denoise beyond text-to-image, in latents of one image: per CFG pass the
+    mask (one channel, but Flux packs it as one per latent channel: counted as a latent) and the masked image's
+    latents; and the more of what either kind of denoiser needs: an ordinary one's init latents, noise and the
+    blend's temporaries (~5), or an inpainting one's concatenated input (2 x channels + 1, per pass). Small beside
+    the activations; counted all the same."""
+    cfg = 2 if entry.family.uses_cfg else 1
+    one = _latent_bytes(entry, width, height, compute_bytes)
+    return batch * (cfg * 2 * one + max(5 * one, cfg * 3 * one))
 
 
 def _seconds_per_step(
@@ -399,12 +483,31 @@ def _seconds_per_job_overhead(entry: ModelEntry, profile: Profile, device: Devic
     return 2 * moved / rate  # on, then off again
 
 
+def _vae_encode_seconds(
+    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int, task: str
+) -> float:
+    """Seconds the VAE encodes of an image task take for the batch: the init images, and the masked images too
+    for inpainting, each pass its convolutions' FLOPs at VAE_MFU of the device's rate plus a launch overhead."""
+    if task == "txt2img" or entry.vae is None:
+        return 0.0
+    vae_dtype = profile.vae_dtype or profile.compute_dtype
+    flops = ENCODER_FLOPS_PER_PX * (entry.vae.width / 128) ** 2 * width * height
+    rate = device.fp16_tflops * 1e12 * VAE_MFU
+    if device.is_cuda and vae_dtype is ComputeDtype.FP32:
+        rate /= VAE_FP32_SLOWDOWN
+    passes = 2 if task == "inpaint" else 1
+    return passes * batch * (flops / rate + LAUNCH_OVERHEAD_S)
+
+
 def predict(
-    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int = 1
+    entry: ModelEntry, profile: Profile, device: Device, width: int, height: int, batch: int = 1,
+    task: str = "txt2img",
 ) -> Prediction:
-    """Peak memory and a rough seconds per step for `batch` images of `width` x `height`."""
+    """Peak memory and a rough seconds per step for `batch` images of `width` x `height`, rendered as `task`
+    ("txt2img", "img2img" or "inpaint": the image tasks add the VAE-encode stage)."""
     if width <= 0 or height <= 0 or batch < 1:
         raise ValueError(f"predict needs a positive size and batch, got {width}x{height} x{batch}")
+    stages = task_stages(task)
     # A dropped text encoder is neither loaded nor moved, but the transformer still attends over its tokens (SD3:
     # zeros in their place), so the family's text_tokens stand.
     entry = as_loaded(entry, profile)
@@ -412,8 +515,8 @@ def predict(
     sizes = {
         name: component_bytes(entry.components[name], fmt, profile.compute_dtype) for name, fmt in formats.items()
     }
-    weights, in_flight = _stage_weights(entry, profile, sizes)
-    activations = _activations(entry, profile, width, height, batch)
+    weights, in_flight = _stage_weights(entry, profile, sizes, task)
+    activations = _activations(entry, profile, width, height, batch, task)
     if device.is_cuda:
         resident_after = min(weights[s] for s in (Stage.TEXT_ENCODE, Stage.DENOISE, Stage.DECODE))
         if profile.placement is Placement.MODEL_OFFLOAD:  # accelerate's hooks start with everything in host
@@ -424,7 +527,7 @@ def predict(
         weights[Stage.LOAD] = max(weights.values())
         host = pinned = host_peak = 0.0
     reserve = CONTEXT_GIB + ALLOCATOR_SLACK_GIB
-    stage_peaks = {stage: reserve + (weights[stage] + activations[stage]) / GIB for stage in Stage}
+    stage_peaks = {stage: reserve + (weights[stage] + activations[stage]) / GIB for stage in stages}
     peak_stage = max(stage_peaks, key=stage_peaks.__getitem__)
     return Prediction(
         peak_gib=stage_peaks[peak_stage],
@@ -441,4 +544,6 @@ def predict(
         pinned_gib=pinned / GIB,
         host_peak_gib=host_peak / GIB,
         seconds_per_job_overhead=_seconds_per_job_overhead(entry, profile, device, sizes),
+        task=task,
+        vae_encode_s=_vae_encode_seconds(entry, profile, device, width, height, batch, task),
     )

@@ -153,10 +153,8 @@ class DispatchManager:
         for job in jobs:
             view = known.get(job.id)
             if view is None:
-                s = job.spec
-                steps = run_steps(s, self.catalog)
-                view = (queued_view(job, steps), PendingJob(job.id, s.model, s.batch_key(), s.num_images, s.width,
-                                                            s.height, steps, s.lora_set(), s.model_fingerprint))
+                steps = run_steps(job.spec, self.catalog)
+                view = (queued_view(job, steps), pending_job(job, steps))
             fresh[job.id] = view
         self._job_views = fresh
         return fresh
@@ -225,11 +223,19 @@ def queued_view(job: Job, steps: int | None = None) -> Queued:
     return Queued(job.id, s.team, s.priority, job.created_at, max(1e-6, s.num_images * s.width * s.height * steps / 1e6))
 
 
+def pending_job(job: Job, steps: int) -> PendingJob:
+    """What placement needs of a job: its shape, the `steps` it runs (`run_steps`), what it may batch with, and
+    its task (an image task's fit and time count its VAE encode)."""
+    s = job.spec
+    return PendingJob(job.id, s.model, s.batch_key(), s.num_images, s.width, s.height, steps, s.lora_set(),
+                      s.model_fingerprint, s.task)
+
+
 def run_steps(spec: Any, catalog: Catalog) -> int:
     """The denoising steps a job's render runs: all of them for text-to-image; under an img2img or inpainting
     strength, as diffusers counts them (planning/vram.py effective_steps): what its finish time and its fair-share
     cost are made of."""
-    if spec.init_image is None:
+    if spec.effective_strength is None:  # text-to-image (an init image, given or from an earlier job, has one)
         return spec.steps
     flow = spec.model in catalog and catalog.get(spec.model).family.flow_matching
     return effective_steps(spec.steps, spec.effective_strength, flow)

@@ -4,8 +4,9 @@
   from planning.measured raise the predictions: an estimate never goes below what a node measured);
 - `score` estimates the finish on a node: its backlog, plus a model load when its pipeline cache will not hold
   the model when the batch gets there, plus steps x seconds per step (the node's measured figure when it has
-  one, else the prediction). A load costs what the node measured loading that model under that profile, else
-  what the nodes of its kind measured, else the prediction from the weight bytes (`load_seconds`);
+  one, else the prediction), plus an image task's VAE encode (JobShape.task: img2img and inpainting are fitted
+  with their encode stage, planning/vram.py). A load costs what the node measured loading that model under that
+  profile, else what the nodes of its kind measured, else the prediction from the weight bytes (`load_seconds`);
 - `best_of` takes the earliest finish, and among near ties the least VRAM left over (best fit), so big
   cards stay free for big jobs; `pick` does all three.
 
@@ -82,11 +83,12 @@ class PendingJob:
     steps: int = 1
     loras: tuple[tuple[str, str | None, float], ...] = ()  # JobSpec.lora_set()
     fingerprint: str | None = None  # JobSpec.model_fingerprint
+    task: str = "txt2img"  # JobSpec.task: img2img and inpainting add the VAE encode to the fit and the time
 
     @property
     def shape(self) -> JobShape:
         return JobShape(self.model, self.width, self.height, self.steps, self.num_images, self.loras,
-                        self.fingerprint)
+                        self.fingerprint, self.task)
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def score(
     """Estimated finish: the node's backlog, then a load when its cache will not hold the model's pipeline
     (see `_load_estimate`; `peers`: the nodes of its kind), then the run: steps x the node's measured seconds
     per step where it has them, else the prediction, else (a model without component data) the farm's
-    measured mean for the model, else UNKNOWN_S_PER_STEP."""
+    measured mean for the model, else UNKNOWN_S_PER_STEP; plus, for an image task, the predicted VAE encode."""
     own = measured.seconds_per_step(node.name, job.model, job.width, job.height, job.num_images)
     per_step = _seconds_per_step(job, fit, own, measured)
     profile = fit.profile if fit is not None else None
@@ -177,7 +179,7 @@ def score(
     load = 0.0 if held else _load_estimate(node.name, job.model, fit, node.device, measured, peers)
     # A pipeline with other LoRAs applied switches them first; a pipeline loaded for the job applies its own.
     load += lora_switch_seconds(node.applied_to(job.model) if held else (), job.loras)
-    run = job.steps * per_step
+    run = job.steps * per_step + _encode_seconds(fit)
     leftover = fit.usable_gib - fit.peak_gib if fit is not None else (node.device.vram_gib if node.device else 0.0)
     return Decision(
         node=node.name, profile=profile or "", finish_s=node.backlog_s + load + run, run_s=run, load_s=load,
@@ -195,6 +197,11 @@ def lora_switch_seconds(applied: tuple, wanted: tuple) -> float:
         return 0.0
     changed = len(set(applied) ^ set(wanted))
     return LORA_SWITCH_BASE_S + LORA_SWITCH_PER_LORA_S * changed
+
+
+def _encode_seconds(fit: Fit | None) -> float:
+    """The predicted VAE encode of an image task's batch (0 for text-to-image, or a fit not judged)."""
+    return fit.encode_s if fit is not None else 0.0
 
 
 def _weights_bytes(fit: Fit | None) -> int:
@@ -318,7 +325,7 @@ def plan_dispatch(
         limit = min(max_batch_images, node.max_batch or max_batch_images)
         if fit is not None:
             limit = min(limit, max(head.num_images, largest_batch(
-                head.model, head.width, head.height, node.device, limit, catalog, measured)))
+                head.model, head.width, head.height, node.device, limit, catalog, measured, head.task)))
         batch, images = [head], head.num_images
         taken.add(head.id)
         queue = followers[head.batch_key]
@@ -440,12 +447,12 @@ class NodeIndex:
         over, predicted weight bytes, a load's seconds); None when it does not fit. Cached per job shape."""
         if job in kind.verdicts:
             return kind.verdicts[job]
-        fit = fit_on(job.model, job.width, job.height, job.num_images, kind.device, self.catalog, self.measured) \
-            if plannable(job.model, self.catalog) else None
+        fit = fit_on(job.model, job.width, job.height, job.num_images, kind.device, self.catalog, self.measured,
+                     job.task) if plannable(job.model, self.catalog) else None
         verdict = None
         if fit is None or fit.fits:
             speed = self._kind_speed(kind, job.model, job.width, job.height, job.num_images)
-            run = job.steps * _seconds_per_step(job, fit, speed, self.measured)
+            run = job.steps * _seconds_per_step(job, fit, speed, self.measured) + _encode_seconds(fit)
             leftover = fit.usable_gib - fit.peak_gib if fit is not None else kind.device.vram_gib
             verdict = (run, (fit.profile or "") if fit is not None else "",
                        base_profile(fit.profile) if fit is not None else None, leftover, _weights_bytes(fit),
