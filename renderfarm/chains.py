@@ -72,10 +72,10 @@ def plan_chains(
             continue
         base_id = job_id + BASE_SUFFIX
         if base_id in ids:
-            errors.append(f"jobs[{i}].hires: its first pass would take the id {base_id}, which the batch uses")
+            errors.append(f"jobs[{i}]: hires: its first pass would take the id {base_id}, which the batch uses")
             continue
         try:
-            second = _hires_pass(spec, base_id, size_multiple(spec.model), validate, f"jobs[{i}].hires")
+            second = _hires_pass(spec, base_id, size_multiple(spec.model), validate, f"jobs[{i}] (hires pass)")
         except SpecError as exc:
             errors.append(str(exc))
             continue
@@ -129,12 +129,12 @@ def _resolve(spec: JobSpec, i: int, ids: Sequence[str], errors: list[str]) -> Jo
         if local is None:
             target = ref
         elif int(local.group(1)) >= len(ids):
-            errors.append(f"jobs[{i}].{field}: {ref} is past the batch's {len(ids)} specs")
+            errors.append(f"jobs[{i}]: {field}: {ref} is past the batch's {len(ids)} specs")
             return None
         else:
             target = ids[int(local.group(1))]
         if target == ids[i]:
-            errors.append(f"jobs[{i}].{field}: a job cannot wait for itself")
+            errors.append(f"jobs[{i}]: {field}: a job cannot wait for itself")
             return None
         return target
 

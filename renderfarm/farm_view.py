@@ -65,7 +65,7 @@ def fits_nowhere(store: Store, catalog: Catalog, specs: Sequence[JobSpec], recor
     for i, spec in enumerate(specs):
         if not catalog.get(spec.model).components:
             continue  # a model without component data cannot be planned: let the node try
-        shape = JobShape(spec.model, spec.width, spec.height, spec.steps, spec.num_images)
+        shape = JobShape(spec.model, spec.width, spec.height, spec.steps, spec.num_images, task=spec.task)
         reason = why_nothing_fits(shape, nodes, catalog, measured)
         if reason:
             errors.append(f"jobs[{i}]: {reason}")

@@ -202,7 +202,8 @@ class RenderWorker:
         self._publish()
         return seconds
 
-    def profile_for(self, entry: ModelEntry, width: int, height: int, images: int) -> Profile | None:
+    def profile_for(self, entry: ModelEntry, width: int, height: int, images: int,
+                    task: str = "txt2img") -> Profile | None:
         """The profile this card runs `entry` with at this size: remembered from an earlier out-of-memory
         escalation, else the fastest that the planner predicts to fit. None for a catalog entry that
         carries no component data (nothing to plan with): it loads as the model's files are."""
@@ -211,7 +212,7 @@ class RenderWorker:
             return remembered
         if not entry.components:
             return None
-        choice = choose_profile(entry, self.card, width, height, images)
+        choice = choose_profile(entry, self.card, width, height, images, task=task)  # image tasks: the VAE encode
         if choice.chosen is None:
             raise DoesNotFit(f"{entry.name} at {width}x{height}, batch {images} on {self.name}: {choice.reason}")
         return choice.chosen
@@ -450,8 +451,8 @@ class RenderWorker:
         from renderfarm.actors.pipelines import render_batch
 
         width, height = requests[0].width, requests[0].height
-        images = sum(r.num_images for r in requests)
-        current = [self.profile_for(entry, width, height, images)]
+        images, task = sum(r.num_images for r in requests), requests[0].task
+        current = [self.profile_for(entry, width, height, images, task)]
 
         def stepped(step: str, lower: Profile, host: bool) -> None:
             self.stats["oom_escalations"] += 1
@@ -469,10 +470,10 @@ class RenderWorker:
 
         outcome = render_escalating(
             self.cache, entry, current[0], render=render,
-            lower_for_vram=lambda p: next_rung(entry, self.card, p, width, height, images),
-            lower_for_host=lambda p: next_rung_for_host(entry, self.card, p, width, height, images),
+            lower_for_vram=lambda p: next_rung(entry, self.card, p, width, height, images, task=task),
+            lower_for_host=lambda p: next_rung_for_host(entry, self.card, p, width, height, images, task=task),
             resident_bytes=self._resident_bytes,
-            host_room=lambda p: self._host_room(entry, p, width, height, images),
+            host_room=lambda p: self._host_room(entry, p, width, height, images, task),
             on_step=stepped, where=f"node {self.name} at {width}x{height}",
         )
         return (outcome.results, outcome.profile, outcome.load_s, outcome.move_s, outcome.escalations,
@@ -487,7 +488,8 @@ class RenderWorker:
         known = self.cache.bytes_of(pipe) if self.device == "cpu" else None
         return known if known is not None else pipeline_bytes(pipe, on=self.device)
 
-    def _host_room(self, entry: ModelEntry, profile: Profile | None, width: int, height: int, images: int):
+    def _host_room(self, entry: ModelEntry, profile: Profile | None, width: int, height: int, images: int,
+                   task: str = "txt2img"):
         """On a card whose machine's RAM is known: a test of whether `profile`'s predicted host-memory peak fits
         beside what the other cached pipelines hold in host memory (the cache evicts until it does)."""
         budget = self.card.host_budget_gib
@@ -496,7 +498,7 @@ class RenderWorker:
         from renderfarm.planning.vram import predict
 
         def room(held: int) -> bool:  # asked only when the cache has to load the rung
-            need = predict(entry, profile, self.card, width, height, images).host_peak_gib
+            need = predict(entry, profile, self.card, width, height, images, task=task).host_peak_gib
             return held / 2**30 + need <= budget
 
         return room

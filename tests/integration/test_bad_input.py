@@ -239,6 +239,17 @@ def bad_values(field: str, model: str, json_only: bool) -> st.SearchStrategy:
         "strength": lambda: st.one_of(st.booleans(), st.just(math.nan), st.floats(1.01, 10), st.just(0.5)),
         "mask_blur": lambda: st.one_of(st.booleans(), st.integers(65, 1000), st.integers(max_value=-1), st.just(4.0)),
         "resize_mode": lambda: st.one_of(st.just(""), st.integers(0, 3), st.sampled_from(["Resize", "just resize"])),
+        "inpaint_area": lambda: st.one_of(st.just(""), st.integers(), st.sampled_from(["Masked", "only masked"])),
+        "mask_padding": lambda: st.one_of(st.booleans(), st.integers(257, 1000), st.integers(max_value=-1), st.just(4.0)),
+        # Chains: a malformed reference, too many or repeated (a reference past the batch, to itself or to a job
+        # that does not exist is the batch's error, not the spec's: tests/unit/test_chains.py).
+        "after": lambda: st.one_of(
+            st.just("abc"), st.integers(), st.booleans(), st.just(["a b"]), st.just([""]), st.just(["x", "x"]),
+            st.just([f"j{i}" for i in range(33)])),
+        "init_from": lambda: st.one_of(st.just(""), st.integers(), st.sampled_from(["a:x", "a:1:2", "#x"])),
+        "hires": lambda: st.one_of(
+            st.just("2"), st.integers(), st.just({"scale": 1.0}), st.just({"scale": 4.5}), st.just({"strength": 2}),
+            st.just({"steps": -1}), st.just({"scale": 2, "upscaler": "Latent"}), st.just({"scale": math.nan})),
         "model_fingerprint": lambda: st.one_of(
             st.just(""), st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2),
             st.text(max_size=8).filter(lambda t: not re.fullmatch(r"[0-9A-Za-z]+", t)),
@@ -494,7 +505,8 @@ def expected_spec(spec: dict) -> dict:
                 "team": "default", "tags": ()}
     return {**defaults, **spec, "tags": tuple(spec.get("tags", ())), "loras": (), "model_fingerprint": None,
             "webhook": spec.get("webhook"), "sampler": spec.get("sampler"), "schedule": spec.get("schedule"),
-            "init_image": None, "mask": None, "strength": None, "mask_blur": 4, "resize_mode": "none"}
+            "init_image": None, "mask": None, "strength": None, "mask_blur": 4, "resize_mode": "none",
+            "inpaint_area": "whole", "mask_padding": 32, "after": (), "init_from": None, "hires": None}
 
 
 def check_round_trip(client, ids: list[str], specs: list[dict]) -> None:

@@ -60,8 +60,8 @@ def test_parse_init_from():
 
 
 @pytest.mark.parametrize(("specs", "message"), [
-    ([spec(after=["#0"])], r"jobs\[0\].after: a job cannot wait for itself"),
-    ([spec(after=["#5"])], r"jobs\[0\].after: #5 is past the batch's 1 specs"),
+    ([spec(after=["#0"])], r"jobs\[0\]: after: a job cannot wait for itself"),
+    ([spec(after=["#5"])], r"jobs\[0\]: after: #5 is past the batch's 1 specs"),
     ([spec(after=["#1"]), spec(after=["#2"]), spec(after=["#0"])], r"jobs\[0\]: after: a cycle: a -> b -> c -> a"),
     ([spec(after=["nope"])], r"jobs\[0\]: after: job nope does not exist"),
     ([spec(after=["dead"])], r"jobs\[0\]: after: job dead is failed: retry it first"),
@@ -78,7 +78,7 @@ def test_bad_chains_are_refused_naming_the_spec_and_the_field(specs, message):
 
 
 def test_a_hires_first_pass_id_taken_by_the_batch_is_refused():
-    with pytest.raises(SpecError, match=r"jobs\[0\].hires: its first pass would take the id a-base"):
+    with pytest.raises(SpecError, match=r"jobs\[0\]: hires: its first pass would take the id a-base"):
         plan([spec(hires={}), spec()], ["a", "a-base"])
 
 
