@@ -88,6 +88,7 @@ class FarmClient:
         self._token = token if token is not None else (os.environ.get("RENDERFARM_TOKEN") or None)
         self._blob_options = blob_options
         self._inputs: InputStore | None = None
+        self._granted: auth.Access | None = None  # set by with_access: checked once for a server's request
 
     # --- submit ---------------------------------------------------------------------------------------
 
@@ -275,12 +276,24 @@ class FarmClient:
         import copy
 
         other = copy.copy(self)
-        other._token = token or None
+        other._token, other._granted = token or None, None
+        return other
+
+    def with_access(self, granted: auth.Access) -> FarmClient:
+        """This client with its token's access already checked (`access`): what a server makes for one request,
+        whose calls then use it instead of reading the token's record again (a Redis round trip a call)."""
+        import copy
+
+        other = copy.copy(self)
+        other._granted = granted
         return other
 
     def access(self) -> auth.Access:
         """What this client's token may touch: every team on an open farm or with an admin token, else its
-        own team. Raises AuthError in token mode when the client has no valid token."""
+        own team. Raises AuthError in token mode when the client has no valid token. Read at every call (a
+        revoked token stops working at once), unless the client was made `with_access` for one request."""
+        if self._granted is not None:
+            return self._granted
         return auth.access(self.store.redis, self.store.keys, self._token)
 
     def require_admin(self, action: str) -> None:

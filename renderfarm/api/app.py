@@ -100,7 +100,7 @@ def caller(request: Request) -> Caller:
         granted = client.access()
     except AuthError as exc:
         raise _unauthorized(str(exc)) from None
-    return Caller(client, granted)
+    return Caller(client.with_access(granted), granted)  # checked once: the request's calls do not read it again
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:

@@ -295,3 +295,19 @@ def test_a_token_never_reads_as_a_flag(redis_client):
     tokens = [auth.create_token(redis_client, KEYS, "ops", admin=True)[0] for _ in range(200)]
     assert all(t.startswith(auth.TOKEN_PREFIX) for t in tokens) and len(set(tokens)) == 200
     assert all(auth.lookup(redis_client, KEYS, t).admin for t in tokens[:5])
+
+
+def test_a_request_bound_client_checks_its_token_once(redis_url, redis_client, tokens):
+    """The API checks a caller's token once per request and binds the answer (FarmClient.with_access): the
+    request's calls then skip the token read, one Redis round trip each; the team rules still apply."""
+    red = FarmClient(redis_url, token=tokens["design"])
+    (job_id,) = red.submit_batch([SPEC])
+    before = red.store.round_trips
+    red.job(job_id)
+    plain = red.store.round_trips - before
+    bound = red.with_access(red.access())
+    before = red.store.round_trips
+    assert bound.job(job_id).id == job_id
+    assert red.store.round_trips - before == plain - 1
+    with pytest.raises(AuthError, match="belongs to team 'design'"):
+        FarmClient(redis_url, token=tokens["research"]).with_access(auth.access(redis_client, KEYS, tokens["research"])).job(job_id)
