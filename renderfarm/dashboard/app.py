@@ -8,7 +8,8 @@ or, on a farm in token mode, an admin team token (cluster/auth.py; team tokens a
 
 The live part is one fragment that reruns every 2 s on its own (the page around it stays put), reading only
 what it shows: counts from the state indexes, the latest rows per state, the first image of the latest
-done jobs (cached: a finished job's result never changes).
+done jobs (cached: a finished job's result never changes), and the chains: the jobs that wait for others, the
+jobs a parent ended, one job's parents and children (`chains`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from renderfarm.cluster.redis_server import redact
 from renderfarm.cluster.redis_settings import RedisSettings
 from renderfarm.cluster.store import Store
 from renderfarm.config import ConfigError, Settings
-from renderfarm.dashboard import queries
+from renderfarm.dashboard import chains, queries
 from renderfarm.dashboard.text import md
 from renderfarm.errors import RedisUnavailable
 from renderfarm.jobs import JobState
@@ -134,13 +135,16 @@ def time_chart(frame: pd.DataFrame, value: str, series: str, y_label: str,
 def queue_section(view: dict[str, Any]) -> None:
     st.header("Queue")
     counts = view["overview"]
-    columns = st.columns(5)
+    columns = st.columns(6)
     for column, (label, key) in zip(columns, [
-        ("Queued", "queued"), ("Leased", "leased"), ("Running", "running"), ("Done (1 h)", "done_1h"),
-        ("Failed (1 h)", "failed_1h"),
+        ("Queued", "queued"), ("Waiting (chains)", "waiting"), ("Leased", "leased"), ("Running", "running"),
+        ("Done (1 h)", "done_1h"), ("Failed (1 h)", "failed_1h"),
     ]):
         column.metric(label, f"{counts[key]:,}")
     st.caption(
+        f"Backlog: {counts['backlog']:,} jobs not finished: {counts['queued']:,} queued (runnable), "
+        f"{counts['waiting']:,} waiting for the jobs they run after (in no queue until those are done), "
+        f"{counts['leased'] + counts['running']:,} leased or running. "
         f"{counts['total']:,} jobs in Redis: {counts['done']:,} done, {counts['failed']:,} failed, "
         f"{counts['cancelled']:,} cancelled ({counts['cancelled_1h']:,} in the last hour). Recovered from: "
         f"{counts['leases_expired']:,} expired leases, {counts['timeouts']:,} renders past their time limit; "
@@ -234,6 +238,8 @@ def nodes_section(view: dict[str, Any]) -> None:
 
 
 def eta_text(row: dict[str, Any]) -> str:
+    if row["state"] == "waiting":
+        return f"after: {row['waiting']}"
     if row["state"] != "queued":
         return ""
     if row["waiting"]:
@@ -258,7 +264,7 @@ def jobs_section(view: dict[str, Any], filters: dict[str, str | None]) -> None:
                          key="filter_node")
     rows = listing["rows"]
     now = view["now"]
-    shown = f"latest {queries.JOB_LIMIT} per state (the queue from its head)"
+    shown = f"latest {queries.JOB_LIMIT} per state (the queue and the waiting jobs from their heads)"
     skipped = f"; {listing['skipped']} unreadable records skipped" if listing["skipped"] else ""
     st.caption(f"{len(rows):,} jobs shown: {shown}{skipped}.")
     if rows:
@@ -284,6 +290,69 @@ def jobs_section(view: dict[str, Any], filters: dict[str, str | None]) -> None:
         "id": f["id"], "team": f["team"], "model": f["model"], "node": f["node"], "attempts": f["attempts"],
         "when": "" if f["finished_at"] is None else duration(now - f["finished_at"]) + " ago", "reason": f["error"],
     } for f in failed]), hide_index=True, width="stretch")
+
+
+def ago(now: float, then: float | None) -> str:
+    return "" if then is None else duration(now - then) + " ago"
+
+
+def chains_section(view: dict[str, Any]) -> None:
+    """The jobs that wait for others (the head of the waiting index), the jobs a parent ended, and one job's
+    chain: its parents and its children with their states."""
+    st.header("Chains")
+    now, listing = view["now"], view["waiting"]
+    rows = listing["rows"]
+    skipped = f"; {listing['skipped']} unreadable records skipped" if listing["skipped"] else ""
+    if rows:
+        st.caption(f"{listing['total']:,} jobs wait for others; the first {len(rows):,} as they would be queued "
+                   f"(higher priority first, then the oldest){skipped}.")
+        st.dataframe(pd.DataFrame([{
+            "id": r["id"], "waits for": r["waits_text"], "chain": r["kind"], "batch": r["batch"], "model": r["model"],
+            "size": r["size"], "team": r["team"], "age": duration(r["age_s"]),
+        } for r in rows]), hide_index=True, width="stretch")
+    else:
+        st.caption(f"No job waits for another{skipped}.")
+    ended = view["blocked"]
+    st.subheader("Ended by a parent")
+    if ended:
+        st.dataframe(pd.DataFrame([{
+            "id": b["id"], "state": b["state"], "parent": b["blocked_by"], "batch": b["batch"], "team": b["team"],
+            "model": b["model"], "when": ago(now, b["finished_at"]), "reason": b["reason"],
+        } for b in ended]), hide_index=True, width="stretch")
+    else:
+        st.caption(f"No job among the latest {chains.BLOCKED_SCAN} failed or cancelled was ended by a parent.")
+    st.subheader("A job's chain")
+    st.text_input("Job id", key="chain_job", placeholder="a job id: its parents and children")
+    asked, detail = view["chain_job"], view["chain"]
+    if not asked:
+        return
+    if detail is None:
+        st.caption(f"No job {md(asked)} (or its record does not read).")
+        return
+    job = detail["job"]
+    facts = [f"**{md(job['id'])}** {md(job['state'])}", f"batch {md(job['batch'] or '?')}", md(job["model"]),
+             md(job["size"]), f"team {md(job['team'])}", f"submitted {duration(job['age_s'])} ago"]
+    if job["kind"] not in ("", "after"):  # a hires pass, an img2img from an earlier job
+        facts.append(md(job["kind"]))
+    st.markdown(" · ".join(facts))
+    if job["blocked_by"]:
+        st.caption(f"Ended by job {md(job['blocked_by'])}: {md(job['error'])}")
+    elif job["error"]:
+        st.caption(f"Error: {md(job['error'])}")
+    left, right = st.columns(2)
+    with left:
+        st.caption(f"Runs after ({len(detail['parents'])}): {len(detail['waits_on'])} not done"
+                   if detail["parents"] else "Runs after no job.")
+        if detail["parents"]:
+            st.dataframe(pd.DataFrame([{"parent": p["id"], "state": p["state"], "finished": ago(now, p["finished_at"])}
+                                       for p in detail["parents"]]), hide_index=True, width="stretch")
+    with right:
+        kids, total = detail["children"], detail["children_total"]
+        more = f", the first {len(kids)} shown" if total > len(kids) else ""
+        st.caption(f"Jobs that waited for it ({total:,}{more})" if total else "No job waited for it.")
+        if kids:
+            st.dataframe(pd.DataFrame([{"child": k["id"], "state": k["state"], "ended by it": k["ended_by_it"]}
+                                       for k in kids]), hide_index=True, width="stretch")
 
 
 def gallery_section(settings: dict[str, Any], view: dict[str, Any]) -> None:
@@ -318,6 +387,7 @@ def read_view(store: Store, settings: dict[str, Any], filters: dict[str, str | N
     half a page."""
     now = time.time()
     samples = store.samples(queries.SAMPLE_COUNT)
+    chain_job = str(st.session_state.get("chain_job") or "").strip()
     return {
         "now": now,
         "overview": queries.overview(store, now),
@@ -325,6 +395,10 @@ def read_view(store: Store, settings: dict[str, Any], filters: dict[str, str | N
         "nodes": queries.nodes(store, samples, settings["dead_after"], now),
         "jobs": queries.jobs(store, **filters, now=now),
         "failures": queries.failures(store),
+        "waiting": chains.waiting(store, now=now),
+        "blocked": chains.blocked(store),
+        "chain_job": chain_job,
+        "chain": chains.chain(store, chain_job, now=now) if chain_job else None,
         "gallery": queries.latest_done(store),  # ids: entries are read (and cached) while drawing
     }
 
@@ -340,8 +414,10 @@ def no_work_banner(view: dict[str, Any]) -> str | None:
     nodes = view["nodes"]
     if any(n["state"] in TAKES_WORK for n in nodes):
         return None
-    waiting = view["overview"]["queued"]
-    jobs = f"{waiting:,} queued jobs wait" if waiting else "new jobs will wait"
+    queued, held = view["overview"]["queued"], view["overview"]["waiting"]
+    jobs = f"{queued:,} queued jobs wait" if queued else "new jobs will wait"
+    if held:
+        jobs += f" ({held:,} more wait for other jobs)"
     if not nodes:
         return f"No node takes work: none is registered; {jobs}."
     states = ", ".join(f"{md(n['name'])} {n['state']}" for n in nodes)
@@ -382,6 +458,7 @@ def live(settings: dict[str, Any]) -> None:
     queue_section(view)
     nodes_section(view)
     jobs_section(view, filters)
+    chains_section(view)
     try:
         gallery_section(settings, view)
     except redis.RedisError as exc:  # Redis went away between the reads: the next run says so

@@ -17,7 +17,7 @@ from itertools import pairwise
 from typing import Any
 
 from renderfarm.cluster.blobs import BlobStoreError, options_from_published, read_blob
-from renderfarm.cluster.store import Store
+from renderfarm.cluster.store import ChainBlocked, Store
 from renderfarm.cluster.store.codec import finite_number
 from renderfarm.errors import CorruptRecord, JobNotFound
 from renderfarm.jobs import IllegalTransition, Job, JobState
@@ -35,7 +35,9 @@ CHART_WINDOW_S = 60.0  # the throughput chart: each point is the rate over the m
 # Tableau 10: ten hues far apart (Streamlit's default palette pairs a dark and a light shade of each hue).
 NODE_PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
                 "#9c755f", "#bab0ac")
-PENDING = (JobState.QUEUED, JobState.LEASED, JobState.RUNNING)
+# Not finished: the backlog. A waiting job (chains: held until the jobs it runs after are done) is part of it
+# but not runnable: it is in no queue, and the page shows it apart.
+PENDING = (JobState.QUEUED, JobState.LEASED, JobState.RUNNING, JobState.WAITING)
 
 
 # --- overview ----------------------------------------------------------------------------------------
@@ -45,13 +47,15 @@ RELIABILITY_COUNTERS = ("leases_expired", "timeouts", "late_results", "quarantin
 
 
 def overview(store: Store, now: float | None = None) -> dict[str, int]:
-    """Queue depth now: jobs per state (index sizes), and done / failed / cancelled in the last hour."""
+    """Queue depth now: jobs per state (index sizes; `waiting`: held for other jobs, chains), the backlog (every
+    job not finished, waiting ones included), and done / failed / cancelled in the last hour."""
     now = time.time() if now is None else now
     counts = store.counts()
     out = {state.value: int(counts.get(state.value, 0)) for state in JobState}
     for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
         out[f"{state.value}_1h"] = store.finished_since(state, now - HOUR)
     out["total"] = sum(int(counts.get(state.value, 0)) for state in JobState)
+    out["backlog"] = sum(out[state.value] for state in PENDING)
     counters = store.counters()  # what the farm survived: leases reaped, late results discarded, ...
     for name in RELIABILITY_COUNTERS:
         out[name] = int(counters.get(name, 0))
@@ -59,7 +63,8 @@ def overview(store: Store, now: float | None = None) -> dict[str, int]:
 
 
 def queue_history(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Queue depth over time, one row per sample: {"t", "queued", "leased", "running"}."""
+    """Queue depth over time, one row per sample: {"t", "queued", "leased", "running", "waiting"} (0 waiting in
+    samples written before chains)."""
     rows = []
     for sample in samples:
         counts = sample.get("counts")
@@ -252,11 +257,14 @@ def load_jobs(store: Store, ids: list[str]) -> tuple[list[Job], int]:
 
 
 def _ids(store: Store, state: JobState, limit: int) -> list[str]:
-    # The queue is shown from its head (the next jobs to run); every other state newest first.
-    return store.ids_in(state, limit=limit, newest_first=state is not JobState.QUEUED)
+    # The queue is shown from its head (the next jobs to run), the waiting jobs too (scored as in the queue:
+    # the order they would be queued in); every other state newest first.
+    return store.ids_in(state, limit=limit, newest_first=state not in (JobState.QUEUED, JobState.WAITING))
 
 
-def _row(job: Job, eta: dict[str, Any] | None, now: float) -> dict[str, Any]:
+def _row(
+    job: Job, eta: dict[str, Any] | None, now: float, waits: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
     spec = job.spec
     row = {
         "id": job.id,
@@ -277,6 +285,8 @@ def _row(job: Job, eta: dict[str, Any] | None, now: float) -> dict[str, Any]:
         "waiting": "",
         "error": job.error or "",
     }
+    if job.state is JobState.WAITING:  # what it waits for: the parents not done, with their states
+        row["waiting"] = ", ".join(f"{parent} ({state})" for parent, state in waits or []) or "its parents are done"
     if eta is not None:
         position, finish = eta.get("position"), finite_number(eta.get("finish"))
         row["position"] = int(position) if isinstance(position, int) and not isinstance(position, bool) else None
@@ -285,17 +295,19 @@ def _row(job: Job, eta: dict[str, Any] | None, now: float) -> dict[str, Any]:
     return row
 
 
-_ACTIVE_ORDER = {JobState.QUEUED.value: 0, JobState.LEASED.value: 1, JobState.RUNNING.value: 2}
+_ACTIVE_ORDER = {JobState.QUEUED.value: 0, JobState.WAITING.value: 1, JobState.LEASED.value: 2,
+                 JobState.RUNNING.value: 3}
 
 
 def _table_order(row: dict[str, Any]) -> tuple[Any, ...]:
-    """Queued jobs by their place in the queue (those the scheduler placed nowhere after them), then leased,
-    then running, then the finished ones newest first. A stable sort: ties keep the index order."""
-    group = _ACTIVE_ORDER.get(row["state"], 3)
+    """Queued jobs by their place in the queue (those the scheduler placed nowhere after them), then waiting
+    (behind the queue, in index order), leased, running, then the finished ones newest first. A stable sort: ties
+    keep the index order."""
+    group = _ACTIVE_ORDER.get(row["state"], 4)
     if group == 0:
         return (0, row["position"] is None, row["position"] or 0)
-    if group == 3:
-        return (3, -(row["finished_at"] or 0.0))
+    if group == 4:
+        return (4, -(row["finished_at"] or 0.0))
     return (group,)
 
 
@@ -311,16 +323,18 @@ def jobs(
     """The latest `limit` jobs of each shown state (one state, or all), filtered by team, model and node.
 
     Queued jobs carry their place in the queue and ETA (seconds until they should finish) as the scheduler
-    last published them, or why they wait. Rows come queued jobs first, in queue order, then leased, running,
-    and the finished newest first. Returns {"rows", "facets": {"team", "model", "node"} (values seen
-    before filtering: the filters' choices), "skipped" (unreadable records)}.
+    last published them, or why they wait; waiting jobs (chains) what they wait for. Rows come queued jobs first,
+    in queue order, then waiting, leased, running, and the finished newest first. Returns {"rows", "facets":
+    {"team", "model", "node"} (values seen before filtering: the filters' choices), "skipped" (unreadable
+    records)}.
     """
     now = time.time() if now is None else now
     states = [JobState(state)] if state else list(JobState)
     ids = [job_id for s in states for job_id in _ids(store, s, limit)]
     found, skipped = load_jobs(store, ids)
     etas = store.etas([job.id for job in found if job.state is JobState.QUEUED])
-    rows = sorted((_row(job, etas.get(job.id), now) for job in found), key=_table_order)
+    waits = store.waits_for(found)  # one pipelined read of the waiting jobs' parents' states
+    rows = sorted((_row(job, etas.get(job.id), now, waits.get(job.id)) for job in found), key=_table_order)
     facets = {key: sorted({r[key] for r in rows if r[key]}) for key in ("team", "model", "node")}
     wanted = {"team": team, "model": model, "node": node}
     rows = [r for r in rows if all(not value or r[key] == value for key, value in wanted.items())]
@@ -419,7 +433,7 @@ def _result(ok: bool, message: str) -> dict[str, Any]:
 
 
 def cancel_job(store: Store, job_id: str) -> dict[str, Any]:
-    """Cancel a queued, leased or running job."""
+    """Cancel a queued, waiting, leased or running job (a waiting job's waiting children go with it)."""
     job_id = job_id.strip()
     if not job_id:
         return _result(False, "Enter a job id.")
@@ -429,13 +443,16 @@ def cancel_job(store: Store, job_id: str) -> dict[str, Any]:
         return _result(False, f"No job {job_id!r}.")
     except IllegalTransition as exc:
         return _result(
-            False, f"Job {job_id} is {exc.current.value}: only queued, leased or running jobs can be cancelled."
+            False,
+            f"Job {job_id} is {exc.current.value}: only queued, waiting, leased or running jobs can be cancelled.",
         )
     return _result(True, f"Cancelled job {job_id} (was {left.value}).")
 
 
 def retry_job(store: Store, job_id: str) -> dict[str, Any]:
-    """Put a failed job back in the queue, at its original place."""
+    """Put a failed job back in the queue, at its original place, as `renderfarm retry` does (Store.retry): to
+    wait, when jobs it runs after are not done; the chain its failure ended comes back with it (waiting); refused
+    while a job it waits for is failed or cancelled (retry that one)."""
     job_id = job_id.strip()
     if not job_id:
         return _result(False, "Enter a job id.")
@@ -444,8 +461,16 @@ def retry_job(store: Store, job_id: str) -> dict[str, Any]:
         return _result(False, f"No job {job_id!r}.")
     if state is not JobState.FAILED:
         return _result(False, f"Job {job_id} is {state.value}: only failed jobs can be retried.")
-    if not store.requeue(job_id, "retried from the dashboard"):
+    try:
+        store.retry(job_id)
+    except ChainBlocked as exc:
+        return _result(False, f"Job {job_id} not retried: {exc}.")
+    except (IllegalTransition, JobNotFound):
         return _result(False, f"Job {job_id} changed state meanwhile; not retried.")
+    except CorruptRecord as exc:
+        return _result(False, f"Job {job_id} not retried: {exc}.")
+    if store.state(job_id) is JobState.WAITING:
+        return _result(True, f"Job {job_id} waits again for the jobs it runs after.")
     return _result(True, f"Job {job_id} is queued again.")
 
 

@@ -15,13 +15,14 @@ from renderfarm.cluster.redis_server import EmbeddedRedis, connect, free_port
 from renderfarm.cluster.store import Store
 from renderfarm.jobs import Job, JobSpec, JobState
 from tests.dashboard.conftest import png
+from tests.dashboard.test_chains import seed_chains
 from tests.helpers import put_pngs
 
 pytestmark = pytest.mark.integration
 
 APP = Path(__file__).resolve().parents[2] / "renderfarm" / "dashboard" / "app.py"
 TOKEN = "s3cret-dashboard-token"
-QUEUE_METRICS = ("Queued", "Leased", "Running", "Done (1 h)", "Failed (1 h)")
+QUEUE_METRICS = ("Queued", "Waiting (chains)", "Leased", "Running", "Done (1 h)", "Failed (1 h)")
 
 
 @pytest.fixture
@@ -63,8 +64,9 @@ def test_page_shows_the_farm(page, seeded):
     at = page.run()
     assert not at.exception
     assert at.title[0].value == "renderfarm"
-    assert [h.value for h in at.header] == ["Queue", "Nodes", "Jobs", "Gallery"]
-    assert queue_metrics(at) == {"Queued": "3", "Leased": "1", "Running": "2", "Done (1 h)": "3", "Failed (1 h)": "1"}
+    assert [h.value for h in at.header] == ["Queue", "Nodes", "Jobs", "Chains", "Gallery"]
+    assert queue_metrics(at) == {"Queued": "3", "Waiting (chains)": "0", "Leased": "1", "Running": "2",
+                                 "Done (1 h)": "3", "Failed (1 h)": "1"}
     cards = node_cards(at)
     assert set(cards) == {"node-a", "node-b", "node-c"}
     for name, state in seeded.node_states.items():
@@ -85,7 +87,8 @@ def test_page_shows_the_farm(page, seeded):
     assert len(images) == 4
     assert "Seed 1007" in captions and "job d1 on node-a" in captions
     assert "read-only" in texts(at.sidebar.caption)
-    assert not at.button and not at.text_input, "no actions without a configured token"
+    assert not at.button and [t.key for t in at.text_input] == ["chain_job"], \
+        "no actions without a configured token (the chains view's job lookup only reads)"
 
 
 def test_jobs_filter_shows_queue_positions_and_etas(page, seeded):
@@ -247,3 +250,42 @@ def test_a_node_card_shows_the_job_it_renders_and_its_step(page, seeded):
     assert len(bars) == 1, "node-a renders; node-b and node-c do not"
     assert unescape(bars[0].proto.text) == "rendering r0 step 12/28"
     assert bars[0].proto.value == int(100 * 12 / 28)
+
+
+def test_the_chains_view(page, seeded):
+    seed_chains(seeded.store, seeded.now)
+    at = page.run()
+    assert not at.exception and not at.error
+    assert "Chains" in [h.value for h in at.header]
+    metrics = queue_metrics(at)
+    assert (metrics["Queued"], metrics["Waiting (chains)"]) == ("5", "3")
+    captions = unescape(texts(at.caption))
+    assert "Backlog: 11 jobs not finished: 5 queued (runnable), 3 waiting for the jobs they run after" in captions
+    assert "3 jobs wait for others; the first 3 as they would be queued" in captions
+    tables = [d.value for d in at.dataframe]
+    jobs = tables[0].set_index("id")
+    assert jobs.loc["ch-b", "state"] == "waiting" and jobs.loc["ch-b", "ETA"] == "after: ch-a (queued)"
+    waiting = next(t for t in tables if "waits for" in t.columns)
+    assert list(waiting["id"]) == ["ch-b", "ch-c", "hi"]
+    assert list(waiting["waits for"]) == ["ch-a (queued)", "ch-b (waiting)", "hi-base (queued)"]
+    assert list(waiting.set_index("id").loc["hi", ["chain", "batch", "size"]]) == ["hires pass", "chains-1", "128x128"]
+    ended = next(t for t in tables if "parent" in t.columns and "reason" in t.columns).set_index("id")
+    assert set(ended.index) == {"ch-y", "ch-z", "ch-q"}
+    assert ended.loc["ch-y", "parent"] == "ch-x" and ended.loc["ch-y", "reason"].startswith("job ch-x it waits for")
+
+    at.text_input(key="chain_job").input("ch-b").run()
+    assert not at.exception
+    tables = [d.value for d in at.dataframe]
+    parents = next(t for t in tables if "parent" in t.columns and "reason" not in t.columns)
+    kids = next(t for t in tables if "child" in t.columns)
+    assert list(zip(parents["parent"], parents["state"])) == [("ch-a", "queued")]
+    assert list(zip(kids["child"], kids["state"])) == [("ch-c", "waiting")]
+    assert "**ch\\-b** waiting" in texts(at.markdown)
+
+    at.text_input(key="chain_job").input("ch-x").run()
+    kids = next(d.value for d in at.dataframe if "child" in d.value.columns)
+    assert list(zip(kids["child"], kids["state"], kids["ended by it"])) == [("ch-y", "failed", True)]
+    assert "Runs after no job." in texts(at.caption)
+
+    at.text_input(key="chain_job").input("nope").run()
+    assert not at.exception and "No job nope" in unescape(texts(at.caption))

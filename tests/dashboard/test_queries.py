@@ -23,7 +23,7 @@ def test_queue_history_from_samples(seeded):
     history = queries.queue_history(seeded.store.samples())
     assert [row["queued"] for row in history] == [5, 4, 3]
     assert history[0]["t"] < history[-1]["t"]
-    assert set(history[0]) == {"t", "queued", "leased", "running"}
+    assert set(history[0]) == {"t", "queued", "leased", "running", "waiting"}
 
 
 def test_nodes_state_hardware_and_throughput(seeded):
@@ -245,7 +245,7 @@ def test_actions(seeded):
     assert result == {"ok": True, "message": "Cancelled job q0 (was queued)."}
     assert store.state("q0") is JobState.CANCELLED
     assert not queries.cancel_job(store, "d0")["ok"]
-    assert "only queued, leased or running" in queries.cancel_job(store, "d0")["message"]
+    assert "only queued, waiting, leased or running" in queries.cancel_job(store, "d0")["message"]
     assert queries.cancel_job(store, "nope") == {"ok": False, "message": "No job 'nope'."}
     assert queries.cancel_job(store, "  ")["message"] == "Enter a job id."
 
