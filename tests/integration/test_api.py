@@ -1,6 +1,6 @@
 """The HTTP API (renderfarm/api) over a real farm: uvicorn on a free loopback port, a real redis-server, a private
-Ray and the stand-in models. Native endpoints, Server-Sent Events, team tokens, A1111 compatibility through the
-unmodified `webuiapi` client from PyPI."""
+Ray and the stand-in models. Native endpoints, Server-Sent Events, team tokens, A1111 compatibility (its hires
+fix included) through the unmodified `webuiapi` client from PyPI."""
 
 from __future__ import annotations
 
@@ -197,6 +197,55 @@ def test_webuiapi_client(api, farm):
     assert isinstance(client.get_loras(), list)
 
 
+def test_a1111_hires_fix(http):
+    """`enable_hr` through the farm: each iteration a first pass and a hires pass; the answer is the hires passes'
+    images at the final size, `info` and the infotexts as A1111 reports a hires fix."""
+    from PIL import Image
+
+    from renderfarm.infotext import parse_a1111_parameters
+
+    body = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2, "seed": 77, "batch_size": 2,
+            "override_settings": {"sd_model_checkpoint": "tiny-sd15"}, "enable_hr": True, "hr_scale": 2,
+            "hr_second_pass_steps": 2, "hr_upscaler": "Lanczos", "denoising_strength": 0.5}
+    answer = http.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    reply = answer.json()
+    images = [Image.open(io.BytesIO(base64.b64decode(data))) for data in reply["images"]]
+    assert [image.size for image in images] == [(128, 128)] * 2
+    info = json.loads(reply["info"])
+    assert (info["width"], info["height"], info["steps"], info["denoising_strength"]) == (64, 64, 2, 0.5)
+    assert info["extra_generation_params"] == {"Denoising strength": 0.5, "Hires upscale": 2.0, "Hires steps": 2,
+                                               "Hires upscaler": "Lanczos"}
+    assert info["all_seeds"] == [77, 78]
+    assert [image.info["parameters"] for image in images] == info["infotexts"]
+    for k, text in enumerate(info["infotexts"]):
+        params = parse_a1111_parameters(text)
+        assert (params["Size"], params["Steps"], params["Seed"]) == ("64x64", "2", str(77 + k))
+        assert (params["Hires upscale"], params["Hires steps"], params["Hires upscaler"]) == ("2.0", "2", "Lanczos")
+        assert params["Denoising strength"] == "0.5"
+    farm = info["renderfarm"]
+    assert farm["first_pass_job_ids"] == [farm["job_ids"][0] + "-base"] and len(farm["first_pass_nodes"]) == 1
+
+
+def test_webuiapi_hires_fix(api):
+    """webuiapi's txt2img with enable_hr: its default upscaler ("Latent") is refused naming hr_upscaler;
+    "Lanczos" renders the hires pass."""
+    import webuiapi
+
+    host, port = api.url.removeprefix("http://").split(":")
+    client = webuiapi.WebUIApi(host=host, port=int(port), sampler="Default")
+    model = {"sd_model_checkpoint": "tiny-sd15"}
+    result = client.txt2img(prompt="a red kite over hills", width=64, height=64, steps=2, seed=9, enable_hr=True,
+                            hr_scale=2, hr_second_pass_steps=2, hr_upscaler=webuiapi.HiResUpscaler.Lanczos,
+                            override_settings=model)
+    assert [image.size for image in result.images] == [(128, 128)]
+    assert "Hires upscale: 2.0, Hires steps: 2, Hires upscaler: Lanczos" in result.info["infotexts"][0]
+    assert "Denoising strength: 0.7" in result.info["infotexts"][0]  # webuiapi's default, A1111's UI's
+    with pytest.raises(RuntimeError) as latent:
+        client.txt2img(prompt="x", width=64, height=64, steps=2, enable_hr=True, override_settings=model)
+    assert latent.value.args[0] == 422 and "hr_upscaler" in latent.value.args[1]
+
+
 def test_a1111_fields_map_or_are_refused(http):
     unknown = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "controlnet_units": []})
     assert unknown.status_code == 422 and "controlnet_units" in unknown.text
@@ -210,6 +259,8 @@ def test_a1111_fields_map_or_are_refused(http):
     assert http.post("/sdapi/v1/options", json={"sd_vae": "auto"}).status_code == 422
     no_image = http.post("/sdapi/v1/img2img", json={})  # img2img takes init_images[0] (tests/integration/test_inputs_api.py)
     assert no_image.status_code == 422 and "init_images" in no_image.text
+    latent = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "enable_hr": True, "hr_upscaler": "Latent"})
+    assert latent.status_code == 422 and latent.json()["detail"]["field"] == "hr_upscaler"  # test_a1111_hires.py
 
 
 def test_metrics_scraped(http, farm):
