@@ -12,8 +12,9 @@ What a batch may say, and what the client makes of it before anything is enqueue
   every image the parent's image i (i below its count). A parent of another size needs a `resize_mode`.
 - `hires` on a text-to-image spec: the spec becomes two jobs. The first pass is the spec without `hires`, with
   the id `<id>-base`; the second, which keeps the spec's id (the job whose images were asked for), is an
-  img2img job at `scale` times the size (rounded down to the family's size multiple), `strength` and `steps`
-  of the fix (0: the first pass's), the same seed, `init_from` the first pass image for image, resized with
+  img2img job at `scale` times the size (rounded down to the family's size multiple), the fix's `strength`,
+  running the fix's `steps` (0: the first pass's) denoising steps as A1111's hires pass does (`hires_steps`:
+  the job's steps stretched so that strength x steps are those), the same seed, `init_from` the first pass image for image, resized with
   Lanczos (`resize_mode` "resize"). A1111's hires fix does the same in one process; on the farm each pass is
   routed on its own to a node where it fits (the second is the bigger).
 
@@ -28,7 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from renderfarm.errors import SpecError
-from renderfarm.jobs import Job, JobSpec, JobState
+from renderfarm.jobs import MAX_STEPS, Job, JobSpec, JobState
+from renderfarm.planning.vram import effective_steps
 
 BASE_SUFFIX = "-base"  # the first pass of a hires fix: `<id>-base`
 _LOCAL = re.compile(r"#([0-9]+)")
@@ -45,6 +47,19 @@ def hires_size(value: int, scale: float, multiple: int) -> int:
     return max(multiple, int(value * scale) // multiple * multiple)
 
 
+def hires_steps(steps: int, strength: float, flow_matching: bool) -> int:
+    """The `steps` of the hires pass's img2img job so that it runs `steps` denoising steps at `strength`, as
+    A1111's hires pass does (sd_samplers_common.setup_img2img_steps: given steps, it stretches the schedule to
+    steps / strength and runs the last `steps` of it); an img2img job of `steps` steps would run only about
+    steps x strength. At strength 0 nothing runs either way."""
+    if strength <= 0:
+        return steps
+    total = steps  # the fewest: a pass of n steps runs at most n, and one more step adds at most one run
+    while effective_steps(total, strength, flow_matching) < steps and total <= MAX_STEPS:
+        total += 1
+    return total  # past MAX_STEPS when the strength is too low for the steps: the pass's check refuses it
+
+
 def plan_chains(
     specs: Sequence[JobSpec],
     ids: Sequence[str],
@@ -52,12 +67,13 @@ def plan_chains(
     validate: Callable[[dict[str, Any], str], JobSpec],
     read: Callable[[list[str]], list[Job | None]],
     may_touch: Callable[[str], bool],
-    size_multiple: Callable[[str], int],
+    family: Callable[[str], Any],
 ) -> tuple[list[JobSpec], list[str]]:
     """The jobs to enqueue for `specs` (already validated) with `ids`: references resolved, hires fixes built,
     every parent checked. `validate` checks a built spec (dict, where); `read` reads existing jobs (None when
-    missing); `may_touch(team)` says whether this client may read a team's jobs; `size_multiple(model)`.
-    Raises SpecError naming each problem; then nothing may be enqueued."""
+    missing); `may_touch(team)` says whether this client may read a team's jobs; `family(model)`: the model's
+    family (its `size_multiple`, `flow_matching`). Raises SpecError naming each problem; then nothing may be
+    enqueued."""
     if not any(spec.after or spec.init_from or spec.hires for spec in specs):
         return list(specs), list(ids)
     errors: list[str] = []
@@ -75,7 +91,7 @@ def plan_chains(
             errors.append(f"jobs[{i}]: hires: its first pass would take the id {base_id}, which the batch uses")
             continue
         try:
-            second = _hires_pass(spec, base_id, size_multiple(spec.model), validate, f"jobs[{i}] (hires pass)")
+            second = _hires_pass(spec, base_id, family(spec.model), validate, f"jobs[{i}] (hires pass)")
         except SpecError as exc:
             errors.append(str(exc))
             continue
@@ -152,14 +168,16 @@ def _resolve(spec: JobSpec, i: int, ids: Sequence[str], errors: list[str]) -> Jo
     return spec.model_copy(update={"after": tuple(parents), "init_from": init_from})
 
 
-def _hires_pass(spec: JobSpec, base_id: str, multiple: int, validate: Callable[[dict[str, Any], str], JobSpec],
+def _hires_pass(spec: JobSpec, base_id: str, family: Any, validate: Callable[[dict[str, Any], str], JobSpec],
                 where: str) -> JobSpec:
     fix = spec.hires
     assert fix is not None
+    multiple = family.size_multiple
     data = spec.model_dump()
     data.update(
         width=hires_size(spec.width, fix.scale, multiple), height=hires_size(spec.height, fix.scale, multiple),
-        steps=fix.steps or spec.steps, strength=fix.strength, init_from=base_id, after=[base_id],
+        steps=hires_steps(fix.steps or spec.steps, fix.strength, family.flow_matching), strength=fix.strength,
+        init_from=base_id, after=[base_id],
         resize_mode="resize",
     )
     return validate(data, where)

@@ -217,7 +217,7 @@ class FarmClient:
             try:  # chains: "#N" resolved, hires fixes built (two jobs each), parents checked (renderfarm/chains.py)
                 valid, ids = plan_chains(
                     valid, given, validate=lambda data, where: self.validate(data, where, farm), read=self.store.get_many,
-                    may_touch=lambda team: self.access().may_touch(team), size_multiple=lambda m: self.catalog.get(m).family.size_multiple)
+                    may_touch=lambda team: self.access().may_touch(team), family=lambda m: self.catalog.get(m).family)
             except SpecError as exc:
                 errors = [str(exc).removesuffix("; nothing was enqueued")]
         if not errors:

@@ -37,7 +37,7 @@ def test_a_hires_fix_runs_as_two_jobs_in_order(client):
     first = client.job("hr-base")
     second = client.job("hr")
     assert (first.spec.width, first.spec.hires, first.spec.num_images) == (64, None, 2)
-    assert (second.spec.width, second.spec.height, second.spec.steps) == (128, 128, 2)
+    assert (second.spec.width, second.spec.height, second.spec.steps) == (128, 128, 4)  # runs 2 at strength 0.6
     assert (second.spec.init_from, second.spec.after, second.spec.strength) == ("hr-base", ("hr-base",), 0.6)
     assert second.spec.seed == first.spec.seed == 11
     done = client.wait(["hr"], timeout=300)

@@ -3,12 +3,14 @@ the spec and the field named (the store and the farm: tests/integration/test_cha
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
-from renderfarm.chains import hires_size, parse_init_from, plan_chains
+from renderfarm.chains import hires_size, hires_steps, parse_init_from, plan_chains
 from renderfarm.errors import SpecError
-from renderfarm.jobs import Job, JobSpec, JobState
+from renderfarm.jobs import Job, JobSpec, JobState, describe_validation_error
 
 BASE = {"model": "tiny-sd15", "prompt": "a fox", "width": 64, "height": 64, "steps": 3, "seed": 7}
 
@@ -19,9 +21,15 @@ def spec(**kw) -> JobSpec:
 
 def plan(specs, ids, existing=(), team_ok=lambda team: True):
     found = {job.id: job for job in existing}
-    return plan_chains(specs, ids, validate=lambda data, where: JobSpec.model_validate(data),
+    def validate(data, where):  # as FarmClient.validate: SpecError naming where and the field
+        try:
+            return JobSpec.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(f"{where}: {describe_validation_error(exc)}") from None
+
+    return plan_chains(specs, ids, validate=validate,
                        read=lambda wanted: [found.get(i) for i in wanted], may_touch=team_ok,
-                       size_multiple=lambda model: 8)
+                       family=lambda model: SimpleNamespace(size_multiple=8, flow_matching=False))
 
 
 def test_a_batch_without_chains_is_left_as_it_is():
@@ -43,7 +51,8 @@ def test_a_hires_fix_becomes_two_jobs_the_second_keeping_the_id():
     assert ids == ["h-base", "h", "k"]
     first, second, after = specs
     assert (first.hires, first.webhook, first.width, first.num_images) == (None, None, 64, 2)
-    assert (second.width, second.height, second.steps, second.strength) == (96, 96, 2, 0.55)
+    # 2 steps run at strength 0.55, as A1111's hires pass runs its steps: the job's steps stretched to 4
+    assert (second.width, second.height, second.steps, second.strength) == (96, 96, 4, 0.55)
     assert (second.init_from, second.after, second.resize_mode, second.seed) == ("h-base", ("h-base",), "resize", 7)
     assert second.webhook == "https://hooks.example.com/a" and second.hires.scale == 1.5
     assert after.after == ("h",)  # "#0" is the job asked for: its second pass
@@ -94,3 +103,21 @@ def test_a_hires_first_pass_id_taken_by_the_batch_is_refused():
 def test_the_spec_fields_are_checked(fields, message):
     with pytest.raises(ValidationError, match=message):
         spec(**fields)
+
+
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("strength", [0.05, 0.3, 0.5, 0.55, 0.65, 0.7, 0.75, 0.9, 1.0])
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 20, 28, 50])
+def test_a_hires_pass_runs_the_steps_asked_for(steps, strength, flow):
+    from renderfarm.planning.vram import effective_steps
+
+    total = hires_steps(steps, strength, flow)
+    if total < 200:
+        assert effective_steps(total, strength, flow) == steps
+        assert total == steps or effective_steps(total - 1, strength, flow) < steps  # the fewest that do
+    assert hires_steps(steps, 0.0, flow) == steps
+
+
+def test_a_hires_pass_too_long_for_the_farm_is_refused():
+    with pytest.raises(SpecError, match=r"jobs\[0\] \(hires pass\): .*steps"):
+        plan([spec(steps=50, hires={"strength": 0.1})], ["a"])
