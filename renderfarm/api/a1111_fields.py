@@ -171,8 +171,8 @@ def img2img_fields(body: dict[str, Any], who: Caller) -> dict[str, Any]:
     """The job's image-input fields from an A1111 img2img request: `init_images[0]` (base64) the init image,
     `mask` (base64) the mask (inverted here for `inpainting_mask_invert: 1`), `denoising_strength` the strength,
     `mask_blur` (or equal mask_blur_x and _y) the blur, `resize_mode` 0/1/2 resize/crop/fill (3, latent upscale,
-    is refused), `inpaint_full_res` true (or 1) the inpaint area "masked" ("Only masked"; false, 0 or absent: the
-    whole picture) with `inpaint_full_res_padding` its mask padding (absent: 0, A1111's API default). What the
+    is refused), `inpaint_full_res` true, 1 or absent (A1111's API default) the inpaint area "masked" ("Only masked";
+    false or 0: the whole picture) with `inpaint_full_res_padding` its mask padding (absent: 0, A1111's API default). What the
     farm does not do is a 422 naming it: another `inpainting_fill` than 1 (original). The images are checked by
     the client (renderfarm/inputs.py)."""
     from renderfarm.inputs import InvalidImage, decode_base64_image
@@ -212,8 +212,10 @@ def img2img_fields(body: dict[str, Any], who: Caller) -> dict[str, Any]:
         if body.get("inpainting_fill", 1) not in (1, None):
             raise refuse("inpainting_fill", body["inpainting_fill"], "the farm starts the masked area from the "
                           "original image only: send 1 (original)")
-        full_res = body.get("inpaint_full_res")
-        if full_res not in (False, True, None):  # 0 and 1 included
+        full_res = body.get("inpaint_full_res", True)  # absent: A1111's API default, only the masked area
+        if full_res is None:
+            full_res = True
+        if full_res not in (False, True):  # 0 and 1 included
             raise invalid("inpaint_full_res", f"{json.dumps(full_res, default=str)[:40]} is not true/1 (only the "
                            "masked area) or false/0 (the whole picture)")
         if full_res:

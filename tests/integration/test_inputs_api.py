@@ -161,7 +161,8 @@ def test_img2img_refuses_what_the_farm_does_not_do(http, store, fields, field, s
     ({"inpaint_full_res": True, "inpaint_full_res_padding": None}, "masked", 0),
     ({"inpaint_full_res": False, "inpaint_full_res_padding": 16}, "whole", 32),  # the padding unused, as in A1111
     ({"inpaint_full_res": 0}, "whole", 32),
-    ({}, "whole", 32),
+    ({}, "masked", 0),  # absent: A1111's API defaults, only masked with no padding
+    ({"inpaint_full_res": None}, "masked", 0),
 ])
 def test_img2img_maps_inpaint_full_res_onto_the_inpaint_area(http, store, monkeypatch, fields, area, padding):
     submitted = []
