@@ -9,8 +9,8 @@ pass at `--scale` times the size with `--strength` and the same steps, from the 
 - chain: one submit of a spec with `hires` (the client builds the two jobs; the farm queues the second when the
   first is done and its node reads the first pass's image from the result store), then a wait for the second;
 - by hand: submit the first pass, wait for it, read its PNG back (FarmClient.result), submit the img2img pass
-  with that PNG as its init image (the client checks and uploads it), wait for it: what a script does without
-  chains.
+  with that PNG as its init image (the client checks and uploads it) and the steps that run the same denoising
+  steps (chains.hires_steps), wait for it: what a script does without chains.
 Rounds interleave (chain, hand, chain, hand, ...) with new seeds each round, after one untimed round each (the
 models warm at both sizes). Figures: wall seconds end to end per side (median, min-max), the chain's saving,
 and whether the two final images are the same pixels (same seed and work; they are when both second passes
@@ -53,7 +53,7 @@ def by_chain(client, size: int, steps: int, scale: float, strength: float, seed:
 
 
 def by_hand(client, size: int, steps: int, scale: float, strength: float, seed: int) -> tuple[float, bytes]:
-    from renderfarm.chains import hires_size
+    from renderfarm.chains import hires_size, hires_steps
 
     start = time.perf_counter()
     (first,) = client.submit_batch([first_pass(size, steps, seed)])
@@ -61,9 +61,12 @@ def by_hand(client, size: int, steps: int, scale: float, strength: float, seed: 
     if job.state.value != "done":
         raise RuntimeError(f"first pass {first}: {job.state.value}: {job.error}")
     image = client.result(first).png[0]
-    side = hires_size(size, scale, client.catalog.get(MODEL).family.size_multiple)
-    (second,) = client.submit_batch([{**first_pass(size, steps, seed), "width": side, "height": side,
-                                      "init_image": image, "strength": strength, "resize_mode": "resize"}])
+    family = client.catalog.get(MODEL).family
+    side = hires_size(size, scale, family.size_multiple)
+    # The same work as the chain's second pass: `steps` denoising steps at `strength`, as A1111's hires pass runs.
+    (second,) = client.submit_batch([{**first_pass(size, hires_steps(steps, strength, family.flow_matching), seed),
+                                      "width": side, "height": side, "init_image": image, "strength": strength,
+                                      "resize_mode": "resize"}])
     (job,) = client.wait([second], timeout=600)
     png = client.result(second).png[0] if job.state.value == "done" else b""
     elapsed = time.perf_counter() - start
