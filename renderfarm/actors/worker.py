@@ -167,6 +167,10 @@ class RenderWorker:
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}",
                                          initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         self._finishing, self._books = threading.Lock(), threading.RLock()
+        # On a CPU node torch has every core: a batch finished on another thread while the next one renders only
+        # takes cores and the GIL from that render (bench/overhead.py), so there it finishes on the torch thread
+        # before the next starts. On a card the render waits on the GPU, and finishing beside it hides the finishing.
+        self._finish_inline = self.device == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1)
         self._rendering = False  # a batch is starting or rendering: its fields (state, step) are in the record
         self._holding: list[str] = []  # jobs of the batch being rendered, whose leases the heartbeat renews
         self._timeout_s: float | None = None
@@ -287,13 +291,23 @@ class RenderWorker:
 
     def _render(self, job_ids: list[str], specs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Start and render the batch on the torch thread (one batch at a time), then, on this call's thread,
-        write its images and complete its jobs while the next batch renders. `_finishing` is taken on the torch
+        write its images and complete its jobs while the next batch renders (on a CPU node, on the torch thread
+        before the next: `_finish_inline`). `_finishing` is taken on the torch
         thread before it moves on, so batches finish in the order they rendered, and a batch whose finishing
         waits (a slow store) holds the next render back rather than piling up images."""
         summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
+        if self._finish_inline:
+            return self._torch.submit(self._render_and_finish, job_ids, specs, summary).result()
         rendered = self._torch.submit(self._render_exclusive, job_ids, specs, summary).result()
-        if rendered is None:
-            return summary
+        return summary if rendered is None else self._finish_rendered(rendered, summary)
+
+    def _render_and_finish(self, job_ids: list[str], specs: list[dict[str, Any]] | None,
+                           summary: dict[str, Any]) -> dict[str, Any]:
+        """`_render` on the torch thread from start to finish (a CPU node: see `_finish_inline`)."""
+        rendered = self._render_exclusive(job_ids, specs, summary)
+        return summary if rendered is None else self._finish_rendered(rendered, summary)
+
+    def _finish_rendered(self, rendered: Rendered, summary: dict[str, Any]) -> dict[str, Any]:
         try:
             return self._complete(rendered, summary)
         finally:
