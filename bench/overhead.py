@@ -156,6 +156,9 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
     from renderfarm.config import Settings
     from renderfarm.farm import Farm
 
+    farm_render_s: list[float] = []  # render_batch's own time per job (its timings' total_s), each side
+    render_s: list[float] = []
+
     def direct(specs: list[dict[str, Any]], saved_to: Any = None) -> tuple[float, float]:
         """The same renders in this process; with `saved_to` (a result store), each PNG is also written
         there, one after another, as a loop that keeps its pictures would (the farm's node does write them)."""
@@ -165,7 +168,9 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
             requests = [RenderRequest(f"direct-{s['seed']}", s["prompt"], "", SIZE, SIZE, STEPS, GUIDANCE,
                                       s["seed"], 1)
                         for s in specs[i:i + batch]]
-            for result in render_batch(pipe, entry, requests):
+            results = render_batch(pipe, entry, requests)
+            render_s.append(results[0].timings["total_s"] / len(requests))  # the batch's render_batch, per job
+            for result in results:
                 if not result.images:
                     raise RuntimeError(f"direct render of {result.job_id} returned no image")
                 if saved_to is not None:
@@ -198,6 +203,7 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
                 for job in client.as_completed(ids, timeout=600):
                     if job.state.value != "done":
                         raise RuntimeError(f"job {job.id} {job.state.value}: {job.error}")
+                    farm_render_s.append(job.timings["total_s"] / job.timings.get("batch_size", 1.0))
                     # the PNG bytes from the farm's result store, as the direct loop has them (FarmClient.result
                     # also decodes them: a fraction of a millisecond at 64x64, counted against the farm)
                     if not client.result(job.id).png:
@@ -211,6 +217,8 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
             direct(specs_for(-1, min(jobs, batch * 2)))  # warm both paths (first-call allocations, kernels)
             through_farm(specs_for(-1, min(jobs, batch * 2)))
             by_role.clear()  # the warm-up is not a round
+            farm_render_s.clear()
+            render_s.clear()
             time.sleep(settings.heartbeat_seconds * 1.5)  # node records carry their counters of the warm-up
             trips0 = round_trips(farm, client)
             farm_wall, farm_cpu, direct_wall, direct_cpu, commands = [], [], [], [], []
@@ -271,6 +279,10 @@ def measure_size(batch: int, jobs: int, rounds: int, threads: int, pipe: Any, en
         "cpu_ratio": round(fc["median"] / dc["median"], 3),
         "goal_ratio": GOAL_RATIO,
         "meets_goal": fw["median"] / dw["median"] <= GOAL_RATIO and fc["median"] / dc["median"] <= GOAL_RATIO,
+        # render_batch's own time per job on each side (the node's, from its jobs' timings): the part of the
+        # farm's extra wall that is inside the render (a slower render on the node) rather than around it
+        "render_ms_per_job": {"farm": round(statistics.median(farm_render_s) * 1e3, 2),
+                              "direct": round(statistics.median(render_s) * 1e3, 2)},
         "redis_commands_per_job": round(statistics.median(commands), 2),
         "redis_round_trips_per_job": trips,
         # client + workers (per batch) + scheduler; None while the scheduler reports none (see round_trips)
@@ -323,8 +335,9 @@ def print_report(report: dict[str, Any]) -> None:
               f"{cell('farm_cpu_ms'):>22} {cell('direct_cpu_ms'):>22} {s['cpu_ratio']:>6.2f}  "
               f"<= {s['goal_ratio']:.2f} {verdict}")
     for s in report["sizes"]:
+        r = s["render_ms_per_job"]
         print(f"  batch {s['batch']}: the farm adds {s['added_wall_ms']:.1f} ms wall and {s['added_cpu_ms']:.1f} ms CPU "
-              "to each job")
+              f"to each job; render_batch itself takes {r['farm']:.1f} ms a job on the node, {r['direct']:.1f} ms here")
     print("  the direct loop also writing each PNG to the same kind of result store (synced), one after another:")
     for s in report["sizes"]:
         w, c = s["direct_saving_wall_ms"], s["direct_saving_cpu_ms"]
