@@ -24,6 +24,8 @@ def test_quick_run_reports_like_for_like_figures():
     assert report["jobs"] == 8 and report["rounds"] == 2
     (size,) = report["sizes"]
     assert size["batch"] == 2
+    render = size["render_ms_per_job"]  # render_batch's own time, each side: never more than the side's wall
+    assert 0 < render["farm"] <= size["farm_wall_ms"]["max"] and 0 < render["direct"] <= size["direct_wall_ms"]["max"]
     for key in ("farm_wall_ms", "direct_wall_ms", "farm_cpu_ms", "direct_cpu_ms"):
         figures = size[key]
         assert 0 < figures["min"] <= figures["median"] <= figures["max"], (key, figures)
