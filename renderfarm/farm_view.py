@@ -15,7 +15,24 @@ from renderfarm.planning.devices import device_from_record
 from renderfarm.planning.fit import JobShape, NodeView, why_nothing_fits
 from renderfarm.planning.measured import snapshot
 
-__all__ = ["FarmView", "fits_nowhere", "planning_only", "unrenderable"]
+__all__ = ["FarmView", "fits_nowhere", "loadability", "planning_only", "unrenderable"]
+
+
+def loadability(records: list[dict[str, Any]], model: str) -> tuple[list[str], dict[str, str]]:
+    """What the nodes' records say of `model`: (the nodes that list it as loadable, {node: why not} for those that
+    say they cannot load it). Each worker writes both lists into its record (actors/worker.py); a record without
+    them, or with them malformed, says nothing either way."""
+    able, unable = [], {}
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        name = str(record.get("name"))
+        why = record["unloadable"].get(model) if isinstance(record.get("unloadable"), dict) else None
+        if isinstance(why, str) and why:
+            unable[name] = why
+        elif isinstance(record.get("loadable"), list) and model in record["loadable"]:
+            able.append(name)
+    return sorted(able), unable
 
 
 def unrenderable(catalog: Catalog, specs: Sequence[JobSpec], records: list[dict[str, Any]]) -> list[str]:

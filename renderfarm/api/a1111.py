@@ -62,6 +62,7 @@ from renderfarm.api.app import Caller, caller
 from renderfarm.api.native import lora_inventory
 from renderfarm.chains import BASE_SUFFIX
 from renderfarm.errors import SpecError, WaitTimeout
+from renderfarm.farm_view import loadability
 from renderfarm.jobs import MAX_IMAGES_PER_JOB, SEED_MAX, JobState
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -78,8 +79,7 @@ def renderable_models(who: Caller) -> list[str]:
     records = who.client.store.nodes()
     if not records:
         return names
-    loadable = {m for r in records for m in (r.get("loadable") or []) if isinstance(m, str)}
-    return [n for n in names if n in loadable] or names
+    return [n for n in names if loadability(records, n)[0]] or names
 
 
 def _options_key(who: Caller) -> str:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from renderfarm.api.app import Caller, caller
 from renderfarm.client import JOB_ID_PATTERN, MAX_BATCH_JOBS
 from renderfarm.errors import JobNotFound, ResultUnavailable, SpecError
+from renderfarm.farm_view import loadability
 from renderfarm.inputs import WHATS, InvalidImage, decode_base64_image
 from renderfarm.jobs import Job, JobState, new_job_id
 
@@ -259,17 +260,11 @@ def models(request: Request, who: Who) -> dict[str, Any]:
     out = []
     for name in catalog.names():
         entry = catalog.get(name)
-        able, unable = [], {}
-        for record in nodes:
-            why = (record.get("unloadable") or {}).get(name) if isinstance(record.get("unloadable"), dict) else None
-            if why:
-                unable[str(record.get("name"))] = why
-            elif name in (record.get("loadable") or []):
-                able.append(str(record.get("name")))
+        able, unable = loadability(nodes, name)
         out.append({"name": name, "family": entry.family.name, "standin": entry.standin,
                     "renderable": not entry.family.planning_only, "default_size": entry.default_size,
                     "min_size": entry.min_size, "max_size": entry.max_size, "default_steps": entry.default_steps,
-                    "default_guidance": entry.default_guidance, "nodes": sorted(able), "unloadable": unable})
+                    "default_guidance": entry.default_guidance, "nodes": able, "unloadable": unable})
     return {"models": out}
 
 
