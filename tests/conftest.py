@@ -87,3 +87,16 @@ def farm(tmp_path_factory, models_file):
         yield farm
     finally:
         farm.stop()
+
+
+@pytest.fixture
+def farm_client(farm, models_file):
+    """A FarmClient of the module's `farm`, with its catalog (the `broken` model included)."""
+    from renderfarm.client import FarmClient
+    from renderfarm.planning.catalog import default_catalog
+
+    client = FarmClient(farm.redis_url, catalog=default_catalog(models_file))
+    try:
+        yield client
+    finally:
+        client.store.close()

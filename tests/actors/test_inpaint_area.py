@@ -26,15 +26,12 @@ from renderfarm.actors.tasks import (
     fit_image,
     prepare_inputs,
 )
-from renderfarm.planning.catalog import default_catalog
+from tests.actors.images import SIZE, entry, noise_image, pixels, png
 
 STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
-SIZE = 64
 BLUR = 2
 
 
-def entry(name: str):
-    return default_catalog().get(name)
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +39,10 @@ def cache(tmp_path_factory) -> PipelineCache:
     return PipelineCache(max_pipelines=len(STANDINS), cache_dir=tmp_path_factory.mktemp("models"))
 
 
-def png(array: np.ndarray, mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
-def noise_image(seed: int, width: int = SIZE, height: int = SIZE) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def mask_png(*boxes: tuple[int, int, int, int], width: int = SIZE, height: int = SIZE) -> bytes:

@@ -28,17 +28,14 @@ from renderfarm.actors.tasks import (
 )
 from renderfarm.errors import SpecError
 from renderfarm.infotext import parse_a1111_parameters
-from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.profiles import ComputeDtype, Placement, Profile, WeightsFormat
 from renderfarm.planning.vram import effective_steps
+from tests.actors.images import SIZE, entry, noise_image, pixels, png
 
 STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
 FLOW_MATCHING = {"tiny-flux", "tiny-sd3"}
-SIZE = 64
 
 
-def entry(name: str):
-    return default_catalog().get(name)
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +43,10 @@ def cache(tmp_path_factory) -> PipelineCache:
     return PipelineCache(max_pipelines=len(STANDINS), cache_dir=tmp_path_factory.mktemp("models"))
 
 
-def png(array: np.ndarray, mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
-def noise_image(seed: int, width: int = SIZE, height: int = SIZE) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def square_mask(size: int = SIZE, start: int = 16, stop: int = 48) -> np.ndarray:

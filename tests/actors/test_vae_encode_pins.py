@@ -12,29 +12,23 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import inspect
-import io
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from renderfarm.actors.families import FAMILIES
 from renderfarm.actors.loading import load_pipeline, set_vae_mode
 from renderfarm.actors.pipelines import RenderRequest, render_batch
 from renderfarm.planning.catalog import default_catalog
 from renderfarm.planning.profiles import VaeMode
+from tests.actors.images import SIZE, png
 
 STANDINS = ["tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"]
 UNETS = {"tiny-sd15", "tiny-sdxl"}
-SIZE = 64
 
 
-def png(array: np.ndarray, mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 INIT = png(np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))

@@ -10,11 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from renderfarm.client import FarmClient
 from renderfarm.errors import SpecError
 from renderfarm.infotext import parse_a1111_parameters
 from renderfarm.jobs import Job, JobSpec, JobState
-from renderfarm.planning.catalog import default_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +20,8 @@ BASE = {"model": "tiny-sd15", "prompt": "a lighthouse at dusk", "width": 64, "he
 
 
 @pytest.fixture
-def client(farm, models_file):
-    c = FarmClient(farm.redis_url, catalog=default_catalog(models_file))
-    try:
-        yield c
-    finally:
-        c.store.close()
+def client(farm_client):
+    return farm_client
 
 
 def test_a_hires_fix_runs_as_two_jobs_in_order(client):

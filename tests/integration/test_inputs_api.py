@@ -96,22 +96,28 @@ class Submitted(Exception):
     pass
 
 
-def test_img2img_maps_onto_the_jobs_input_fields(http, store, monkeypatch):
+def submitted_jobs(http, store, monkeypatch, body: dict) -> list:
+    """POST an A1111 img2img request, stop it once its jobs are submitted (nothing renders here: only what was
+    submitted matters), and read them back."""
     submitted = []
 
-    def no_wait(who, ids, timeout):  # nothing renders here: only what was submitted matters
+    def no_wait(who, ids, timeout):
         submitted.extend(ids)
         raise Submitted
 
     monkeypatch.setattr("renderfarm.api.a1111._wait", no_wait)
+    with pytest.raises(Submitted):
+        answer = http.post("/sdapi/v1/img2img", json=body)
+        pytest.fail(answer.text)
+    return store.get_many(submitted)
+
+
+def test_img2img_maps_onto_the_jobs_input_fields(http, store, monkeypatch):
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
     body = a1111(mask=b64(encoded(mask)), denoising_strength=0.4, mask_blur=6, resize_mode=1, inpainting_fill=1,
                  inpaint_full_res=False, inpainting_mask_invert=1, n_iter=2)
-    with pytest.raises(Submitted):
-        answer = http.post("/sdapi/v1/img2img", json=body)
-        pytest.fail(answer.text)
-    jobs = store.get_many(submitted)
+    jobs = submitted_jobs(http, store, monkeypatch, body)
     assert len(jobs) == 2 and jobs[0].spec.init_image == jobs[1].spec.init_image
     spec = jobs[0].spec
     assert (spec.task, spec.strength, spec.mask_blur, spec.resize_mode) == ("inpaint", 0.4, 6, "crop")
@@ -165,30 +171,10 @@ def test_img2img_refuses_what_the_farm_does_not_do(http, store, fields, field, s
     ({"inpaint_full_res": None}, "masked", 0),
 ])
 def test_img2img_maps_inpaint_full_res_onto_the_inpaint_area(http, store, monkeypatch, fields, area, padding):
-    submitted = []
-
-    def no_wait(who, ids, timeout):
-        submitted.extend(ids)
-        raise Submitted
-
-    monkeypatch.setattr("renderfarm.api.a1111._wait", no_wait)
-    with pytest.raises(Submitted):
-        answer = http.post("/sdapi/v1/img2img", json=a1111(mask=b64(png(mode="L")), inpainting_fill=1, **fields))
-        pytest.fail(answer.text)
-    [job] = store.get_many(submitted)
+    [job] = submitted_jobs(http, store, monkeypatch, a1111(mask=b64(png(mode="L")), inpainting_fill=1, **fields))
     assert (job.spec.task, job.spec.inpaint_area, job.spec.mask_padding) == ("inpaint", area, padding)
 
 
 def test_img2img_without_a_mask_ignores_inpaint_full_res_as_a1111_does(http, store, monkeypatch):
-    submitted = []
-
-    def no_wait(who, ids, timeout):
-        submitted.extend(ids)
-        raise Submitted
-
-    monkeypatch.setattr("renderfarm.api.a1111._wait", no_wait)
-    with pytest.raises(Submitted):
-        answer = http.post("/sdapi/v1/img2img", json=a1111(inpaint_full_res=True, inpaint_full_res_padding=999))
-        pytest.fail(answer.text)
-    [job] = store.get_many(submitted)
+    [job] = submitted_jobs(http, store, monkeypatch, a1111(inpaint_full_res=True, inpaint_full_res_padding=999))
     assert (job.spec.task, job.spec.inpaint_area) == ("img2img", "whole")

@@ -11,18 +11,14 @@ import yaml
 from renderfarm.client import FarmClient
 from renderfarm.errors import SpecError
 from renderfarm.jobs import Job, JobSpec, JobState
-from renderfarm.planning.catalog import DEFAULT_MODELS_FILE, Catalog, default_catalog
+from renderfarm.planning.catalog import DEFAULT_MODELS_FILE, Catalog
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(farm, models_file):
-    c = FarmClient(farm.redis_url, catalog=default_catalog(models_file))
-    try:
-        yield c
-    finally:
-        c.store.close()
+def client(farm_client):
+    return farm_client
 
 
 def test_every_node_says_what_it_can_load_and_why_not(farm, client):
