@@ -101,3 +101,22 @@ def test_a_failing_parent_fails_its_chain_and_status_says_what_waits(client, cap
     assert client.store.counts() == before
     # Retrying a child whose parent failed says what to retry instead.
     assert "retry bad" in client.retry([ids[0]])[ids[0]]
+
+
+def test_the_cli_builds_chains(client, capsys, tmp_path):
+    from renderfarm.cli import main
+
+    url = client.redis_settings.url
+    capsys.readouterr()
+    main(["submit", "--redis", url, "--json", "--no-wait", "--size", "64x64", "--steps", "2", "--seed", "5",
+          "--hires", "1.5", "--hires-strength", "0.5", "--hires-steps", "2", "a tower"])
+    (final,) = json.loads(capsys.readouterr().out)["jobs"]
+    main(["submit", "--redis", url, "--json", "--out", str(tmp_path), "--size", "96x96", "--steps", "2",
+          "--init-from", f"{final}:0", "--strength", "0.5", "--after", f"{final}-base", "the tower at night"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["done"] == 1 and len(out["images"]) == 1, out
+    (child,) = client.jobs(out["jobs"])
+    assert child.spec.after == (f"{final}-base", final) and child.spec.init_from == f"{final}:0"
+    first, second = client.jobs([f"{final}-base", final])
+    assert (first.spec.width, second.spec.width, second.spec.hires.scale) == (64, 96, 1.5)
+    assert first.state is second.state is JobState.DONE
