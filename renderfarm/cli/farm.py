@@ -157,6 +157,7 @@ DEMO_MIX = [
     ("tiny-sdxl", 128, 4), ("tiny-flux", 64, 4), ("tiny-flux", 128, 4), ("tiny-sd3", 64, 4),
 ]
 DEMO_LORA_EVERY = 3  # every third demo job carries its model's stand-in LoRA, written the A1111 way
+DEMO_HIRES_EVERY = 8  # every eighth is a hires fix: two chained jobs, the second at twice the size (docs/chains.md)
 
 
 def demo_specs(count: int) -> list[dict[str, Any]]:
@@ -166,8 +167,11 @@ def demo_specs(count: int) -> list[dict[str, Any]]:
         prompt = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
         if i % DEMO_LORA_EVERY == DEMO_LORA_EVERY - 1:
             prompt += f" <lora:{model}-style:0.8>"  # the stand-in LoRAs (renderfarm loras)
-        specs.append({"model": model, "prompt": prompt, "width": size,
-                      "height": size, "steps": steps, "seed": 1000 + i, "team": "demo", "tags": ["demo"]})
+        spec = {"model": model, "prompt": prompt, "width": size, "height": size, "steps": steps, "seed": 1000 + i,
+                "team": "demo", "tags": ["demo"]}
+        if i % DEMO_HIRES_EVERY == DEMO_HIRES_EVERY - 1:
+            spec["hires"] = {"scale": 2, "strength": 0.5}
+        specs.append(spec)
     return specs
 
 
@@ -198,6 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     seconds = round(time.monotonic() - started, 2)
     payload = {
         "ok": not outcome["failed"], "jobs": len(ids), "done": len(outcome["done"]),
+        "hires_fixes": sum(1 for spec in specs if "hires" in spec),  # each also ran its first pass, ID-base
         "failed": len(outcome["failed"]), "seconds": seconds, "images": outcome["images"],
         "nodes": node_rows, "out": str(Path(args.out).resolve()),
     }
@@ -214,7 +219,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for row in node_rows:  # what each card chose: the per-card profile, applied on its CPU stand-in
             chosen = ", ".join(f"{m} {p}" for m, p in sorted(row["profiles"].items())) or "-"
             print(f"{row['name']} profiles: {chosen}")
-        print(f"{len(outcome['images'])} images saved under {payload['out']}")
+        print(f"{len(outcome['images'])} images saved under {payload['out']} ({payload['hires_fixes']} of them hires "
+              "fixes: a first pass, then a second at twice the size from it)")
         for job in outcome["failed"]:
             print(f"failed {job.id}: {job.error}")
     emit(args, payload)

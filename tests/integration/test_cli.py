@@ -20,6 +20,9 @@ def test_demo_json_renders_and_reports_per_node(tmp_path):
     out = one_json(proc)
     assert out["jobs"] == out["done"] == 8 and out["failed"] == 0 and out["seconds"] > 0
     assert len(out["images"]) == 8
+    assert out["hires_fixes"] == 1  # the eighth job: a first pass at 64 px, its hires pass at 128
+    hires = [Image.open(path) for path in out["images"] if "Hires upscale" in Image.open(path).info["parameters"]]
+    assert [(im.size, "Size: 64x64" in im.info["parameters"]) for im in hires] == [((128, 128), True)]
     for path in out["images"]:
         assert "parameters" in Image.open(path).info
     assert {n["name"]: n["vram_gib"] for n in out["nodes"]} == {"quadro-24g": 24, "rtx-8g": 8}
