@@ -26,6 +26,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from renderfarm.actors.batch_start import BatchStarts
 from renderfarm.actors.escalation import DoesNotFit
 from renderfarm.actors.job_inputs import InputReader, render_requests
 from renderfarm.actors.progress import StepProgress
@@ -36,7 +37,7 @@ from renderfarm.cluster.store import Store
 from renderfarm.config import NodeDeclaration, Settings, farm_wide
 from renderfarm.faults import Fault, classify
 from renderfarm.inputs import InputStore
-from renderfarm.jobs import Job, JobSpec
+from renderfarm.jobs import Job
 from renderfarm.planning.catalog import ModelEntry, default_catalog
 from renderfarm.planning.choose import DEFAULT_MARGIN_GIB, choose_profile, next_rung, next_rung_for_host
 from renderfarm.planning.devices import Device, device_from_declaration
@@ -63,7 +64,7 @@ class Rendered:
     seconds: float  # started and rendered: the time this batch had the card
 
 
-class RenderWorker:
+class RenderWorker(BatchStarts):
     def __init__(
         self,
         name: str,
@@ -171,6 +172,7 @@ class RenderWorker:
         # takes cores and the GIL from that render (bench/overhead.py), so there it finishes on the torch thread
         # before the next starts. On a card the render waits on the GPU, and finishing beside it hides the finishing.
         self._finish_inline = self.device == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1)
+        self._init_starts()  # a batch's start rides in the request finishing the batch before (batch_start.py)
         self._rendering = False  # a batch is starting or rendering: its fields (state, step) are in the record
         self._holding: list[str] = []  # jobs of the batch being rendered, whose leases the heartbeat renews
         self._timeout_s: float | None = None
@@ -238,43 +240,6 @@ class RenderWorker:
             return {"done": [], "lost": [], "errors": dict.fromkeys(job_ids, f"{type(exc).__name__}: {exc}"),
                     "fault": Fault.OUTAGE.value}
 
-    def _begin(self, job_ids: list[str], specs: list[dict[str, Any]] | None) -> tuple[list[Job], list[str], float]:
-        """Start the jobs that are still this node's, in one request to Redis: each moves to running with its
-        run deadline fixed (a node that hangs loses its jobs then), and the node's record says it is busy and
-        what it renders. Returns (the jobs started, those lost meanwhile, the batch's time limit in s)."""
-        if specs is None or len(specs) != len(job_ids):
-            found = self.store.get_many(job_ids, quarantine=True)
-            given = {j.id: j for j in found if j is not None}
-        else:
-            given = {job_id: Job(id=job_id, spec=JobSpec.model_validate(spec)) for job_id, spec in zip(job_ids, specs)}
-        known = [given[j] for j in job_ids if j in given]
-        lost = [j for j in job_ids if j not in given]
-        if not known:
-            return [], lost, 0.0
-        spec = known[0].spec
-        timeout_s = self.settings.job_timeout_s(spec.steps, spec.width, spec.height,
-                                                sum(j.spec.num_images for j in known))
-        with self._books:
-            rnd = self.store.round()
-            starting = [self.store.queue_start(rnd, job.id, self.name, self.settings.lease_seconds,
-                                               run_seconds=timeout_s) for job in known]
-            self.state, self._rendering = "busy", True
-            shown = self.progress.start([job.id for job in known], spec.steps, publish=False)
-            self.store.queue_update_node(rnd, self.name, state=self.state, **self._record(), **shown)
-            try:
-                rnd.run()
-            except BaseException:
-                self._rendering = False
-                raise
-        held = [started() for started in starting]
-        jobs = [job for job, ok in zip(known, held) if ok]
-        lost += [job.id for job, ok in zip(known, held) if not ok]
-        if not jobs:  # all cancelled or taken back before it began: the record says idle again
-            with self._books:
-                self._rendering = False
-                self._idle()
-        return jobs, lost, timeout_s
-
     def _idle(self, rnd: Any = None) -> None:
         """A batch of this node stopped rendering (rendered, stopped, failed, or never begun): unless another
         batch renders now (whose state and step the record shows), the node is idle. The record is written in
@@ -297,6 +262,7 @@ class RenderWorker:
         waits (a slow store) holds the next render back rather than piling up images."""
         summary: dict[str, Any] = {"done": [], "lost": [], "errors": {}}
         if self._finish_inline:
+            self._arrive(job_ids, specs)
             return self._torch.submit(self._render_and_finish, job_ids, specs, summary).result()
         rendered = self._torch.submit(self._render_exclusive, job_ids, specs, summary).result()
         return summary if rendered is None else self._finish_rendered(rendered, summary)
@@ -311,7 +277,10 @@ class RenderWorker:
         try:
             return self._complete(rendered, summary)
         finally:
-            self._finishing.release()
+            try:
+                self._send_riding()  # starts that were to ride in a finish that never went
+            finally:
+                self._finishing.release()
 
     def _render_exclusive(self, job_ids: list[str], specs: list[dict[str, Any]] | None,
                           summary: dict[str, Any]) -> Rendered | None:
@@ -344,6 +313,9 @@ class RenderWorker:
             rendered = Rendered(entry, profile.name if profile else "as-loaded", jobs, requests, results, load_s,
                                 move_s, escalations, resident, time.perf_counter() - started)
             self._finishing.acquire()  # released by the call thread once the batch is finished (_render)
+            if not self._finish_inline:
+                with self._books:  # the next batch's start may ride in this one's finish (batch_start.py)
+                    self._finish_pending = True
             return rendered
         except RenderInterrupted as exc:
             with self._books:
@@ -430,7 +402,9 @@ class RenderWorker:
             self.stats["render_seconds"] += rendered.seconds  # the card's time: a batch's finishing overlaps the next
             self.stats["last_s_per_step"] = results[0].timings.get("denoise_s_per_step")
             self._idle(rnd)
+            kept = self._ride_with(rnd)  # after the record: a start riding here leaves it busy
             rnd.run()
+            kept()
             discarded = []
             for result, urls, completed in zip(results, blobs, completing):
                 if completed():

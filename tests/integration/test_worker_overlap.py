@@ -119,8 +119,12 @@ def test_batches_finish_in_the_order_they_rendered(redis_url, store, tmp_path):
         tb = _call(worker, b, out, callers, "b")
         tc = _call(worker, c, out, callers, "c")
         time.sleep(2.0)  # ample for B to render (~0.1 s) and, were it allowed, to finish and let C render
-        assert store.get(b[0]).state is JobState.RUNNING, "B finished before A, which rendered first"
-        assert store.get(c[0]).state is JobState.LEASED, "C rendered while two finished batches were held"
+        # B rendered; its start rides in A's finishing request (actors/batch_start.py), so it is leased still
+        assert store.get(b[0]).state is JobState.LEASED, "B finished before A, which rendered first"
+        with worker._books:
+            riding = [job.id for jobs, _, _ in worker._riding for job in jobs]
+        assert riding == b, "C began while two finished batches were held"
+        assert store.get(c[0]).state is JobState.LEASED
         gated.release.set()
         for thread in (ta, tb, tc):
             thread.join(WAIT_S)
@@ -130,3 +134,90 @@ def test_batches_finish_in_the_order_they_rendered(redis_url, store, tmp_path):
     assert [out[k]["done"] for k in "abc"] == [a, b, c], out
     finished = [store.get(ids[0]).finished_at for ids in (a, b, c)]
     assert finished == sorted(finished)
+
+
+def _poll(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["finishing beside", "finishing on the torch thread"])
+def test_the_next_batch_starts_in_the_request_that_finishes_the_one_before(redis_url, store, tmp_path, inline):
+    """Two batches back to back cost the node three requests, not four: the second's start rides in the first's
+    finish (actors/batch_start.py), on a node that finishes beside the next render (a card; here one torch
+    thread of two cores) as on one that finishes on its torch thread (a CPU node with every core)."""
+    import os
+
+    threads = (os.cpu_count() or 1) if inline else 1
+    settings = Settings(data_dir=tmp_path, torch_threads=threads, heartbeat_seconds=30, lease_seconds=30.0)
+    worker = RenderWorker("ov", redis_url, settings.model_dump(mode="json"), NODE)
+    assert worker._finish_inline is inline
+    warm, a, b = _batch(store, "rtw", 1), _batch(store, "rta", 1), _batch(store, "rtb", 1)
+    specs = {job_id: store.get(job_id).spec.model_dump(mode="json") for job_id in warm + a + b}
+    worker.results.blobs = gated = GatedStore(worker.results.blobs, set(a))
+    out: dict = {}
+    try:
+        assert worker.render(warm, [specs[j] for j in warm])["done"] == warm  # the scripts loaded, the model warm
+        before = worker.store.round_trips
+        ta = threading.Thread(target=lambda: out.update(a=worker.render(a, [specs[j] for j in a])))
+        ta.start()
+        assert gated.writing.wait(WAIT_S), "batch A never reached its images"
+        tb = threading.Thread(target=lambda: out.update(b=worker.render(b, [specs[j] for j in b])))
+        tb.start()
+        if inline:  # B waits for the torch thread, which finishes A: A's request takes B's start along
+            _poll(lambda: bool(worker._arrived), "batch B never arrived")
+        else:  # B renders beside A's finishing: its start waits for A's request
+            _poll(lambda: bool(worker._riding), "batch B never began")
+            assert store.get(b[0]).state is JobState.LEASED
+        gated.release.set()
+        ta.join(WAIT_S)
+        tb.join(WAIT_S)
+        assert (out["a"]["done"], out["b"]["done"]) == (a, b), out
+        assert worker.store.round_trips - before == 3, "A's start; A's finish with B's start; B's finish"
+        job = store.get(b[0])
+        assert job.state is JobState.DONE and store.run_deadline(b[0]) is not None, "B ran, its deadline fixed"
+        record = store.nodes()[0]
+        assert (record["state"], record["current_job"], record["jobs_done"]) == ("idle", None, 3), record
+    finally:
+        gated.release.set()
+        worker.shutdown()
+
+
+def test_a_riding_start_goes_alone_when_the_batch_before_fails_to_finish(redis_url, store, tmp_path):
+    """Finishing beside the next render, a batch whose images the store refuses never sends its finishing
+    request: the start riding in it is sent alone, and the next batch finishes as it should."""
+    settings = Settings(data_dir=tmp_path, torch_threads=1, heartbeat_seconds=30, lease_seconds=30.0)
+    worker = RenderWorker("ov", redis_url, settings.model_dump(mode="json"), NODE)
+    a, b = _batch(store, "rfa", 1), _batch(store, "rfb", 1)
+    gated = GatedStore(worker.results.blobs, set(a))
+    real_put = gated.put
+
+    def refusing_put(key: str, data: bytes) -> str:
+        real_put(key, data)  # held until released, then refused
+        if key.split("/")[-1].rsplit("-", 2)[0] in set(a):
+            from renderfarm.cluster.blobs import BlobStoreError
+
+            raise BlobStoreError("blob store full: no space left", "full")
+        return gated.inner.put(key, data)
+
+    gated.put = refusing_put
+    worker.results.blobs = gated
+    out: dict = {}
+    try:
+        ta = threading.Thread(target=lambda: out.update(a=worker.render(a)))
+        ta.start()
+        assert gated.writing.wait(WAIT_S)
+        tb = threading.Thread(target=lambda: out.update(b=worker.render(b)))
+        tb.start()
+        _poll(lambda: bool(worker._riding), "batch B never began")
+        gated.release.set()
+        ta.join(WAIT_S)
+        tb.join(WAIT_S)
+        assert out["a"]["done"] == [] and out["a"]["errors"], out  # the store's fault: the scheduler retries A
+        assert out["b"]["done"] == b, out
+        assert store.get(b[0]).state is JobState.DONE and not worker._riding
+    finally:
+        gated.release.set()
+        worker.shutdown()
