@@ -44,6 +44,7 @@ from renderfarm.planning.profiles import (
     VaeMode,
     WeightsFormat,
 )
+from renderfarm.planning.vram import VAE_TILE_PX
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +382,17 @@ def text_encoder_weights(profile: Profile) -> WeightsFormat | None:
     return chosen
 
 
+def cap_tiles(vae: Any) -> None:
+    """Tiles of at most VAE_TILE_PX pixels a side, as the plan counts them (planning/vram.py). diffusers'
+    AutoencoderKL tiles at its config's `sample_size` and decodes whole a latent no larger than that: 1024 px for
+    the SDXL, Flux and SD3 VAEs, so "tiled" would decode a 1024x1024 image in one piece (tests/actors/
+    test_profiles_render.py pins both). A VAE whose tiles are smaller already (SD 1.5's, the stand-ins') keeps them."""
+    size, latent = getattr(vae, "tile_sample_min_size", None), getattr(vae, "tile_latent_min_size", None)
+    if isinstance(size, int) and isinstance(latent, int) and latent > 0 and size > VAE_TILE_PX:
+        scale = size // latent  # pixels per latent cell (8)
+        vae.tile_sample_min_size, vae.tile_latent_min_size = VAE_TILE_PX, VAE_TILE_PX // scale
+
+
 def set_vae_mode(pipe: Any, mode: VaeMode) -> None:
     """Decode full, sliced (one image of the batch at a time) or tiled (and sliced: the most frugal).
 
@@ -389,6 +401,7 @@ def set_vae_mode(pipe: Any, mode: VaeMode) -> None:
     vae = pipe.vae
     if mode is VaeMode.TILED:
         vae.enable_tiling()
+        cap_tiles(vae)
         vae.enable_slicing()
     elif mode is VaeMode.SLICED:
         vae.disable_tiling()

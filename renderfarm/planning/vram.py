@@ -88,7 +88,7 @@ DECODE_KIB_PER_PX = {ComputeDtype.FP16: 2.75, ComputeDtype.BF16: 4.0, ComputeDty
 # `fitted: true` in configs/published_figures.yaml); the batch 4 and 16 runs and SDXL's batch-4 runs are
 # held out (bench/vram_calibration.py).
 DECODE_BATCH_SLOPE = 0.5
-VAE_TILE_PX = 512  # tiled decode works on 512x512-pixel tiles (pipelines set the VAE's tile size to this)
+VAE_TILE_PX = 512  # tiled decode works on tiles of at most 512x512 pixels (actors/loading.py cap_tiles sets it)
 # VAE encode per input pixel, as a fraction of the decode's figure above, under the same rules (batch slope, tiles,
 # slices): the encoder's live-tensor peak over the decoder's on the AutoencoderKL of SD, SDXL, Flux and SD 3.x
 # (channels 128-256-512-512; the encoder has two resnets per level, the decoder three, and it upsamples 256

@@ -280,6 +280,32 @@ def test_diffusers_runs_one_block_per_group_with_streams_whatever_is_asked():
 # --- VAE mode -----------------------------------------------------------------------------------------------
 
 
+def test_a_tiled_vae_tiles_at_the_plans_tile_size_whatever_its_config():
+    """diffusers' AutoencoderKL takes its tile size from its config's sample_size (1024 px for the SDXL, Flux and
+    SD3 VAEs) and decodes whole a latent no larger than a tile: pinned here, so an upgrade that changes either
+    fails loudly. The worker's tiled mode caps the tiles at the plan's VAE_TILE_PX (loading.cap_tiles)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from renderfarm.planning.vram import VAE_TILE_PX
+
+    blocks = 4  # a latent cell is 2 ** (4 - 1) = 8 pixels, as in every family's VAE
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                        block_out_channels=(8,) * blocks, layers_per_block=1, norm_num_groups=8, sample_size=1024)
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (1024, 128)
+    tiled = []
+    real = vae.tiled_decode
+    vae.tiled_decode = lambda *args, **kwargs: tiled.append(1) or real(*args, **kwargs)
+    latent = torch.zeros(1, 4, 128, 128)  # a 1024x1024 image
+    vae.enable_tiling()
+    with torch.no_grad():
+        assert vae.decode(latent).sample.shape[-1] == 1024 and tiled == [], "decoded whole: no larger than a tile"
+        set_vae_mode(SimpleNamespace(vae=vae), VaeMode.TILED)
+        assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (VAE_TILE_PX, VAE_TILE_PX // 8)
+        assert vae.decode(latent).sample.shape[-1] == 1024 and tiled == [1], "decoded in tiles of the plan's size"
+
+
 def test_tiled_vae_decodes_in_tiles_at_the_right_size():
     model = entry("tiny-sd15")
     pipe = load_pipeline(model, profile=profile(W.BF16, vae=VaeMode.TILED))
